@@ -1,0 +1,67 @@
+"""Session-wide safety: nothing leaves loopback, nothing probes the GCE metadata server."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+NETGUARD_DIR = Path(__file__).parent / "netguard"
+sys.path.insert(0, str(NETGUARD_DIR))
+
+import loopback_guard  # noqa: E402
+
+_netguard_log = Path(tempfile.mkdtemp(prefix="fray-tpu-netguard-")) / "violations.log"
+
+
+class _NoMetadataHandler(http.server.BaseHTTPRequestHandler):
+    """Stands where the GCE metadata server would be, so a stray probe stays on loopback."""
+
+    def do_GET(self):
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def _start_fake_metadata() -> str:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoMetadataHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="fake-gce-metadata").start()
+    return f"127.0.0.1:{server.server_address[1]}"
+
+
+def pytest_configure(config):
+    loopback_guard.install()
+    metadata = _start_fake_metadata()
+    os.environ.update(
+        {
+            "FRAY_TPU_NETGUARD": "1",
+            loopback_guard.LOG_ENV: str(_netguard_log),
+            "NO_GCE_CHECK": "true",
+            "GCE_METADATA_HOST": metadata,
+            "GCE_METADATA_IP": metadata,
+            # No ambient credentials: code under test must inject its own.
+            "GOOGLE_APPLICATION_CREDENTIALS": "",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(NETGUARD_DIR), os.environ.get("PYTHONPATH")])),
+        }
+    )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _netguard_log.exists() and _netguard_log.read_text().strip():
+        violations = _netguard_log.read_text()
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"NETWORK GUARD VIOLATIONS:\n{violations}", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def netguard_log() -> Path:
+    return _netguard_log
