@@ -1,0 +1,47 @@
+"""JAX cluster detection for hosts of the emulated TPU cloud.
+
+On a real TPU VM, JAX finds its peers through the metadata server and ``MEGASCALE_*``. An
+emulated host has no TPU, so this ``ClusterEnv`` answers instead, from the variables fray-tpu
+gives every task (see ``fray_tpu.multislice``); an unchanged ``jax.distributed.initialize()``
+then forms one group of every host of every slice. Defining the class registers it; the
+attempt runner imports this module on emulated hosts (``FRAY_TPU_RUNNER_PRELOAD``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from jax._src import clusters
+
+_EMULATED_HOST = "FRAY_TPU_EMULATED_HOST"
+_COORDINATOR = "FRAY_JAX_COORDINATOR_ADDRESS"
+_TASK_INDEX = "FRAY_TASK_INDEX"
+_TASK_COUNT = "FRAY_TASK_COUNT"
+
+# Several CPU processes need a collectives backend to compute across hosts.
+os.environ.setdefault("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")
+
+
+class FrayEmulatedTpuCluster(clusters.ClusterEnv):
+    name: str = "fray_tpu_emulated"
+
+    @classmethod
+    def is_env_present(cls) -> bool:
+        return os.environ.get(_EMULATED_HOST) == "1" and _COORDINATOR in os.environ
+
+    @classmethod
+    def get_coordinator_address(cls, timeout_secs: int | None, override_coordinator_port: str | None = None) -> str:
+        host, port = os.environ[_COORDINATOR].rsplit(":", 1)
+        return f"{host}:{override_coordinator_port or port}"
+
+    @classmethod
+    def get_process_count(cls) -> int:
+        return int(os.environ[_TASK_COUNT])
+
+    @classmethod
+    def get_process_id(cls) -> int:
+        return int(os.environ[_TASK_INDEX])
+
+    @classmethod
+    def get_local_process_id(cls) -> int | None:
+        return 0
