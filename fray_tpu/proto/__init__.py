@@ -1,0 +1,1 @@
+"""Generated gRPC code of the worker service (regenerate with `python -m fray_tpu.proto.generate`)."""
