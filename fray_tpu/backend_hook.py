@@ -1,0 +1,91 @@
+"""Make Marin's ``fray.cluster.current_cluster()`` return a TpuCluster, with no import in user code.
+
+Fray has no plugin registry: its ``create_cluster(spec)`` dispatches on the spec's prefix and
+rejects unknown ones. ``fray_tpu_backend.pth`` (installed into site-packages) calls
+``install()`` at interpreter start when ``FRAY_BACKEND=tpu`` or ``FRAY_CLUSTER_SPEC=tpu?...``
+is set, and does nothing otherwise. ``install()``:
+
+- turns ``FRAY_BACKEND=tpu`` into ``FRAY_CLUSTER_SPEC=tpu`` when no spec is set, so Fray's own
+  resolution order (context variable, then the spec) stays as it is;
+- wraps ``fray.cluster.create_cluster`` when that module is first imported, so a ``tpu`` spec
+  builds a ``TpuCluster`` and every other spec goes to Fray unchanged.
+
+Marin's fray is recognised by shape (``fray.cluster.base.Cluster`` is an ABC with ``launch``),
+never by the bare name: an unrelated package named ``fray`` is left alone.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import inspect
+import os
+import sys
+from types import ModuleType
+
+SPEC_PREFIX = "tpu"
+_TARGET_MODULE = "fray.cluster"
+
+
+def is_tpu_spec(spec: str) -> bool:
+    return spec == SPEC_PREFIX or spec.startswith(SPEC_PREFIX + "?")
+
+
+def install() -> None:
+    if os.environ.get("FRAY_BACKEND") == "tpu" and not os.environ.get("FRAY_CLUSTER_SPEC"):
+        os.environ["FRAY_CLUSTER_SPEC"] = SPEC_PREFIX
+    if _TARGET_MODULE in sys.modules:
+        patch_fray_cluster(sys.modules[_TARGET_MODULE])
+    elif not any(isinstance(f, _FrayClusterFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _FrayClusterFinder())
+
+
+def looks_like_marin_fray(module: ModuleType) -> bool:
+    base = sys.modules.get("fray.cluster.base")
+    cluster = getattr(base, "Cluster", None)
+    return (
+        inspect.isclass(cluster)
+        and inspect.isabstract(cluster)
+        and callable(getattr(cluster, "launch", None))
+        and callable(getattr(module, "create_cluster", None))
+    )
+
+
+def patch_fray_cluster(module: ModuleType) -> None:
+    if not looks_like_marin_fray(module) or getattr(module.create_cluster, "_fray_tpu_hooked", False):
+        return
+    fray_create_cluster = module.create_cluster
+
+    def create_cluster(cluster_spec: str):
+        if is_tpu_spec(cluster_spec):
+            from fray_tpu.cluster import TpuCluster
+
+            return TpuCluster.from_spec(cluster_spec)
+        return fray_create_cluster(cluster_spec)
+
+    create_cluster._fray_tpu_hooked = True
+    create_cluster.__doc__ = fray_create_cluster.__doc__
+    module.create_cluster = create_cluster
+
+
+class _FrayClusterFinder(importlib.abc.MetaPathFinder):
+    """Patches ``fray.cluster`` right after it executes (a post-import hook)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TARGET_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            patch_fray_cluster(module)
+
+        spec.loader.exec_module = exec_module
+        return spec

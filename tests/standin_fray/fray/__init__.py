@@ -1,0 +1,1 @@
+"""Stand-in for Marin's fray (test double; see ../README.md)."""
