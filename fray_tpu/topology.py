@@ -26,12 +26,13 @@ RUNTIME_VERSIONS: dict[str, str] = {
     "v6e": "v2-alpha-tpuv6e",
 }
 
-# Zones offering each generation, in preference order (the first are the ones Marin uses).
+# Zones offering each generation, in preference order: first the zones Marin uses
+# (tpu-facts.md), then the other zones Google's "TPU regions and zones" page lists for the US.
 GENERATION_ZONES: dict[str, tuple[str, ...]] = {
     "v4": ("us-central2-b",),
-    "v5e": ("europe-west4-b", "us-west4-a"),
+    "v5e": ("europe-west4-b", "us-west4-a", "us-central1-a", "us-south1-a", "us-west1-c"),
     "v5p": ("us-central1-a", "us-east5-a"),
-    "v6e": ("europe-west4-a", "us-east1-d", "us-east5-b"),
+    "v6e": ("europe-west4-a", "us-east1-d", "us-east5-b", "us-central1-b", "us-east5-a"),
 }
 
 PEAK_BF16_TFLOPS_PER_CHIP: dict[str, float] = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}

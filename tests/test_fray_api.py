@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import contextvars
 import dataclasses
 import os
@@ -10,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import pytest
