@@ -1,0 +1,305 @@
+"""Fault control and reports of a running emulator.
+
+``Control`` acts on an in-process ``Emulator``; ``EmulatorControl(endpoint)`` offers the same
+methods to a test talking to an emulator process, over an extra gRPC service on the emulator's
+port (``fray_tpu.emulator.Control/Call``, JSON in and out, no protos).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.rpc import code_pb2
+
+from fray_tpu.emulator import catalog
+from fray_tpu.emulator.state import InjectedFailure, Stockout
+
+if TYPE_CHECKING:
+    from fray_tpu.emulator.emulator import Emulator
+
+CONTROL_SERVICE = "fray_tpu.emulator.Control"
+CONTROL_METHOD = f"/{CONTROL_SERVICE}/Call"
+CONTROL_TIMEOUT_SECONDS = 60.0
+
+# HTTP statuses the REST API answers with → the gRPC code the same failure has on the wire.
+_HTTP_TO_CODE = {
+    400: code_pb2.INVALID_ARGUMENT,
+    401: code_pb2.UNAUTHENTICATED,
+    403: code_pb2.PERMISSION_DENIED,
+    404: code_pb2.NOT_FOUND,
+    409: code_pb2.ALREADY_EXISTS,
+    412: code_pb2.FAILED_PRECONDITION,
+    429: code_pb2.RESOURCE_EXHAUSTED,
+    499: code_pb2.CANCELLED,
+    500: code_pb2.INTERNAL,
+    501: code_pb2.UNIMPLEMENTED,
+    503: code_pb2.UNAVAILABLE,
+    504: code_pb2.DEADLINE_EXCEEDED,
+}
+
+
+def status_code(code: int | str) -> int:
+    """A google.rpc code from a gRPC code (3, "UNAVAILABLE") or an HTTP status (429, "503")."""
+    if isinstance(code, str) and not code.isdigit():
+        try:
+            return code_pb2.Code.Value(code.upper())
+        except ValueError:
+            raise ValueError(f"unknown status code name {code!r}; use e.g. 'RESOURCE_EXHAUSTED' or 429") from None
+    number = int(code)
+    if number in _HTTP_TO_CODE:
+        return _HTTP_TO_CODE[number]
+    if 1 <= number <= 16:
+        return number
+    raise ValueError(f"unknown status code {code!r}; use an HTTP status {sorted(_HTTP_TO_CODE)} or a gRPC code 1..16")
+
+
+class Control:
+    """Fault injection and reports on an in-process emulator."""
+
+    def __init__(self, emulator: "Emulator"):
+        self._emulator = emulator
+        self._world = emulator.world
+        self._hosts = emulator.hosts
+
+    def _changed_and_pumped(self) -> None:
+        with self._world.cond:
+            self._world.changed()
+        self._emulator.pump()
+
+    # -- resources ------------------------------------------------------------------------
+
+    def preempt_node(self, name: str) -> None:
+        """Preempt a READY node: `preempted` reads TRUE on every host, then (after
+        ``preempt_notice``) its hosts are killed and the node is PREEMPTED (it stays, holding
+        quota, until deleted); its queued resource becomes SUSPENDED."""
+        self._world.preempt_node(name)
+        self._emulator.pump()
+
+    def vanish_node(self, name: str) -> None:
+        """The node disappears (NOT_FOUND from now on) and its hosts end."""
+        self._world.vanish_node(name)
+        self._emulator.pump()
+
+    def hold_creating(self, pattern: str) -> None:
+        """Keep nodes (in CREATING) and queued resources (in WAITING_FOR_RESOURCES) whose id starts
+        with ``pattern`` (or whose full name does, if ``pattern`` contains '/') until released."""
+        with self._world.cond:
+            self._world.holds.add(pattern)
+            self._world.changed()
+
+    def release(self, pattern: str | None = None) -> None:
+        """Release one hold, or every hold when ``pattern`` is None."""
+        with self._world.cond:
+            if pattern is None:
+                self._world.holds.clear()
+            else:
+                self._world.holds.discard(pattern)
+        self._changed_and_pumped()
+
+    # -- failures -------------------------------------------------------------------------
+
+    def stockout(self, zone: str, count: int | None = None, delay: float | None = None) -> None:
+        """Creates in ``zone`` fail on their operation with code 8 after ``delay`` seconds
+        (default ``timings.stockout_delay``); queued resources there become FAILED. ``count``
+        creates fail, or all until ``clear_stockout`` when None."""
+        if zone not in catalog.all_zones():
+            raise ValueError(f"unknown zone {zone!r}; zones: {', '.join(catalog.all_zones())}")
+        with self._world.cond:
+            self._world.stockouts[zone] = Stockout(count, delay)
+
+    def clear_stockout(self, zone: str) -> None:
+        with self._world.cond:
+            self._world.stockouts.pop(zone, None)
+
+    def quota_error(self, count: int = 1, zone: str | None = None) -> None:
+        """The next ``count`` create calls (in ``zone``, or anywhere) fail on the call itself with
+        RESOURCE_EXHAUSTED (HTTP 429), like an exhausted quota."""
+        with self._world.cond:
+            self._world.quota_failures[zone] = self._world.quota_failures.get(zone, 0) + count
+
+    def fail_next(self, method: str, code: int | str = 503, count: int = 1) -> None:
+        """The next ``count`` calls of ``method`` (e.g. "ListNodes", "GetOperation") fail with
+        ``code`` (an HTTP status like 429/503 or a gRPC code name)."""
+        with self._world.cond:
+            self._world.injected.setdefault(method, []).append(InjectedFailure(status_code(code), count))
+
+    def never_finish_operations(self, value: bool = True) -> None:
+        """While set, no operation completes (resources still change state)."""
+        with self._world.cond:
+            self._world.never_finish = value
+        self._changed_and_pumped()
+
+    def set_timings(self, **values: float) -> dict[str, float]:
+        with self._world.cond:
+            self._world.timings = self._world.timings.replaced(**values)
+            return self._world.timings.to_dict()
+
+    def timings(self) -> dict[str, float]:
+        with self._world.cond:
+            return self._world.timings.to_dict()
+
+    # -- hosts ----------------------------------------------------------------------------
+
+    def _uid(self, node: str) -> int:
+        return self._hosts.uid_of(node)
+
+    def kill_host(self, node: str, worker: int) -> None:
+        """SIGKILL one host's processes; its metadata server keeps answering (the VM is up)."""
+        self._hosts.kill(self._uid(node), worker, stop_metadata=False)
+
+    def freeze_host(self, node: str, worker: int) -> None:
+        """SIGSTOP one host's processes."""
+        self._hosts.freeze(self._uid(node), worker)
+
+    def thaw_host(self, node: str, worker: int) -> None:
+        self._hosts.thaw(self._uid(node), worker)
+
+    def set_preempted(self, node: str, worker: int, value: bool = True) -> None:
+        """Set the ``instance/preempted`` metadata value of one host, nothing else."""
+        self._hosts.set_preempted(self._uid(node), worker, value)
+
+    def hosts(self, node: str) -> list[dict]:
+        """Each VM of the node's latest incarnation: worker, ip, metadata endpoint, pid, workdir,
+        alive, frozen, preempted."""
+        return self._hosts.describe(self._uid(node))
+
+    def host_log(self, node: str, worker: int) -> str:
+        return self._hosts.log(self._uid(node), worker)
+
+    # -- reports --------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        with self._world.cond:
+            return dict(self._world.counters)
+
+    def reset_counters(self) -> None:
+        with self._world.cond:
+            self._world.counters.clear()
+
+    def leaks(self) -> dict[str, list[dict]]:
+        """Every node and queued resource alive, with state and labels."""
+        return self._world.leaks()
+
+    def reset(self, remove_resources: bool = True) -> None:
+        """Back to a clean emulator: faults cleared, timings restored, counters zeroed and (by
+        default) every resource removed with its hosts."""
+        self._world.clear_faults()
+        with self._world.cond:
+            self._world.timings = self._emulator.initial_timings
+            self._world.counters.clear()
+        if remove_resources:
+            self._world.remove_everything()
+        self._emulator.pump()
+
+
+CONTROL_METHODS = tuple(
+    name for name in vars(Control) if not name.startswith("_") and callable(getattr(Control, name))
+)
+
+
+def dispatch(control: Control, body: bytes) -> bytes:
+    """Run one JSON-encoded control call; errors come back as data, raised by the client."""
+    try:
+        request = json.loads(body)
+        method = request["method"]
+        if method not in CONTROL_METHODS:
+            raise ValueError(f"unknown control method {method!r}; known: {', '.join(CONTROL_METHODS)}")
+        result = getattr(control, method)(**request.get("args", {}))
+        return json.dumps({"result": result}).encode()
+    except (ValueError, TypeError, KeyError) as error:
+        return json.dumps({"error": str(error), "type": "ValueError"}).encode()
+    except Exception as error:  # noqa: BLE001 - reported to the remote caller
+        return json.dumps({"error": f"{type(error).__name__}: {error}", "type": "RuntimeError"}).encode()
+
+
+class EmulatorControl:
+    """The ``Control`` methods of an emulator running as its own process."""
+
+    def __init__(self, endpoint: str, timeout: float = CONTROL_TIMEOUT_SECONDS):
+        self.endpoint = endpoint
+        self._timeout = timeout
+        self._channel = grpc.insecure_channel(endpoint)
+        self._call_rpc = self._channel.unary_unary(CONTROL_METHOD)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "EmulatorControl":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _call(self, method: str, **args: Any) -> Any:
+        body = json.dumps({"method": method, "args": args}).encode()
+        reply = json.loads(self._call_rpc(body, timeout=self._timeout, wait_for_ready=True))
+        if "error" in reply:
+            raise (ValueError if reply["type"] == "ValueError" else RuntimeError)(
+                f"emulator control {method}: {reply['error']}"
+            )
+        return reply["result"]
+
+    def preempt_node(self, name: str) -> None:
+        self._call("preempt_node", name=name)
+
+    def vanish_node(self, name: str) -> None:
+        self._call("vanish_node", name=name)
+
+    def hold_creating(self, pattern: str) -> None:
+        self._call("hold_creating", pattern=pattern)
+
+    def release(self, pattern: str | None = None) -> None:
+        self._call("release", pattern=pattern)
+
+    def stockout(self, zone: str, count: int | None = None, delay: float | None = None) -> None:
+        self._call("stockout", zone=zone, count=count, delay=delay)
+
+    def clear_stockout(self, zone: str) -> None:
+        self._call("clear_stockout", zone=zone)
+
+    def quota_error(self, count: int = 1, zone: str | None = None) -> None:
+        self._call("quota_error", count=count, zone=zone)
+
+    def fail_next(self, method: str, code: int | str = 503, count: int = 1) -> None:
+        self._call("fail_next", method=method, code=code, count=count)
+
+    def never_finish_operations(self, value: bool = True) -> None:
+        self._call("never_finish_operations", value=value)
+
+    def set_timings(self, **values: float) -> dict[str, float]:
+        return self._call("set_timings", **values)
+
+    def timings(self) -> dict[str, float]:
+        return self._call("timings")
+
+    def kill_host(self, node: str, worker: int) -> None:
+        self._call("kill_host", node=node, worker=worker)
+
+    def freeze_host(self, node: str, worker: int) -> None:
+        self._call("freeze_host", node=node, worker=worker)
+
+    def thaw_host(self, node: str, worker: int) -> None:
+        self._call("thaw_host", node=node, worker=worker)
+
+    def set_preempted(self, node: str, worker: int, value: bool = True) -> None:
+        self._call("set_preempted", node=node, worker=worker, value=value)
+
+    def hosts(self, node: str) -> list[dict]:
+        return self._call("hosts", node=node)
+
+    def host_log(self, node: str, worker: int) -> str:
+        return self._call("host_log", node=node, worker=worker)
+
+    def counters(self) -> dict[str, int]:
+        return self._call("counters")
+
+    def reset_counters(self) -> None:
+        self._call("reset_counters")
+
+    def leaks(self) -> dict[str, list[dict]]:
+        return self._call("leaks")
+
+    def reset(self, remove_resources: bool = True) -> None:
+        self._call("reset", remove_resources=remove_resources)

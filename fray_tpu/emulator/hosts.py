@@ -1,0 +1,292 @@
+"""The emulated VMs of READY nodes: a loopback IP, a working directory, a metadata server and the
+node's startup-script running as its own process group, per VM.
+
+Every process a host starts inherits ``FRAY_TPU_EMULATOR_HOST_TOKEN``; killing or freezing a host
+signals its process group AND every process carrying its token, so processes that moved to
+their own session (an agent's per-attempt process group) end with the host too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from fray_tpu.emulator.metadata import HostMetadata, MetadataServer
+from fray_tpu.emulator.state import HostBoot
+from fray_tpu.topology import get_tpu_topology
+
+LOG = logging.getLogger(__name__)
+TOKEN_ENV = "FRAY_TPU_EMULATOR_HOST_TOKEN"
+STARTUP_SCRIPT_FILE = "startup-script.sh"
+STARTUP_LOG_FILE = "startup-script.log"
+PROCESS_EXIT_TIMEOUT = 10.0
+_KILL_ROUNDS = 3
+
+
+@dataclass
+class Host:
+    node_name: str
+    node_id: str
+    uid: int
+    worker: int
+    ip: str
+    workdir: Path
+    token: str
+    metadata: HostMetadata
+    server: MetadataServer | None = None
+    process: subprocess.Popen | None = None
+    frozen: bool = False
+    stopped: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and not self.stopped and self.process.poll() is None
+
+    def describe(self) -> dict:
+        return {
+            "node": self.node_name,
+            "worker": self.worker,
+            "ip": self.ip,
+            "metadata_endpoint": self.server.address if self.server else None,
+            "pid": self.process.pid if self.process else None,
+            "workdir": str(self.workdir),
+            "log": str(self.workdir / STARTUP_LOG_FILE),
+            "alive": self.alive,
+            "frozen": self.frozen,
+            "preempted": self.metadata.preempted,
+            "exit_code": self.process.poll() if self.process else None,
+        }
+
+
+def _bounds(shape: str, chips_per_vm: int) -> tuple[str, str]:
+    """(CHIPS_PER_HOST_BOUNDS, HOST_BOUNDS) as tpu-env writes them."""
+    dims = [int(d) for d in shape.split("x")] + [1] * (3 - len(shape.split("x")))
+    per_host = {1: [1, 1, 1], 4: [2, 2, 1], 8: [2, 4, 1]}.get(chips_per_vm, [chips_per_vm, 1, 1])
+    hosts = [max(1, d // p) for d, p in zip(dims, per_host)]
+    return ",".join(map(str, per_host)), ",".join(map(str, hosts))
+
+
+def _tpu_env(boot: HostBoot, worker: int) -> str:
+    shape = get_tpu_topology(boot.accelerator_type)
+    chips_per_host, host_bounds = _bounds(shape.topology, shape.chips_per_vm)
+    values = {
+        "ACCELERATOR_TYPE": boot.accelerator_type,
+        "CHIPS_PER_HOST_BOUNDS": chips_per_host,
+        "CONSUMER_PROJECT_ID": boot.project,
+        "CONSUMER_PROJECT_NUMBER": str(boot.project_number),
+        "HOST_BOUNDS": host_bounds,
+        "NODE_ID": boot.node_id,
+        "RUNTIME_VERSION": boot.runtime_version,
+        "TOPOLOGY": shape.topology,
+        "TYPE": shape.generation.upper(),
+        "WORKER_ID": str(worker),
+        "ZONE": boot.zone,
+    }
+    return "".join(f"{key}: '{value}'\n" for key, value in values.items())
+
+
+def _hostname(boot: HostBoot, worker: int) -> str:
+    return f"t1v-n-{boot.uid:08x}-w-{worker}"
+
+
+def _host_metadata(boot: HostBoot, worker: int) -> HostMetadata:
+    endpoints = ",".join(
+        f"{_hostname(boot, i)}:{boot.uid * 1000 + i}:{ip}" for i, ip in enumerate(boot.ips)
+    )
+    attributes = {
+        **boot.metadata,
+        "accelerator-type": boot.accelerator_type,
+        "agent-worker-number": str(worker),
+        "worker-network-endpoints": endpoints,
+        "tpu-env": _tpu_env(boot, worker),
+    }
+    hostname = _hostname(boot, worker)
+    instance = {
+        "name": hostname,
+        "hostname": f"{hostname}.{boot.zone}.c.{boot.project}.internal",
+        "id": str(boot.uid * 1000 + worker),
+        "zone": f"projects/{boot.project_number}/zones/{boot.zone}",
+        "machine-type": f"projects/{boot.project_number}/machineTypes/ct-emulated",
+        "network-interfaces": {"0": {"ip": boot.ips[worker], "network": f"projects/{boot.project_number}/networks/default"}},
+    }
+    project = {"project-id": boot.project, "numeric-project-id": str(boot.project_number)}
+    return HostMetadata(attributes, instance, project)
+
+
+def _processes_with_tokens(tokens: set[str]) -> list[int]:
+    """Pids of live processes whose environment carries one of ``tokens``."""
+    wanted = {f"{TOKEN_ENV}={token}".encode() for token in tokens}
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                variables = f.read().split(b"\0")
+        except OSError:
+            continue
+        if wanted.intersection(variables):
+            found.append(int(entry.name))
+    return found
+
+
+def _signal_hosts(hosts: list[Host], signum: int) -> None:
+    """Signal each host's process group and every process carrying a host's token."""
+    for host in hosts:
+        if host.process is not None and host.process.poll() is None:
+            try:
+                os.killpg(host.process.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+    tokens = {host.token for host in hosts}
+    for _ in range(_KILL_ROUNDS if signum == signal.SIGKILL else 1):
+        pids = _processes_with_tokens(tokens)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _kill_hosts(hosts: list[Host], stop_metadata: bool) -> None:
+    if not hosts:
+        return
+    _signal_hosts(hosts, signal.SIGKILL)
+    for host in hosts:
+        if host.process is not None:
+            try:
+                host.process.wait(timeout=PROCESS_EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                LOG.warning("host %s worker %d did not exit after SIGKILL", host.node_name, host.worker)
+        host.frozen = False
+        if stop_metadata:
+            host.stopped = True
+            if host.server is not None:
+                host.server.close()
+
+
+class HostRuntime:
+    """Boots, signals and reports the emulated VMs. Thread-safe."""
+
+    def __init__(self, root: Path, instance_id: str):
+        self.root = root
+        self._instance_id = instance_id
+        self._lock = threading.Lock()
+        self._hosts: dict[int, list[Host]] = {}
+        self._latest_uid: dict[str, int] = {}
+
+    def boot(self, boot: HostBoot) -> None:
+        node_dir = self.root / boot.zone / f"{boot.node_id}-{boot.uid}"
+        hosts = [
+            Host(
+                node_name=boot.name,
+                node_id=boot.node_id,
+                uid=boot.uid,
+                worker=worker,
+                ip=ip,
+                workdir=node_dir / f"worker-{worker}",
+                token=f"{self._instance_id}-{boot.uid}-{worker}",
+                metadata=_host_metadata(boot, worker),
+            )
+            for worker, ip in enumerate(boot.ips)
+        ]
+        with self._lock:
+            self._hosts[boot.uid] = hosts
+            self._latest_uid[boot.name] = boot.uid
+        script = boot.metadata.get("startup-script")
+        for host in hosts:
+            host.workdir.mkdir(parents=True, exist_ok=True)
+            (host.workdir / "tmp").mkdir(exist_ok=True)
+            host.server = MetadataServer(host.ip, host.metadata)
+            if script is not None:
+                host.process = self._start_script(host, script)
+
+    def _start_script(self, host: Host, script: str) -> subprocess.Popen:
+        script_path = host.workdir / STARTUP_SCRIPT_FILE
+        script_path.write_text(script)
+        env = dict(os.environ)
+        env.update(
+            {
+                "GCE_METADATA_HOST": host.server.address,
+                "GCE_METADATA_IP": host.server.address,
+                "FRAY_TPU_EMULATED_HOST": "1",
+                "FRAY_TPU_HOST_IP": host.ip,
+                "FRAY_TPU_HOST_DIR": str(host.workdir),
+                "TMPDIR": str(host.workdir / "tmp"),
+                TOKEN_ENV: host.token,
+                "PATH": os.pathsep.join(filter(None, [os.path.dirname(sys.executable), env.get("PATH")])),
+            }
+        )
+        with open(host.workdir / STARTUP_LOG_FILE, "ab") as log:
+            return subprocess.Popen(
+                ["bash", str(script_path)],
+                cwd=host.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _node_hosts(self, uid: int) -> list[Host]:
+        with self._lock:
+            return list(self._hosts.get(uid, []))
+
+    def _host(self, uid: int, worker: int) -> Host:
+        hosts = self._node_hosts(uid)
+        if not 0 <= worker < len(hosts):
+            raise ValueError(f"worker {worker} does not exist; the node has workers 0..{len(hosts) - 1}")
+        return hosts[worker]
+
+    def uid_of(self, node: str) -> int:
+        """The latest incarnation of a node, by full name or node id."""
+        with self._lock:
+            if node in self._latest_uid:
+                return self._latest_uid[node]
+            matches = {uid for name, uid in self._latest_uid.items() if name.rsplit("/", 1)[-1] == node}
+        if len(matches) != 1:
+            raise ValueError(f"no booted node named {node!r}")
+        return matches.pop()
+
+    def set_preempted(self, uid: int, worker: int | None, value: bool) -> None:
+        hosts = self._node_hosts(uid) if worker is None else [self._host(uid, worker)]
+        for host in hosts:
+            host.metadata.set_preempted(value)
+
+    def kill(self, uid: int, worker: int | None = None, stop_metadata: bool = True) -> None:
+        """SIGKILL the hosts' processes; ending the VM (``stop_metadata``) also stops its metadata server."""
+        hosts = self._node_hosts(uid) if worker is None else [self._host(uid, worker)]
+        _kill_hosts([host for host in hosts if not host.stopped], stop_metadata)
+
+    def freeze(self, uid: int, worker: int) -> None:
+        host = self._host(uid, worker)
+        _signal_hosts([host], signal.SIGSTOP)
+        host.frozen = True
+
+    def thaw(self, uid: int, worker: int) -> None:
+        host = self._host(uid, worker)
+        _signal_hosts([host], signal.SIGCONT)
+        host.frozen = False
+
+    def describe(self, uid: int) -> list[dict]:
+        return [host.describe() for host in self._node_hosts(uid)]
+
+    def log(self, uid: int, worker: int) -> str:
+        path = self._host(uid, worker).workdir / STARTUP_LOG_FILE
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def guest_attributes(self, uid: int) -> list[dict[str, dict[str, str]]]:
+        return [host.metadata.guest_attributes() for host in self._node_hosts(uid)]
+
+    def stop_all(self) -> None:
+        with self._lock:
+            hosts = [host for node_hosts in self._hosts.values() for host in node_hosts if not host.stopped]
+        _kill_hosts(hosts, stop_metadata=True)

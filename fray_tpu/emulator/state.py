@@ -1,0 +1,764 @@
+"""The emulated Cloud TPU's state machines: nodes, queued resources and operations.
+
+No I/O. Every public method takes the world lock; time comes from injected clocks. Transitions
+that happen by themselves (CREATING → READY, DELETING → gone, ...) carry a due time;
+``advance(now)`` applies every transition that is due and returns the side effects (boot or kill
+hosts) for the caller to carry out outside the lock, in order.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.cloud.tpu_v2.types import cloud_tpu
+from google.protobuf import empty_pb2, message
+from google.rpc import code_pb2
+
+from fray_tpu.emulator import catalog
+from fray_tpu.emulator.render import node_pb, queued_resource_pb
+from fray_tpu.emulator.timings import EmulatorTimings
+from fray_tpu.emulator.validation import (
+    ApiError,
+    Location,
+    check_labels,
+    check_metadata,
+    check_resource_id,
+    check_runtime_version,
+    invalid,
+    not_found,
+    parse_location,
+    parse_resource_name,
+    resolve_accelerator_type,
+)
+
+NodePb = cloud_tpu.Node.pb()
+QueuedResourcePb = cloud_tpu.QueuedResource.pb()
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+STOCKOUT_MESSAGE = (
+    "There is no more capacity in the zone \"{zone}\"; you can try in another zone where Cloud TPU "
+    "Nodes are offered (see https://cloud.google.com/tpu/docs/regions) [EID: 0x{eid}]"
+)
+QUOTA_MESSAGE = (
+    "Quota limit 'TPUV2sPreemptiblePodPerProjectPerZoneForTPUAPI' has been exceeded. "
+    "Limit: 0 in zone {zone}."
+)
+_MAX_ADVANCE_PASSES = 16
+
+
+@dataclass(frozen=True)
+class HostBoot:
+    """Everything the host runtime needs to boot the VMs of one READY node."""
+
+    uid: int
+    name: str
+    project: str
+    project_number: int
+    zone: str
+    node_id: str
+    accelerator_type: str
+    runtime_version: str
+    ips: tuple[str, ...]
+    agent_port: int
+    metadata: dict[str, str]
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Effect:
+    """A side effect for the host runtime: ``boot`` (with ``boot``), ``preempt_flag`` or ``kill``."""
+
+    kind: str
+    uid: int
+    boot: HostBoot | None = None
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    location: Location
+    node_id: str
+    uid: int
+    spec: message.Message  # the Node the caller sent: labels, metadata, configs as given
+    accelerator_type: str
+    vm_count: int
+    state: str
+    create_time: float
+    due: float | None
+    stockout: bool = False
+    ips: tuple[str, ...] = ()
+    create_operation: str | None = None
+    queued_resource: str = ""
+    multislice: bool = False
+    preempt_kill_at: float | None = None
+    agent_port: int = catalog.DEFAULT_AGENT_PORT
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    """A node a queued resource creates once it is granted."""
+
+    location: Location
+    node_id: str
+    spec: message.Message
+    accelerator_type: str
+    multislice: bool
+
+
+@dataclass
+class QueuedRecord:
+    name: str
+    location: Location
+    qr_id: str
+    spec: message.Message  # the QueuedResource the caller sent
+    nodes_to_create: list[PlannedNode]
+    state: str
+    create_time: float
+    due: float | None
+    stockout: bool = False
+    state_initiator: str = "USER"
+    error: tuple[int, str] | None = None
+    node_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OperationRecord:
+    name: str
+    location: Location
+    target: str
+    verb: str
+    create_time: float
+    done: bool = False
+    end_time: float | None = None
+    response: message.Message | None = None
+    error: tuple[int, str] | None = None
+    cancel_requested: bool = False
+    finish_at: float | None = None  # when the pending outcome becomes visible
+    waits_for_gone: str | None = None  # a delete operation finishes when this resource is gone
+
+
+@dataclass
+class Stockout:
+    remaining: int | None  # None: until cleared
+    delay: float | None  # None: timings.stockout_delay
+
+
+@dataclass
+class InjectedFailure:
+    code: int
+    remaining: int
+
+
+class IpAllocator:
+    """Distinct loopback addresses 127.A.B.C; A is fixed per emulator instance."""
+
+    def __init__(self, first_octet: int):
+        if not 1 <= first_octet <= 254:
+            raise ValueError(f"first octet {first_octet} must be in 1..254")
+        self.first_octet = first_octet
+        self._next = itertools.count(1)
+
+    def allocate(self) -> str:
+        index = next(self._next)
+        low, high = index % 254 + 1, (index // 254) % 256
+        return f"127.{self.first_octet}.{high}.{low}"
+
+
+def page_names(names: list[str], page_size: int, page_token: str) -> tuple[list[str], str]:
+    """Keyset paging over sorted names: the token is the last name of the previous page."""
+    if page_size < 0:
+        raise invalid(f"page_size must be >= 0, got {page_size}")
+    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    after = ""
+    if page_token:
+        try:
+            after = base64.urlsafe_b64decode(page_token.encode()).decode()
+        except (ValueError, UnicodeDecodeError):
+            raise invalid(f"Invalid page_token {page_token!r}; pass the next_page_token of the previous page")
+    remaining = [name for name in sorted(names) if name > after]
+    page = remaining[:size]
+    more = len(remaining) > size
+    return page, base64.urlsafe_b64encode(page[-1].encode()).decode() if more else ""
+
+
+def _matches(patterns: set[str], name: str, short_id: str) -> bool:
+    """A hold pattern with '/' is a full-name prefix; without, a resource-id prefix."""
+    return any(name.startswith(p) if "/" in p else short_id.startswith(p) for p in patterns)
+
+
+class World:
+    def __init__(
+        self,
+        timings: EmulatorTimings,
+        ip_allocator: IpAllocator,
+        agent_port: int = catalog.DEFAULT_AGENT_PORT,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ):
+        self.cond = threading.Condition()
+        self.timings = timings
+        self.agent_port = agent_port
+        self._ips = ip_allocator
+        self._clock = clock
+        self._wall = wall_clock
+        self._uids = itertools.count(int(wall_clock()) % 1_000_000 * 1000 + 1)
+        self.nodes: dict[str, NodeRecord] = {}
+        self.queued: dict[str, QueuedRecord] = {}
+        self.operations: dict[str, OperationRecord] = {}
+        self.counters: dict[str, int] = {}
+        self.stockouts: dict[str, Stockout] = {}
+        self.quota_failures: dict[str | None, int] = {}
+        self.injected: dict[str, list[InjectedFailure]] = {}
+        self.holds: set[str] = set()
+        self.never_finish = False
+        self._effects: list[Effect] = []
+        self.dirty = False
+
+    # ----------------------------------------------------------------- bookkeeping
+
+    def changed(self) -> None:
+        """Wake the ticker and every waiter; call with the lock held."""
+        self.dirty = True
+        self.cond.notify_all()
+
+    def record_call(self, method: str) -> ApiError | None:
+        """Count an API call; return the injected failure it must answer with, if any."""
+        with self.cond:
+            self.counters[method] = self.counters.get(method, 0) + 1
+            queue = self.injected.get(method, [])
+            if not queue:
+                return None
+            failure = queue[0]
+            failure.remaining -= 1
+            if failure.remaining <= 0:
+                queue.pop(0)
+            return ApiError(failure.code, f"Injected failure of {method} (emulator fault control)")
+
+    def _new_operation(self, location: Location, target: str, verb: str) -> OperationRecord:
+        stamp = int(self._wall() * 1000)
+        name = f"{location.name}/operations/operation-{stamp}-{uuid.uuid4().hex[:24]}"
+        operation = OperationRecord(name, location, target, verb, self._wall())
+        self.operations[name] = operation
+        return operation
+
+    def _finish(self, operation: OperationRecord, at: float, response=None, error=None) -> None:
+        operation.finish_at = at
+        operation.response = response
+        operation.error = error
+
+    # ----------------------------------------------------------------- nodes
+
+    def _validated_node(self, location: Location, node_id: str, node: message.Message, field_name: str):
+        check_resource_id(node_id, field_name)
+        config = node.accelerator_config
+        config_type = cloud_tpu.AcceleratorConfig.Type(config.type_).name if config.type_ else ""
+        accelerator_type = resolve_accelerator_type(node.accelerator_type, config_type, config.topology, location.zone)
+        check_runtime_version(node.runtime_version)
+        check_labels(dict(node.labels))
+        check_metadata(dict(node.metadata))
+        name = f"{location.name}/nodes/{node_id}"
+        if name in self.nodes:
+            raise ApiError(code_pb2.ALREADY_EXISTS, f"Resource '{name}' already exists")
+        return name, accelerator_type
+
+    def _consume_quota(self, zone: str) -> None:
+        for key in (zone, None):
+            if self.quota_failures.get(key, 0) > 0:
+                self.quota_failures[key] -= 1
+                raise ApiError(code_pb2.RESOURCE_EXHAUSTED, QUOTA_MESSAGE.format(zone=zone))
+
+    def _consume_stockout(self, zone: str) -> tuple[bool, float]:
+        stockout = self.stockouts.get(zone)
+        if stockout is None:
+            return False, 0.0
+        if stockout.remaining is not None:
+            stockout.remaining -= 1
+            if stockout.remaining <= 0:
+                del self.stockouts[zone]
+        return True, self.timings.stockout_delay if stockout.delay is None else stockout.delay
+
+    def _add_node(
+        self, location, node_id, name, accelerator_type, spec, due, queued_resource="", multislice=False
+    ) -> NodeRecord:
+        shape = catalog.lookup_accelerator_type(accelerator_type)
+        record = NodeRecord(
+            name=name,
+            location=location,
+            node_id=node_id,
+            uid=next(self._uids),
+            spec=spec,
+            accelerator_type=accelerator_type,
+            vm_count=shape.vm_count,
+            state="CREATING",
+            create_time=self._wall(),
+            due=due,
+            queued_resource=queued_resource,
+            multislice=multislice,
+            agent_port=self.agent_port,
+        )
+        self.nodes[name] = record
+        return record
+
+    def create_node(self, parent: str, node_id: str, node: message.Message) -> OperationRecord:
+        with self.cond:
+            location = parse_location(parent)
+            name, accelerator_type = self._validated_node(location, node_id, node, "node_id")
+            self._consume_quota(location.zone)
+            stockout, stockout_delay = self._consume_stockout(location.zone)
+            now = self._clock()
+            due = now + (stockout_delay if stockout else self.timings.create_delay)
+            record = self._add_node(location, node_id, name, accelerator_type, node, due)
+            record.stockout = stockout
+            operation = self._new_operation(location, name, "create")
+            record.create_operation = operation.name
+            self.changed()
+            return operation
+
+    def get_node(self, name: str) -> NodeRecord:
+        with self.cond:
+            parse_resource_name(name, "nodes")
+            record = self.nodes.get(name)
+            if record is None:
+                raise not_found(name)
+            return record
+
+    def list_nodes(self, parent: str, page_size: int, page_token: str) -> tuple[list[NodeRecord], str]:
+        with self.cond:
+            location = parse_location(parent, allow_wildcard=True)
+            names = [
+                n.name
+                for n in self.nodes.values()
+                if n.location.project == location.project and location.zone in ("-", n.location.zone)
+            ]
+            page, token = page_names(names, page_size, page_token)
+            return [self.nodes[name] for name in page], token
+
+    def delete_node(self, name: str) -> OperationRecord:
+        with self.cond:
+            location, _ = parse_resource_name(name, "nodes")
+            record = self.nodes.get(name)
+            if record is None:
+                raise not_found(name)
+            self._start_node_deletion(record, self._clock())
+            operation = self._new_operation(location, name, "delete")
+            operation.waits_for_gone = name
+            self.changed()
+            return operation
+
+    def _start_node_deletion(self, record: NodeRecord, now: float) -> None:
+        if record.state == "DELETING":
+            return
+        if record.state == "CREATING" and record.create_operation in self.operations:
+            operation = self.operations[record.create_operation]
+            if not operation.done and operation.finish_at is None:
+                self._finish(operation, now, error=(code_pb2.ABORTED, f"Node {record.name} was deleted while creating"))
+        if record.ips:
+            self._effects.append(Effect("kill", record.uid))
+        record.state = "DELETING"
+        record.preempt_kill_at = None
+        record.due = now + self.timings.delete_delay
+
+    def _make_ready(self, record: NodeRecord, now: float) -> None:
+        record.state = "READY"
+        record.due = None
+        record.ips = tuple(self._ips.allocate() for _ in range(record.vm_count))
+        spec = record.spec
+        self._effects.append(
+            Effect(
+                "boot",
+                record.uid,
+                HostBoot(
+                    uid=record.uid,
+                    name=record.name,
+                    project=record.location.project,
+                    project_number=catalog.project_number(record.location.project),
+                    zone=record.location.zone,
+                    node_id=record.node_id,
+                    accelerator_type=record.accelerator_type,
+                    runtime_version=spec.runtime_version,
+                    ips=record.ips,
+                    agent_port=self.agent_port,
+                    metadata=dict(spec.metadata),
+                    labels=dict(spec.labels),
+                ),
+            )
+        )
+        operation = self.operations.get(record.create_operation or "")
+        if operation is not None and not operation.done and operation.finish_at is None:
+            self._finish(operation, now + self.timings.operation_lag, response=node_pb(record))
+
+    def _fail_stockout(self, record: NodeRecord, now: float) -> None:
+        operation = self.operations.get(record.create_operation or "")
+        if operation is not None and not operation.done:
+            message_text = STOCKOUT_MESSAGE.format(zone=record.location.zone, eid=uuid.uuid4().hex[:16])
+            self._finish(operation, now, error=(code_pb2.RESOURCE_EXHAUSTED, message_text))
+        del self.nodes[record.name]
+
+    def preempt_node(self, name: str) -> NodeRecord:
+        with self.cond:
+            record = self._resolve_node(name)
+            if record.state != "READY":
+                raise ValueError(f"node {record.name} is {record.state}; only a READY node can be preempted")
+            if record.preempt_kill_at is None:
+                self._effects.append(Effect("preempt_flag", record.uid))
+                record.preempt_kill_at = self._clock() + self.timings.preempt_notice
+            self.changed()
+            return record
+
+    def vanish_node(self, name: str) -> NodeRecord:
+        with self.cond:
+            record = self._resolve_node(name)
+            if record.ips:
+                self._effects.append(Effect("kill", record.uid))
+            del self.nodes[record.name]
+            self.changed()
+            return record
+
+    def _resolve_node(self, name: str) -> NodeRecord:
+        """A node by full name, or by node id when exactly one node has it."""
+        if name in self.nodes:
+            return self.nodes[name]
+        matches = [n for n in self.nodes.values() if n.node_id == name]
+        if len(matches) == 1:
+            return matches[0]
+        known = ", ".join(sorted(self.nodes)) or "none"
+        raise ValueError(f"no single node named {name!r}; nodes alive: {known}")
+
+    def node_named(self, name: str) -> NodeRecord:
+        with self.cond:
+            return self._resolve_node(name)
+
+    # ----------------------------------------------------------------- queued resources
+
+    def create_queued_resource(self, parent: str, qr_id: str, queued: message.Message) -> OperationRecord:
+        with self.cond:
+            location = parse_location(parent)
+            check_resource_id(qr_id, "queued_resource_id")
+            name = f"{location.name}/queuedResources/{qr_id}"
+            if name in self.queued:
+                raise ApiError(code_pb2.ALREADY_EXISTS, f"Resource '{name}' already exists")
+            if not queued.tpu.node_spec:
+                raise invalid("Field 'queued_resource.tpu.node_spec' is required")
+            planned: list[PlannedNode] = []
+            for index, spec in enumerate(queued.tpu.node_spec):
+                spec_location = parse_location(spec.parent)
+                if spec_location != location:
+                    raise invalid(f"node_spec[{index}].parent {spec.parent!r} must equal the parent {parent!r}")
+                params = spec.multislice_params
+                if spec.node_id and params.node_count:
+                    raise invalid(f"node_spec[{index}]: set only one of 'node_id' and 'multislice_params'")
+                if params.node_count:
+                    if params.node_count < 1:
+                        raise invalid(f"node_spec[{index}].multislice_params.node_count must be >= 1")
+                    prefix = params.node_id_prefix or qr_id
+                    ids = [f"{prefix}-{i}" for i in range(params.node_count)]
+                    multislice = True
+                else:
+                    ids = [spec.node_id]
+                    multislice = False
+                for node_id in ids:
+                    _, accelerator_type = self._validated_node(
+                        location, node_id, spec.node, f"node_spec[{index}].node_id"
+                    )
+                    if any(p.node_id == node_id for p in planned):
+                        raise invalid(f"node id {node_id!r} appears twice in the queued resource")
+                    planned.append(PlannedNode(location, node_id, spec.node, accelerator_type, multislice))
+            self._consume_quota(location.zone)
+            stockout, stockout_delay = self._consume_stockout(location.zone)
+            now = self._clock()
+            record = QueuedRecord(
+                name=name,
+                location=location,
+                qr_id=qr_id,
+                spec=queued,
+                nodes_to_create=planned,
+                state="WAITING_FOR_RESOURCES",
+                create_time=self._wall(),
+                due=now + (stockout_delay if stockout else self.timings.qr_wait_delay),
+                stockout=stockout,
+            )
+            self.queued[name] = record
+            operation = self._new_operation(location, name, "create")
+            self._finish(operation, now + self.timings.operation_lag, response=queued_resource_pb(record))
+            self.changed()
+            return operation
+
+    def get_queued_resource(self, name: str) -> QueuedRecord:
+        with self.cond:
+            parse_resource_name(name, "queuedResources")
+            record = self.queued.get(name)
+            if record is None:
+                raise not_found(name)
+            return record
+
+    def list_queued_resources(self, parent: str, page_size: int, page_token: str) -> tuple[list[QueuedRecord], str]:
+        with self.cond:
+            location = parse_location(parent, allow_wildcard=True)
+            names = [
+                q.name
+                for q in self.queued.values()
+                if q.location.project == location.project and location.zone in ("-", q.location.zone)
+            ]
+            page, token = page_names(names, page_size, page_token)
+            return [self.queued[name] for name in page], token
+
+    def delete_queued_resource(self, name: str, force: bool) -> OperationRecord:
+        with self.cond:
+            location, _ = parse_resource_name(name, "queuedResources")
+            record = self.queued.get(name)
+            if record is None:
+                raise not_found(name)
+            live_nodes = [self.nodes[n] for n in record.node_names if n in self.nodes]
+            if live_nodes and not force:
+                raise ApiError(
+                    code_pb2.FAILED_PRECONDITION,
+                    f"Queued resource {name} in state {record.state} still has nodes "
+                    f"({', '.join(n.node_id for n in live_nodes)}); delete with force=true to delete them too",
+                )
+            now = self._clock()
+            for node in live_nodes:
+                self._start_node_deletion(node, now)
+            if record.state != "DELETING":
+                record.state = "DELETING"
+                record.due = now + self.timings.delete_delay
+            operation = self._new_operation(location, name, "delete")
+            operation.waits_for_gone = name
+            self.changed()
+            return operation
+
+    def _provision(self, record: QueuedRecord, now: float) -> None:
+        record.state = "PROVISIONING"
+        record.due = None
+        names = [f"{p.location.name}/nodes/{p.node_id}" for p in record.nodes_to_create]
+        taken = [name for name in names if name in self.nodes]
+        if taken:
+            record.state = "FAILED"
+            record.state_initiator = "SERVICE"
+            record.error = (code_pb2.ALREADY_EXISTS, f"Node(s) {', '.join(taken)} already exist")
+            return
+        for planned, name in zip(record.nodes_to_create, names):
+            self._add_node(
+                planned.location,
+                planned.node_id,
+                name,
+                planned.accelerator_type,
+                planned.spec,
+                now + self.timings.qr_provision_delay,
+                queued_resource=record.name,
+                multislice=planned.multislice,
+            )
+            record.node_names.append(name)
+
+    # ----------------------------------------------------------------- operations
+
+    def get_operation(self, name: str) -> OperationRecord:
+        with self.cond:
+            operation = self.operations.get(name)
+            if operation is None:
+                raise not_found(name)
+            return operation
+
+    def list_operations(self, name: str, page_size: int, page_token: str) -> tuple[list[OperationRecord], str]:
+        with self.cond:
+            location = parse_location(name, allow_wildcard=True)
+            names = [
+                o.name
+                for o in self.operations.values()
+                if o.location.project == location.project and location.zone in ("-", o.location.zone)
+            ]
+            page, token = page_names(names, page_size, page_token)
+            return [self.operations[n] for n in page], token
+
+    def delete_operation(self, name: str) -> None:
+        with self.cond:
+            if self.operations.pop(name, None) is None:
+                raise not_found(name)
+            self.changed()
+
+    def cancel_operation(self, name: str) -> None:
+        with self.cond:
+            operation = self.operations.get(name)
+            if operation is None:
+                raise not_found(name)
+            operation.cancel_requested = True
+            if not operation.done:
+                operation.done = True
+                operation.end_time = self._wall()
+                operation.response = None
+                operation.error = (code_pb2.CANCELLED, f"Operation {name} was cancelled")
+            self.changed()
+
+    def wait_operation(self, name: str, timeout: float) -> OperationRecord:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                operation = self.operations.get(name)
+                if operation is None:
+                    raise not_found(name)
+                remaining = deadline - time.monotonic()
+                if operation.done or remaining <= 0:
+                    return operation
+                self.cond.wait(remaining)
+
+    # ----------------------------------------------------------------- time
+
+    def advance(self) -> list[Effect]:
+        """Apply every due transition; return the side effects to carry out, in order."""
+        with self.cond:
+            now = self._clock()
+            for _ in range(_MAX_ADVANCE_PASSES):
+                if not self._advance_once(now):
+                    break
+            effects, self._effects = self._effects, []
+            self.dirty = False
+            self.cond.notify_all()
+            return effects
+
+    def _advance_once(self, now: float) -> bool:
+        changed = False
+        for record in list(self.nodes.values()):
+            changed |= self._advance_node(record, now)
+        for record in list(self.queued.values()):
+            changed |= self._advance_queued(record, now)
+        for operation in self.operations.values():
+            changed |= self._advance_operation(operation, now)
+        return changed
+
+    def _due(self, due: float | None, now: float) -> bool:
+        return due is not None and now >= due
+
+    def _advance_node(self, record: NodeRecord, now: float) -> bool:
+        if record.state == "CREATING" and self._due(record.due, now):
+            if _matches(self.holds, record.name, record.node_id):
+                return False
+            if record.stockout:
+                self._fail_stockout(record, now)
+            else:
+                self._make_ready(record, now)
+            return True
+        if record.state == "DELETING" and self._due(record.due, now):
+            del self.nodes[record.name]
+            return True
+        if self._due(record.preempt_kill_at, now):
+            record.preempt_kill_at = None
+            record.state = "PREEMPTED"
+            self._effects.append(Effect("kill", record.uid))
+            return True
+        return False
+
+    def _advance_queued(self, record: QueuedRecord, now: float) -> bool:
+        if record.state == "WAITING_FOR_RESOURCES" and self._due(record.due, now):
+            if _matches(self.holds, record.name, record.qr_id):
+                return False
+            if record.stockout:
+                record.state = "FAILED"
+                record.state_initiator = "SERVICE"
+                record.due = None
+                message_text = STOCKOUT_MESSAGE.format(zone=record.location.zone, eid=uuid.uuid4().hex[:16])
+                record.error = (code_pb2.RESOURCE_EXHAUSTED, message_text)
+            else:
+                self._provision(record, now)
+            return True
+        if record.state in ("PROVISIONING", "ACTIVE"):
+            nodes = [self.nodes.get(name) for name in record.node_names]
+            if any(n is None or n.state in ("PREEMPTED", "TERMINATED") or n.preempt_kill_at for n in nodes):
+                record.state = "SUSPENDED"
+                record.state_initiator = "SERVICE"
+                return True
+            if record.state == "PROVISIONING" and all(n.state == "READY" for n in nodes):
+                record.state = "ACTIVE"
+                return True
+            return False
+        if record.state == "DELETING" and self._due(record.due, now):
+            if any(name in self.nodes for name in record.node_names):
+                return False
+            del self.queued[record.name]
+            return True
+        return False
+
+    def _advance_operation(self, operation: OperationRecord, now: float) -> bool:
+        if operation.done:
+            return False
+        if operation.waits_for_gone and operation.finish_at is None:
+            if operation.waits_for_gone not in self.nodes and operation.waits_for_gone not in self.queued:
+                self._finish(operation, now, response=empty_pb2.Empty())
+        if self.never_finish or not self._due(operation.finish_at, now):
+            return False
+        operation.done = True
+        operation.end_time = self._wall()
+        return True
+
+    def next_due(self) -> float | None:
+        """The earliest time a transition becomes due, or None when nothing will happen by itself."""
+        with self.cond:
+            dues: list[float] = []
+            for node in self.nodes.values():
+                if node.state == "CREATING" and not _matches(self.holds, node.name, node.node_id):
+                    dues.append(node.due)
+                elif node.state == "DELETING":
+                    dues.append(node.due)
+                if node.preempt_kill_at is not None:
+                    dues.append(node.preempt_kill_at)
+            for queued in self.queued.values():
+                if queued.state == "WAITING_FOR_RESOURCES" and not _matches(self.holds, queued.name, queued.qr_id):
+                    dues.append(queued.due)
+                elif queued.state == "DELETING" and not any(n in self.nodes for n in queued.node_names):
+                    dues.append(queued.due)
+            if not self.never_finish:
+                dues.extend(o.finish_at for o in self.operations.values() if not o.done)
+            dues = [d for d in dues if d is not None]
+            return min(dues) if dues else None
+
+    # ----------------------------------------------------------------- faults and reports
+
+    def leaks(self) -> dict[str, list[dict]]:
+        with self.cond:
+            return {
+                "nodes": [
+                    {"name": n.name, "state": n.state, "labels": dict(n.spec.labels), "queued_resource": n.queued_resource}
+                    for n in sorted(self.nodes.values(), key=lambda n: n.name)
+                ],
+                "queued_resources": [
+                    {"name": q.name, "state": q.state, "labels": self._queued_labels(q)}
+                    for q in sorted(self.queued.values(), key=lambda q: q.name)
+                ],
+            }
+
+    @staticmethod
+    def _queued_labels(record: QueuedRecord) -> dict[str, str]:
+        labels: dict[str, str] = {}
+        for spec in record.spec.tpu.node_spec:
+            labels.update(spec.node.labels)
+        return labels
+
+    def remove_everything(self) -> None:
+        """Drop every resource at once (harness cleanup after a leak), killing all hosts."""
+        with self.cond:
+            for record in self.nodes.values():
+                if record.ips:
+                    self._effects.append(Effect("kill", record.uid))
+            self.nodes.clear()
+            self.queued.clear()
+            for operation in self.operations.values():
+                if not operation.done:
+                    operation.done = True
+                    operation.end_time = self._wall()
+                    operation.response = None
+                    operation.error = (code_pb2.ABORTED, "The emulator was reset")
+            self.changed()
+
+    def clear_faults(self) -> None:
+        with self.cond:
+            self.stockouts.clear()
+            self.quota_failures.clear()
+            self.injected.clear()
+            self.holds.clear()
+            self.never_finish = False
+            self.changed()
