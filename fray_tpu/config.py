@@ -69,7 +69,7 @@ DEFAULT_AGENT_PORT = 8477
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
-_DURATION = re.compile(r"^(?P<number>\d+(\.\d*)?|\.\d+)\s*(?P<unit>ms|s|m|h)?$")
+_DURATION = re.compile(r"^(?P<number>(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?)\s*(?P<unit>ms|s|m|h)?$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _ZONE = re.compile(r"^[a-z]+-[a-z]+\d+-[a-z0-9]+$")
 _REGION = re.compile(r"^[a-z]+-[a-z]+\d+$")
@@ -343,7 +343,7 @@ def _format(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return f"{value:g}" if value == float(f"{value:g}") else repr(value)
+        return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, list):
         return ",".join(value)
     if isinstance(value, dict):

@@ -52,6 +52,9 @@ def test_round_trip_through_to_spec():
     assert TpuClusterConfig.from_spec(spec) == original
     minimal = TpuClusterConfig(emulate=True)
     assert TpuClusterConfig.from_spec(minimal.to_spec()) == minimal
+    for seconds in (1e-05, 0.1234567, 1234567.0):
+        fractional = TpuClusterConfig(emulate=True, poll_interval=seconds)
+        assert TpuClusterConfig.from_spec(fractional.to_spec()) == fractional
 
 
 def test_spec_keys_win_over_environment_and_spec_is_self_contained():
