@@ -166,8 +166,9 @@ class TpuClusterConfig:
             return "on-demand"
         return self.capacity
 
-    def runtime_version_for(self, tpu_type: str) -> str:
-        t = topology.get_tpu_topology(tpu_type)
+    def runtime_version_for(self, tpu_type: str | topology.TpuTopology) -> str:
+        """The runtime version for a type name or an already looked-up ``TpuTopology``."""
+        t = tpu_type if isinstance(tpu_type, topology.TpuTopology) else topology.get_tpu_topology(tpu_type)
         return self.runtime_versions.get(t.generation, t.runtime_version)
 
     def state_path(self, environ: Mapping[str, str] | None = None) -> Path:

@@ -9,6 +9,7 @@ from fray_tpu.config import (
     resolve_zones,
 )
 from fray_tpu.errors import ConfigError, UnknownRegionError, UnknownTpuTypeError
+from fray_tpu.topology import get_tpu_topology
 
 
 def test_spec_parsing():
@@ -138,6 +139,7 @@ def test_runtime_version_and_state_path():
     c = TpuClusterConfig(emulate=True, runtime_versions={"v5e": "mine"})
     assert c.runtime_version_for("v5litepod-16") == "mine"
     assert c.runtime_version_for("v4-8") == "tpu-ubuntu2204-base"
+    assert c.runtime_version_for(get_tpu_topology("v5litepod-4")) == "mine"
     with pytest.raises(UnknownTpuTypeError):
         c.runtime_version_for("v5e-16")
     assert str(c.state_path({"XDG_STATE_HOME": "/state"})) == "/state/fray-tpu"
