@@ -1,0 +1,139 @@
+"""What the controller knows about one job: its status, tasks, counters and recent output.
+
+Thread-safe; written by the job's supervisor, read by poll/monitor/list_jobs. The output is a
+bounded ring (a job runs for days): ``monitor`` reads from a cursor and is told how many lines
+it missed if it fell behind, instead of the controller's memory growing without end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from fray_tpu.fray_api import JobId, JobInfo, JobStatus, TaskStatus
+
+DEFAULT_LOG_CAPACITY = 200_000
+
+
+@dataclass
+class JobCounters:
+    attempts: int = 0
+    failures: int = 0
+    preemptions: int = 0
+    bad_hosts: int = 0
+    capacity_waits: int = 0
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    lines: list[str]
+    next_cursor: int
+    missed: int
+
+
+class JobRecord:
+    def __init__(self, job_id: JobId, name: str, task_names: list[str], log_capacity: int = DEFAULT_LOG_CAPACITY):
+        self.job_id = job_id
+        self.name = name
+        self.created = time.time()
+        self.task_names = list(task_names)
+        self.counters = JobCounters()
+        self._status = JobStatus.PENDING
+        self._tasks = [TaskStatus(status=JobStatus.PENDING) for _ in task_names]
+        self._error: str | None = None
+        self._phase = "pending"
+        self._lines: deque[str] = deque(maxlen=log_capacity)
+        self._appended = 0  # lines ever appended; the ring holds the last len(self._lines)
+        self._changed = threading.Condition()
+
+    # -- written by the supervisor -------------------------------------------------------
+    def set_phase(self, phase: str) -> None:
+        with self._changed:
+            self._phase = phase
+            self._changed.notify_all()
+
+    def set_status(self, status: JobStatus, error: str | None = None) -> None:
+        with self._changed:
+            if JobStatus.finished(self._status):
+                return  # a finished job stays finished
+            self._status = status
+            if error is not None:
+                self._error = error
+            self._changed.notify_all()
+
+    def set_task(self, index: int, status: JobStatus, error: str | None = None) -> None:
+        with self._changed:
+            self._tasks[index] = TaskStatus(status=status, error_message=error)
+            self._changed.notify_all()
+
+    def set_all_tasks(self, status: JobStatus) -> None:
+        with self._changed:
+            self._tasks = [TaskStatus(status=status) for _ in self._tasks]
+            self._changed.notify_all()
+
+    def append_lines(self, lines: Iterable[str]) -> None:
+        with self._changed:
+            for line in lines:
+                self._lines.append(line)
+                self._appended += 1
+            self._changed.notify_all()
+
+    # -- read by the cluster ---------------------------------------------------------------
+    @property
+    def status(self) -> JobStatus:
+        return self._status
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    def info(self) -> JobInfo:
+        with self._changed:
+            return JobInfo(
+                job_id=self.job_id,
+                status=self._status,
+                tasks=list(self._tasks),
+                name=self.name,
+                error_message=self._error,
+            )
+
+    def read_lines(self, cursor: int, timeout: float) -> LogChunk:
+        """Lines from absolute index ``cursor`` on, waiting up to ``timeout`` for new ones."""
+        with self._changed:
+            if cursor >= self._appended and not JobStatus.finished(self._status):
+                self._changed.wait(timeout)
+            end = self._appended
+            first = end - len(self._lines)
+            start = max(cursor, first)
+            lines = [self._lines[i - first] for i in range(start, end)]
+            return LogChunk(lines=lines, next_cursor=end, missed=start - cursor)
+
+    def wait_finished(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: JobStatus.finished(self._status), timeout)
+
+
+@dataclass
+class JobTable:
+    """Every job this controller knows, by id."""
+
+    _jobs: dict[str, JobRecord] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, record: JobRecord) -> None:
+        with self._lock:
+            self._jobs[record.job_id] = record
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            record = self._jobs.get(job_id)
+        if record is None:
+            raise KeyError(f"unknown job id {job_id!r}: this cluster knows {len(self._jobs)} job(s)")
+        return record
+
+    def all(self) -> list[JobRecord]:
+        with self._lock:
+            return list(self._jobs.values())
