@@ -8,8 +8,8 @@ exponential backoff. The agent ends the loop for good by exiting with :data:`AGE
 :data:`LOG_PREFIX`, so its lines stand out in the serial console and in emulator host logs.
 
 The same script boots emulator hosts, where fray-tpu is already importable and the install step
-is skipped. An emulated host sets ``FRAY_TPU_STATE_DIR`` in the script's environment to get a
-state directory of its own (many hosts share one filesystem there).
+is skipped. Emulated hosts share one filesystem, so there the state directory lives in the host's
+own directory (``FRAY_TPU_HOST_DIR``); ``FRAY_TPU_STATE_DIR`` overrides it anywhere.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ from fray_tpu.errors import ConfigError
 # by Python itself: an uncaught exception exits 1, a signal 128+N).
 AGENT_EXIT_STOP = 75
 LOG_PREFIX = "[fray-tpu-bootstrap]"
+# Overrides the state directory (the bootstrap's lock and env file, and the agent's state).
 STATE_DIR_ENV = "FRAY_TPU_STATE_DIR"
+# What the agent reads for its state directory (fray_tpu.worker.settings); set to the same place.
+AGENT_STATE_DIR_ENV = "FRAY_TPU_AGENT_STATE_DIR"
+# On an emulated host (FRAY_TPU_EMULATED_HOST=1): the state directory inside FRAY_TPU_HOST_DIR.
+EMULATED_STATE_SUBDIR = "fray-tpu-agent"
 ENV_FILE_NAME = "agent.env"
 # An agent run at least this long resets the restart backoff to its first step.
 HEALTHY_RUN_SECONDS = 60
@@ -144,7 +149,14 @@ else
   install_fray_tpu || exit 1
 fi
 
-STATE_DIR=${FRAY_TPU_STATE_DIR:-$DEFAULT_STATE_DIR}
+# Emulated hosts share one filesystem: each keeps its state in its own host directory.
+if [ -n "${FRAY_TPU_STATE_DIR:-}" ]; then
+  STATE_DIR=$FRAY_TPU_STATE_DIR
+elif [ "${FRAY_TPU_EMULATED_HOST:-}" = 1 ]; then
+  STATE_DIR=${FRAY_TPU_HOST_DIR:-$PWD}/__EMULATED_STATE_SUBDIR__
+else
+  STATE_DIR=$DEFAULT_STATE_DIR
+fi
 if ! mkdir -p "$STATE_DIR" 2>/dev/null || [ ! -w "$STATE_DIR" ]; then
   log "cannot write the state directory $STATE_DIR (not root?); using $PWD/fray-tpu-state instead"
   STATE_DIR=$PWD/fray-tpu-state
@@ -162,8 +174,8 @@ ENV_FILE=$STATE_DIR/__ENV_FILE_NAME__
 (
   umask 077
   {
+    printf '__STATE_DIR_ENV__=%q\n__AGENT_STATE_DIR_ENV__=%q\n' "$STATE_DIR" "$STATE_DIR"
     printf '%s\n' __ENV_LINES__
-    printf 'FRAY_TPU_STATE_DIR=%q\n' "$STATE_DIR"
   } >"$ENV_FILE.tmp" && mv -f "$ENV_FILE.tmp" "$ENV_FILE"
 ) || { log "cannot write the agent settings to $ENV_FILE; giving up"; exit 1; }
 log "wrote the agent settings to $ENV_FILE"
@@ -248,6 +260,9 @@ def render_startup_script(spec: BootstrapSpec) -> str:
         "__ENV_FILE_NAME__": q(ENV_FILE_NAME),
         "__ENV_LINES__": " ".join(q(line) for line in env_lines),
         "__HEALTHY_RUN__": str(HEALTHY_RUN_SECONDS),
+        "__STATE_DIR_ENV__": STATE_DIR_ENV,
+        "__AGENT_STATE_DIR_ENV__": AGENT_STATE_DIR_ENV,
+        "__EMULATED_STATE_SUBDIR__": EMULATED_STATE_SUBDIR,
     }
     pattern = re.compile("|".join(re.escape(token) for token in sorted(replacements, key=len, reverse=True)))
     return pattern.sub(lambda match: replacements[match.group(0)], _TEMPLATE)

@@ -35,9 +35,12 @@ with runs.open("a") as out:
         "run": os.environ.get("FRAY_TPU_AGENT_RUN"),
         "tricky": os.environ.get("TRICKY"),
         "version": os.environ.get("FRAY_TPU_VERSION"),
+        "agent_state_dir": os.environ.get("FRAY_TPU_AGENT_STATE_DIR"),
     }) + "\\n")
 print(f"fake agent run {previous + 1}", flush=True)
 mode = os.environ["FAKE_AGENT_MODE"]
+if mode == "stop":
+    sys.exit(int(os.environ["STOP_CODE"]))
 if mode == "crash-then-stop":
     sys.exit(3 if previous == 0 else int(os.environ["STOP_CODE"]))
 if mode == "serve":
@@ -121,6 +124,21 @@ def test_emulator_host_skips_install_restarts_a_crash_and_stops_for_good(host: d
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     assert "FAKE_AGENT_MODE=crash-then-stop" in env_file.read_text()
     assert not Path("/tmp/fray-tpu-pwned").exists()
+
+
+def test_emulated_hosts_keep_state_in_their_own_host_directory(host: dict) -> None:
+    env = dict(host["env"])
+    del env["FRAY_TPU_STATE_DIR"]
+    spec = _spec(env={"FAKE_AGENT_MODE": "stop", "STOP_CODE": str(AGENT_EXIT_STOP)})
+    script = _script(host["dir"], spec)
+    for worker in (0, 1):  # two hosts of one slice, same filesystem, both must run their agent
+        host_dir = host["dir"] / f"worker-{worker}"
+        host_dir.mkdir()
+        env.update({"FRAY_TPU_EMULATED_HOST": "1", "FRAY_TPU_HOST_DIR": str(host_dir)})
+        result = subprocess.run(["bash", str(script)], cwd=host_dir, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        state = host_dir / "fray-tpu-agent"
+        assert _runs(state)[0]["agent_state_dir"] == str(state)
 
 
 STUB_PYTHON = """#!/usr/bin/env bash
