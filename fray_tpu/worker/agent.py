@@ -1,0 +1,379 @@
+"""The agent's gRPC service: one attempt at a time, prepared then started as a gang member."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+import fray_tpu
+from fray_tpu import tls
+from fray_tpu.proto import worker_pb2, worker_pb2_grpc
+from fray_tpu.worker import cleanup
+from fray_tpu.worker.attempt import Attempt, LaunchPlan
+from fray_tpu.worker.auth import SecretInterceptor
+from fray_tpu.worker.lease import Lease
+from fray_tpu.worker.settings import AgentSettings
+
+LOG = logging.getLogger("fray_tpu.worker")
+MAX_RECEIVE_BYTES = 256 << 20
+MAX_SEND_BYTES = 64 << 20
+SERVER_THREADS = 32
+KEEP_FINISHED_ATTEMPTS = 4
+LEASE_CANCEL_GRACE_SECONDS = 10.0
+FAILURE_KIND_KEY = "fray-tpu-failure-kind"
+_ATTEMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class PrepareFailed(Exception):
+    """A Prepare that cannot succeed; `kind` tells the controller whose fault it is."""
+
+    def __init__(self, code: grpc.StatusCode, kind: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.kind = kind  # "bad-host" | "user" | "controller"
+
+
+@dataclass
+class Slot:
+    """One attempt on this host, from Prepare on."""
+
+    attempt_id: str
+    ready: threading.Event = field(default_factory=threading.Event)
+    attempt: Attempt | None = None
+    response: worker_pb2.PrepareResponse | None = None
+    failure: PrepareFailed | None = None
+
+    @property
+    def state(self) -> int:
+        if not self.ready.is_set():
+            return worker_pb2.PREPARING
+        if self.failure is not None:
+            return worker_pb2.PREPARE_FAILED
+        return self.attempt.state
+
+
+class Agent(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, settings: AgentSettings):
+        self.settings = settings
+        self._preempted = threading.Event()
+        self._started_at = time.monotonic()
+        self._lock = threading.Lock()
+        self._slots: dict[str, Slot] = {}
+        self._current: Slot | None = None
+        self._counters = {"upload_skips": 0, "envs_created": 0, "envs_reused": 0}
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self._attempts_dir = settings.state_dir / "attempts"
+        self._attempts_dir.mkdir(exist_ok=True)
+        self._cleaner = cleanup.HostCleaner(
+            settings.state_dir, settings.libtpu_lockfile, check_devices=not settings.emulated
+        )
+        from fray_tpu.worker.bundles import BundleStore
+
+        self._bundles = BundleStore(settings.state_dir / "bundles")
+        self._pyenvs = None
+        self.lease = Lease(settings.lease_seconds, self._lease_expired)
+
+    # -- identity -------------------------------------------------------------------------
+
+    def Describe(self, request, context):
+        current = self._current
+        status = worker_pb2.AttemptStatus()
+        if current is not None:
+            status.attempt_id = current.attempt_id
+            status.state = current.state
+            if current.attempt is not None:
+                status.pid = current.attempt.pid
+                status.last_seq = current.attempt.events.last_seq
+                status.classification = current.attempt.classification
+        bundle_stats = self._bundles.stats()
+        s = self.settings
+        return worker_pb2.DescribeResponse(
+            identity=worker_pb2.WorkerIdentity(
+                worker_number=s.worker_number, node_name=s.node_name, accelerator_type=s.accelerator_type,
+                ip=s.ip, agent_version=fray_tpu.__version__, python_version=platform.python_version(),
+                job=s.job, controller=s.controller, hostname=socket.gethostname(),
+            ),
+            health=worker_pb2.HEALTHY,
+            preempted=self._preempted.is_set(),
+            current_attempt=status,
+            cache=worker_pb2.CacheStats(
+                bundles_cached=sum(1 for _ in (s.state_dir / "bundles" / "blobs").glob("*")),
+                bundle_uploads=bundle_stats.get("uploads", 0),
+                bundle_upload_skips=self._counters["upload_skips"],
+                envs_created=self._counters["envs_created"],
+                envs_reused=self._counters["envs_reused"],
+            ),
+            lease_remaining_seconds=self.lease.remaining(),
+            uptime_seconds=time.monotonic() - self._started_at,
+        )
+
+    # -- prepare ----------------------------------------------------------------------------
+
+    def Prepare(self, spec, context):
+        try:
+            return self.prepare(spec)
+        except PrepareFailed as failure:
+            context.set_trailing_metadata(((FAILURE_KIND_KEY, failure.kind),))
+            context.abort(failure.code, str(failure))
+
+    def prepare(self, spec: worker_pb2.AttemptSpec) -> worker_pb2.PrepareResponse:
+        if not _ATTEMPT_ID.fullmatch(spec.attempt_id):
+            raise PrepareFailed(grpc.StatusCode.INVALID_ARGUMENT, "controller",
+                                f"attempt id {spec.attempt_id!r} must match {_ATTEMPT_ID.pattern}")
+        if spec.WhichOneof("payload") is None:
+            raise PrepareFailed(grpc.StatusCode.INVALID_ARGUMENT, "controller",
+                                f"attempt {spec.attempt_id} has neither a callable nor a binary")
+        with self._lock:
+            slot = self._slots.get(spec.attempt_id)
+            fresh = slot is None
+            if fresh:
+                if self.lease.expired:
+                    raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, "controller",
+                                        "the controller's lease expired; renew it before preparing an attempt")
+                busy = self._current
+                if busy is not None and busy.state in (worker_pb2.PREPARING, worker_pb2.RUNNING):
+                    raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, "controller",
+                                        f"attempt {busy.attempt_id} is still active on this host; cancel it first")
+                slot = Slot(spec.attempt_id)
+                self._slots[spec.attempt_id] = slot
+                self._current = slot
+                self._forget_old_slots()
+        if fresh:
+            try:
+                slot.response = self._prepare(spec, slot)
+            except PrepareFailed as failure:
+                slot.failure = failure
+            except Exception as error:  # noqa: BLE001 - any other failure is this host's problem
+                LOG.exception("preparing attempt %s failed", spec.attempt_id)
+                slot.failure = PrepareFailed(grpc.StatusCode.INTERNAL, "bad-host",
+                                             f"preparing attempt {spec.attempt_id} failed on this host: {error}")
+            finally:
+                slot.ready.set()
+        slot.ready.wait()
+        if slot.failure is not None:
+            raise slot.failure
+        return slot.response
+
+    def _prepare(self, spec: worker_pb2.AttemptSpec, slot: Slot) -> worker_pb2.PrepareResponse:
+        began = time.monotonic()
+        try:
+            notes = self._cleaner.clean()
+        except cleanup.HostNotClean as error:
+            raise PrepareFailed(grpc.StatusCode.INTERNAL, "bad-host", f"host not clean: {error}") from error
+        for note in notes:
+            LOG.info("attempt %s: %s", spec.attempt_id, note)
+        workspace = self._workspace(spec)
+        python, env_vars, env_reused = self._python_env(spec, workspace)
+        attempt_dir = self._attempts_dir / spec.attempt_id
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        attempt_dir.mkdir(parents=True)
+        if spec.WhichOneof("payload") == "callable":
+            payload = attempt_dir / "payload.pkl"
+            payload.write_bytes(spec.callable.pickled)
+            argv = [python, "-m", "fray_tpu.worker.runner", str(payload)]
+        else:
+            argv = [spec.binary.command, *spec.binary.args]
+        slot.attempt = Attempt(
+            spec.attempt_id,
+            LaunchPlan(argv=argv, env=self._attempt_env(spec, env_vars, workspace), cwd=workspace or attempt_dir),
+            record_token=self._cleaner.record,
+            is_preempted=self._preempted.is_set,
+        )
+        return worker_pb2.PrepareResponse(
+            attempt_id=spec.attempt_id, prepare_seconds=time.monotonic() - began,
+            env_reused=env_reused, python=python, cleanup_notes=notes,
+        )
+
+    def _workspace(self, spec: worker_pb2.AttemptSpec) -> Path | None:
+        if not spec.workspace_digest:
+            return None
+        from fray_tpu.worker.bundles import BundleError
+
+        try:
+            return self._bundles.extracted(spec.workspace_digest)
+        except BundleError as error:
+            raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, "controller", str(error)) from error
+
+    def _python_env(self, spec: worker_pb2.AttemptSpec, workspace: Path | None) -> tuple[str, dict[str, str], bool]:
+        if not spec.pip_packages and not spec.extras:
+            return sys.executable, {}, True
+        if self._pyenvs is None:
+            from fray_tpu.worker.pyenv import PythonEnvStore
+
+            self._pyenvs = PythonEnvStore(self.settings.state_dir / "envs")
+        try:
+            env = self._pyenvs.ensure(list(spec.pip_packages), list(spec.extras), workspace,
+                                      lambda line: LOG.info("attempt %s env: %s", spec.attempt_id, line))
+        except Exception as error:  # noqa: BLE001 - pip's failures are the request's to fix
+            raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, "user",
+                                f"python environment for {list(spec.pip_packages)} extras "
+                                f"{list(spec.extras)} failed: {error}") from error
+        self._counters["envs_reused" if env.reused else "envs_created"] += 1
+        return env.python, dict(env.env_vars), env.reused
+
+    def _attempt_env(self, spec: worker_pb2.AttemptSpec, env_vars: dict[str, str],
+                     workspace: Path | None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(env_vars)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(spec.env)
+        env.update({
+            "FRAY_TPU_ATTEMPT_ID": spec.attempt_id,
+            "FRAY_TPU_JOB_ID": spec.job_id,
+            "FRAY_TPU_TASK_ID": spec.task_id,
+            "FRAY_TPU_TASK_INDEX": str(spec.task_index),
+            "FRAY_TPU_WORKER_NUMBER": str(self.settings.worker_number),
+        })
+        if workspace is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workspace), env.get("PYTHONPATH")]))
+        return env
+
+    def _forget_old_slots(self) -> None:
+        finished = [s for s in self._slots.values() if s is not self._current and s.ready.is_set()
+                    and s.state in (worker_pb2.EXITED, worker_pb2.PREPARE_FAILED)]
+        for slot in finished[:-KEEP_FINISHED_ATTEMPTS]:
+            del self._slots[slot.attempt_id]
+            shutil.rmtree(self._attempts_dir / slot.attempt_id, ignore_errors=True)
+
+    # -- run --------------------------------------------------------------------------------
+
+    def _attempt(self, attempt_id: str, context) -> Attempt:
+        slot = self._slots.get(attempt_id)
+        if slot is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no attempt {attempt_id!r} on this host; prepare it first")
+        if not slot.ready.is_set() or slot.failure is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"attempt {attempt_id} is not prepared ({worker_pb2.AttemptState.Name(slot.state)})")
+        return slot.attempt
+
+    def Start(self, request, context):
+        attempt = self._attempt(request.attempt_id, context)
+        if self.lease.expired:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "the controller's lease expired; renew it before starting an attempt")
+        attempt.start()
+        yield from attempt.events.follow(1, context.is_active)
+
+    def Watch(self, request, context):
+        attempt = self._attempt(request.attempt_id, context)
+        yield from attempt.events.follow(request.from_seq, context.is_active)
+
+    def Cancel(self, request, context):
+        slot = self._slots.get(request.attempt_id)
+        if slot is None:
+            return worker_pb2.CancelResponse(was_running=False)
+        slot.ready.wait()
+        if slot.attempt is None:
+            return worker_pb2.CancelResponse(was_running=False)
+        try:
+            was_running = slot.attempt.cancel(request.grace_seconds)
+        except cleanup.HostNotClean as error:
+            context.abort(grpc.StatusCode.INTERNAL, str(error))
+        return worker_pb2.CancelResponse(was_running=was_running)
+
+    # -- lease ------------------------------------------------------------------------------
+
+    def RenewLease(self, request, context):
+        self.lease.renew(request.lease_seconds)
+        return worker_pb2.RenewLeaseResponse(lease_remaining_seconds=self.lease.remaining())
+
+    def _lease_expired(self) -> None:
+        LOG.warning("the controller's lease lapsed (%.0fs without renewal): stopping the attempt",
+                    self.settings.lease_seconds)
+        current = self._current
+        if current is not None and current.ready.is_set() and current.attempt is not None:
+            try:
+                current.attempt.cancel(LEASE_CANCEL_GRACE_SECONDS, reason="lease expired: the controller stopped renewing")
+            except cleanup.HostNotClean:
+                LOG.exception("could not stop attempt %s after the lease lapsed", current.attempt_id)
+        if self.settings.self_delete:
+            from fray_tpu.worker.selfdelete import delete_own_node
+
+            delete_own_node(self.settings)
+
+    # -- bundles ----------------------------------------------------------------------------
+
+    def HasBundle(self, request, context):
+        from fray_tpu.worker.bundles import BundleError
+
+        try:
+            return worker_pb2.HasBundleResponse(present=self._bundles.has(request.digest))
+        except BundleError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+    def UploadBundle(self, request_iterator, context):
+        from fray_tpu.worker.bundles import BundleError
+
+        first = next(request_iterator, None)
+        if first is None or not first.digest:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a bundle upload must name its digest in the first chunk")
+        digest = first.digest
+        try:
+            if self._bundles.has(digest):
+                self._counters["upload_skips"] += 1
+                return worker_pb2.UploadBundleResponse(digest=digest, already_present=True)
+            upload = self._bundles.begin_upload(digest)
+        except BundleError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        try:
+            upload.write(first.data)
+            for chunk in request_iterator:
+                upload.write(chunk.data)
+            upload.commit()
+        except BundleError as error:
+            upload.abort()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except BaseException:
+            upload.abort()
+            raise
+        return worker_pb2.UploadBundleResponse(digest=digest, size=upload.bytes_written)
+
+    # -- preemption and shutdown ---------------------------------------------------------------------------
+
+    def mark_preempted(self) -> None:
+        LOG.warning("the metadata server reports this VM as preempted")
+        self._preempted.set()
+        current = self._current
+        if current is not None and current.attempt is not None:
+            current.attempt.notify_preempted()
+
+    def stop_current(self, grace_seconds: float, reason: str) -> None:
+        current = self._current
+        if current is not None and current.ready.is_set() and current.attempt is not None:
+            current.attempt.cancel(grace_seconds, reason=reason)
+
+
+def make_server(agent: Agent, settings: AgentSettings) -> grpc.Server:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="rpc"),
+        interceptors=[SecretInterceptor(settings.secret_sha256)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            # Another process already on this address must be an error, not a shared port.
+            ("grpc.so_reuseport", 0),
+            # Controllers keep streams alive with pings every 20 s; allow them.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
+        ],
+    )
+    worker_pb2_grpc.add_WorkerServicer_to_server(agent, server)
+    address = f"{settings.ip}:{settings.port}"
+    try:
+        server.add_secure_port(address, tls.server_credentials(settings.tls_cert_pem, settings.tls_key_pem))
+    except RuntimeError as error:
+        raise RuntimeError(f"cannot listen on {address}: {error}; is another agent running there?") from error
+    return server

@@ -1,0 +1,255 @@
+"""One attempt on this host: a fresh process group, its output as line batches, its exit.
+
+Output is read in large chunks (up to 1 MiB per read from 1 MiB pipes) and each read's complete
+lines become one `LogBatch` event, so throughput does not depend on lines being short or many.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fray_tpu.proto import worker_pb2
+from fray_tpu.worker import cleanup
+from fray_tpu.worker.classify import classify_exit, find_bad_host_line
+from fray_tpu.worker.events import EventLog
+
+READ_SIZE = 1 << 20
+PIPE_SIZE = 1 << 20
+# A line longer than this is cut, so one endless line cannot grow memory without bound.
+MAX_LINE_BYTES = 1 << 20
+STDERR_TAIL_BYTES = 8 << 10
+# After the main process exits, how long its pipes may still deliver output before they are cut.
+DRAIN_SECONDS = 5.0
+KILL_WAIT_SECONDS = 10.0
+_F_SETPIPE_SZ = 1031
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+
+
+class LineSplitter:
+    """Turns arbitrary chunks into runs of whole lines (newline-joined, no trailing newline)."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._partial_since = 0.0
+
+    def feed(self, chunk: bytes, now: float) -> tuple[bytes, int, float] | None:
+        """(data, line_count, time of the first line) of the lines `chunk` completes, if any."""
+        last_newline = chunk.rfind(b"\n")
+        if last_newline < 0:
+            if not self._partial:
+                self._partial_since = now
+            self._partial += chunk
+            if len(self._partial) < MAX_LINE_BYTES:
+                return None
+            return self.flush()
+        first_time = self._partial_since if self._partial else now
+        data = self._partial + chunk[:last_newline] if self._partial else chunk[:last_newline]
+        self._partial = chunk[last_newline + 1 :]
+        self._partial_since = now
+        return data, data.count(b"\n") + 1, first_time
+
+    def flush(self) -> tuple[bytes, int, float] | None:
+        if not self._partial:
+            return None
+        data, self._partial = self._partial, b""
+        return data, 1, self._partial_since
+
+
+class Attempt:
+    def __init__(self, attempt_id: str, plan: LaunchPlan, *, record_token: Callable[[str], None],
+                 is_preempted: Callable[[], bool], events: EventLog | None = None):
+        self.attempt_id = attempt_id
+        self.events = events or EventLog()
+        self._plan = plan
+        self._record_token = record_token
+        self._is_preempted = is_preempted
+        self._lock = threading.Lock()
+        self._state = worker_pb2.PREPARED
+        self._token = uuid.uuid4().hex
+        self._process: subprocess.Popen | None = None
+        self._cancel_reason: str | None = None
+        self._exited = threading.Event()
+        self._stop_reading = threading.Event()
+        self._stderr_tail = b""
+        self._bad_host_line: str | None = None
+        self.classification = worker_pb2.CLASSIFICATION_UNSPECIFIED
+
+    @property
+    def state(self) -> int:
+        return self._state
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid if self._process else 0
+
+    def start(self) -> None:
+        """Spawns the process once; later calls do nothing."""
+        with self._lock:
+            if self._state != worker_pb2.PREPARED:
+                return
+            self._record_token(self._token)
+            env = dict(self._plan.env)
+            env[cleanup.TOKEN_ENV] = self._token
+            self._process = subprocess.Popen(
+                self._plan.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=self._plan.cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
+            self._state = worker_pb2.RUNNING
+            self.events.append(worker_pb2.AttemptEvent(
+                started=worker_pb2.Started(pid=self._process.pid, timestamp=time.time())))
+        for pipe in (self._process.stdout, self._process.stderr):
+            try:
+                fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # over the system's pipe-max-size: the default size still works
+        reader = threading.Thread(target=self._read_output, name=f"output-{self.attempt_id}", daemon=True)
+        reader.start()
+        threading.Thread(target=self._wait_for_exit, args=(reader,), name=f"wait-{self.attempt_id}",
+                         daemon=True).start()
+
+    def _read_output(self) -> None:
+        process = self._process
+        assert process is not None
+        selector = selectors.DefaultSelector()
+        streams = {
+            process.stdout.fileno(): (worker_pb2.STDOUT, LineSplitter()),
+            process.stderr.fileno(): (worker_pb2.STDERR, LineSplitter()),
+        }
+        for fd in streams:
+            selector.register(fd, selectors.EVENT_READ)
+        try:
+            while streams and not self._stop_reading.is_set():
+                for key, _ in selector.select(timeout=0.2):
+                    fd = key.fd
+                    stream, splitter = streams[fd]
+                    chunk = os.read(fd, READ_SIZE)
+                    if chunk:
+                        self._emit(stream, splitter.feed(chunk, time.time()))
+                    else:
+                        self._emit(stream, splitter.flush())
+                        selector.unregister(fd)
+                        del streams[fd]
+            for stream, splitter in streams.values():
+                self._emit(stream, splitter.flush())
+        finally:
+            selector.close()
+            process.stdout.close()
+            process.stderr.close()
+
+    def _emit(self, stream: int, lines: tuple[bytes, int, float] | None) -> None:
+        if lines is None:
+            return
+        data, count, first_time = lines
+        if stream == worker_pb2.STDERR:
+            self._stderr_tail = (self._stderr_tail + b"\n" + data)[-STDERR_TAIL_BYTES:]
+            if self._bad_host_line is None:
+                self._bad_host_line = find_bad_host_line(data)
+        self.events.append(worker_pb2.AttemptEvent(
+            log=worker_pb2.LogBatch(stream=stream, timestamp=first_time, data=data, line_count=count)))
+
+    def _wait_for_exit(self, reader: threading.Thread) -> None:
+        process = self._process
+        assert process is not None
+        returncode = process.wait()
+        # Whatever the main process left behind would hold the TPU: the attempt ends with it.
+        self._signal_everything(signal.SIGKILL)
+        reader.join(DRAIN_SECONDS)
+        if reader.is_alive():
+            # Something outside the group still holds the pipes open.
+            self._stop_reading.set()
+            reader.join(DRAIN_SECONDS)
+        with self._lock:
+            self._finish(returncode=returncode, started=True)
+
+    def _finish(self, *, returncode: int, started: bool) -> None:
+        tail = self._stderr_tail.lstrip(b"\n").decode("utf-8", errors="replace")
+        classification, reason = classify_exit(
+            returncode=returncode,
+            cancel_reason=self._cancel_reason,
+            preempted=self._is_preempted(),
+            bad_host_line=self._bad_host_line,
+        )
+        if not started:
+            reason = f"{reason} before it started"
+        exit_event = worker_pb2.Exit(classification=classification, stderr_tail=tail, reason=reason,
+                                     timestamp=time.time())
+        if returncode >= 0:
+            exit_event.code = returncode
+        else:
+            exit_event.signal = -returncode
+        self.classification = classification
+        self._state = worker_pb2.EXITED
+        self.events.append(worker_pb2.AttemptEvent(exit=exit_event), final=True)
+        self._exited.set()
+
+    def notify_preempted(self) -> None:
+        with self._lock:
+            if self._state != worker_pb2.EXITED:
+                self.events.append(worker_pb2.AttemptEvent(preempted=worker_pb2.PreemptionNotice(timestamp=time.time())))
+
+    def _members(self) -> list[int]:
+        process = self._process
+        if process is None:
+            return []
+        return sorted(set(cleanup.live_group_members(process.pid)) | set(cleanup.processes_with_tokens({self._token})))
+
+    def _signal_everything(self, sig: int) -> None:
+        process = self._process
+        if process is None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        # Children that left the group (setsid) still carry the attempt's token.
+        cleanup.kill_pids(cleanup.processes_with_tokens({self._token}), sig)
+
+    def cancel(self, grace_seconds: float, reason: str = "cancelled") -> bool:
+        """SIGTERM to everything of the attempt, SIGKILL after the grace; returns when all is gone.
+
+        Returns whether the attempt was running.
+        """
+        with self._lock:
+            if self._state == worker_pb2.EXITED:
+                return False
+            if self._cancel_reason is None:
+                self._cancel_reason = reason
+            if self._state == worker_pb2.PREPARED:
+                self._finish(returncode=-signal.SIGTERM, started=False)
+                return False
+        self._signal_everything(signal.SIGTERM)
+        if not cleanup.wait_until(lambda: not self._members(), time.monotonic() + max(grace_seconds, 0.0), 0.05):
+            self._signal_everything(signal.SIGKILL)
+            if not cleanup.wait_until(lambda: not self._members(), time.monotonic() + KILL_WAIT_SECONDS, 0.05):
+                raise cleanup.HostNotClean(
+                    f"attempt {self.attempt_id}: processes {self._members()} survived SIGKILL for "
+                    f"{KILL_WAIT_SECONDS:.0f}s"
+                )
+        if not self._exited.wait(KILL_WAIT_SECONDS + 2 * DRAIN_SECONDS):
+            raise cleanup.HostNotClean(f"attempt {self.attempt_id}: no exit status after its processes were killed")
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._exited.wait(timeout)

@@ -1,0 +1,170 @@
+"""Client of the GCE metadata server as seen from a TPU VM (or an emulated host).
+
+The agent reads its identity and the controller's settings from node metadata. The server is
+`GCE_METADATA_HOST` (emulated hosts and tests point it at loopback), else
+`metadata.google.internal`; every request sends `Metadata-Flavor: Google`, has a timeout and is
+retried on connection errors and 5xx answers.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote, urlencode
+
+# Attributes Google sets on every TPU VM.
+ATTR_ACCELERATOR_TYPE = "accelerator-type"
+ATTR_WORKER_NUMBER = "agent-worker-number"
+ATTR_WORKER_ENDPOINTS = "worker-network-endpoints"
+ATTR_TPU_ENV = "tpu-env"
+# Attributes the fray-tpu controller writes into the node's metadata.
+ATTR_STARTUP_SCRIPT = "startup-script"
+ATTR_SECRET_SHA256 = "fray-tpu-secret-sha256"
+ATTR_TLS_CERT = "fray-tpu-tls-cert"
+ATTR_TLS_KEY = "fray-tpu-tls-key"
+ATTR_NODE = "fray-tpu-node"
+ATTR_API_ENDPOINT = "fray-tpu-api-endpoint"
+ATTR_AGENT_PORT = "fray-tpu-agent-port"
+ATTR_LEASE_SECONDS = "fray-tpu-lease-seconds"
+ATTR_SELF_DELETE = "fray-tpu-self-delete"
+ATTR_JOB = "fray-tpu-job"
+ATTR_CONTROLLER = "fray-tpu-controller"
+
+DEFAULT_AGENT_PORT = 8477
+DEFAULT_METADATA_HOST = "metadata.google.internal"
+PREEMPTED_PATH = "instance/preempted"
+_BASE = "/computeMetadata/v1/"
+
+
+class MetadataError(RuntimeError):
+    """The metadata server did not answer usably within the retries."""
+
+
+@dataclass(frozen=True)
+class MetadataValue:
+    text: str
+    etag: str | None
+
+
+def metadata_host() -> str:
+    return os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_IP") or DEFAULT_METADATA_HOST
+
+
+class MetadataClient:
+    def __init__(self, host: str | None = None, *, timeout: float = 3.0, attempts: int = 5, backoff: float = 0.2):
+        self.host = host or metadata_host()
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff = backoff
+
+    def get(self, path: str, *, wait_for_change: bool = False, last_etag: str | None = None,
+            wait_seconds: int = 60) -> MetadataValue | None:
+        """The value at `path` (relative to computeMetadata/v1/), or None when it does not exist."""
+        query = {}
+        timeout = self.timeout
+        if wait_for_change:
+            query = {"wait_for_change": "true", "timeout_sec": str(wait_seconds)}
+            if last_etag:
+                query["last_etag"] = last_etag
+            timeout = self.timeout + wait_seconds
+        url = _BASE + quote(path) + (("?" + urlencode(query)) if query else "")
+        last_problem = "no request made"
+        for attempt in range(self.attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                status, body, etag = self._request(url, timeout)
+            except (OSError, http.client.HTTPException) as e:
+                last_problem = f"{type(e).__name__}: {e}"
+                continue
+            if status == 200:
+                return MetadataValue(body.decode("utf-8", errors="replace"), etag)
+            if status == 404:
+                return None
+            last_problem = f"HTTP {status}: {body[:200]!r}"
+            if status < 500 and status != 429:
+                break
+        raise MetadataError(
+            f"metadata server {self.host} did not answer {path!r} after {self.attempts} tries "
+            f"(last: {last_problem}); is GCE_METADATA_HOST right?"
+        )
+
+    def _request(self, url: str, timeout: float) -> tuple[int, bytes, str | None]:
+        connection = http.client.HTTPConnection(self.host, timeout=timeout)
+        try:
+            connection.request("GET", url, headers={"Metadata-Flavor": "Google"})
+            response = connection.getresponse()
+            return response.status, response.read(), response.getheader("ETag")
+        finally:
+            connection.close()
+
+    def attribute(self, name: str) -> str | None:
+        value = self.get(f"instance/attributes/{name}")
+        return None if value is None else value.text
+
+    def required_attribute(self, name: str) -> str:
+        value = self.attribute(name)
+        if value is None or not value.strip():
+            raise MetadataError(
+                f"node metadata has no {name!r} attribute on {self.host}; the controller must set it "
+                "when creating the node"
+            )
+        return value
+
+
+def endpoint_ips(endpoints: str) -> list[str]:
+    """IPs in worker order from `worker-network-endpoints` (`host:uid:ip,...`)."""
+    return [entry.rsplit(":", 1)[-1].strip() for entry in endpoints.split(",") if entry.strip()]
+
+
+def is_preempted(text: str) -> bool:
+    # Latch only on exactly TRUE: the server answers FALSE (or nothing) otherwise.
+    return text.strip() == "TRUE"
+
+
+class PreemptionWatcher:
+    """Watches `instance/preempted` and calls `on_preempted` once when it turns TRUE.
+
+    Uses the server's wait_for_change when it answers with an ETag; otherwise polls.
+    """
+
+    def __init__(self, client: MetadataClient, on_preempted: Callable[[], None], *,
+                 poll_interval: float = 1.0, wait_seconds: int = 30):
+        self._client = client
+        self._on_preempted = on_preempted
+        self._poll_interval = poll_interval
+        self._wait_seconds = wait_seconds
+        self._stop = threading.Event()
+        self.preempted = False
+        self._thread = threading.Thread(target=self._run, name="preemption-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        etag: str | None = None
+        while not self._stop.is_set():
+            asked_at = time.monotonic()
+            try:
+                value = self._client.get(PREEMPTED_PATH, wait_for_change=etag is not None,
+                                         last_etag=etag, wait_seconds=self._wait_seconds)
+            except MetadataError:
+                value = None
+            if value is not None and is_preempted(value.text):
+                self.preempted = True
+                self._on_preempted()
+                return
+            new_etag = value.etag if value is not None else None
+            # A server without ETags, or one that ignores wait_for_change, answers at once:
+            # fall back to polling instead of spinning.
+            answered_at_once = time.monotonic() - asked_at < self._poll_interval
+            if new_etag is None or (new_etag == etag and answered_at_once):
+                self._stop.wait(self._poll_interval)
+            etag = new_etag

@@ -1,0 +1,54 @@
+"""The process an attempt runs as: `python -m fray_tpu.worker.runner PAYLOAD_FILE`.
+
+Imports every module named in `FRAY_TPU_RUNNER_PRELOAD` (comma-separated; the emulator's JAX
+cluster plugin, for instance), then unpickles `(callable, args, kwargs)` from the payload file
+and calls it. Exit status 0 on success; on an exception the traceback goes to stderr and the
+status is 1 (`SystemExit` keeps its own code). `-m` puts the working directory (the workspace
+bundle, when there is one) first on sys.path. `--binary CMD ARGS...` execs a binary instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+PRELOAD_ENV = "FRAY_TPU_RUNNER_PRELOAD"
+
+
+def preload() -> None:
+    for name in filter(None, (part.strip() for part in os.environ.get(PRELOAD_ENV, "").split(","))):
+        importlib.import_module(name)
+
+
+def run_callable(payload_file: str) -> int:
+    import cloudpickle
+
+    with open(payload_file, "rb") as f:
+        fn, args, kwargs = cloudpickle.load(f)
+    fn(*args, **kwargs)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[0] == "--binary":
+        os.execvp(argv[1], argv[1:])
+    if len(argv) != 1:
+        print("usage: python -m fray_tpu.worker.runner PAYLOAD_FILE | --binary CMD [ARGS...]", file=sys.stderr)
+        return 2
+    try:
+        preload()
+        return run_callable(argv[0])
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

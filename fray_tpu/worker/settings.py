@@ -1,0 +1,134 @@
+"""What the agent knows about itself: identity and the controller's settings from node metadata."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fray_tpu.worker import metadata as md
+
+DEFAULT_LEASE_SECONDS = 300.0
+EMULATED_ENV = "FRAY_TPU_EMULATED_HOST"
+HOST_DIR_ENV = "FRAY_TPU_HOST_DIR"
+HOST_IP_ENV = "FRAY_TPU_HOST_IP"
+STATE_DIR_ENV = "FRAY_TPU_AGENT_STATE_DIR"
+PRODUCTION_STATE_DIR = Path("/var/lib/fray-tpu")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    worker_number: int
+    ip: str
+    port: int
+    accelerator_type: str
+    node_name: str
+    secret_sha256: str
+    tls_cert_pem: bytes
+    tls_key_pem: bytes
+    lease_seconds: float
+    self_delete: bool
+    api_endpoint: str | None
+    job: str
+    controller: str
+    state_dir: Path
+    # The directory that plays the VM's "/" for per-host files (libtpu lockfile).
+    host_dir: Path
+    emulated: bool
+
+    @property
+    def libtpu_lockfile(self) -> Path:
+        return self.host_dir / "tmp" / "libtpu_lockfile"
+
+
+def _parse_bool(name: str, text: str | None, default: bool) -> bool:
+    if text is None or not text.strip():
+        return default
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise md.MetadataError(f"metadata attribute {name}={text!r} is not true/false")
+
+
+def _parse_number(name: str, text: str | None, default: float) -> float:
+    if text is None or not text.strip():
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise md.MetadataError(f"metadata attribute {name}={text!r} is not a number") from None
+    if value <= 0:
+        raise md.MetadataError(f"metadata attribute {name}={text!r} must be positive")
+    return value
+
+
+def default_state_dir(emulated: bool) -> Path:
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV])
+    if emulated:
+        return Path(os.environ.get(HOST_DIR_ENV) or os.getcwd()) / "fray-tpu-agent"
+    if os.access(PRODUCTION_STATE_DIR.parent, os.W_OK) or os.access(PRODUCTION_STATE_DIR, os.W_OK):
+        return PRODUCTION_STATE_DIR
+    return Path.home() / ".local" / "state" / "fray-tpu-agent"
+
+
+def load_settings(client: md.MetadataClient, *, state_dir: Path | None = None,
+                  boot_timeout: float = 120.0) -> AgentSettings:
+    """Reads the settings, waiting up to `boot_timeout` for the metadata server to answer."""
+    deadline = time.monotonic() + boot_timeout
+    while True:
+        try:
+            return _read_settings(client, state_dir)
+        except md.MetadataError as error:
+            if time.monotonic() >= deadline:
+                raise md.MetadataError(f"agent settings unreadable after {boot_timeout:.0f}s: {error}") from error
+            time.sleep(1.0)
+
+
+def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSettings:
+    emulated = os.environ.get(EMULATED_ENV) == "1"
+    worker_text = client.required_attribute(md.ATTR_WORKER_NUMBER)
+    try:
+        worker_number = int(worker_text)
+    except ValueError:
+        raise md.MetadataError(f"metadata attribute {md.ATTR_WORKER_NUMBER}={worker_text!r} is not an integer") from None
+    endpoints = md.endpoint_ips(client.attribute(md.ATTR_WORKER_ENDPOINTS) or "")
+    if worker_number < len(endpoints):
+        ip = endpoints[worker_number]
+    elif os.environ.get(HOST_IP_ENV):
+        ip = os.environ[HOST_IP_ENV]
+    else:
+        raise md.MetadataError(
+            f"worker {worker_number} has no entry in {md.ATTR_WORKER_ENDPOINTS} ({endpoints}); cannot tell "
+            f"which address to listen on"
+        )
+    node_name = client.attribute(md.ATTR_NODE) or ""
+    if not node_name:
+        instance_name = client.get("instance/name")
+        node_name = instance_name.text if instance_name else ""
+    secret_sha256 = client.required_attribute(md.ATTR_SECRET_SHA256).strip().lower()
+    if len(secret_sha256) != 64 or any(c not in "0123456789abcdef" for c in secret_sha256):
+        raise md.MetadataError(f"metadata attribute {md.ATTR_SECRET_SHA256} is not a hex SHA-256")
+    host_dir = Path(os.environ.get(HOST_DIR_ENV) or os.getcwd()) if emulated else Path("/")
+    return AgentSettings(
+        worker_number=worker_number,
+        ip=ip,
+        port=int(_parse_number(md.ATTR_AGENT_PORT, client.attribute(md.ATTR_AGENT_PORT), md.DEFAULT_AGENT_PORT)),
+        accelerator_type=client.attribute(md.ATTR_ACCELERATOR_TYPE) or "",
+        node_name=node_name.strip(),
+        secret_sha256=secret_sha256,
+        tls_cert_pem=client.required_attribute(md.ATTR_TLS_CERT).encode(),
+        tls_key_pem=client.required_attribute(md.ATTR_TLS_KEY).encode(),
+        lease_seconds=_parse_number(md.ATTR_LEASE_SECONDS, client.attribute(md.ATTR_LEASE_SECONDS),
+                                    DEFAULT_LEASE_SECONDS),
+        self_delete=_parse_bool(md.ATTR_SELF_DELETE, client.attribute(md.ATTR_SELF_DELETE), True),
+        api_endpoint=(client.attribute(md.ATTR_API_ENDPOINT) or "").strip() or None,
+        job=(client.attribute(md.ATTR_JOB) or "").strip(),
+        controller=(client.attribute(md.ATTR_CONTROLLER) or "").strip(),
+        state_dir=state_dir or default_state_dir(emulated),
+        host_dir=host_dir,
+        emulated=emulated,
+    )
