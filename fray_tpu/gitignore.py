@@ -16,19 +16,23 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class IgnoreRule:
     """One pattern line, compiled; ``base`` is the directory (relative, posix, '' for the root)
-    holding the `.gitignore` it came from."""
+    holding the `.gitignore` it came from. A `.gitignore` ABOVE the walk root has ``outer``: the
+    walk root's path relative to that file's directory."""
 
     pattern: str
     base: str
     negated: bool
     dir_only: bool
     regex: re.Pattern[str]
+    outer: str = ""
 
     def matches(self, relpath: str, is_dir: bool) -> bool:
         """Whether this rule matches ``relpath`` (posix, relative to the walk root)."""
         if self.dir_only and not is_dir:
             return False
-        if self.base:
+        if self.outer:
+            relpath = f"{self.outer}/{relpath}"
+        elif self.base:
             if not relpath.startswith(self.base + "/"):
                 return False
             relpath = relpath[len(self.base) + 1 :]
@@ -108,8 +112,9 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out), re.DOTALL)
 
 
-def parse_gitignore(text: str, base: str = "") -> list[IgnoreRule]:
-    """Compile the patterns of one `.gitignore` file located in directory ``base``."""
+def parse_gitignore(text: str, base: str = "", outer: str = "") -> list[IgnoreRule]:
+    """Compile the patterns of one `.gitignore` file located in directory ``base`` (or, with
+    ``outer``, in an ancestor of the walk root; see :class:`IgnoreRule`)."""
     rules: list[IgnoreRule] = []
     for raw in text.splitlines():
         line = raw.rstrip("\r")
@@ -129,7 +134,7 @@ def parse_gitignore(text: str, base: str = "") -> list[IgnoreRule]:
         body = line.lstrip("/") if anchored else "**/" + line
         if not body:
             continue
-        rules.append(IgnoreRule(raw.strip(), base, negated, dir_only, _pattern_regex(body)))
+        rules.append(IgnoreRule(raw.strip(), base, negated, dir_only, _pattern_regex(body), outer))
     return rules
 
 

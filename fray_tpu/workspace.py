@@ -5,7 +5,8 @@ executable bits and relative symlink targets: entries are sorted, owners, mtimes
 normalised, and the gzip header carries no name or time. Its sha256 is the bundle's identity, so
 each host receives a workspace once and caches it by digest.
 
-Left out: whatever `.gitignore` files (and `.git/info/exclude`) exclude, version-control
+Left out: whatever `.gitignore` files (and `.git/info/exclude`) exclude, including those of the
+workspace's ancestors up to the root of the git work tree it is in, version-control
 directories, virtual environments (any directory holding `pyvenv.cfg`), tool caches and
 compiled Python files. Symlinks are kept when relative and inside the tree, skipped otherwise.
 """
@@ -53,6 +54,8 @@ CACHE_KEEP_ARCHIVES = 16
 # A file modified this recently may change again within the filesystem's mtime granularity
 # without its signature changing, so such a tree is never served from the signature cache.
 RACY_MTIME_SECONDS = 2.0
+# How far up from the workspace to look for the git work tree that contains it.
+MAX_REPOSITORY_DEPTH = 64
 _GZIP_LEVEL = 1
 _READ_CHUNK = 1024 * 1024
 
@@ -104,12 +107,12 @@ def default_cache_dir() -> Path:
     return base / "fray-tpu" / "workspaces"
 
 
-def _read_ignore_file(path: Path, base: str) -> list:
+def _read_ignore_file(path: Path, base: str, outer: str = "") -> list:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return []
-    return parse_gitignore(text, base)
+    return parse_gitignore(text, base, outer)
 
 
 def _symlink_inside(root: Path, link_dir: Path, target: str) -> bool:
@@ -124,9 +127,32 @@ def _is_environment(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, "pyvenv.cfg")) or os.path.isdir(os.path.join(directory, "conda-meta"))
 
 
+def _enclosing_repository_rules(root: Path) -> IgnoreMatcher:
+    """The ignore rules that apply to ``root`` from the git work tree it lies in: the repository's
+    `.git/info/exclude` and the `.gitignore` files of ``root``'s ancestors inside the work tree."""
+    ancestors: list[Path] = []
+    directory = root
+    for _ in range(MAX_REPOSITORY_DEPTH):
+        ancestors.append(directory)
+        if (directory / ".git").exists() or directory.parent == directory:
+            break
+        directory = directory.parent
+    if not (ancestors[-1] / ".git").exists():
+        ancestors = [root]
+    matcher = IgnoreMatcher()
+    for ancestor in reversed(ancestors):
+        outer = root.relative_to(ancestor).as_posix() if ancestor != root else ""
+        if ancestor is ancestors[-1]:
+            exclude = ancestor / ".git" / "info" / "exclude"
+            matcher = matcher.extended(_read_ignore_file(exclude, "", outer))
+        if ancestor != root:
+            matcher = matcher.extended(_read_ignore_file(ancestor / ".gitignore", "", outer))
+    return matcher
+
+
 def _scan(root: Path) -> _Scan:
     scan = _Scan()
-    base_matcher = IgnoreMatcher().extended(_read_ignore_file(root / ".git" / "info" / "exclude", ""))
+    base_matcher = _enclosing_repository_rules(root)
     # Explicit stack instead of recursion: deep trees must not hit the recursion limit.
     stack: list[tuple[Path, str, IgnoreMatcher]] = [(root, "", base_matcher)]
     while stack:

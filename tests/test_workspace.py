@@ -215,3 +215,17 @@ def test_symlinks_inside_are_kept_others_are_skipped_and_reported(tmp_path: Path
 def test_not_a_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a directory"):
         pack_workspace(tmp_path / "missing", cache_dir=tmp_path / "cache")
+
+
+def test_gitignore_files_above_the_workspace_inside_its_repository_apply(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _write(repo, ".git/HEAD", "ref: refs/heads/main\n")
+    _write(repo, ".git/info/exclude", "*.scratch\n")
+    _write(repo, ".gitignore", "*.ckpt\n/exp/local/\n/notes.txt\n")
+    _write(repo, "exp/.gitignore", "!keep.ckpt\n")
+    for relpath in ("exp/train.py", "exp/model.ckpt", "exp/keep.ckpt", "exp/local/x.py", "exp/notes.txt", "exp/a.scratch"):
+        _write(repo, relpath)
+    bundle = pack_workspace(repo / "exp", cache_dir=tmp_path / "cache")
+    files = {name for name, member in _members(bundle).items() if member.isfile()}
+    # `/notes.txt` is anchored to the repository root, so exp/notes.txt stays.
+    assert files == {".gitignore", "train.py", "keep.ckpt", "notes.txt"}
