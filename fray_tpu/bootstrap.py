@@ -36,6 +36,8 @@ ENV_FILE_NAME = "agent.env"
 # An agent run at least this long resets the restart backoff to its first step.
 HEALTHY_RUN_SECONDS = 60
 PIP_SOCKET_TIMEOUT_SECONDS = 60
+# fray-tpu's requires-python floor: an older interpreter is reported instead of a pip failure.
+MIN_PYTHON = (3, 11)
 APT_LOCK_TIMEOUT_SECONDS = 300
 
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -146,6 +148,10 @@ install_fray_tpu() {
 if fray_tpu_ready; then
   log "fray-tpu $FRAY_TPU_VERSION is already importable by $PYTHON; skipping installation"
 else
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (__MIN_PYTHON_TUPLE__))' >/dev/null 2>&1; then
+    log "$PYTHON is missing or older than Python __MIN_PYTHON__ ($("$PYTHON" --version 2>&1)); fray-tpu needs __MIN_PYTHON__+: set the interpreter (BootstrapSpec.python) to one the VM image has, e.g. python3.11"
+    exit 1
+  fi
   install_fray_tpu || exit 1
 fi
 
@@ -260,6 +266,8 @@ def render_startup_script(spec: BootstrapSpec) -> str:
         "__ENV_FILE_NAME__": q(ENV_FILE_NAME),
         "__ENV_LINES__": " ".join(q(line) for line in env_lines),
         "__HEALTHY_RUN__": str(HEALTHY_RUN_SECONDS),
+        "__MIN_PYTHON_TUPLE__": ", ".join(str(part) for part in MIN_PYTHON),
+        "__MIN_PYTHON__": ".".join(str(part) for part in MIN_PYTHON),
         "__STATE_DIR_ENV__": STATE_DIR_ENV,
         "__AGENT_STATE_DIR_ENV__": AGENT_STATE_DIR_ENV,
         "__EMULATED_STATE_SUBDIR__": EMULATED_STATE_SUBDIR,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fray_tpu.errors import ConfigError
-from fray_tpu.gitignore import IgnoreMatcher, parse_gitignore
+from fray_tpu.gitignore import IgnoreMatcher, IgnoreRule, parse_gitignore
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 ARCHIVE_SUFFIX = ".tar.gz"
@@ -107,7 +107,7 @@ def default_cache_dir() -> Path:
     return base / "fray-tpu" / "workspaces"
 
 
-def _read_ignore_file(path: Path, base: str, outer: str = "") -> list:
+def _read_ignore_file(path: Path, base: str, outer: str = "") -> list[IgnoreRule]:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):

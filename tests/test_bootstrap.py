@@ -144,7 +144,9 @@ def test_emulated_hosts_keep_state_in_their_own_host_directory(host: dict) -> No
 STUB_PYTHON = """#!/usr/bin/env bash
 # Stands in for a fresh VM's python3: fray_tpu is missing until pip "installs" it.
 record="$STUB_DIR/calls.log"
+if [ "$1" = "--version" ]; then echo "Python ${STUB_VERSION:-3.11.9}"; exit 0; fi
 if [ "$1" = "-c" ]; then
+  case "$2" in *version_info*) [ "${STUB_VERSION:-3.11.9}" != "3.10.12" ]; exit $?;; esac
   [ -e "$STUB_DIR/installed" ] && exit 0
   exit 1
 fi
@@ -206,6 +208,19 @@ def test_wheel_url_is_installed_and_a_hopeless_install_gives_up(host: dict) -> N
     calls = (stub_dir / "calls.log").read_text().splitlines()
     assert len(calls) == 1 and calls[0].endswith(f" {wheel}")  # the wheel, not the index; no agent started
     assert f"{LOG_PREFIX} giving up installing {wheel} after 1 attempts" in result.stdout
+
+
+def test_a_too_old_interpreter_is_named_instead_of_failing_in_pip(host: dict) -> None:
+    stub_dir = _stub_host(host, failures=0)
+    host["env"]["STUB_VERSION"] = "3.10.12"
+    spec = _spec(fray_tpu_version="9.9.9", python="python3")
+    result = subprocess.run(
+        ["bash", str(_script(host["dir"], spec))], cwd=host["dir"], env=host["env"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "python3 is missing or older than Python 3.11 (Python 3.10.12)" in result.stdout
+    assert "BootstrapSpec.python" in result.stdout
+    assert not (stub_dir / "calls.log").exists()  # pip was never run
 
 
 def _wait_for(path: Path, what: str, timeout: float = 30.0) -> str:
