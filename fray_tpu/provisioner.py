@@ -568,7 +568,15 @@ class SliceProvisioner:
             ),
             reraise=True,
         )
-        return retrying(method, request=request, timeout=self.api_timeout, retry=None)
+        try:
+            return retrying(method, request=request, timeout=self.api_timeout, retry=None)
+        except api_exceptions.GoogleAPICallError as error:
+            if retryable(error):
+                raise ProvisioningError(
+                    f"{what} kept failing with transient errors for up to {self.retry.max_attempts} attempts "
+                    f"or {self.retry.max_seconds:.0f}s; last: {error}"
+                ) from error
+            raise
 
     def _list_nodes(self, zone: str) -> list[tpu_v2.Node]:
         return self._list_pages(
