@@ -232,7 +232,7 @@ class EmulatorControl:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _call(self, method: str, **args: Any) -> Any:
+    def _call(self, method: str, /, **args: Any) -> Any:
         body = json.dumps({"method": method, "args": args}).encode()
         reply = json.loads(self._call_rpc(body, timeout=self._timeout, wait_for_ready=True))
         if "error" in reply:

@@ -51,6 +51,7 @@ QUOTA_MESSAGE = (
     "Limit: 0 in zone {zone}."
 )
 _MAX_ADVANCE_PASSES = 16
+MAX_OPERATIONS = 10_000
 
 
 @dataclass(frozen=True)
@@ -242,11 +243,20 @@ class World:
             return ApiError(failure.code, f"Injected failure of {method} (emulator fault control)")
 
     def _new_operation(self, location: Location, target: str, verb: str) -> OperationRecord:
+        self._forget_old_operations()
         stamp = int(self._wall() * 1000)
         name = f"{location.name}/operations/operation-{stamp}-{uuid.uuid4().hex[:24]}"
         operation = OperationRecord(name, location, target, verb, self._wall())
         self.operations[name] = operation
         return operation
+
+    def _forget_old_operations(self) -> None:
+        """Keep memory bounded in long runs: drop the oldest finished operations past a cap."""
+        if len(self.operations) < MAX_OPERATIONS:
+            return
+        finished = [name for name, o in self.operations.items() if o.done]
+        for name in finished[: len(self.operations) - MAX_OPERATIONS + 1]:
+            del self.operations[name]
 
     def _finish(self, operation: OperationRecord, at: float, response=None, error=None) -> None:
         operation.finish_at = at
@@ -746,12 +756,7 @@ class World:
                     self._effects.append(Effect("kill", record.uid))
             self.nodes.clear()
             self.queued.clear()
-            for operation in self.operations.values():
-                if not operation.done:
-                    operation.done = True
-                    operation.end_time = self._wall()
-                    operation.response = None
-                    operation.error = (code_pb2.ABORTED, "The emulator was reset")
+            self.operations.clear()
             self.changed()
 
     def clear_faults(self) -> None:
