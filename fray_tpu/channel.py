@@ -516,11 +516,15 @@ class EventStream:
                 if self._closed.is_set():
                     return
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
-                                        grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
+                                        grpc.StatusCode.CANCELLED):
                     self._buffer.put(self._client._error(f"stream of attempt {self.attempt_id}", error), 0,
                                      self._closed)
                     return
                 problem = _describe_rpc_error(error)
+            except ValueError as error:  # the client was closed under the stream
+                self._buffer.put(ChannelError(f"stream of attempt {self.attempt_id}: {error}",
+                                              address=self._client.address), 0, self._closed)
+                return
             now = time.monotonic()
             disconnected_at = disconnected_at or now
             if now - disconnected_at > self._client.reconnect_seconds:

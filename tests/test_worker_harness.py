@@ -106,7 +106,7 @@ def random_loopback_ips(count: int) -> list[str]:
 
 
 @dataclass
-class TestHost:
+class AgentHost:
     worker: int
     ip: str
     workdir: Path
@@ -154,13 +154,13 @@ class TestHost:
 
 
 @dataclass
-class TestSlice:
-    hosts: list[TestHost]
+class AgentSlice:
+    hosts: list[AgentHost]
     secret: str
     material: tls.TlsMaterial
     clients: list[AgentClient] = field(default_factory=list)
 
-    def client(self, host: TestHost, *, secret: str | None = None, timeout: float = 10.0) -> AgentClient:
+    def client(self, host: AgentHost, *, secret: str | None = None, timeout: float = 10.0) -> AgentClient:
         client = AgentClient(host.address, secret=self.secret if secret is None else secret,
                              pinned_cert_pem=self.material.cert_pem, timeout=timeout)
         self.clients.append(client)
@@ -191,7 +191,7 @@ def processes_marked(marker: str) -> list[int]:
 
 
 def make_slice(root: Path, count: int, *, lease_seconds: float = 600, self_delete: bool = False,
-               extra_attributes: dict[str, str] | None = None) -> TestSlice:
+               extra_attributes: dict[str, str] | None = None) -> AgentSlice:
     secret = tls.make_secret()
     material = tls.make_job_tls()
     ips = random_loopback_ips(count)
@@ -214,13 +214,13 @@ def make_slice(root: Path, count: int, *, lease_seconds: float = 600, self_delet
         }
         workdir = root / f"host-{worker}"
         (workdir / "tmp").mkdir(parents=True)
-        hosts.append(TestHost(worker, ip, workdir, FakeMetadata(ip, attributes, "test-node"), uuid.uuid4().hex))
+        hosts.append(AgentHost(worker, ip, workdir, FakeMetadata(ip, attributes, "test-node"), uuid.uuid4().hex))
     for host in hosts:
         host.start_agent()
-    return TestSlice(hosts, secret, material)
+    return AgentSlice(hosts, secret, material)
 
 
-def teardown_slice(test_slice: TestSlice) -> None:
+def teardown_slice(test_slice: AgentSlice) -> None:
     for client in test_slice.clients:
         client.close()
     for host in test_slice.hosts:

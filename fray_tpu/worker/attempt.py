@@ -106,16 +106,22 @@ class Attempt:
             self._record_token(self._token)
             env = dict(self._plan.env)
             env[cleanup.TOKEN_ENV] = self._token
-            self._process = subprocess.Popen(
-                self._plan.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=self._plan.cwd,
-                start_new_session=True,
-                close_fds=True,
-            )
+            try:
+                self._process = subprocess.Popen(
+                    self._plan.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                    cwd=self._plan.cwd,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as error:
+                # What a shell reports for a command it cannot run: exit 127 with the reason.
+                self._stderr_tail = f"cannot start {self._plan.argv[0]!r}: {error}".encode()
+                self._finish(returncode=127, started=False)
+                return
             self._state = worker_pb2.RUNNING
             self.events.append(worker_pb2.AttemptEvent(
                 started=worker_pb2.Started(pid=self._process.pid, timestamp=time.time())))
@@ -191,7 +197,7 @@ class Attempt:
             preempted=self._is_preempted(),
             bad_host_line=self._bad_host_line,
         )
-        if not started:
+        if not started and self._cancel_reason is not None:
             reason = f"{reason} before it started"
         exit_event = worker_pb2.Exit(classification=classification, stderr_tail=tail, reason=reason,
                                      timestamp=time.time())
