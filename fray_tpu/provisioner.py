@@ -248,7 +248,8 @@ def node_request(spec: SliceSpec) -> tpu_v2.Node:
         "preemptible": tpu_v2.SchedulingConfig(preemptible=True),
         "reserved": tpu_v2.SchedulingConfig(reserved=True),
     }.get(spec.capacity)
-    if scheduling is not None and not spec.queued:
+    # A queued resource carries spot/on-demand in its tier; only "reserved" stays on its node.
+    if scheduling is not None and (not spec.queued or spec.capacity == "reserved"):
         node.scheduling_config = scheduling
     if spec.service_account:
         node.service_account = tpu_v2.ServiceAccount(email=spec.service_account, scope=[CLOUD_PLATFORM_SCOPE])
@@ -257,7 +258,8 @@ def node_request(spec: SliceSpec) -> tpu_v2.Node:
 
 def queued_resource_request(spec: SliceSpec, project: str, zone: str) -> tpu_v2.QueuedResource:
     """A queued resource for one node named like the queued resource; the tier follows capacity
-    (spot → spot tier, otherwise guaranteed, with the reservation when reserved)."""
+    (spot → spot tier, otherwise guaranteed; reserved also marks the node reserved and names the
+    reservation when one is given)."""
     node_spec = tpu_v2.QueuedResource.Tpu.NodeSpec(
         parent=zone_parent(project, zone), node_id=spec.name, node=node_request(spec)
     )

@@ -241,7 +241,9 @@ def test_labels_metadata_and_capacity_land_on_the_node(provisioner, client, fake
         provisioner.delete("labelled", ZONE_B, deadline=deadline_in(WAIT))
 
 
-def test_list_managed_finds_only_labelled_resources(provisioner, client, fake_gcp):
+def test_list_managed_finds_only_labelled_resources(fake_gcp, client):
+    # One resource per page: every listing here pages.
+    provisioner = SliceProvisioner(client, fake_gcp.project, api_timeout=5.0, poll_interval=POLL, list_page_size=1)
     create_node(client, fake_gcp.parent(ZONE_A), "not-ours", node_spec("v5litepod-4", labels={"team": "x"}))
     provisioner.acquire(slice_spec("ours-1", job="job-a"), [ZONE_A], deadline=deadline_in(WAIT))
     with held_in_creating(fake_gcp.control, "ours-2"):
@@ -277,6 +279,17 @@ def test_queued_resource_becomes_ready_through_its_states(provisioner, client, f
         provisioner.delete("queued-ok", ZONE_A, deadline=deadline_in(WAIT), queued=True)
     assert queued_resource_state(client, queued_resource_name(fake_gcp.project, ZONE_A, "queued-ok")) == "GONE"
     assert node_state(client, ready.resource_name) == "GONE"
+
+
+def test_error_bursts_on_the_queued_path_are_retried(provisioner, client, fake_gcp):
+    error_burst(fake_gcp.control, "CreateQueuedResource", 429, count=1)
+    error_burst(fake_gcp.control, "ListQueuedResources", 503, count=2)
+    error_burst(fake_gcp.control, "GetOperation", 503, count=2)
+    error_burst(fake_gcp.control, "DeleteQueuedResource", 503, count=1)
+    ready = provisioner.acquire(slice_spec("queued-burst", queued=True), [ZONE_A], deadline=deadline_in(WAIT))
+    provisioner.delete("queued-burst", ZONE_A, deadline=deadline_in(WAIT), queued=True)
+    assert node_state(client, ready.resource_name) == "GONE"
+    assert queued_resource_state(client, queued_resource_name(fake_gcp.project, ZONE_A, "queued-burst")) == "GONE"
 
 
 def test_failed_queued_resource_is_deleted_and_the_next_zone_tried(provisioner, client, fake_gcp):
@@ -328,7 +341,7 @@ def test_invalid_request_is_not_a_capacity_problem(provisioner, fake_gcp):
 
 
 def test_api_calls_per_poll_are_bounded_for_concurrent_acquires(provisioner, fake_gcp):
-    names = [f"many-{i}" for i in range(4)]
+    names = [f"many-{i}" for i in range(6)]
     results: dict[str, object] = {}
 
     def run(name: str) -> None:
@@ -342,7 +355,7 @@ def test_api_calls_per_poll_are_bounded_for_concurrent_acquires(provisioner, fak
         threads = [threading.Thread(target=run, args=(name,)) for name in names]
         for thread in threads:
             thread.start()
-        # Let the four acquires poll together for a while (at least 10 shared listings).
+        # Let the acquires poll together for a while (at least 10 shared listings).
         wait_for(lambda: fake_gcp.control.counters().get("ListNodes", 0) >= 10, "10 listings of the zone")
     for thread in threads:
         thread.join(WAIT)

@@ -95,6 +95,7 @@ def test_on_demand_and_reserved_queued_resources_use_the_guaranteed_tier():
     reserved = queued_resource_request(spec(queued=True, capacity="reserved", reservation=reservation), "p", "z")
     assert tpu_v2.QueuedResource.pb(reserved).WhichOneof("tier") == "guaranteed"
     assert reserved.reservation_name == reservation
+    assert reserved.tpu.node_spec[0].node.scheduling_config.reserved
 
 
 def test_unknown_capacity_class_is_named_in_the_error():
