@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import google.auth
@@ -60,8 +60,7 @@ CREATE_FAILED = "CREATE_FAILED"
 # A tracked node the API does not list yet (just POSTed, or its queued resource is not granted).
 CREATING = "CREATING"
 
-_QR_STATE = tpu_v2.QueuedResourceState.State
-_NODE_STATE = tpu_v2.Node.State
+T = TypeVar("T")
 
 
 class CancelledError(ProvisioningError):
