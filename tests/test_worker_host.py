@@ -1,0 +1,203 @@
+"""The agent guards and cleans its host: authentication before anything runs, leftovers of
+earlier attempts, the libtpu lockfile, and the controller's lease. Real agent processes."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fray_tpu import tls
+from fray_tpu.channel import AgentAuthError, AgentClient, AttemptExit, AttemptSpec, ChannelError, Classification
+from fray_tpu.proto import worker_pb2, worker_pb2_grpc
+from test_worker_harness import make_slice, one_host, processes_marked, teardown_slice  # noqa: F401 (fixture)
+
+EVENT_TIMEOUT = 30.0
+
+
+def collect(stream, timeout: float = EVENT_TIMEOUT) -> list:
+    deadline = time.monotonic() + timeout
+    events = []
+    for _ in range(100_000):
+        try:
+            events.append(stream.next_event(timeout=max(deadline - time.monotonic(), 0.01)))
+        except StopIteration:
+            return events
+    raise AssertionError("too many events")
+
+
+def wait_for(condition, what: str, timeout: float = EVENT_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+# -- authentication ------------------------------------------------------------------------------
+
+
+def test_no_secret_a_wrong_secret_or_plain_text_is_rejected_and_nothing_runs(one_host, tmp_path):
+    host = one_host.hosts[0]
+    touched = tmp_path / "user-code-ran"
+
+    def touch(path):
+        open(path, "w").close()
+
+    spec = AttemptSpec.for_callable("attempt-rejected", touch, (str(touched),))
+    state_files_before = files_under(host.state_dir)
+
+    wrong = one_host.client(host, secret="not-the-job-secret")
+    with pytest.raises(AgentAuthError, match="UNAUTHENTICATED"):
+        wrong.prepare(spec)
+    with pytest.raises(AgentAuthError):
+        collect(wrong.start(spec.attempt_id))
+    with pytest.raises(AgentAuthError):
+        wrong.describe()
+
+    empty = one_host.client(host, secret="")
+    with pytest.raises(AgentAuthError):
+        empty.prepare(spec)
+
+    # No authorization metadata at all, on a correctly pinned TLS channel.
+    channel = grpc.secure_channel(host.address, tls.channel_credentials(one_host.material.cert_pem),
+                                  options=tls.channel_options())
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    with pytest.raises(grpc.RpcError) as no_secret:
+        stub.Prepare(spec.to_proto(), timeout=5)
+    assert no_secret.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as no_secret_upload:
+        stub.UploadBundle(iter([worker_pb2.BundleChunk(digest="0" * 64, data=b"x" * 1000)]), timeout=5)
+    assert no_secret_upload.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+
+    # Plain text, with the right secret: the TLS-only port does not answer.
+    plain = grpc.insecure_channel(host.address)
+    with pytest.raises(grpc.RpcError) as plain_text:
+        worker_pb2_grpc.WorkerStub(plain).Prepare(
+            spec.to_proto(), timeout=5, metadata=(("authorization", f"Bearer {one_host.secret}"),))
+    assert plain_text.value.code() == grpc.StatusCode.UNAVAILABLE
+    plain.close()
+
+    # TLS pinned to another job's certificate: the agent is not trusted, nothing is sent.
+    other = AgentClient(host.address, secret=one_host.secret, pinned_cert_pem=tls.make_job_tls().cert_pem,
+                        timeout=2)
+    with pytest.raises(ChannelError):
+        other.describe(retries=0)
+    other.close()
+
+    assert not touched.exists(), "user code ran for a rejected call"
+    assert files_under(host.state_dir) == state_files_before, "a rejected call wrote files on the host"
+    assert processes_marked(host.marker) == [host.process.pid], "a rejected call started a process"
+    good = one_host.client(host)
+    assert good.describe().current_attempt is None
+    with pytest.raises(ChannelError, match="NOT_FOUND"):
+        collect(good.start(spec.attempt_id))
+
+
+# -- host cleaning ---------------------------------------------------------------------------------
+
+
+def test_a_stale_lockfile_and_leftovers_of_an_earlier_attempt_are_removed_before_the_next(one_host, tmp_path):
+    host = one_host.hosts[0]
+    client = one_host.client(host)
+    escaped_pid_file = tmp_path / "escaped.pid"
+
+    def leaves_processes_behind(pid_file):
+        import subprocess
+        import sys
+        import time
+
+        # A child in its own session escapes the attempt's process group.
+        code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)"
+        subprocess.Popen([sys.executable, "-c", code, pid_file], start_new_session=True)
+        time.sleep(600)
+
+    first = f"attempt-{uuid.uuid4().hex[:8]}"
+    client.prepare(AttemptSpec.for_callable(first, leaves_processes_behind, (str(escaped_pid_file),)))
+    stream = client.start(first)
+    started = stream.next_event(timeout=EVENT_TIMEOUT)
+    escaped_pid = int(wait_for(lambda: escaped_pid_file.exists() and escaped_pid_file.read_text(),
+                               "the escaped child's pid"))
+    stream.close()
+
+    # The agent crashes and comes back: its attempt's processes are still running.
+    host.kill_agent()
+    assert alive(started.pid) and alive(escaped_pid)
+    host.start_agent()
+    client = one_host.client(host)
+    client.wait_until_up(time.monotonic() + EVENT_TIMEOUT)
+
+    lockfile = host.workdir / "tmp" / "libtpu_lockfile"
+    lockfile.write_text("held by a dead process")
+    second = f"attempt-{uuid.uuid4().hex[:8]}"
+    result = client.prepare(AttemptSpec(second, command="true"))
+    assert not lockfile.exists()
+    assert not alive(started.pid) and not alive(escaped_pid)
+    notes = "\n".join(result.cleanup_notes)
+    assert "leftover" in notes and "libtpu_lockfile" in notes
+    assert collect(client.start(second))[-1].code == 0
+
+
+def test_processes_an_attempt_leaves_behind_end_with_it(one_host, tmp_path):
+    host = one_host.hosts[0]
+    client = one_host.client(host)
+    daemon_pid_file = tmp_path / "daemon.pid"
+
+    def starts_a_daemon(pid_file):
+        import subprocess
+        import sys
+
+        code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)"
+        subprocess.Popen([sys.executable, "-c", code, pid_file], start_new_session=True)
+        print("started a daemon")
+
+    attempt_id = f"attempt-{uuid.uuid4().hex[:8]}"
+    client.prepare(AttemptSpec.for_callable(attempt_id, starts_a_daemon, (str(daemon_pid_file),)))
+    events = collect(client.start(attempt_id))
+    assert events[-1].code == 0
+    if daemon_pid_file.exists() and daemon_pid_file.read_text():
+        assert not alive(int(daemon_pid_file.read_text()))
+    assert processes_marked(host.marker) == [host.process.pid]
+
+
+# -- lease ----------------------------------------------------------------------------------------
+
+
+def test_when_the_lease_lapses_the_attempt_stops(tmp_path):
+    test_slice = make_slice(tmp_path, 1)
+    try:
+        [client] = test_slice.wait_until_up()
+        assert client.renew_lease(60) == pytest.approx(60, abs=1)
+        attempt_id = f"attempt-{uuid.uuid4().hex[:8]}"
+        client.prepare(AttemptSpec(attempt_id, command="sleep", args=["600"]))
+        stream = client.start(attempt_id)
+        # The controller shortens the lease, then goes silent.
+        client.renew_lease(1.0)
+        events = collect(stream)
+        finished = events[-1]
+        assert isinstance(finished, AttemptExit)
+        assert finished.classification == Classification.CANCELLED
+        assert "lease expired" in finished.reason
+        assert "lease" in test_slice.hosts[0].log()
+    finally:
+        teardown_slice(test_slice)
