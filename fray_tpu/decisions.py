@@ -51,10 +51,11 @@ class TaskEnd:
     exit_code: int | None = None
     signal: int | None = None
     stderr_tail: str = ""
+    label: str = ""  # how logs name the task; slice-S/worker-W unless given
 
     @property
     def host(self) -> str:
-        return f"slice-{self.slice_id}/worker-{self.worker_id}"
+        return self.label or f"slice-{self.slice_id}/worker-{self.worker_id}"
 
     def describe(self) -> str:
         how = f"exit code {self.exit_code}" if self.exit_code is not None else "no exit code"

@@ -16,6 +16,8 @@ sys.path.insert(0, str(NETGUARD_DIR))
 
 import loopback_guard  # noqa: E402
 
+pytest_plugins = ["fake_gcp.fixtures"]
+
 _netguard_log = Path(tempfile.mkdtemp(prefix="fray-tpu-netguard-")) / "violations.log"
 
 

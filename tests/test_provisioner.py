@@ -36,7 +36,6 @@ from fray_tpu.provisioner import (
     queued_resource_name,
 )
 
-pytest_plugins = ["fake_gcp.fixtures"]
 
 ZONE_A = "europe-west4-b"
 ZONE_B = "us-west4-a"

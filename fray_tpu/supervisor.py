@@ -1,0 +1,682 @@
+"""One supervisor thread per job: turns the decision core's verdicts into edge calls.
+
+The loop is the same for TPU gangs and CPU replicas: run an attempt, collect one end per
+task, ``judge_attempt``, ``decide``, then finish or retry. What differs is the ``AttemptRun``
+that starts the tasks and reports their events: ``TpuGangRun`` (agents on provisioned slices,
+over the task channel) or ``LocalReplicasRun`` (subprocesses of this machine).
+
+Every path out of ``TpuJobSupervisor.run`` deletes every slice the job created (verified).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from fray_tpu import channel, naming, tls
+from fray_tpu.bootstrap import BootstrapSpec, fray_tpu_version, render_startup_script
+from fray_tpu.config import TpuClusterConfig
+from fray_tpu.decisions import (
+    Action,
+    AttemptVerdict,
+    RetryBudget,
+    TaskEnd,
+    TaskOutcome,
+    capacity_backoff,
+    decide,
+    judge_attempt,
+)
+from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
+from fray_tpu.fray_api import JobStatus
+from fray_tpu.jobs import JobRecord
+from fray_tpu.multislice import gang_environments
+from fray_tpu.planning import JobPlan
+from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec
+from fray_tpu.worker import metadata as md
+
+log = logging.getLogger(__name__)
+
+CANCEL_GRACE_SECONDS = 5.0
+# After cancelling a gang, how long hosts may take to report their exit before counting as lost.
+CANCEL_REPORT_SECONDS = 30.0
+EMULATOR_JAX_PLUGIN = "fray_tpu.jax_emulated_cluster"
+
+_OUTCOMES = {
+    channel.Classification.OK: TaskOutcome.SUCCEEDED,
+    channel.Classification.USER_FAILURE: TaskOutcome.FAILED,
+    channel.Classification.BAD_HOST: TaskOutcome.BAD_HOST,
+    channel.Classification.PREEMPTED: TaskOutcome.PREEMPTED,
+    channel.Classification.CANCELLED: TaskOutcome.CANCELLED,
+    channel.Classification.UNSPECIFIED: TaskOutcome.FAILED,
+}
+_TASK_STATUS = {
+    TaskOutcome.SUCCEEDED: JobStatus.SUCCEEDED,
+    TaskOutcome.FAILED: JobStatus.FAILED,
+    TaskOutcome.BAD_HOST: JobStatus.FAILED,
+    TaskOutcome.PREEMPTED: JobStatus.FAILED,
+    TaskOutcome.LOST: JobStatus.FAILED,
+    TaskOutcome.CANCELLED: JobStatus.STOPPED,
+}
+
+
+class JobStopped(Exception):
+    """terminate() was called; unwinds provisioning."""
+
+
+@dataclass(frozen=True)
+class TaskSlot:
+    """Where task ``index`` of the job runs in the current attempt."""
+
+    index: int
+    slice_id: int
+    worker_id: int
+    label: str  # the log prefix: slice-S/worker-W, or replica-i for CPU jobs
+
+
+_END = object()
+
+
+class AttemptRun:
+    """One running attempt: pushes ``(task_index, event)`` into ``events``; an exception
+    object as event means the task's channel broke; ``_END`` means no more events."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue = queue.Queue()
+
+    def cancel_all(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def lost_slices(self) -> set[int]:
+        """Slices observed lost (preempted, deleted) since the attempt started."""
+        return set()
+
+
+def end_from_exit(slot: TaskSlot, event: channel.AttemptExit) -> TaskEnd:
+    return TaskEnd(
+        task_index=slot.index,
+        slice_id=slot.slice_id,
+        worker_id=slot.worker_id,
+        outcome=_OUTCOMES[event.classification],
+        exit_code=event.code,
+        signal=event.signal,
+        stderr_tail=event.stderr_tail or event.reason,
+        label=slot.label,
+    )
+
+
+def lost_end(slot: TaskSlot, why: str) -> TaskEnd:
+    return TaskEnd(slot.index, slot.slice_id, slot.worker_id, TaskOutcome.LOST, stderr_tail=why, label=slot.label)
+
+
+def watch_attempt(
+    record: JobRecord,
+    run: AttemptRun,
+    slots: Sequence[TaskSlot],
+    *,
+    stop: threading.Event,
+    gang: bool,
+    poll_interval: float,
+) -> AttemptVerdict:
+    """Consume the attempt's events until every task has ended, then judge it.
+
+    ``gang``: the first task that does not succeed stops every other task (a half-running TPU
+    gang deadlocks); CPU replicas run to their own ends instead.
+    """
+    ends: dict[int, TaskEnd] = {}
+    order: list[TaskEnd] = []
+    started: set[int] = set()
+    lost_slices: set[int] = set()
+    cancelling_since: float | None = None
+    cancelled_by_user = False
+    next_observation = time.monotonic() + poll_interval
+
+    def cancel(reason: str) -> None:
+        nonlocal cancelling_since
+        if cancelling_since is None:
+            cancelling_since = time.monotonic()
+            record.append_lines([f"[fray-tpu] stopping every task: {reason}"])
+            threading.Thread(target=run.cancel_all, args=(reason,), daemon=True, name="cancel-gang").start()
+
+    def finish(slot: TaskSlot, end: TaskEnd) -> None:
+        if slot.index in ends:
+            return
+        ends[slot.index] = end
+        order.append(end)
+        record.set_task(slot.index, _TASK_STATUS[end.outcome], None if end.outcome is TaskOutcome.SUCCEEDED else end.describe())
+        if gang and end.outcome is not TaskOutcome.SUCCEEDED:
+            cancel(f"{slot.label} ended: {end.outcome.value}")
+
+    while len(ends) < len(slots):
+        if stop.is_set() and not cancelled_by_user:
+            cancelled_by_user = True
+            cancel("terminated by the user")
+        now = time.monotonic()
+        if now >= next_observation:
+            next_observation = now + poll_interval
+            newly_lost = run.lost_slices() - lost_slices
+            if newly_lost:
+                lost_slices |= newly_lost
+                cancel("lost " + ", ".join(f"slice-{s}" for s in sorted(newly_lost)))
+        if cancelling_since is not None and now - cancelling_since > CANCEL_GRACE_SECONDS + CANCEL_REPORT_SECONDS:
+            for slot in slots:
+                finish(slot, lost_end(slot, "no exit reported after the gang was stopped"))
+            break
+        try:
+            index, event = run.events.get(timeout=min(poll_interval, 0.5))
+        except queue.Empty:
+            continue
+        slot = slots[index]
+        if isinstance(event, channel.LogBatch):
+            record.append_lines([f"[{slot.label}] {line}" for line in event.lines])
+        elif isinstance(event, channel.AttemptStarted):
+            started.add(index)
+            record.set_task(index, JobStatus.RUNNING)
+            if len(started) == len(slots):
+                record.set_phase("running")
+                record.set_status(JobStatus.RUNNING)
+        elif isinstance(event, channel.AttemptExit):
+            finish(slot, end_from_exit(slot, event))
+        elif isinstance(event, channel.PreemptionNotice):
+            lost_slices.add(slot.slice_id)
+            cancel(f"{slot.label} is being preempted")
+        elif isinstance(event, channel.EventsLost):
+            missed = event.first_available_seq - event.requested_from_seq
+            record.append_lines([f"[{slot.label}] [fray-tpu] {missed} output event(s) dropped by the host's buffer"])
+        elif isinstance(event, Exception):
+            finish(slot, lost_end(slot, str(event)))
+        elif event is _END and index not in ends:
+            finish(slot, lost_end(slot, "the event stream ended without an exit"))
+    lost_slices |= run.lost_slices()
+    return judge_attempt(order, len(slots), lost_slices=lost_slices, cancelled=cancelled_by_user)
+
+
+class JobSupervisor(threading.Thread):
+    """The retry loop common to every job; subclasses run attempts."""
+
+    gang = True
+
+    def __init__(self, record: JobRecord, plan: JobPlan, poll_interval: float):
+        super().__init__(name=f"supervisor-{record.job_id}", daemon=True)
+        self.record = record
+        self.plan = plan
+        self.poll_interval = poll_interval
+        self.stop_requested = threading.Event()
+        self.budget = RetryBudget(max_failures=plan.max_failures, max_preemptions=plan.max_preemptions)
+        self.slots = [
+            TaskSlot(index=i, slice_id=i // plan.hosts_per_slice, worker_id=i % plan.hosts_per_slice, label=name)
+            for i, name in enumerate(plan.task_names)
+        ]
+
+    def terminate(self) -> None:
+        self.stop_requested.set()
+
+    def progress(self, line: str) -> None:
+        log.info("job %s: %s", self.record.job_id, line)
+        self.record.append_lines([f"[fray-tpu] {line}"])
+
+    def run(self) -> None:
+        status, error = JobStatus.FAILED, "internal error"
+        try:
+            status, error = self.run_attempts()
+        except JobStopped:
+            status, error = JobStatus.STOPPED, None
+        except FrayTpuError as e:
+            status, error = JobStatus.FAILED, str(e)
+        except Exception as e:  # noqa: BLE001 - the job must end with a status, never hang
+            log.exception("supervisor of job %s crashed", self.record.job_id)
+            status, error = JobStatus.FAILED, f"fray-tpu internal error: {type(e).__name__}: {e}"
+        finally:
+            try:
+                self.release_everything()
+            except Exception as e:  # noqa: BLE001
+                log.exception("cleanup of job %s failed", self.record.job_id)
+                error = f"{error or ''} (cleanup failed: {e})".strip()
+            if status is JobStatus.STOPPED:
+                for i, task in enumerate(self.record.info().tasks):
+                    if not JobStatus.finished(task.status):
+                        self.record.set_task(i, JobStatus.STOPPED)
+            self.record.set_phase(str(status))
+            self.record.set_status(status, error)
+            self.progress(f"job {status}" + (f": {error}" if error else ""))
+
+    def run_attempts(self) -> tuple[JobStatus, str | None]:
+        while True:
+            if self.stop_requested.is_set():
+                raise JobStopped
+            self.record.counters.attempts += 1
+            attempt = self.record.counters.attempts
+            verdict = self.run_one_attempt(attempt)
+            decision = decide(self.budget, verdict)
+            self.record.counters.failures = self.budget.failures
+            self.record.counters.preemptions = self.budget.preemptions
+            self.record.counters.bad_hosts = self.budget.bad_hosts
+            if decision.action is Action.SUCCEED:
+                return JobStatus.SUCCEEDED, None
+            if decision.action is Action.STOP:
+                raise JobStopped
+            if decision.action is Action.FAIL:
+                return JobStatus.FAILED, decision.reason
+            self.progress(f"attempt {attempt} ended ({verdict.outcome.value}); retrying: {decision.reason}")
+            self.prepare_retry(decision.replace_slices)
+
+    def run_one_attempt(self, attempt: int) -> AttemptVerdict:
+        raise NotImplementedError
+
+    def prepare_retry(self, replace_slices: frozenset[int]) -> None:
+        """Between attempts; TPU jobs replace lost slices here."""
+
+    def release_everything(self) -> None:
+        """Runs on every exit path."""
+
+
+# -- CPU jobs: local subprocesses -----------------------------------------------------------
+
+class LocalReplicasRun(AttemptRun):
+    """The replicas of a CPU job as process groups on this machine, through the same attempt
+    machinery the TPU agent uses (line batching, process-group cancel)."""
+
+    def __init__(self, attempt_id: str, plan: JobPlan, workdir: Path):
+        super().__init__()
+        from fray_tpu.worker.attempt import Attempt, LaunchPlan
+
+        self._attempts = []
+        payload_file = None
+        if plan.payload.kind == "callable":
+            payload_file = workdir / f"{attempt_id}.payload"
+            payload_file.write_bytes(plan.payload.pickled)
+        cwd = plan.workspace or Path.cwd()
+        for replica in range(plan.replicas):
+            env = {**os.environ, **plan.env, "FRAY_REPLICA_ID": str(replica), "FRAY_REPLICA_COUNT": str(plan.replicas),
+                   "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+            if payload_file is not None:
+                argv = [sys.executable, "-m", "fray_tpu.worker.runner", str(payload_file)]
+                # The runner must find fray_tpu even when the workspace is the working directory.
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), _package_root(), env.get("PYTHONPATH")]))
+            else:
+                argv = [local_command(plan.payload.command), *plan.payload.args]
+            self._attempts.append(Attempt(f"{attempt_id}-r{replica}", LaunchPlan(argv=argv, env=env, cwd=cwd),
+                                          record_token=lambda token: None, is_preempted=lambda: False))
+        self._readers = []
+        for index, attempt in enumerate(self._attempts):
+            attempt.start()
+            reader = threading.Thread(target=self._follow, args=(index, attempt), daemon=True, name=f"replica-{index}")
+            reader.start()
+            self._readers.append(reader)
+
+    def _follow(self, index: int, attempt) -> None:
+        try:
+            for message in attempt.events.follow(1, lambda: True):
+                event = channel.to_event(message)
+                if event is not None:
+                    self.events.put((index, event))
+        except Exception as error:  # noqa: BLE001 - reported as the task's end
+            self.events.put((index, error))
+        self.events.put((index, _END))
+
+    def cancel_all(self, reason: str) -> None:
+        for attempt in self._attempts:
+            attempt.cancel(CANCEL_GRACE_SECONDS, reason)
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def local_command(command: str) -> str:
+    """``python`` in a Fray binary entrypoint means this interpreter (as Marin's local cluster
+    runs it), not whatever ``python`` is first on PATH."""
+    return sys.executable if command in ("python", "python3") else command
+
+
+class LocalJobSupervisor(JobSupervisor):
+    gang = False
+
+    def __init__(self, record: JobRecord, plan: JobPlan, workdir: Path, poll_interval: float = 0.5):
+        super().__init__(record, plan, poll_interval)
+        self.slots = [TaskSlot(index=i, slice_id=i, worker_id=0, label=f"replica-{i}") for i in range(plan.replicas)]
+        self.workdir = workdir
+
+    def run_one_attempt(self, attempt: int) -> AttemptVerdict:
+        run = LocalReplicasRun(f"{self.record.job_id}-a{attempt}", self.plan, self.workdir)
+        self.record.set_status(JobStatus.RUNNING)
+        return watch_attempt(self.record, run, self.slots, stop=self.stop_requested, gang=False,
+                             poll_interval=self.poll_interval)
+
+
+# -- TPU jobs: gangs on provisioned slices ----------------------------------------------------
+
+@dataclass
+class ControllerContext:
+    """What every TPU job of one controller shares."""
+
+    config: TpuClusterConfig
+    provisioner: SliceProvisioner
+    controller_id: str
+    emulator_endpoint: str | None
+
+
+class TpuGangRun(AttemptRun):
+    """One attempt on every host of every slice, over the task channel."""
+
+    def __init__(self, attempt_id: str, clients: Sequence[channel.AgentClient], slices: Sequence[ReadySlice],
+                 provisioner: SliceProvisioner):
+        super().__init__()
+        self.attempt_id = attempt_id
+        self._clients = clients
+        self._slices = slices
+        self._provisioner = provisioner
+        self._streams: list[channel.EventStream] = []
+
+    def start(self) -> None:
+        with ThreadPoolExecutor(max_workers=min(32, len(self._clients))) as pool:
+            self._streams = list(pool.map(lambda c: c.start(self.attempt_id), self._clients))
+        for index, stream in enumerate(self._streams):
+            threading.Thread(target=self._follow, args=(index, stream), daemon=True,
+                             name=f"events-{self.attempt_id}-{index}").start()
+
+    def _follow(self, index: int, stream: channel.EventStream) -> None:
+        try:
+            for event in stream:
+                self.events.put((index, event))
+        except Exception as error:  # noqa: BLE001 - a broken channel is this task's end
+            self.events.put((index, error))
+        self.events.put((index, _END))
+
+    def cancel_all(self, reason: str) -> None:
+        def cancel(client: channel.AgentClient) -> None:
+            try:
+                client.cancel(self.attempt_id, CANCEL_GRACE_SECONDS)
+            except channel.ChannelError as error:
+                log.info("cancel on %s: %s", client.address, error)
+
+        with ThreadPoolExecutor(max_workers=min(32, len(self._clients))) as pool:
+            list(pool.map(cancel, self._clients))
+
+    def lost_slices(self) -> set[int]:
+        lost = set()
+        for slice_id, ready in enumerate(self._slices):
+            observed = self._provisioner.observe(ready.zone).get(ready.spec.name)
+            if observed is None or observed.lost:
+                lost.add(slice_id)
+        return lost
+
+    def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
+
+
+class TpuJobSupervisor(JobSupervisor):
+    """Provision → boot → gang-run → watch → retry or finish, deleting every slice at the end."""
+
+    def __init__(self, record: JobRecord, plan: JobPlan, context: ControllerContext):
+        super().__init__(record, plan, context.config.poll_interval)
+        self.context = context
+        self.config = context.config
+        self._secret = secrets.token_urlsafe(32)
+        self._tls = tls.make_job_tls()
+        self.slices: list[ReadySlice | None] = [None] * plan.replicas
+        self._clients: dict[int, list[channel.AgentClient]] = {}
+        self._deletions: list[threading.Thread] = []
+        self._bundle = None
+        self._lease_stop = threading.Event()
+        self._lease_thread = threading.Thread(target=self._renew_leases, daemon=True, name=f"lease-{record.job_id}")
+        self._lease_thread.start()
+
+    # -- provisioning ------------------------------------------------------------------------
+    def slice_spec(self, slice_id: int, attempt: int) -> SliceSpec:
+        job_id = self.record.job_id
+        name = naming.slice_name(self.plan.name, job_id, attempt, slice_id)
+        metadata = {
+            md.ATTR_STARTUP_SCRIPT: render_startup_script(BootstrapSpec(fray_tpu_version=fray_tpu_version())),
+            md.ATTR_SECRET_SHA256: hashlib.sha256(self._secret.encode()).hexdigest(),
+            md.ATTR_TLS_CERT: self._tls.cert_pem.decode(),
+            md.ATTR_TLS_KEY: self._tls.key_pem.decode(),
+            md.ATTR_NODE: name,
+            md.ATTR_AGENT_PORT: str(self.config.agent_port),
+            md.ATTR_LEASE_SECONDS: str(self.config.lease_period),
+            md.ATTR_SELF_DELETE: "true",
+            md.ATTR_JOB: job_id,
+            md.ATTR_CONTROLLER: self.context.controller_id,
+        }
+        if self.context.emulator_endpoint:
+            metadata[md.ATTR_API_ENDPOINT] = self.context.emulator_endpoint
+        return SliceSpec(
+            name=name,
+            tpu_type=self.plan.tpu_type,
+            runtime_version=self.plan.runtime_version,
+            capacity=self.plan.capacity,
+            labels=naming.resource_labels(job_id, attempt, self.context.controller_id, slice_id, extra=self.plan.labels),
+            metadata=metadata,
+            network=self.config.network,
+            subnetwork=self.config.subnetwork,
+            external_ips=self.config.external_ips,
+            service_account=self.config.service_account,
+            queued=self.plan.queued,
+        )
+
+    def ensure_slices(self, attempt: int) -> None:
+        """Acquire every missing slice in parallel; without capacity anywhere, back off and try
+        again until the capacity deadline (no budget is consumed by waiting)."""
+        capacity_deadline = time.monotonic() + self.config.capacity_deadline
+        rounds = 0
+        while True:
+            missing = [i for i, s in enumerate(self.slices) if s is None]
+            if not missing:
+                return
+            self.record.set_phase("provisioning")
+            errors: dict[int, Exception] = {}
+
+            def acquire(slice_id: int) -> None:
+                spec = self.slice_spec(slice_id, attempt)
+                try:
+                    self.slices[slice_id] = self.context.provisioner.acquire(
+                        spec,
+                        self.plan.zones,
+                        deadline=time.monotonic() + self.config.create_deadline,
+                        cancel=self.stop_requested,
+                        on_progress=lambda line: self.progress(f"slice-{slice_id}: {line}"),
+                    )
+                except Exception as error:  # noqa: BLE001 - classified below
+                    errors[slice_id] = error
+
+            threads = [threading.Thread(target=acquire, args=(i,), daemon=True) for i in missing]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if self.stop_requested.is_set() or any(isinstance(e, CancelledError) for e in errors.values()):
+                raise JobStopped
+            if not errors:
+                return
+            rounds += 1
+            self.record.counters.capacity_waits += 1
+            summary = "; ".join(f"slice-{i}: {e}" for i, e in sorted(errors.items()))
+            if time.monotonic() >= capacity_deadline:
+                raise CapacityUnavailableError(
+                    f"gave up after {self.config.capacity_deadline:.0f}s (capacity_deadline) without capacity "
+                    f"for {self.plan.tpu_type} in {', '.join(self.plan.zones)}: {summary}")
+            delay = min(capacity_backoff(rounds), max(0.0, capacity_deadline - time.monotonic()))
+            kind = "no capacity" if all(isinstance(e, CapacityUnavailableError) for e in errors.values()) else "provisioning failed"
+            self.progress(f"{kind}; trying again in {delay:.0f}s: {summary}")
+            if self.stop_requested.wait(delay):
+                raise JobStopped
+
+    def connect_agents(self) -> dict[int, str]:
+        """Wait for every agent of every slice; returns slices whose agents never answered."""
+        self.record.set_phase("booting")
+        dead: dict[int, str] = {}
+        deadline = time.monotonic() + self.config.boot_deadline
+        for slice_id, ready in enumerate(self.slices):
+            if slice_id not in self._clients:
+                self._clients[slice_id] = [
+                    channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self._secret,
+                                        pinned_cert_pem=self._tls.cert_pem)
+                    for ip in ready.endpoints
+                ]
+        up = [0]
+        lock = threading.Lock()
+        total = sum(len(c) for c in self._clients.values())
+
+        def wait_up(slice_id: int, client: channel.AgentClient) -> None:
+            try:
+                client.wait_until_up(deadline)
+            except (channel.ChannelError, FrayTpuError) as error:
+                dead[slice_id] = str(error)
+                return
+            with lock:
+                up[0] += 1
+                count = up[0]
+            if count == total or count % max(1, total // 4) == 0:
+                self.progress(f"booting: {count}/{total} agents up")
+
+        with ThreadPoolExecutor(max_workers=min(64, total)) as pool:
+            list(pool.map(lambda pair: wait_up(*pair),
+                          [(s, c) for s, clients in self._clients.items() for c in clients]))
+        return dead
+
+    # -- one attempt -------------------------------------------------------------------------
+    def run_one_attempt(self, attempt: int) -> AttemptVerdict:
+        self.ensure_slices(attempt)
+        dead = self.connect_agents()
+        if self.stop_requested.is_set():
+            raise JobStopped
+        if dead:
+            return self._verdict_for_hosts(dead, TaskOutcome.BAD_HOST, "agent never answered")
+        clients = [c for s in range(len(self.slices)) for c in self._clients[s]]
+        attempt_id = f"{self.record.job_id}-a{attempt}"
+        environments = gang_environments([s.endpoints for s in self.slices], self._user_env())
+        self._upload_workspace(clients)
+        specs = [self._attempt_spec(attempt_id, slot, environments[slot.index]) for slot in self.slots]
+        self.record.set_phase("preparing")
+        failed = self._prepare(clients, specs)
+        if failed:
+            return failed
+        run = TpuGangRun(attempt_id, clients, self.slices, self.context.provisioner)
+        self.progress(f"attempt {attempt}: starting on {len(clients)} hosts of {len(self.slices)} slice(s)")
+        try:
+            run.start()
+            return watch_attempt(self.record, run, self.slots, stop=self.stop_requested, gang=True,
+                                 poll_interval=self.poll_interval)
+        finally:
+            run.close()
+
+    def _user_env(self) -> dict[str, str]:
+        env = dict(self.plan.env)
+        if self.context.emulator_endpoint:
+            # Emulated hosts have no TPU: JAX runs on the CPU and finds its peers through the plugin.
+            env.setdefault("JAX_PLATFORMS", "cpu")
+            env["FRAY_TPU_RUNNER_PRELOAD"] = EMULATOR_JAX_PLUGIN
+        return env
+
+    def _attempt_spec(self, attempt_id: str, slot: TaskSlot, env: dict[str, str]) -> channel.AttemptSpec:
+        payload = self.plan.payload
+        common = dict(
+            job_id=self.record.job_id, task_id=slot.label, task_index=slot.index, env=env,
+            workspace_digest=self._bundle.digest if self._bundle else "",
+            pip_packages=list(self.plan.pip_packages), extras=list(self.plan.extras),
+        )
+        if payload.kind == "callable":
+            return channel.AttemptSpec(attempt_id, pickled_callable=payload.pickled, **common)
+        return channel.AttemptSpec(attempt_id, command=payload.command, args=list(payload.args), **common)
+
+    def _upload_workspace(self, clients: Sequence[channel.AgentClient]) -> None:
+        if self.plan.workspace is None:
+            return
+        if self._bundle is None:
+            from fray_tpu.workspace import pack_workspace
+
+            self._bundle = pack_workspace(self.plan.workspace)
+            self.progress(f"workspace {self.plan.workspace}: {self._bundle.file_count} files, "
+                          f"{self._bundle.size / 1e6:.1f} MB, digest {self._bundle.digest[:12]}")
+        with ThreadPoolExecutor(max_workers=min(16, len(clients))) as pool:
+            list(pool.map(lambda c: c.upload_bundle(self._bundle), clients))
+
+    def _prepare(self, clients: Sequence[channel.AgentClient], specs: Sequence[channel.AttemptSpec]) -> AttemptVerdict | None:
+        problems: dict[int, tuple[TaskOutcome, str]] = {}
+
+        def prepare(index: int) -> None:
+            try:
+                clients[index].prepare(specs[index])
+            except channel.PrepareFailed as error:
+                outcome = TaskOutcome.FAILED if error.kind == "user" else TaskOutcome.BAD_HOST
+                problems[index] = (outcome, str(error))
+            except channel.AgentUnreachable as error:
+                problems[index] = (TaskOutcome.LOST, str(error))
+            except channel.ChannelError as error:
+                problems[index] = (TaskOutcome.BAD_HOST, str(error))
+
+        with ThreadPoolExecutor(max_workers=min(64, len(clients))) as pool:
+            list(pool.map(prepare, range(len(clients))))
+        if not problems:
+            return None
+        ends = [TaskEnd(self.slots[i].index, self.slots[i].slice_id, self.slots[i].worker_id, outcome,
+                        stderr_tail=f"preparing the host failed: {why}", label=self.slots[i].label)
+                for i, (outcome, why) in sorted(problems.items())]
+        for end in ends:
+            self.record.set_task(end.task_index, JobStatus.FAILED, end.describe())
+        return judge_attempt(ends, len(self.slots))
+
+    def _verdict_for_hosts(self, slices: dict[int, str], outcome: TaskOutcome, what: str) -> AttemptVerdict:
+        ends = [TaskEnd(slot.index, slot.slice_id, slot.worker_id, outcome, stderr_tail=f"{what}: {slices[slot.slice_id]}",
+                        label=slot.label)
+                for slot in self.slots if slot.slice_id in slices and slot.worker_id == 0]
+        return judge_attempt(ends, len(self.slots))
+
+    # -- between attempts and at the end --------------------------------------------------------
+    def prepare_retry(self, replace_slices: frozenset[int]) -> None:
+        for slice_id in sorted(replace_slices):
+            self._release_slice(slice_id, background=True)
+        for i in range(len(self.slots)):
+            self.record.set_task(i, JobStatus.PENDING)
+
+    def _release_slice(self, slice_id: int, *, background: bool) -> None:
+        ready = self.slices[slice_id]
+        self.slices[slice_id] = None
+        for client in self._clients.pop(slice_id, []):
+            client.close()
+        if ready is None:
+            return
+
+        def delete() -> None:
+            try:
+                self.context.provisioner.delete(ready.spec.name, ready.zone,
+                                                deadline=time.monotonic() + self.config.delete_deadline,
+                                                queued=ready.spec.queued)
+                self.progress(f"slice-{slice_id}: deleted {ready.spec.name} in {ready.zone}")
+            except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
+                log.error("job %s: could not delete slice %s in %s: %s (`fray-tpu gc` will find it by label)",
+                          self.record.job_id, ready.spec.name, ready.zone, error)
+
+        if background:
+            thread = threading.Thread(target=delete, daemon=True, name=f"delete-{ready.spec.name}")
+            thread.start()
+            self._deletions.append(thread)
+        else:
+            delete()
+
+    def release_everything(self) -> None:
+        self._lease_stop.set()
+        for slice_id in range(len(self.slices)):
+            self._release_slice(slice_id, background=True)
+        for thread in self._deletions:
+            thread.join(self.config.delete_deadline + 60)
+
+    def _renew_leases(self) -> None:
+        period = self.config.lease_period
+        while not self._lease_stop.wait(period / 3):
+            for clients in list(self._clients.values()):
+                for client in list(clients):
+                    try:
+                        client.renew_lease(period)
+                    except channel.ChannelError as error:
+                        log.debug("lease renewal on %s: %s", client.address, error)
