@@ -100,7 +100,8 @@ class FakeMetadata:
 
 def random_loopback_ips(count: int) -> list[str]:
     """Distinct 127.x.y.z addresses, unlikely to collide with other tests on this machine."""
-    base = f"127.{random.randint(64, 250)}.{random.randint(0, 255)}"
+    # The emulator allocates 127.A.0.x upwards: a high third octet keeps clear of it.
+    base = f"127.{random.randint(16, 254)}.{random.randint(128, 255)}"
     fourth = random.sample(range(2, 250), count)
     return [f"{base}.{last}" for last in fourth]
 

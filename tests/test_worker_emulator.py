@@ -1,0 +1,96 @@
+"""The agent on emulated TPU VMs: a v5litepod-16 node whose startup-script (the real bootstrap)
+runs `python -m fray_tpu.worker` on each of its 4 hosts; the controller dials all of them."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+from fake_gcp import node_spec, node_state, polling, wait_for
+
+import fray_tpu
+from fray_tpu import tls
+from fray_tpu.bootstrap import BootstrapSpec, render_startup_script
+from fray_tpu.channel import AgentClient, AttemptExit, AttemptSpec, Classification, LogBatch
+from fray_tpu.worker import metadata as md
+
+pytest_plugins = ["fake_gcp.fixtures"]
+
+ZONE = "us-west4-a"
+TIMEOUT = 60.0
+
+
+def collect(stream, timeout: float = TIMEOUT) -> list:
+    deadline = time.monotonic() + timeout
+    events = []
+    for _ in range(100_000):
+        try:
+            events.append(stream.next_event(timeout=max(deadline - time.monotonic(), 0.01)))
+        except StopIteration:
+            return events
+    raise AssertionError("too many events")
+
+
+def test_a_v5litepod_16_boots_four_agents_that_run_a_closure_and_delete_the_node_when_the_lease_lapses(
+    fake_gcp, tpu_client
+):
+    secret = tls.make_secret()
+    material = tls.make_job_tls()
+    parent = fake_gcp.parent(ZONE)
+    name = f"{parent}/nodes/agents-1"
+    metadata = {
+        md.ATTR_SECRET_SHA256: tls.secret_sha256(secret),
+        md.ATTR_TLS_CERT: material.cert_pem.decode(),
+        md.ATTR_TLS_KEY: material.key_pem.decode(),
+        md.ATTR_NODE: name,
+        md.ATTR_API_ENDPOINT: fake_gcp.endpoint,
+        md.ATTR_LEASE_SECONDS: "120",
+        md.ATTR_SELF_DELETE: "true",
+        md.ATTR_JOB: "emulated-job",
+    }
+    script = render_startup_script(BootstrapSpec(fray_tpu_version=fray_tpu.__version__, python=sys.executable))
+    node = tpu_client.create_node(
+        parent=parent, node_id="agents-1", node=node_spec("v5litepod-16", startup_script=script, metadata=metadata)
+    ).result(timeout=TIMEOUT, polling=polling(TIMEOUT))
+    addresses = [f"{endpoint.ip_address}:{endpoint.port}" for endpoint in node.network_endpoints]
+    assert len(addresses) == 4
+    clients = [AgentClient(a, secret=secret, pinned_cert_pem=material.cert_pem, timeout=10) for a in addresses]
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        try:
+            infos = [client.wait_until_up(deadline) for client in clients]
+        except Exception as error:
+            logs = "\n".join(fake_gcp.control.host_log(name, w) for w in range(4))
+            raise AssertionError(f"{error}\n{logs}") from error
+        assert [info.worker_number for info in infos] == [0, 1, 2, 3]
+        assert {info.accelerator_type for info in infos} == {"v5litepod-16"}
+        assert [info.ip for info in infos] == [endpoint.ip_address for endpoint in node.network_endpoints]
+
+        def hello(word):
+            import os
+
+            print(word, os.environ["FRAY_TPU_WORKER_NUMBER"])
+
+        for client in clients:
+            client.prepare(AttemptSpec.for_callable("hello", hello, ("hello",)))
+        streams = [client.start("hello") for client in clients]
+        for worker, stream in enumerate(streams):
+            events = collect(stream)
+            assert [line for e in events if isinstance(e, LogBatch) for line in e.lines] == [f"hello {worker}"]
+            assert events[-1].classification == Classification.OK
+
+        for client in clients:
+            client.prepare(AttemptSpec("forever", command="sleep", args=["600"]))
+        streams = [client.start("forever") for client in clients]
+        # The controller shortens its lease and goes silent: every host stops, the node deletes itself.
+        for client in clients:
+            client.renew_lease(1.0)
+        for stream in streams:
+            finished = collect(stream)[-1]
+            assert isinstance(finished, AttemptExit)
+            assert finished.classification == Classification.CANCELLED and "lease expired" in finished.reason
+        wait_for(lambda: node_state(tpu_client, name) == "GONE", f"node {name} to delete itself", TIMEOUT)
+    finally:
+        for client in clients:
+            client.close()
