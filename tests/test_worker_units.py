@@ -1,0 +1,121 @@
+"""The agent's pure pieces: event ring, line batching, exit classification, lease, TLS material."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+
+from fray_tpu import tls
+from fray_tpu.channel import Classification, EventsLost, LogBatch, to_event
+from fray_tpu.proto import worker_pb2
+from fray_tpu.worker.attempt import MAX_LINE_BYTES, LineSplitter
+from fray_tpu.worker.classify import classify_exit, find_bad_host_line
+from fray_tpu.worker.events import EventLog
+from fray_tpu.worker.lease import Lease
+
+
+def log_event(text: bytes) -> worker_pb2.AttemptEvent:
+    return worker_pb2.AttemptEvent(log=worker_pb2.LogBatch(stream=worker_pb2.STDOUT, data=text, line_count=1))
+
+
+def test_event_ring_numbers_events_and_replays_from_any_retained_seq():
+    log = EventLog()
+    for i in range(5):
+        log.append(log_event(b"line %d" % i))
+    log.append(worker_pb2.AttemptEvent(exit=worker_pb2.Exit(code=0)), final=True)
+    assert log.last_seq == 6
+    assert [e.seq for e in log.follow(3, lambda: True)] == [3, 4, 5, 6]
+
+
+def test_event_ring_drops_the_oldest_and_tells_a_late_reader_what_it_lost():
+    log = EventLog(max_events=3)
+    for i in range(10):
+        log.append(log_event(b"line %d" % i))
+    log.append(worker_pb2.AttemptEvent(exit=worker_pb2.Exit(code=0)), final=True)
+    events = [to_event(e) for e in log.follow(1, lambda: True)]
+    assert events[0] == EventsLost(requested_from_seq=1, first_available_seq=9)
+    assert [e.lines for e in events[1:3]] == [["line 8"], ["line 9"]]
+
+
+def test_a_live_reader_wakes_for_new_events_and_ends_at_the_final_one():
+    log = EventLog()
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(e.seq for e in log.follow(1, lambda: True)))
+    reader.start()
+    log.append(log_event(b"a"))
+    log.append(worker_pb2.AttemptEvent(exit=worker_pb2.Exit(code=0)), final=True)
+    reader.join(5)
+    assert not reader.is_alive() and seen == [1, 2]
+
+
+def test_line_splitter_batches_whole_lines_and_keeps_partial_ones():
+    splitter = LineSplitter()
+    assert splitter.feed(b"par", 1.0) is None
+    assert splitter.feed(b"tial\nsecond\nthi", 2.0) == (b"partial\nsecond", 2, 1.0)
+    assert splitter.feed(b"rd\n", 3.0) == (b"third", 1, 2.0)
+    assert splitter.feed(b"\n\n", 4.0) == (b"\n", 2, 4.0)
+    assert splitter.feed(b"no newline at exit", 5.0) is None
+    assert splitter.flush() == (b"no newline at exit", 1, 5.0)
+    assert splitter.flush() is None
+
+
+def test_an_endless_line_is_cut_instead_of_growing_without_bound():
+    splitter = LineSplitter()
+    chunk = b"x" * (MAX_LINE_BYTES // 4)
+    results = [splitter.feed(chunk, 0.0) for _ in range(4)]
+    assert results[:3] == [None, None, None]
+    assert results[3][1] == 1 and len(results[3][0]) == MAX_LINE_BYTES
+
+
+def test_log_batch_becomes_a_list_of_lines():
+    message = worker_pb2.AttemptEvent(seq=7, log=worker_pb2.LogBatch(
+        stream=worker_pb2.STDERR, timestamp=12.5, data="a\n\nü".encode(), line_count=3))
+    assert to_event(message) == LogBatch(stream="stderr", lines=["a", "", "ü"], timestamp=12.5, seq=7)
+
+
+def test_bad_host_signatures_are_found_in_whole_lines():
+    data = b"ok\nE0101 tpu.cc] Couldn't open iommu group /dev/vfio/0\nmore"
+    assert find_bad_host_line(data) == "E0101 tpu.cc] Couldn't open iommu group /dev/vfio/0"
+    assert find_bad_host_line(b"ValueError: my own bug") is None
+
+
+def test_classification_order_cancel_then_success_then_preemption_then_bad_host():
+    bad = "No accelerator found"
+    assert classify_exit(returncode=-15, cancel_reason="cancelled", preempted=True, bad_host_line=bad)[0] \
+        == worker_pb2.CANCELLED
+    assert classify_exit(returncode=0, cancel_reason=None, preempted=True, bad_host_line=bad)[0] == worker_pb2.OK
+    assert classify_exit(returncode=1, cancel_reason=None, preempted=True, bad_host_line=bad)[0] \
+        == worker_pb2.PREEMPTED
+    assert classify_exit(returncode=1, cancel_reason=None, preempted=False, bad_host_line=bad)[0] \
+        == worker_pb2.BAD_HOST
+    assert classify_exit(returncode=-9, cancel_reason=None, preempted=False, bad_host_line=None) \
+        == (worker_pb2.USER_FAILURE, "killed by signal 9")
+    assert Classification.BAD_HOST == "BAD_HOST"
+
+
+def test_lease_fires_once_when_not_renewed_and_renewal_revives_it():
+    fired = threading.Event()
+    lease = Lease(0.2, fired.set, check_interval=0.01)
+    lease.start()
+    try:
+        assert lease.remaining() > 0
+        assert fired.wait(5)
+        assert lease.expired
+        assert lease.renew(30) == 30 and not lease.expired and lease.remaining() > 29
+    finally:
+        lease.stop()
+
+
+def test_job_tls_material_is_a_pinned_p256_certificate_for_the_agent_name():
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    material = tls.make_job_tls()
+    cert = x509.load_pem_x509_certificate(material.cert_pem)
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey) and cert.public_key().curve.name == "secp256r1"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [tls.AGENT_TLS_NAME]
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc <= tls.MAX_VALIDITY + tls.CLOCK_SKEW
+    assert isinstance(tls.server_credentials(material.cert_pem, material.key_pem), grpc.ServerCredentials)
+    assert tls.secret_sha256("s") == "043a718774c572bd8a25adbeb1bfcd5c0256ae11cecf9f9c3f925d0e52beaf89"
