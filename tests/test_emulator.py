@@ -36,7 +36,7 @@ from google.protobuf import duration_pb2
 
 from fray_tpu.emulator import EmulatorTimings
 
-pytest_plugins = ["fake_gcp.fixtures"]
+pytest_plugins = ["fake_gcp.fixtures", "pytester"]
 
 V5E_ZONE = "us-west4-a"
 V4_ZONE = "us-central2-b"
@@ -74,7 +74,8 @@ url = ("http://" + os.environ["GCE_METADATA_HOST"]
        + "/computeMetadata/v1/instance/preempted?wait_for_change=true&timeout_sec=60")
 open("watching", "w").close()
 body = urllib.request.urlopen(urllib.request.Request(url, headers={"Metadata-Flavor": "Google"}), timeout=90).read()
-open("preempted.txt", "w").write(body.decode())
+open("preempted.tmp", "w").write(body.decode())
+os.rename("preempted.tmp", "preempted.txt")
 PY
 sleep 300
 """
@@ -237,6 +238,15 @@ def test_injected_failures_hit_the_next_calls_of_a_method(fake_gcp, tpu_client, 
             list(tpu_client.list_nodes(parent=parent))
     assert list(tpu_client.list_nodes(parent=parent)) == []
     assert fake_gcp.control.counters()["ListNodes"] == 3
+
+
+def test_control_rejects_unknown_methods_and_zones_naming_the_valid_ones(fake_gcp):
+    with pytest.raises(ValueError, match="ListNodes"):
+        fake_gcp.control.fail_next("ListNode", 503)
+    with pytest.raises(ValueError, match="us-west4-a"):
+        fake_gcp.control.stockout("us-west4-z")
+    with pytest.raises(ValueError, match="no booted node"):
+        fake_gcp.control.hosts("no-such-node")
 
 
 def test_delete_while_creating(fake_gcp, tpu_client):
@@ -503,6 +513,25 @@ def test_counters_and_leak_report(fake_gcp, tpu_client):
     ]
     delete_node(tpu_client, node.name)
     assert fake_gcp.control.leaks() == {"nodes": [], "queued_resources": []}
+
+
+def test_leak_check_fails_a_test_that_leaves_a_node_and_cleans_up_after_it(pytester):
+    pytester.makepyfile(
+        test_leaky="""
+        from fake_gcp import create_node, node_spec
+
+        pytest_plugins = ["fake_gcp.fixtures"]
+
+        def test_leaves_a_node(fake_gcp, tpu_client):
+            create_node(tpu_client, fake_gcp.parent("us-west4-a"), "leaked", node_spec("v5litepod-8"))
+
+        def test_next_test_starts_clean(fake_gcp):
+            assert fake_gcp.control.leaks() == {"nodes": [], "queued_resources": []}
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*resources left alive at the end of the test*", "*nodes/leaked*"])
 
 
 def test_emulator_process_prints_endpoint_and_stops_cleanly_on_sigterm(tmp_path):

@@ -29,6 +29,26 @@ _EXTRA_RUNTIME_VERSIONS = (
 
 DEFAULT_AGENT_PORT = 8477
 
+# Every API method the emulator serves (and counts), by its gRPC method name.
+TPU_METHODS = (
+    "CreateNode",
+    "GetNode",
+    "ListNodes",
+    "DeleteNode",
+    "CreateQueuedResource",
+    "GetQueuedResource",
+    "ListQueuedResources",
+    "DeleteQueuedResource",
+    "ListAcceleratorTypes",
+    "GetAcceleratorType",
+    "ListRuntimeVersions",
+    "GetRuntimeVersion",
+    "GetGuestAttributes",
+)
+OPERATIONS_METHODS = ("GetOperation", "ListOperations", "DeleteOperation", "CancelOperation", "WaitOperation")
+LOCATIONS_METHODS = ("ListLocations", "GetLocation")
+API_METHODS = TPU_METHODS + OPERATIONS_METHODS + LOCATIONS_METHODS
+
 
 @cache
 def all_zones() -> tuple[str, ...]:

@@ -116,12 +116,18 @@ class Control:
     def quota_error(self, count: int = 1, zone: str | None = None) -> None:
         """The next ``count`` create calls (in ``zone``, or anywhere) fail on the call itself with
         RESOURCE_EXHAUSTED (HTTP 429), like an exhausted quota."""
+        if zone is not None and zone not in catalog.all_zones():
+            raise ValueError(f"unknown zone {zone!r}; zones: {', '.join(catalog.all_zones())}")
         with self._world.cond:
             self._world.quota_failures[zone] = self._world.quota_failures.get(zone, 0) + count
 
     def fail_next(self, method: str, code: int | str = 503, count: int = 1) -> None:
         """The next ``count`` calls of ``method`` (e.g. "ListNodes", "GetOperation") fail with
         ``code`` (an HTTP status like 429/503 or a gRPC code name)."""
+        if method not in catalog.API_METHODS:
+            raise ValueError(f"unknown API method {method!r}; methods: {', '.join(catalog.API_METHODS)}")
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
         with self._world.cond:
             self._world.injected.setdefault(method, []).append(InjectedFailure(status_code(code), count))
 

@@ -78,6 +78,7 @@ class Emulator:
 
     def stop(self) -> None:
         """Stop serving and end every host."""
+        self.world.close()
         if self._server is not None:
             self._server.stop(STOP_GRACE_SECONDS).wait()
         with self.world.cond:

@@ -221,6 +221,7 @@ class World:
         self.never_finish = False
         self._effects: list[Effect] = []
         self.dirty = False
+        self.closed = False
 
     # ----------------------------------------------------------------- bookkeeping
 
@@ -613,9 +614,15 @@ class World:
                 if operation is None:
                     raise not_found(name)
                 remaining = deadline - time.monotonic()
-                if operation.done or remaining <= 0:
+                if operation.done or remaining <= 0 or self.closed:
                     return operation
                 self.cond.wait(remaining)
+
+    def close(self) -> None:
+        """End every wait (the emulator is stopping)."""
+        with self.cond:
+            self.closed = True
+            self.changed()
 
     # ----------------------------------------------------------------- time
 
