@@ -30,13 +30,14 @@ from fray_tpu.errors import DeadlineExceeded
 from fray_tpu.fray_api import Cluster, JobId, JobInfo, JobStatus
 from fray_tpu.jobs import JobRecord, JobTable
 from fray_tpu.planning import plan_job
-from fray_tpu.supervisor import ControllerContext, JobSupervisor, LocalJobSupervisor, TpuJobSupervisor
+from fray_tpu.supervisor import PROGRESS_PREFIX, ControllerContext, JobSupervisor, LocalJobSupervisor, TpuJobSupervisor
 
 log = logging.getLogger(__name__)
 job_log = logging.getLogger("fray_tpu.job")
 
 EMULATOR_START_TIMEOUT = 60.0
 SHUTDOWN_TIMEOUT = 600.0
+
 
 
 class TpuCluster(Cluster):
@@ -50,6 +51,7 @@ class TpuCluster(Cluster):
         self._context: ControllerContext | None = None
         self._emulator: subprocess.Popen | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="fray-tpu-controller-"))
+        self._zones_used: set[str] = set()
         atexit.register(self.shutdown)
 
     @classmethod
@@ -62,6 +64,7 @@ class TpuCluster(Cluster):
         job_id = JobId(naming.new_job_id(plan.name))
         record = JobRecord(job_id, plan.name, plan.task_names)
         if plan.is_tpu:
+            self._zones_used.update(plan.zones)
             supervisor: JobSupervisor = TpuJobSupervisor(record, plan, self._controller_context())
         else:
             supervisor = LocalJobSupervisor(record, plan, self._workdir)
@@ -85,7 +88,9 @@ class TpuCluster(Cluster):
             if chunk.missed:
                 job_log.warning("[%s] %d output lines were dropped before they could be shown", job_id, chunk.missed)
             for line in chunk.lines:
-                job_log.info("%s", line)
+                # Progress lines were logged by the supervisor already.
+                if not line.startswith(PROGRESS_PREFIX):
+                    job_log.info("%s", line)
             cursor = chunk.next_cursor
             if finished and not chunk.lines:
                 return record.info()
@@ -113,6 +118,13 @@ class TpuCluster(Cluster):
         supervisor.join(timeout)
         if supervisor.is_alive():
             raise DeadlineExceeded(f"job {job_id} still releasing its slices after {timeout:.0f}s")
+
+    def live_slices(self) -> list:
+        """Every slice (node or queued resource) this controller created that still exists."""
+        if self._context is None:
+            return []
+        labels = {naming.LABEL_CONTROLLER: naming.label_value(self.controller_id)}
+        return self._context.provisioner.list_managed(sorted(self._zones_used), labels)
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
         """Terminate running jobs (unless detaching), wait for their cleanup, stop our emulator."""

@@ -50,6 +50,8 @@ CANCEL_GRACE_SECONDS = 5.0
 # After cancelling a gang, how long hosts may take to report their exit before counting as lost.
 CANCEL_REPORT_SECONDS = 30.0
 EMULATOR_JAX_PLUGIN = "fray_tpu.jax_emulated_cluster"
+# Lines the controller itself adds to a job's output (progress, retries), as opposed to the job's.
+PROGRESS_PREFIX = "[fray-tpu] "
 
 _OUTCOMES = {
     channel.Classification.OK: TaskOutcome.SUCCEEDED,
@@ -144,7 +146,7 @@ def watch_attempt(
         nonlocal cancelling_since
         if cancelling_since is None:
             cancelling_since = time.monotonic()
-            record.append_lines([f"[fray-tpu] stopping every task: {reason}"])
+            record.append_lines([f"{PROGRESS_PREFIX}stopping every task: {reason}"])
             threading.Thread(target=run.cancel_all, args=(reason,), daemon=True, name="cancel-gang").start()
 
     def finish(slot: TaskSlot, end: TaskEnd) -> None:
@@ -222,7 +224,7 @@ class JobSupervisor(threading.Thread):
 
     def progress(self, line: str) -> None:
         log.info("job %s: %s", self.record.job_id, line)
-        self.record.append_lines([f"[fray-tpu] {line}"])
+        self.record.append_lines([PROGRESS_PREFIX + line])
 
     def run(self) -> None:
         status, error = JobStatus.FAILED, "internal error"
@@ -236,18 +238,19 @@ class JobSupervisor(threading.Thread):
             log.exception("supervisor of job %s crashed", self.record.job_id)
             status, error = JobStatus.FAILED, f"fray-tpu internal error: {type(e).__name__}: {e}"
         finally:
-            try:
-                self.release_everything()
-            except Exception as e:  # noqa: BLE001
-                log.exception("cleanup of job %s failed", self.record.job_id)
-                error = f"{error or ''} (cleanup failed: {e})".strip()
             if status is JobStatus.STOPPED:
                 for i, task in enumerate(self.record.info().tasks):
                     if not JobStatus.finished(task.status):
                         self.record.set_task(i, JobStatus.STOPPED)
+            # The status is final once the user's processes are gone; slices are deleted after
+            # it (wait_released() / shutdown() wait for that), so terminate() is prompt.
             self.record.set_phase(str(status))
             self.record.set_status(status, error)
             self.progress(f"job {status}" + (f": {error}" if error else ""))
+            try:
+                self.release_everything()
+            except Exception:  # noqa: BLE001 - logged; `fray-tpu gc` finds leftovers by label
+                log.exception("releasing the resources of job %s failed", self.record.job_id)
 
     def run_attempts(self) -> tuple[JobStatus, str | None]:
         while True:
