@@ -1,0 +1,218 @@
+"""TpuCluster end to end on the Cloud TPU emulator (issue 4's acceptance list).
+
+Hosts of emulated slices are local processes, so the job callables below report what they saw
+by writing files under the test's tmp_path. Every test ends with its slices released; the
+``fake_gcp`` fixture then fails the test if any node or queued resource is left alive.
+
+The callables are module-level functions shipped by value (this module is not importable on the
+hosts). Inside them, waits are bounded loops with a deadline, never open-ended.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from fake_gcp import wait_for
+
+from fray_tpu.cluster import TpuCluster
+from fray_tpu.config import TpuClusterConfig
+from fray_tpu.errors import ConfigError
+from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
+from fray_tpu.naming import LABEL_JOB, LABEL_SLICE, label_value
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+JOB_TIMEOUT = 120.0
+HOST_DEADLINE = 90.0  # how long a job callable waits for a condition before giving up
+TRACEBACK_MARKER = "Traceback (most recent call last)"
+
+
+# -- callables that run on the hosts ---------------------------------------------------------------
+
+def _wait_for_file(path: str, deadline_seconds: float) -> bool:
+    """True once ``path`` exists; False at the deadline (bounded polling inside the job)."""
+    deadline = time.monotonic() + deadline_seconds
+    pause = threading.Event()
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return True
+        pause.wait(0.05)
+    return False
+
+
+def _write_json(path: Path, value) -> None:
+    """Atomically, so a reader never sees half a file."""
+    partial = path.with_name(path.name + f".{os.getpid()}.partial")
+    partial.write_text(json.dumps(value))
+    os.replace(partial, path)
+
+
+def greet() -> None:
+    print(f"hello from task {os.environ['FRAY_TASK_INDEX']}", flush=True)
+
+
+def record_env_and_block(out_dir: str, preempting_marker: str) -> None:
+    """Write this host's env; on the first attempt (no marker yet) block until stopped."""
+    second_attempt = os.path.exists(preempting_marker)
+    name = f"{'second' if second_attempt else 'first'}-{os.environ['FRAY_TASK_INDEX']}.json"
+    _write_json(Path(out_dir) / name, dict(os.environ))
+    if not second_attempt:
+        _wait_for_file(os.path.join(out_dir, "never-written"), HOST_DEADLINE)
+        raise SystemExit("the first attempt was never stopped")
+
+
+def record_env_and_allgather(out_dir: str) -> None:
+    _write_json(Path(out_dir) / f"env-{os.environ['FRAY_TASK_INDEX']}.json", dict(os.environ))
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import multihost_utils
+
+    jax.distributed.initialize()
+    total = int(multihost_utils.process_allgather(jnp.array([jax.process_index() + 1])).sum())
+    _write_json(Path(out_dir) / f"jax-{os.environ['FRAY_TASK_INDEX']}.json",
+                {"process_index": jax.process_index(), "process_count": jax.process_count(), "total": total})
+    jax.distributed.shutdown()
+
+
+def worker_two_raises(out_dir: str) -> None:
+    """Worker 2 fails; the rest of the gang would run until stopped (and record that they ran)."""
+    index = os.environ["FRAY_TASK_INDEX"]
+    _write_json(Path(out_dir) / f"pid-{index}.json", os.getpid())
+    if index == "2":
+        raise ValueError("boom on purpose in task 2")
+    _wait_for_file(os.path.join(out_dir, "never-written"), HOST_DEADLINE)
+
+
+def fail_first_two_attempts(counter_dir: str) -> None:
+    """Task 0 counts attempts with one exclusively-created file per attempt; the first two fail."""
+    if os.environ["FRAY_TASK_INDEX"] != "0":
+        return
+    directory = Path(counter_dir)
+    for attempt in range(1, 10):
+        try:
+            with open(directory / f"attempt-{attempt}", "x"):
+                break
+        except FileExistsError:
+            continue
+    if attempt <= 2:
+        raise RuntimeError(f"failing attempt {attempt} on purpose")
+    print(f"succeeded on attempt {attempt}", flush=True)
+
+
+def record_pid_and_block(out_dir: str) -> None:
+    _write_json(Path(out_dir) / f"pid-{os.environ['FRAY_TASK_INDEX']}.json", os.getpid())
+    _wait_for_file(os.path.join(out_dir, "never-written"), HOST_DEADLINE)
+
+
+def block_until(go_file: str) -> None:
+    if not _wait_for_file(go_file, HOST_DEADLINE):
+        raise SystemExit(f"{go_file} never appeared")
+
+
+def meet_peer(out_dir: str, me: str, peer: str, fail: bool) -> None:
+    """RL shape: record my start, wait for my peer's; then succeed or fail."""
+    _write_json(Path(out_dir) / f"{me}.started", time.time())
+    if not _wait_for_file(os.path.join(out_dir, f"{peer}.started"), HOST_DEADLINE):
+        raise SystemExit(f"{me}: {peer} never started while I was running")
+    if fail:
+        raise RuntimeError(f"{me} fails on purpose")
+
+
+# -- fixtures and helpers -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster(emulator_process):
+    c = TpuCluster(TpuClusterConfig(
+        emulate=True,
+        emulator_endpoint=emulator_process.endpoint,
+        poll_interval=0.2,
+        lease_period=30.0,
+        capacity_deadline=60.0,
+    ))
+    yield c
+    c.shutdown(timeout=120)
+
+
+@pytest.fixture
+def workspace(tmp_path) -> str:
+    path = tmp_path / "workspace"
+    path.mkdir()
+    (path / "README").write_text("a small workspace for the test jobs\n")
+    return str(path)
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+def tpu_request(name: str, fn, args, workspace: str, tpu_type: str = "v5litepod-16", slices: int = 1,
+                **kwargs) -> JobRequest:
+    regions = kwargs.pop("regions", None)
+    return JobRequest(
+        name=name,
+        entrypoint=Entrypoint.from_callable(fn, args=list(args)),
+        resources=ResourceConfig.with_tpu(tpu_type, slice_count=slices, regions=regions),
+        environment=EnvironmentConfig.create(workspace=workspace),
+        **kwargs,
+    )
+
+
+def finish(cluster: TpuCluster, job_id: str):
+    """The job's final info, after its slices are released (so the leak check is meaningful)."""
+    info = cluster.wait(job_id, timeout=JOB_TIMEOUT)
+    cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
+    return info
+
+
+def read_json_files(directory: Path, pattern: str) -> dict[str, object]:
+    return {p.name: json.loads(p.read_text()) for p in sorted(directory.glob(pattern))}
+
+
+def wait_files(directory: Path, pattern: str, count: int, what: str) -> dict[str, object]:
+    return wait_for(lambda: len(list(directory.glob(pattern))) >= count and read_json_files(directory, pattern),
+                    what, JOB_TIMEOUT)
+
+
+def job_nodes(control, job_id: str) -> list[dict]:
+    return [n for n in control.leaks()["nodes"] if n["labels"].get(LABEL_JOB) == label_value(job_id)]
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_all_tasks_running(cluster: TpuCluster, job_id: str) -> None:
+    wait_for(lambda: all(t.status == JobStatus.RUNNING for t in cluster.poll(job_id).tasks),
+             f"every task of {job_id} to be running", JOB_TIMEOUT)
+
+
+# -- single slice -------------------------------------------------------------------------------------
+
+def test_single_slice_succeeds_with_tagged_output(cluster, fake_gcp, workspace, caplog):
+    job_id = cluster.launch(tpu_request("single", greet, [], workspace))
+    with caplog.at_level(logging.INFO, logger="fray_tpu.job"):
+        info = cluster.monitor(job_id)
+    cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
+
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    assert [t.status for t in info.tasks] == [JobStatus.SUCCEEDED] * 4
+    lines = [r.getMessage() for r in caplog.records if r.name == "fray_tpu.job"]
+    for worker in range(4):
+        assert f"[slice-0/worker-{worker}] hello from task {worker}" in lines
+    counters = cluster.job_counters(job_id)
+    assert (counters.attempts, counters.failures, counters.preemptions) == (1, 0, 0)
