@@ -84,6 +84,12 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         self._bundles = BundleStore(settings.state_dir / "bundles")
         self._pyenvs = None
         self.lease = Lease(settings.lease_seconds, self._lease_expired)
+        self._identity = worker_pb2.WorkerIdentity(
+            worker_number=settings.worker_number, node_name=settings.node_name,
+            accelerator_type=settings.accelerator_type, ip=settings.ip, agent_version=fray_tpu.__version__,
+            python_version=platform.python_version(), job=settings.job, controller=settings.controller,
+            hostname=socket.gethostname(),
+        )
 
     # -- identity -------------------------------------------------------------------------
 
@@ -98,18 +104,13 @@ class Agent(worker_pb2_grpc.WorkerServicer):
                 status.last_seq = current.attempt.events.last_seq
                 status.classification = current.attempt.classification
         bundle_stats = self._bundles.stats()
-        s = self.settings
         return worker_pb2.DescribeResponse(
-            identity=worker_pb2.WorkerIdentity(
-                worker_number=s.worker_number, node_name=s.node_name, accelerator_type=s.accelerator_type,
-                ip=s.ip, agent_version=fray_tpu.__version__, python_version=platform.python_version(),
-                job=s.job, controller=s.controller, hostname=socket.gethostname(),
-            ),
+            identity=self._identity,
             health=worker_pb2.HEALTHY,
             preempted=self._preempted.is_set(),
             current_attempt=status,
             cache=worker_pb2.CacheStats(
-                bundles_cached=sum(1 for _ in (s.state_dir / "bundles" / "blobs").glob("*")),
+                bundles_cached=len(os.listdir(self._bundles.root / "blobs")),
                 bundle_uploads=bundle_stats.get("uploads", 0),
                 bundle_upload_skips=self._counters["upload_skips"],
                 envs_created=self._counters["envs_created"],
