@@ -113,6 +113,7 @@ class AgentHost:
     workdir: Path
     metadata: FakeMetadata
     marker: str
+    extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
 
     @property
@@ -137,6 +138,7 @@ class AgentHost:
             "FRAY_TPU_HOST_DIR": str(self.workdir),
             "TMPDIR": str(self.workdir / "tmp"),
             HOST_MARKER_ENV: self.marker,
+            **self.extra_env,
         })
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -192,7 +194,7 @@ def processes_marked(marker: str) -> list[int]:
 
 
 def make_slice(root: Path, count: int, *, lease_seconds: float = 600, self_delete: bool = False,
-               extra_attributes: dict[str, str] | None = None) -> AgentSlice:
+               extra_attributes: dict[str, str] | None = None, extra_env: dict[str, str] | None = None) -> AgentSlice:
     secret = tls.make_secret()
     material = tls.make_job_tls()
     ips = random_loopback_ips(count)
@@ -215,7 +217,8 @@ def make_slice(root: Path, count: int, *, lease_seconds: float = 600, self_delet
         }
         workdir = root / f"host-{worker}"
         (workdir / "tmp").mkdir(parents=True)
-        hosts.append(AgentHost(worker, ip, workdir, FakeMetadata(ip, attributes, "test-node"), uuid.uuid4().hex))
+        hosts.append(AgentHost(worker, ip, workdir, FakeMetadata(ip, attributes, "test-node"), uuid.uuid4().hex,
+                               dict(extra_env or {})))
     for host in hosts:
         host.start_agent()
     return AgentSlice(hosts, secret, material)

@@ -201,3 +201,78 @@ def test_when_the_lease_lapses_the_attempt_stops(tmp_path):
         assert "lease" in test_slice.hosts[0].log()
     finally:
         teardown_slice(test_slice)
+
+
+# -- preemption -----------------------------------------------------------------------------------
+
+
+def test_a_preempted_vm_is_reported_and_its_failure_classified_as_preemption(one_host):
+    from fray_tpu.channel import PreemptionNotice
+
+    host = one_host.hosts[0]
+    client = one_host.client(host)
+    attempt_id = f"attempt-{uuid.uuid4().hex[:8]}"
+    client.prepare(AttemptSpec(attempt_id, command="sleep", args=["600"]))
+    stream = client.start(attempt_id)
+    started = stream.next_event(timeout=EVENT_TIMEOUT)
+    host.metadata.set_preempted("TRUE")
+    assert isinstance(stream.next_event(timeout=EVENT_TIMEOUT), PreemptionNotice)
+    assert client.describe().preempted
+    # The VM going down takes the user's process with it.
+    os.kill(started.pid, 9)
+    finished = collect(stream)[-1]
+    assert (finished.signal, finished.classification) == (9, Classification.PREEMPTED)
+
+
+# -- job environments through the channel ---------------------------------------------------------
+
+
+def build_wheel(directory: Path, name: str, version: str, files: dict[str, str]) -> Path:
+    """A pure-Python wheel of a tiny local package, zipped by hand (no build backend, no index)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    entries = dict(files)
+    entries[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    entries[f"{info}/WHEEL"] = "Wheel-Version: 1.0\nGenerator: fray-tpu-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    record = [
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+        f"{len(text.encode())}"
+        for path, text in entries.items()
+    ]
+    entries[f"{info}/RECORD"] = "\n".join([*record, f"{info}/RECORD,,"]) + "\n"
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in entries.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_pip_packages_are_installed_for_the_attempt_and_the_environment_is_reused(tmp_path):
+    marker = uuid.uuid4().hex
+    wheel = build_wheel(tmp_path, "fraytest_channel_pkg", "1.0",
+                        {"fraytest_channel_pkg/__init__.py": f"MARKER = {marker!r}\n"})
+    test_slice = make_slice(tmp_path / "hosts", 1, extra_env={"PIP_NO_INDEX": "1"})
+    try:
+        [client] = test_slice.wait_until_up()
+
+        def imports_the_package():
+            import fraytest_channel_pkg
+
+            print(fraytest_channel_pkg.MARKER)
+
+        results = []
+        for run in range(2):
+            attempt_id = f"attempt-pip-{run}"
+            prepared = client.prepare(AttemptSpec.for_callable(attempt_id, imports_the_package,
+                                                                pip_packages=[str(wheel)]))
+            events = collect(client.start(attempt_id))
+            assert events[-1].code == 0, events[-1].stderr_tail
+            results.append((prepared.env_reused, [line for e in events if hasattr(e, "lines") for line in e.lines]))
+        assert results == [(False, [marker]), (True, [marker])]
+        cache = client.describe().cache
+        assert (cache["envs_created"], cache["envs_reused"]) == (1, 1)
+    finally:
+        teardown_slice(test_slice)
