@@ -216,3 +216,113 @@ def test_single_slice_succeeds_with_tagged_output(cluster, fake_gcp, workspace, 
         assert f"[slice-0/worker-{worker}] hello from task {worker}" in lines
     counters = cluster.job_counters(job_id)
     assert (counters.attempts, counters.failures, counters.preemptions) == (1, 0, 0)
+
+
+# -- multislice: env on every host and one JAX group of all 8 processes ------------------------------
+
+def test_multislice_env_and_global_jax_collective(cluster, fake_gcp, workspace, out_dir):
+    job_id = cluster.launch(tpu_request("multi-jax", record_env_and_allgather, [str(out_dir)], workspace, slices=2))
+    info = finish(cluster, job_id)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    assert len(info.tasks) == 8 and all(t.status == JobStatus.SUCCEEDED for t in info.tasks)
+
+    envs = {int(env["FRAY_TASK_INDEX"]): env for env in read_json_files(out_dir, "env-*.json").values()}
+    assert sorted(envs) == list(range(8))
+    coordinator_ip = envs[0]["FRAY_TPU_HOST_IP"]
+    assert len({env["FRAY_TPU_HOST_IP"] for env in envs.values()}) == 8
+    for index, env in envs.items():
+        slice_id, worker = divmod(index, 4)
+        assert env["FRAY_SLICE_ID"] == str(slice_id) and env["FRAY_WORKER_ID"] == str(worker)
+        assert env["FRAY_TASK_COUNT"] == "8" and env["FRAY_SLICE_COUNT"] == "2"
+        assert env["MEGASCALE_SLICE_ID"] == str(slice_id)
+        assert env["MEGASCALE_NUM_SLICES"] == "2"
+        assert env["MEGASCALE_COORDINATOR_ADDRESS"] == f"{coordinator_ip}:8081"
+        assert env["JAX_COORDINATOR_PORT"] == "8476"
+        assert env["PYTHONUNBUFFERED"] == "1"
+        spec = TpuClusterConfig.from_spec(env["FRAY_CLUSTER_SPEC"])
+        assert spec.emulate and spec.emulator_endpoint == fake_gcp.endpoint
+
+    results = read_json_files(out_dir, "jax-*.json")
+    assert sorted(r["process_index"] for r in results.values()) == list(range(8))
+    # The collective saw every process: 1 + 2 + ... + 8.
+    assert {(r["process_count"], r["total"]) for r in results.values()} == {(8, 36)}
+
+
+# -- user failures and the failure budget ------------------------------------------------------------
+
+def test_failing_callable_names_host_and_traceback(cluster, fake_gcp, workspace, out_dir):
+    job_id = cluster.launch(tpu_request("fails", worker_two_raises, [str(out_dir)], workspace, max_retries_failure=0))
+    info = finish(cluster, job_id)
+
+    assert info.status == JobStatus.FAILED
+    assert "slice-0/worker-2" in info.error_message
+    assert TRACEBACK_MARKER in info.error_message
+    assert "ValueError: boom on purpose in task 2" in info.error_message
+    counters = cluster.job_counters(job_id)
+    assert (counters.attempts, counters.failures) == (1, 1)
+    # The gang was stopped: no host of the failed attempt is still running the user's code.
+    pids = read_json_files(out_dir, "pid-*.json").values()
+    assert len(pids) == 4
+    assert not [pid for pid in pids if process_alive(pid)]
+
+
+def test_job_failing_twice_succeeds_on_third_attempt(cluster, fake_gcp, workspace, out_dir):
+    job_id = cluster.launch(tpu_request("flaky", fail_first_two_attempts, [str(out_dir)], workspace,
+                                        max_retries_failure=2))
+    info = finish(cluster, job_id)
+
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    counters = cluster.job_counters(job_id)
+    assert (counters.attempts, counters.failures, counters.preemptions) == (3, 2, 0)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["attempt-1", "attempt-2", "attempt-3"]
+    # Documented policy (decisions.py): a user failure reuses the healthy slice.
+    assert fake_gcp.control.counters().get("CreateNode") == 1
+
+
+# -- preemption ---------------------------------------------------------------------------------------
+
+def test_preempting_one_slice_restarts_the_whole_gang(cluster, fake_gcp, workspace, out_dir):
+    marker = out_dir / "preempting"
+    job_id = cluster.launch(tpu_request("preempt", record_env_and_block, [str(out_dir), str(marker)], workspace,
+                                        slices=2, max_retries_preemption=1))
+    first = wait_files(out_dir, "first-*.json", 8, "all 8 hosts of the first attempt to start")
+    slice0 = [n for n in job_nodes(fake_gcp.control, job_id) if n["labels"][LABEL_SLICE] == "0"]
+    assert len(slice0) == 1
+    marker.write_text("")
+    fake_gcp.control.preempt_node(slice0[0]["name"])
+
+    info = finish(cluster, job_id)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    counters = cluster.job_counters(job_id)
+    assert (counters.attempts, counters.preemptions, counters.failures) == (2, 1, 0)
+
+    second = read_json_files(out_dir, "second-*.json")
+    assert len(second) == 8
+    first_by_index = {int(e["FRAY_TASK_INDEX"]): e for e in first.values()}
+    second_by_index = {int(e["FRAY_TASK_INDEX"]): e for e in second.values()}
+    old_coordinator = first_by_index[0]["MEGASCALE_COORDINATOR_ADDRESS"]
+    new_coordinator = second_by_index[0]["MEGASCALE_COORDINATOR_ADDRESS"]
+    assert new_coordinator != old_coordinator
+    assert new_coordinator == f"{second_by_index[0]['FRAY_TPU_HOST_IP']}:8081"
+    for index, env in second_by_index.items():
+        assert env["MEGASCALE_COORDINATOR_ADDRESS"] == new_coordinator
+        assert env["MEGASCALE_SLICE_ID"] == str(index // 4)
+        assert env["MEGASCALE_NUM_SLICES"] == "2"
+    # Slice 0 was replaced (new hosts); slice 1 survived and was reused.
+    assert {second_by_index[i]["FRAY_TPU_HOST_IP"] for i in range(4)}.isdisjoint(
+        {first_by_index[i]["FRAY_TPU_HOST_IP"] for i in range(4)})
+
+
+def test_exhausted_preemption_budget_fails_and_says_so(cluster, fake_gcp, workspace, out_dir):
+    marker = out_dir / "never-created"
+    job_id = cluster.launch(tpu_request("no-budget", record_env_and_block, [str(out_dir), str(marker)], workspace,
+                                        max_retries_preemption=0))
+    wait_files(out_dir, "first-*.json", 4, "all 4 hosts to start")
+    (node,) = job_nodes(fake_gcp.control, job_id)
+    fake_gcp.control.preempt_node(node["name"])
+
+    info = finish(cluster, job_id)
+    assert info.status == JobStatus.FAILED
+    assert "preempted" in info.error_message and "max_retries_preemption=0" in info.error_message
+    assert cluster.job_counters(job_id).preemptions == 1
+    assert cluster.job_counters(job_id).attempts == 1
