@@ -1,0 +1,336 @@
+"""What a job's slices cost: a price table per TPU generation and capacity class, and the
+accounting of a job's chip-hours (provisioned, running user code, lost to preemption, boot, idle).
+
+Pure code, no I/O: the caller passes the slice intervals (from the journal) and ``now``.
+
+Default prices (USD per chip-hour, list prices, no discounts, no VM disk or network charges)
+-------------------------------------------------------------------------------------------
+Read on 2026-11-27. Sources:
+
+- [G] Google, Cloud TPU pricing, https://cloud.google.com/tpu/pricing. The stored copy of that
+  page available to us was an old revision (v4 preview); current per-chip prices were therefore
+  taken from [S].
+- [S] SkyPilot's GCP catalog, ``skypilot-org/skypilot-catalog`` ``catalogs/v8/gcp/vms.csv``
+  (commit 8427bbff988abdd050a9f51addd314ef31cb4e85), generated from Google's Cloud Billing
+  Catalog API SKUs (per-slice prices; divided here by the slice's chip count). On-demand prices
+  are the same in every US region listed; spot prices vary by region, see below.
+- [T] Google's Trillium (v6e) GA announcement, as quoted by Neowin
+  (https://neowin.net/amp/google-takes-on-nvidia-blackwell-gpus-with-the-new-trillium-tpus):
+  "starting at $2.7000 per chip-hour ... 1-year and 3-year commitments ... $1.8900 per
+  chip-hour and $1.2200 per chip-hour".
+
+Capacity classes:
+
+- ``on-demand``: the US list price [S]; identical in every US region in [S]. (Europe and Asia
+  cost more: e.g. v5e 1.56 and v6e 2.97 in europe-west4.)
+- ``spot``: Spot prices are set per region and change over time. The default is the price in
+  [S] for one US zone fray-tpu tries for the generation (named below); other US zones in [S]
+  range from about half to the same value. Override for your zone (see below).
+- ``preemptible``: billed on the same "Preemptible" SKUs as spot ([S]'s fetcher maps spot to
+  them), so the default equals spot.
+- ``reserved``: ASSUMPTION: reserved capacity comes with a committed-use discount; the default
+  is the 1-year commitment price per chip-hour. Only v6e's is verified ([T]); the v4, v5e and
+  v5p values are remembered from Google's pricing page and could NOT be verified from the
+  sources above (marked below). Put your contract's price in ``FRAY_TPU_PRICES``.
+
+Overrides: ``PriceTable.from_mapping({"v5e": {"spot": 0.6}})`` or the environment variable
+``FRAY_TPU_PRICES='{"v5e": {"spot": 0.6}}'`` (``PriceTable.from_env``); both are merged over the
+defaults, so name only what differs.
+
+Accounting semantics (``job_cost``)
+-----------------------------------
+A ``SliceInterval`` is one slice's life during one attempt of a job. Per slice (``slice_id``):
+
+- **provisioned**: from ``provisioned_at`` (the create call) to ``released_at`` (the delete), or
+  to ``now`` while the slice is held. This is the billed time. Intervals of the same slice
+  (a healthy slice kept for the next attempt) are billed once: the union of their windows,
+  ending at the slice's deletion (the ``released_at`` any of them carries; the earliest if
+  several do).
+- **running**: ``running_from`` → ``running_until`` (or release / ``now`` while running) of
+  attempts that did NOT end in preemption: user code ran on the chips (whether it succeeded or
+  failed).
+- **lost to preemption**: the running time *and* the boot time of intervals marked
+  ``preempted`` (the attempt ended because of a preemption; the caller decides whether to mark
+  only the lost slice or every slice of the gang).
+- **boot**: ``provisioned_at`` → ``running_from`` (or → release / ``now`` when it never ran) of
+  intervals not marked ``preempted``.
+- **idle**: the rest of the provisioned time, e.g. after the run until deletion.
+
+Where a slice's windows overlap, a moment counts once, in the first matching bucket of:
+running, lost to preemption, boot, idle. So provisioned = running + lost + boot + idle.
+Windows are clipped to the slice's provisioned window. Chip-hours are chips × hours; the
+estimated cost is each slice's provisioned chip-hours × the price of its generation and
+capacity class. ``ready_at`` (node READY) is carried for reports and does not change buckets.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from fray_tpu.config import CAPACITY_CLASSES
+from fray_tpu.errors import ConfigError
+from fray_tpu.topology import RUNTIME_VERSIONS
+
+PRICES_ENV = "FRAY_TPU_PRICES"
+GENERATIONS: tuple[str, ...] = tuple(RUNTIME_VERSIONS)
+PRICES_READ_ON = "2026-11-27"
+
+# USD per chip-hour; see the module docstring for the sources ([S], [T]) and assumptions.
+_DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "v4": {
+        "on-demand": 3.22,  # [S] v4-8 (4 chips) $12.88/h, us-central2
+        "spot": 0.9215,  # [S] us-central2-b
+        "preemptible": 0.9215,  # same SKU as spot
+        "reserved": 2.03,  # 1-year commitment; UNVERIFIED (not in [S] or [T])
+    },
+    "v5e": {
+        "on-demand": 1.20,  # [S] v5litepod-1 $1.20/h, US regions
+        "spot": 0.48,  # [S] us-west4-a (us-central1-a: 0.245, us-east5: 0.60)
+        "preemptible": 0.48,  # same SKU as spot
+        "reserved": 0.84,  # 1-year commitment; UNVERIFIED (not in [S] or [T])
+    },
+    "v5p": {
+        "on-demand": 4.20,  # [S] v5p-12288 (6144 chips) $25804.80/h, US regions
+        "spot": 1.68,  # [S] us-east5-a (us-central1-a: 0.93)
+        "preemptible": 1.68,  # same SKU as spot
+        "reserved": 2.94,  # 1-year commitment; UNVERIFIED (not in [S] or [T])
+    },
+    "v6e": {
+        "on-demand": 2.70,  # [S] v6e-1 $2.70/h, US regions; [T]
+        "spot": 1.35,  # [S] us-east5-b (us-east1-d, us-central1: 0.573)
+        "preemptible": 1.35,  # same SKU as spot
+        "reserved": 1.89,  # [T] 1-year commitment
+    },
+}
+
+_CAPACITY_ALIASES = {"on_demand": "on-demand", "ondemand": "on-demand", "standard": "on-demand"}
+
+
+def _frozen(prices: Mapping[str, Mapping[str, float]]) -> Mapping[str, Mapping[str, float]]:
+    return MappingProxyType({g: MappingProxyType(dict(classes)) for g, classes in prices.items()})
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """USD per chip-hour for every generation × capacity class."""
+
+    prices: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: _frozen(_DEFAULT_PRICES))
+
+    @classmethod
+    def default(cls) -> PriceTable:
+        return cls(_frozen(_DEFAULT_PRICES))
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Mapping[str, Any]], base: PriceTable | None = None) -> PriceTable:
+        """``overrides`` (``{"v5e": {"spot": 0.6}}``) merged over ``base`` (the defaults)."""
+        return (base or cls.default()).merged(overrides, source="the price overrides")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PriceTable:
+        """The defaults, with the JSON in ``FRAY_TPU_PRICES`` (if set) merged over them."""
+        env = os.environ if environ is None else environ
+        text = env.get(PRICES_ENV, "").strip()
+        if not text:
+            return cls.default()
+        try:
+            overrides = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{PRICES_ENV} is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}. "
+                f'Write e.g. {PRICES_ENV}=\'{{"v5e": {{"spot": 0.6}}}}\''
+            ) from None
+        return cls.default().merged(overrides, source=PRICES_ENV)
+
+    def merged(self, overrides: Any, source: str) -> PriceTable:
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(
+                f"{source} must map generation to {{capacity class: USD per chip-hour}}, "
+                f'e.g. {{"v5e": {{"spot": 0.6}}}}; got {overrides!r}'
+            )
+        prices = {g: dict(classes) for g, classes in self.prices.items()}
+        for raw_generation, classes in overrides.items():
+            generation = _generation(raw_generation, source)
+            if not isinstance(classes, Mapping):
+                raise ConfigError(
+                    f"{source}: {raw_generation!r} must map capacity class to a price, "
+                    f'e.g. {{"{generation}": {{"spot": 0.6}}}}; got {classes!r}'
+                )
+            for raw_capacity, value in classes.items():
+                capacity = _capacity(raw_capacity, source)
+                prices[generation][capacity] = _price(value, f"{source}: {generation}.{capacity}")
+        return PriceTable(_frozen(prices))
+
+    def price(self, generation: str, capacity: str) -> float:
+        """USD per chip-hour; unknown generations or classes raise ConfigError naming the valid ones."""
+        return self.prices[_generation(generation, "the price table")][_capacity(capacity, "the price table")]
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        return {g: dict(classes) for g, classes in self.prices.items()}
+
+
+def _generation(name: Any, source: str) -> str:
+    text = str(name).strip().lower()
+    if text in GENERATIONS:
+        return text
+    close = difflib.get_close_matches(text, GENERATIONS, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(
+        f"Unknown TPU generation {name!r} in {source}{hint}; valid generations: {', '.join(GENERATIONS)} "
+        "(v5e is the generation of 'v5litepod-N' types)"
+    )
+
+
+def _capacity(name: Any, source: str) -> str:
+    text = str(name).strip().lower()
+    text = _CAPACITY_ALIASES.get(text, text)
+    if text in CAPACITY_CLASSES:
+        return text
+    close = difflib.get_close_matches(text, CAPACITY_CLASSES, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"Unknown capacity class {name!r} in {source}{hint}; valid classes: {', '.join(CAPACITY_CLASSES)}")
+
+
+def _price(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where} must be a non-negative number of USD per chip-hour, got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Accounting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceInterval:
+    """One slice during one attempt. Times are epoch seconds; ``None`` = not (yet) happened."""
+
+    slice_id: int
+    attempt: int
+    chips: int
+    generation: str
+    capacity: str
+    provisioned_at: float
+    ready_at: float | None
+    running_from: float | None
+    running_until: float | None
+    released_at: float | None
+    preempted: bool
+
+
+@dataclass(frozen=True)
+class JobCost:
+    """Chip-hours of a job by bucket (see the module docstring) and its estimated cost.
+
+    ``by_capacity`` is the estimated USD per capacity class."""
+
+    chip_hours_provisioned: float
+    chip_hours_running: float
+    chip_hours_lost_preemption: float
+    chip_hours_boot: float
+    chip_hours_idle: float
+    estimated_usd: float
+    by_capacity: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Chip-hours to 4 decimals (0.36 chip-seconds), USD to cents."""
+        return {
+            "chip_hours_provisioned": round(self.chip_hours_provisioned, 4),
+            "chip_hours_running": round(self.chip_hours_running, 4),
+            "chip_hours_lost_preemption": round(self.chip_hours_lost_preemption, 4),
+            "chip_hours_boot": round(self.chip_hours_boot, 4),
+            "chip_hours_idle": round(self.chip_hours_idle, 4),
+            "estimated_usd": round(self.estimated_usd, 2),
+            "by_capacity": {capacity: round(usd, 2) for capacity, usd in sorted(self.by_capacity.items())},
+        }
+
+
+# Buckets in the order that decides a moment covered by several windows.
+_RUNNING, _LOST, _BOOT = 0, 1, 2
+_SECONDS_PER_HOUR = 3600.0
+
+
+def job_cost(intervals: Sequence[SliceInterval], now: float, prices: PriceTable) -> JobCost:
+    """The chip-hours and estimated cost of a job's slice intervals, open ones counted up to ``now``."""
+    by_slice: dict[int, list[SliceInterval]] = {}
+    for interval in intervals:
+        by_slice.setdefault(interval.slice_id, []).append(interval)
+
+    totals = [0.0, 0.0, 0.0, 0.0, 0.0]  # provisioned, running, lost, boot, idle (chip-seconds)
+    by_capacity: dict[str, float] = {}
+    for slice_id, slice_intervals in by_slice.items():
+        chips, generation, capacity = _slice_identity(slice_id, slice_intervals)
+        price = prices.price(generation, capacity)
+        provisioned, buckets = _slice_seconds(slice_intervals, now)
+        totals[0] += chips * provisioned
+        for bucket, seconds in enumerate(buckets):
+            totals[1 + bucket] += chips * seconds
+        totals[4] += chips * (provisioned - sum(buckets))
+        usd = chips * provisioned / _SECONDS_PER_HOUR * price
+        by_capacity[capacity] = by_capacity.get(capacity, 0.0) + usd
+
+    hours = [t / _SECONDS_PER_HOUR for t in totals]
+    return JobCost(
+        chip_hours_provisioned=hours[0],
+        chip_hours_running=hours[1],
+        chip_hours_lost_preemption=hours[2],
+        chip_hours_boot=hours[3],
+        chip_hours_idle=max(0.0, hours[4]),
+        estimated_usd=sum(by_capacity.values()),
+        by_capacity=by_capacity,
+    )
+
+
+def _slice_identity(slice_id: int, intervals: list[SliceInterval]) -> tuple[int, str, str]:
+    identities = {(i.chips, i.generation, i.capacity) for i in intervals}
+    if len(identities) > 1:
+        raise ValueError(
+            f"Slice {slice_id} has intervals with different (chips, generation, capacity): {sorted(identities)}; "
+            "one slice id must name one slice"
+        )
+    chips, generation, capacity = identities.pop()
+    if chips < 0:
+        raise ValueError(f"Slice {slice_id} has a negative chip count {chips}")
+    return chips, generation, capacity
+
+
+def _slice_seconds(intervals: list[SliceInterval], now: float) -> tuple[float, list[float]]:
+    """(provisioned seconds, [running, lost, boot] seconds) of one slice, overlaps counted once."""
+    releases = [i.released_at for i in intervals if i.released_at is not None]
+    end = min(releases) if releases else now  # a slice is deleted once, whichever interval says so
+    provisioned_windows: list[tuple[float, float]] = []
+    labelled: list[tuple[float, float, int]] = []
+    for i in intervals:
+        start = i.provisioned_at
+        if end <= start:
+            continue
+        provisioned_windows.append((start, end))
+        run_start = _clip(i.running_from, start, end)
+        boot_end = run_start if run_start is not None else end
+        labelled.append((start, boot_end, _LOST if i.preempted else _BOOT))
+        if run_start is not None:
+            run_end = _clip(i.running_until, run_start, end)
+            labelled.append((run_start, end if run_end is None else run_end, _LOST if i.preempted else _RUNNING))
+
+    edges = sorted({t for window in provisioned_windows for t in window} | {t for s, e, _ in labelled for t in (s, e)})
+    provisioned = 0.0
+    buckets = [0.0, 0.0, 0.0]
+    for left, right in zip(edges, edges[1:]):
+        if not any(s <= left and right <= e for s, e in provisioned_windows):
+            continue
+        provisioned += right - left
+        covering = [bucket for s, e, bucket in labelled if s <= left and right <= e and s < e]
+        if covering:
+            buckets[min(covering)] += right - left
+    return provisioned, buckets
+
+
+def _clip(t: float | None, low: float, high: float) -> float | None:
+    return None if t is None else min(max(t, low), high)
