@@ -310,8 +310,8 @@ class Journal:
 
     def append_output(self, job_id: str, lines: Sequence[str]) -> None:
         """Append lines (one transaction). Each job keeps at least its newest
-        ``max_output_lines`` lines; older ones are deleted in chunks, so at most
-        ``max_output_lines + max_output_lines // 10`` (capped overshoot 10 000) stay."""
+        ``max_output_lines`` lines; older ones are deleted in chunks of
+        ``min(max_output_lines // 10, 10_000)``, so briefly up to a chunk plus one batch more stay."""
         if not lines:
             return
         with self._write() as conn:
@@ -414,16 +414,16 @@ class Journal:
 
     def _open_readonly(self) -> sqlite3.Connection:
         if not self.db_path.exists():
-            # Nothing journaled here yet: answer as an empty journal without creating files.
-            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            conn.executescript(_SCHEMA)
-            conn.execute("PRAGMA query_only = ON")
-            return conn
+            return _empty_journal_connection()
         uri = f"{self.db_path.resolve().as_uri()}?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA query_only = ON")
+            if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+                # A controller has created the file but not yet committed its schema.
+                conn.close()
+                return _empty_journal_connection()
             self._check_schema_version(conn)
         except BaseException:
             conn.close()
@@ -477,6 +477,14 @@ class Journal:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
+
+
+def _empty_journal_connection() -> sqlite3.Connection:
+    """What a reader sees where nothing is journaled yet; creates no files."""
+    conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    conn.executescript(_SCHEMA)
+    conn.execute("PRAGMA query_only = ON")
+    return conn
 
 
 def _take_controller_lock(state_dir: Path) -> int:

@@ -245,6 +245,14 @@ def test_readonly_on_missing_state_dir_is_empty_and_creates_nothing(tmp_path: Pa
     assert not state.exists()
 
 
+def test_readonly_on_a_db_file_without_schema_yet_is_empty(tmp_path: Path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / DB_FILENAME).touch()  # a controller between creating the file and committing its schema
+    with Journal(state, controller_id="cli", readonly=True) as reader:
+        assert reader.jobs() == []
+
+
 def test_readonly_refuses_writes(tmp_path: Path):
     state = tmp_path / "state"
     Journal(state, controller_id="c").close()
