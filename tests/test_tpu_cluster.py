@@ -32,6 +32,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 JOB_TIMEOUT = 120.0
 HOST_DEADLINE = 90.0  # how long a job callable waits for a condition before giving up
+RESTART_SECONDS_LIMIT = 15.0
 TRACEBACK_MARKER = "Traceback (most recent call last)"
 
 
@@ -175,6 +176,12 @@ def finish(cluster: TpuCluster, job_id: str):
     return info
 
 
+def wait_finished(cluster: TpuCluster, job_id: str):
+    """Like ``cluster.wait`` but polling often, for tests that time how soon a job ends."""
+    return wait_for(lambda: (info := cluster.poll(job_id)) and JobStatus.finished(info.status) and info,
+                    f"job {job_id} to finish", JOB_TIMEOUT)
+
+
 def read_json_files(directory: Path, pattern: str) -> dict[str, object]:
     return {p.name: json.loads(p.read_text()) for p in sorted(directory.glob(pattern))}
 
@@ -289,7 +296,10 @@ def test_preempting_one_slice_restarts_the_whole_gang(cluster, fake_gcp, workspa
     slice0 = [n for n in job_nodes(fake_gcp.control, job_id) if n["labels"][LABEL_SLICE] == "0"]
     assert len(slice0) == 1
     marker.write_text("")
+    preempted_at = time.monotonic()
     fake_gcp.control.preempt_node(slice0[0]["name"])
+    wait_files(out_dir, "second-*.json", 8, "all 8 hosts of the second attempt to start")
+    restart_seconds = time.monotonic() - preempted_at
 
     info = finish(cluster, job_id)
     assert info.status == JobStatus.SUCCEEDED, info.error_message
@@ -311,6 +321,9 @@ def test_preempting_one_slice_restarts_the_whole_gang(cluster, fake_gcp, workspa
     # Slice 0 was replaced (new hosts); slice 1 survived and was reused.
     assert {second_by_index[i]["FRAY_TPU_HOST_IP"] for i in range(4)}.isdisjoint(
         {first_by_index[i]["FRAY_TPU_HOST_IP"] for i in range(4)})
+    # The hosts of a slice known to be preempted cannot report an exit: waiting for them only
+    # delays the restart (issue 4 targets <= 3 s with zero provisioning delay; generous here).
+    assert restart_seconds < RESTART_SECONDS_LIMIT, f"gang restarted {restart_seconds:.1f}s after the preemption"
 
 
 def test_exhausted_preemption_budget_fails_and_says_so(cluster, fake_gcp, workspace, out_dir):
@@ -319,10 +332,138 @@ def test_exhausted_preemption_budget_fails_and_says_so(cluster, fake_gcp, worksp
                                         max_retries_preemption=0))
     wait_files(out_dir, "first-*.json", 4, "all 4 hosts to start")
     (node,) = job_nodes(fake_gcp.control, job_id)
+    preempted_at = time.monotonic()
     fake_gcp.control.preempt_node(node["name"])
+    info = wait_finished(cluster, job_id)
+    failed_seconds = time.monotonic() - preempted_at
+    cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
 
-    info = finish(cluster, job_id)
     assert info.status == JobStatus.FAILED
     assert "preempted" in info.error_message and "max_retries_preemption=0" in info.error_message
     assert cluster.job_counters(job_id).preemptions == 1
     assert cluster.job_counters(job_id).attempts == 1
+    assert failed_seconds < RESTART_SECONDS_LIMIT, f"the job ended {failed_seconds:.1f}s after the preemption"
+
+
+# -- terminate ----------------------------------------------------------------------------------------
+
+def test_terminate_while_provisioning_ends_stopped(cluster, fake_gcp, workspace, out_dir):
+    fake_gcp.control.hold_creating("fray-held-")
+    job_id = cluster.launch(tpu_request("held", record_pid_and_block, [str(out_dir)], workspace))
+    wait_for(lambda: [n for n in job_nodes(fake_gcp.control, job_id) if n["state"] == "CREATING"],
+             "the slice to be CREATING (held)", JOB_TIMEOUT)
+    cluster.terminate(job_id)
+    assert cluster.poll(job_id).status == JobStatus.STOPPED
+    cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
+
+    info = cluster.poll(job_id)
+    assert info.status == JobStatus.STOPPED
+    assert all(t.status == JobStatus.STOPPED for t in info.tasks)
+    assert job_nodes(fake_gcp.control, job_id) == []
+    assert list(out_dir.iterdir()) == []  # the user's code never ran
+
+
+def test_terminate_while_running_ends_stopped_with_nothing_alive(cluster, fake_gcp, workspace, out_dir):
+    job_id = cluster.launch(tpu_request("running", record_pid_and_block, [str(out_dir)], workspace))
+    pids = wait_files(out_dir, "pid-*.json", 4, "all 4 hosts to run the callable").values()
+    wait_all_tasks_running(cluster, job_id)
+    cluster.terminate(job_id)
+    assert cluster.poll(job_id).status == JobStatus.STOPPED
+    cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
+
+    info = cluster.poll(job_id)
+    assert info.status == JobStatus.STOPPED
+    assert all(t.status == JobStatus.STOPPED for t in info.tasks)
+    assert job_nodes(fake_gcp.control, job_id) == []
+    assert not [pid for pid in pids if process_alive(pid)]
+
+
+# -- capacity ------------------------------------------------------------------------------------------
+
+def test_stockout_in_first_zone_runs_in_the_second(cluster, fake_gcp, workspace, out_dir):
+    go = out_dir / "go"
+    fake_gcp.control.stockout("europe-west4-b")
+    job_id = cluster.launch(tpu_request("stockout", block_until, [str(go)], workspace,
+                                        regions=["europe-west4", "us-west4"]))
+    wait_all_tasks_running(cluster, job_id)
+    zones = {n["name"].split("/locations/")[1].split("/")[0] for n in job_nodes(fake_gcp.control, job_id)
+             if n["state"] == "READY"}
+    go.write_text("")
+    info = finish(cluster, job_id)
+
+    assert zones == {"us-west4-a"}
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    counters = cluster.job_counters(job_id)
+    assert (counters.attempts, counters.failures, counters.preemptions) == (1, 0, 0)
+    assert fake_gcp.control.counters().get("CreateNode") == 2  # europe-west4-b stocked out, then us-west4-a
+
+
+# -- RL shape: two jobs at once -------------------------------------------------------------------------
+
+def test_trainer_and_rollout_run_together_and_wait_names_the_failed_one(cluster, fake_gcp, workspace, out_dir):
+    trainer = cluster.launch(tpu_request("trainer", meet_peer, [str(out_dir), "trainer", "rollout", False], workspace,
+                                         tpu_type="v5litepod-8"))
+    rollout = cluster.launch(tpu_request("rollout", meet_peer, [str(out_dir), "rollout", "trainer", True], workspace,
+                                         tpu_type="v5litepod-4"))
+    with pytest.raises(RuntimeError) as raised:
+        cluster.wait([trainer, rollout], raise_on_failure=True, timeout=JOB_TIMEOUT)
+    for job_id in (trainer, rollout):
+        cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
+
+    message = str(raised.value)
+    assert rollout in message and "rollout fails on purpose" in message
+    assert trainer not in message
+    # Each job saw the other one running: both started before either could finish.
+    assert cluster.poll(trainer).status == JobStatus.SUCCEEDED
+    assert sorted(p.name for p in out_dir.iterdir()) == ["rollout.started", "trainer.started"]
+
+
+# -- bad input is rejected at launch, before anything is provisioned ------------------------------------
+
+def _holds_a_lock():
+    lock = threading.Lock()
+
+    def uses_lock():
+        with lock:
+            return 1
+
+    return uses_lock
+
+
+def _request(**overrides) -> JobRequest:
+    fields = dict(
+        name="bad-input",
+        entrypoint=Entrypoint.from_callable(greet),
+        resources=ResourceConfig.with_tpu("v5litepod-16"),
+        environment=EnvironmentConfig.create(workspace=os.path.dirname(__file__)),
+    )
+    fields.update(overrides)
+    return JobRequest(**fields)
+
+
+BAD_REQUESTS = {
+    "unknown type": (lambda: _request(resources=ResourceConfig.with_tpu("v5e-16")), ["v5e-16", "v5litepod-16"]),
+    "zero replicas": (lambda: _request(resources=ResourceConfig.with_tpu("v5litepod-16", slice_count=0)),
+                      ["replicas", "0"]),
+    "misspelt region": (lambda: _request(resources=ResourceConfig.with_tpu("v5litepod-16", regions=["eu-west4"])),
+                        ["eu-west4", "europe-west4"]),
+    "name with spaces": (lambda: _request(name="my job"), ["my job"]),
+    "unpicklable callable": (lambda: _request(entrypoint=Entrypoint.from_callable(_holds_a_lock())),
+                             ["lock", "cannot be pickled"]),
+    "non-string env value": (lambda: _request(environment=EnvironmentConfig.create(
+        workspace=os.path.dirname(__file__), env_vars={"NUM_STEPS": 100})), ["NUM_STEPS", "str(100)"]),
+    "docker image": (lambda: _request(environment=EnvironmentConfig.create(docker_image="gcr.io/me/trainer:1")),
+                     ["docker_image", "gcr.io/me/trainer:1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_raises_before_provisioning(cluster, fake_gcp, case):
+    build, expected = BAD_REQUESTS[case]
+    jobs_before = len(cluster.list_jobs())
+    with pytest.raises((ConfigError, ValueError)) as raised:
+        cluster.launch(build())
+    for fragment in expected:
+        assert fragment in str(raised.value)
+    assert len(cluster.list_jobs()) == jobs_before
+    assert fake_gcp.control.counters().get("CreateNode", 0) == 0
