@@ -9,7 +9,9 @@ exponential backoff. The agent ends the loop for good by exiting with :data:`AGE
 
 The same script boots emulator hosts, where fray-tpu is already importable and the install step
 is skipped. Emulated hosts share one filesystem, so there the state directory lives in the host's
-own directory (``FRAY_TPU_HOST_DIR``); ``FRAY_TPU_STATE_DIR`` overrides it anywhere.
+own directory (``FRAY_TPU_HOST_DIR``); ``FRAY_TPU_AGENT_STATE_DIR`` overrides it anywhere. (It is
+not ``FRAY_TPU_STATE_DIR``: that one is the controller's journal directory, which emulated hosts
+inherit from the controller's environment.)
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from fray_tpu.errors import ConfigError
 AGENT_EXIT_STOP = 75
 LOG_PREFIX = "[fray-tpu-bootstrap]"
 # Overrides the state directory (the bootstrap's lock and env file, and the agent's state).
-STATE_DIR_ENV = "FRAY_TPU_STATE_DIR"
 # What the agent reads for its state directory (fray_tpu.worker.settings); set to the same place.
 AGENT_STATE_DIR_ENV = "FRAY_TPU_AGENT_STATE_DIR"
 # On an emulated host (FRAY_TPU_EMULATED_HOST=1): the state directory inside FRAY_TPU_HOST_DIR.
@@ -156,8 +157,8 @@ else
 fi
 
 # Emulated hosts share one filesystem: each keeps its state in its own host directory.
-if [ -n "${FRAY_TPU_STATE_DIR:-}" ]; then
-  STATE_DIR=$FRAY_TPU_STATE_DIR
+if [ -n "${__AGENT_STATE_DIR_ENV__:-}" ]; then
+  STATE_DIR=$__AGENT_STATE_DIR_ENV__
 elif [ "${FRAY_TPU_EMULATED_HOST:-}" = 1 ]; then
   STATE_DIR=${FRAY_TPU_HOST_DIR:-$PWD}/__EMULATED_STATE_SUBDIR__
 else
@@ -180,7 +181,7 @@ ENV_FILE=$STATE_DIR/__ENV_FILE_NAME__
 (
   umask 077
   {
-    printf '__STATE_DIR_ENV__=%q\n__AGENT_STATE_DIR_ENV__=%q\n' "$STATE_DIR" "$STATE_DIR"
+    printf '__AGENT_STATE_DIR_ENV__=%q\n' "$STATE_DIR"
     printf '%s\n' __ENV_LINES__
   } >"$ENV_FILE.tmp" && mv -f "$ENV_FILE.tmp" "$ENV_FILE"
 ) || { log "cannot write the agent settings to $ENV_FILE; giving up"; exit 1; }
@@ -268,7 +269,6 @@ def render_startup_script(spec: BootstrapSpec) -> str:
         "__HEALTHY_RUN__": str(HEALTHY_RUN_SECONDS),
         "__MIN_PYTHON_TUPLE__": ", ".join(str(part) for part in MIN_PYTHON),
         "__MIN_PYTHON__": ".".join(str(part) for part in MIN_PYTHON),
-        "__STATE_DIR_ENV__": STATE_DIR_ENV,
         "__AGENT_STATE_DIR_ENV__": AGENT_STATE_DIR_ENV,
         "__EMULATED_STATE_SUBDIR__": EMULATED_STATE_SUBDIR,
     }

@@ -26,7 +26,7 @@ FAKE_AGENT = """
 import json, os, signal, sys, time
 from pathlib import Path
 
-state = Path(os.environ["FRAY_TPU_STATE_DIR"])
+state = Path(os.environ["FRAY_TPU_AGENT_STATE_DIR"])
 runs = state / "runs.jsonl"
 previous = len(runs.read_text().splitlines()) if runs.exists() else 0
 with runs.open("a") as out:
@@ -62,7 +62,7 @@ def host(tmp_path: Path) -> dict:
     (modules / "fake_agent.py").write_text(FAKE_AGENT)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(modules), env.get("PYTHONPATH")]))
-    env["FRAY_TPU_STATE_DIR"] = str(tmp_path / "state")
+    env["FRAY_TPU_AGENT_STATE_DIR"] = str(tmp_path / "state")
     return {"dir": tmp_path, "env": env}
 
 
@@ -114,7 +114,7 @@ def test_emulator_host_skips_install_restarts_a_crash_and_stops_for_good(host: d
     assert text.count("starting the agent") == 2
     assert time.monotonic() - started >= 1.0  # the backoff was honoured
 
-    state = Path(host["env"]["FRAY_TPU_STATE_DIR"])
+    state = Path(host["env"]["FRAY_TPU_AGENT_STATE_DIR"])
     runs = _runs(state)
     assert [run["run"] for run in runs] == ["1", "2"]
     assert runs[0]["argv"] == ["--port", "8477", "a b", "$(id)"]
@@ -128,7 +128,7 @@ def test_emulator_host_skips_install_restarts_a_crash_and_stops_for_good(host: d
 
 def test_emulated_hosts_keep_state_in_their_own_host_directory(host: dict) -> None:
     env = dict(host["env"])
-    del env["FRAY_TPU_STATE_DIR"]
+    del env["FRAY_TPU_AGENT_STATE_DIR"]
     spec = _spec(env={"FAKE_AGENT_MODE": "stop", "STOP_CODE": str(AGENT_EXIT_STOP)})
     script = _script(host["dir"], spec)
     for worker in (0, 1):  # two hosts of one slice, same filesystem, both must run their agent
@@ -247,7 +247,7 @@ def test_sigterm_stops_the_agent_without_restart_and_a_second_bootstrap_backs_of
         ["bash", str(script)], cwd=host["dir"], env=host["env"], stdout=subprocess.PIPE, text=True
     )
     try:
-        state = Path(host["env"]["FRAY_TPU_STATE_DIR"])
+        state = Path(host["env"]["FRAY_TPU_AGENT_STATE_DIR"])
         agent_pid = int(_wait_for(state / "agent.pid", "the fake agent to start"))
 
         second = subprocess.run(
