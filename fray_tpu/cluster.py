@@ -6,9 +6,18 @@ With ``emulate=true`` and no endpoint, the cluster starts a Cloud TPU emulator p
 own on first use and stops it at shutdown; the spec handed to jobs points at it, so nested
 ``current_cluster()`` calls inside a job reach the same emulated cloud.
 
-Exit policy: at interpreter exit (or ``shutdown()``), running jobs are terminated and every
-slice they hold is deleted, unless the cluster was built with ``detach_on_exit=True`` (then the
-agents' lease lapses and the slices delete themselves).
+Durable state: jobs, attempts, every slice (recorded before it is created) and job output are
+journaled in the state directory (``fray_tpu.journal``; ``state_dir`` in the config, else
+``$FRAY_TPU_STATE_DIR``, else ``$XDG_STATE_HOME/fray-tpu``). A new ``TpuCluster`` on the same
+state directory, in a new process, lists the earlier jobs and reattaches to the running TPU jobs
+(``poll``, ``monitor`` from the reattach point on, ``wait``, ``terminate``). CPU jobs are local
+processes that die with their controller: a restarted controller marks them failed. Clusters in
+one process share the journal; another live process on the same directory is refused.
+
+Exit policy: at interpreter exit, SIGTERM/SIGINT handled by the caller, or ``shutdown()``, running
+jobs are terminated and every slice they hold is deleted, unless the cluster was built with
+``detach_on_exit=True``: then jobs keep running, a controller restarted on the state directory
+reattaches, and without one the agents' lease lapses and every slice deletes itself.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import atexit
 import json
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -29,8 +39,16 @@ from fray_tpu.config import TpuClusterConfig
 from fray_tpu.errors import DeadlineExceeded
 from fray_tpu.fray_api import Cluster, JobId, JobInfo, JobStatus
 from fray_tpu.jobs import JobRecord, JobTable
-from fray_tpu.planning import plan_job
-from fray_tpu.supervisor import PROGRESS_PREFIX, ControllerContext, JobSupervisor, LocalJobSupervisor, TpuJobSupervisor
+from fray_tpu.journal import Journal, JobRow, default_state_dir
+from fray_tpu.planning import JobPlan, plan_job
+from fray_tpu.supervisor import (
+    PROGRESS_PREFIX,
+    ControllerContext,
+    JobSupervisor,
+    LocalJobSupervisor,
+    ResumeState,
+    TpuJobSupervisor,
+)
 
 log = logging.getLogger(__name__)
 job_log = logging.getLogger("fray_tpu.job")
@@ -40,14 +58,50 @@ SHUTDOWN_TIMEOUT = 600.0
 
 
 
+class _SharedJournals:
+    """One journal per state directory per process, shared by the clusters of that process (the
+    journal's lock is what keeps a second process out)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[Path, tuple[Journal, int]] = {}
+        self.live_controllers: set[str] = set()
+
+    def acquire(self, state_dir: Path, controller_id: str) -> Journal:
+        with self._lock:
+            journal, users = self._open.get(state_dir, (None, 0))
+            if journal is None:
+                journal = Journal(state_dir, controller_id=controller_id)
+            self._open[state_dir] = (journal, users + 1)
+            self.live_controllers.add(controller_id)
+            return journal
+
+    def release(self, state_dir: Path, controller_id: str) -> None:
+        with self._lock:
+            self.live_controllers.discard(controller_id)
+            journal, users = self._open.get(state_dir, (None, 0))
+            if journal is None:
+                return
+            if users <= 1:
+                journal.close()
+                del self._open[state_dir]
+            else:
+                self._open[state_dir] = (journal, users - 1)
+
+
+_JOURNALS = _SharedJournals()
+
+
 class TpuCluster(Cluster):
     def __init__(self, config: TpuClusterConfig | None = None, *, detach_on_exit: bool = False):
         self.config = config if config is not None else TpuClusterConfig.from_env()
         self.controller_id = naming.new_controller_id()
         self.detach_on_exit = detach_on_exit
+        self.state_dir = Path(self.config.state_dir).expanduser() if self.config.state_dir else default_state_dir()
+        self._journal: Journal | None = None
         self._jobs = JobTable()
         self._supervisors: dict[str, JobSupervisor] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._context: ControllerContext | None = None
         self._emulator: subprocess.Popen | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="fray-tpu-controller-"))
@@ -61,8 +115,10 @@ class TpuCluster(Cluster):
     # -- the Fray interface ------------------------------------------------------------------
     def launch(self, request) -> JobId:
         plan = plan_job(request, self.config, self._job_spec_for(request))
+        journal = self.journal()
         job_id = JobId(naming.new_job_id(plan.name))
-        record = JobRecord(job_id, plan.name, plan.task_names)
+        journal.add_job(self._job_row(job_id, plan))
+        record = JobRecord(job_id, plan.name, plan.task_names, journal=journal)
         if plan.is_tpu:
             self._zones_used.update(plan.zones)
             supervisor: JobSupervisor = TpuJobSupervisor(record, plan, self._controller_context())
@@ -77,10 +133,10 @@ class TpuCluster(Cluster):
         return job_id
 
     def poll(self, job_id: JobId) -> JobInfo:
-        return self._jobs.get(job_id).info()
+        return self._record(job_id).info()
 
     def monitor(self, job_id: JobId) -> JobInfo:
-        record = self._jobs.get(job_id)
+        record = self._record(job_id)
         cursor = 0
         while True:
             finished = JobStatus.finished(record.status)
@@ -96,25 +152,31 @@ class TpuCluster(Cluster):
                 return record.info()
 
     def terminate(self, job_id: JobId) -> None:
-        record = self._jobs.get(job_id)
+        record = self._record(job_id)
         with self._lock:
-            supervisor = self._supervisors[job_id]
+            supervisor = self._supervisors.get(job_id)
+        if supervisor is None:
+            return  # finished before this controller started: nothing runs
         supervisor.terminate()
         # Promptly "stopped": the user's processes are being cancelled; slices go away behind it.
         record.wait_finished(timeout=1.0)
 
     def list_jobs(self) -> list[JobInfo]:
+        self.journal()
         return [record.info() for record in self._jobs.all()]
 
     # -- beyond the interface ---------------------------------------------------------------
     def job_counters(self, job_id: JobId):
         """Attempts, failures, preemptions, bad hosts and capacity waits of a job."""
-        return self._jobs.get(job_id).counters
+        return self._record(job_id).counters
 
     def wait_released(self, job_id: JobId, timeout: float = SHUTDOWN_TIMEOUT) -> None:
         """Block until the job's supervisor has finished, slices deleted included."""
+        self._record(job_id)
         with self._lock:
-            supervisor = self._supervisors[job_id]
+            supervisor = self._supervisors.get(job_id)
+        if supervisor is None:
+            return
         supervisor.join(timeout)
         if supervisor.is_alive():
             raise DeadlineExceeded(f"job {job_id} still releasing its slices after {timeout:.0f}s")
@@ -138,12 +200,63 @@ class TpuCluster(Cluster):
                 supervisor.join(max(0.0, deadline - time.monotonic()))
         if self._context is not None:
             self._context.provisioner.close()
+        with self._lock:
+            if self._journal is not None:
+                self._journal = None
+                _JOURNALS.release(self.state_dir, self.controller_id)
         if self._emulator is not None and self._emulator.poll() is None:
             self._emulator.terminate()
             try:
                 self._emulator.wait(30)
             except subprocess.TimeoutExpired:
                 self._emulator.kill()
+
+    # -- the journal -------------------------------------------------------------------------
+    def journal(self) -> Journal:
+        """This controller's journal, opened on first use; opening restores the jobs of earlier
+        controllers on the same state directory and reattaches to their running TPU jobs."""
+        with self._lock:
+            if self._journal is None:
+                self._journal = _JOURNALS.acquire(self.state_dir, self.controller_id)
+                self._restore(self._journal)
+            return self._journal
+
+    def _record(self, job_id: JobId) -> JobRecord:
+        self.journal()
+        return self._jobs.get(job_id)
+
+    def _job_row(self, job_id: JobId, plan: JobPlan) -> JobRow:
+        now = time.time()
+        return JobRow(
+            job_id=job_id, name=plan.name, status=str(JobStatus.PENDING), error_message=None, phase="pending",
+            created=now, updated=now, finished=None, controller_id=self.controller_id,
+            kind="tpu" if plan.is_tpu else "cpu", tpu_type=plan.tpu_type, slice_count=plan.replicas,
+            task_names=plan.task_names, task_statuses=[(str(JobStatus.PENDING), None)] * len(plan.task_names),
+            counters={}, attempt=0, attempt_id=None, plan_blob=pickle.dumps(plan),
+        )
+
+    def _restore(self, journal: Journal) -> None:
+        for row in journal.jobs():
+            if row.controller_id in _JOURNALS.live_controllers and row.controller_id != self.controller_id:
+                continue  # a sibling cluster of this process runs it
+            if row.controller_id == self.controller_id:
+                continue
+            record = JobRecord.from_row(row, journal)
+            self._jobs.add(record)
+            if row.finished is not None:
+                continue
+            if row.kind != "tpu":
+                record.set_status(JobStatus.FAILED, "the controller running this CPU job exited; its local processes "
+                                  "ended with it")
+                continue
+            plan: JobPlan = pickle.loads(row.plan_blob)
+            self._zones_used.update(plan.zones)
+            journal.update_job(row.job_id, controller_id=self.controller_id)
+            resume = ResumeState.from_journal(row, journal)
+            supervisor = TpuJobSupervisor(record, plan, self._controller_context(), resume=resume)
+            self._supervisors[row.job_id] = supervisor
+            log.info("reattaching to job %s (%s), attempt %d", row.job_id, row.name, row.attempt)
+            supervisor.start()
 
     # -- wiring --------------------------------------------------------------------------------
     def _job_spec_for(self, request) -> str:

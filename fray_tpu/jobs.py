@@ -3,17 +3,25 @@
 Thread-safe; written by the job's supervisor, read by poll/monitor/list_jobs. The output is a
 bounded ring (a job runs for days): ``monitor`` reads from a cursor and is told how many lines
 it missed if it fell behind, instead of the controller's memory growing without end.
+
+With a journal attached, every change is written through to it, so a controller that restarts
+on the same state directory sees the job as it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fray_tpu.fray_api import JobId, JobInfo, JobStatus, TaskStatus
+
+if TYPE_CHECKING:
+    from fray_tpu.journal import Journal, JobRow
 
 DEFAULT_LOG_CAPACITY = 200_000
 
@@ -35,8 +43,10 @@ class LogChunk:
 
 
 class JobRecord:
-    def __init__(self, job_id: JobId, name: str, task_names: list[str], log_capacity: int = DEFAULT_LOG_CAPACITY):
+    def __init__(self, job_id: JobId, name: str, task_names: list[str], log_capacity: int = DEFAULT_LOG_CAPACITY,
+                 journal: Journal | None = None):
         self.job_id = job_id
+        self.journal = journal
         self.name = name
         self.created = time.time()
         self.task_names = list(task_names)
@@ -54,6 +64,7 @@ class JobRecord:
         with self._changed:
             self._phase = phase
             self._changed.notify_all()
+        self._save(phase=phase, counters=dataclasses.asdict(self.counters))
 
     def set_status(self, status: JobStatus, error: str | None = None) -> None:
         with self._changed:
@@ -63,23 +74,48 @@ class JobRecord:
             if error is not None:
                 self._error = error
             self._changed.notify_all()
+        finished = time.time() if JobStatus.finished(status) else None
+        self._save(status=str(status), error_message=self._error, finished=finished,
+                   counters=dataclasses.asdict(self.counters), task_statuses=self._task_rows())
 
     def set_task(self, index: int, status: JobStatus, error: str | None = None) -> None:
         with self._changed:
             self._tasks[index] = TaskStatus(status=status, error_message=error)
             self._changed.notify_all()
+        self._save(task_statuses=self._task_rows())
 
-    def set_all_tasks(self, status: JobStatus) -> None:
-        with self._changed:
-            self._tasks = [TaskStatus(status=status) for _ in self._tasks]
-            self._changed.notify_all()
+    def set_attempt(self, attempt: int, attempt_id: str | None) -> None:
+        self._save(attempt=attempt, attempt_id=attempt_id, counters=dataclasses.asdict(self.counters))
 
     def append_lines(self, lines: Iterable[str]) -> None:
         with self._changed:
+            lines = list(lines)
             for line in lines:
                 self._lines.append(line)
                 self._appended += 1
             self._changed.notify_all()
+        if self.journal is not None and lines:
+            self.journal.append_output(self.job_id, lines)
+
+    def _task_rows(self) -> list[tuple[str, str | None]]:
+        with self._changed:
+            return [(str(t.status), t.error_message) for t in self._tasks]
+
+    def _save(self, **fields) -> None:
+        if self.journal is not None:
+            self.journal.update_job(self.job_id, **fields)
+
+    @classmethod
+    def from_row(cls, row: JobRow, journal: Journal | None = None) -> JobRecord:
+        """A job as the journal last saw it (a restarted controller's view)."""
+        record = cls(JobId(row.job_id), row.name, list(row.task_names), journal=journal)
+        record.created = row.created
+        record.counters = JobCounters(**{k: v for k, v in row.counters.items() if k in JobCounters.__dataclass_fields__})
+        record._status = JobStatus(row.status)
+        record._error = row.error_message
+        record._phase = row.phase
+        record._tasks = [TaskStatus(status=JobStatus(status), error_message=error) for status, error in row.task_statuses]
+        return record
 
     # -- read by the cluster ---------------------------------------------------------------
     @property

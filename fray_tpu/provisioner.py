@@ -204,6 +204,7 @@ class SliceProvisionerProtocol(Protocol):
         deadline: float,
         cancel: threading.Event | None = None,
         on_progress: Callable[[str], None] | None = None,
+        before_create: Callable[[str], None] | None = None,
     ) -> ReadySlice: ...
 
     def delete(self, name: str, zone: str, *, deadline: float, queued: bool = False) -> None: ...
@@ -669,10 +670,14 @@ class SliceProvisioner:
         deadline: float,
         cancel: threading.Event | None = None,
         on_progress: Callable[[str], None] | None = None,
+        before_create: Callable[[str], None] | None = None,
     ) -> ReadySlice:
         """Create ``spec`` in the first of ``zones`` with capacity and wait until it is READY with
         every worker endpoint. Stockout or quota moves on to the next zone; anything else (the
-        deadline, ``cancel``, any error) deletes what was created, verified, and raises."""
+        deadline, ``cancel``, any error) deletes what was created, verified, and raises.
+
+        ``before_create(zone)`` runs before each create call, so a journal can record the
+        resource before it exists."""
         if not zones:
             raise ValueError(f"acquire({spec.name!r}) needs at least one zone")
         report = _ProgressReporter(on_progress)
@@ -681,6 +686,8 @@ class SliceProvisioner:
         for zone in zones:
             self._raise_if_stopped(spec, zone, None, started, deadline, cancel)
             report(f"creating in {zone}")
+            if before_create is not None:
+                before_create(zone)
             try:
                 self.create(spec, zone)
             except CapacityUnavailableError as error:

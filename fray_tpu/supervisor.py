@@ -41,7 +41,7 @@ from fray_tpu.fray_api import JobStatus
 from fray_tpu.jobs import JobRecord
 from fray_tpu.multislice import gang_environments
 from fray_tpu.planning import JobPlan
-from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec
+from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec, node_resource_name
 from fray_tpu.worker import metadata as md
 
 log = logging.getLogger(__name__)
@@ -368,6 +368,39 @@ class ControllerContext:
     emulator_endpoint: str | None
 
 
+SECRET_NAME = "channel-secret"
+TLS_CERT_NAME = "tls-cert"
+TLS_KEY_NAME = "tls-key"
+
+
+@dataclass
+class ResumeState:
+    """Where a job stood when its controller went away, from the journal."""
+
+    attempt: int
+    attempt_id: str | None
+    slices: dict[int, tuple[str, int, str, list[str]]]  # slice id -> (name, attempt, zone, endpoints)
+    counters: dict[str, int]
+    secret: str
+    tls_material: tls.TlsMaterial
+
+    @classmethod
+    def from_journal(cls, row, journal) -> ResumeState:
+        slices = {}
+        for resource in journal.resources(job_id=row.job_id, live_only=True):
+            if resource.state == "ready" and resource.endpoints:
+                slices[resource.slice_id] = (resource.name, resource.attempt, resource.zone, list(resource.endpoints))
+        return cls(
+            attempt=row.attempt,
+            attempt_id=row.attempt_id,
+            slices=slices,
+            counters=dict(row.counters),
+            secret=journal.load_secret(row.job_id, SECRET_NAME).decode(),
+            tls_material=tls.TlsMaterial(cert_pem=journal.load_secret(row.job_id, TLS_CERT_NAME),
+                                         key_pem=journal.load_secret(row.job_id, TLS_KEY_NAME)),
+        )
+
+
 class TpuGangRun(AttemptRun):
     """One attempt on every host of every slice, over the task channel."""
 
@@ -381,8 +414,16 @@ class TpuGangRun(AttemptRun):
         self._streams: list[channel.EventStream] = []
 
     def start(self) -> None:
+        self._follow_all(lambda c: c.start(self.attempt_id))
+
+    def resume(self, from_seqs: Sequence[int]) -> None:
+        """Follow an attempt started by an earlier controller, from each host's ``from_seq``."""
+        seqs = dict(zip(self._clients, from_seqs))
+        self._follow_all(lambda c: c.watch(self.attempt_id, seqs[c]))
+
+    def _follow_all(self, open_stream: Callable[[channel.AgentClient], channel.EventStream]) -> None:
         with ThreadPoolExecutor(max_workers=min(32, len(self._clients))) as pool:
-            self._streams = list(pool.map(lambda c: c.start(self.attempt_id), self._clients))
+            self._streams = list(pool.map(open_stream, self._clients))
         for index, stream in enumerate(self._streams):
             threading.Thread(target=self._follow, args=(index, stream), daemon=True,
                              name=f"events-{self.attempt_id}-{index}").start()
@@ -421,13 +462,35 @@ class TpuGangRun(AttemptRun):
 class TpuJobSupervisor(JobSupervisor):
     """Provision → boot → gang-run → watch → retry or finish, deleting every slice at the end."""
 
-    def __init__(self, record: JobRecord, plan: JobPlan, context: ControllerContext):
+    def __init__(self, record: JobRecord, plan: JobPlan, context: ControllerContext,
+                 resume: ResumeState | None = None):
         super().__init__(record, plan, context.config.poll_interval)
         self.context = context
         self.config = context.config
-        self._secret = secrets.token_urlsafe(32)
-        self._tls = tls.make_job_tls()
+        self.journal = record.journal
+        self.resume = resume
         self.slices: list[ReadySlice | None] = [None] * plan.replicas
+        if resume is None:
+            self._secret = secrets.token_urlsafe(32)
+            self._tls = tls.make_job_tls()
+            if self.journal is not None:
+                self.journal.store_secret(record.job_id, SECRET_NAME, self._secret.encode())
+                self.journal.store_secret(record.job_id, TLS_CERT_NAME, self._tls.cert_pem)
+                self.journal.store_secret(record.job_id, TLS_KEY_NAME, self._tls.key_pem)
+        else:
+            self._secret = resume.secret
+            self._tls = resume.tls_material
+            for slice_id, (name, attempt, zone, endpoints) in resume.slices.items():
+                spec = self.slice_spec(slice_id, attempt)
+                assert spec.name == name, f"journal slice {name} does not match its job ({spec.name})"
+                self.slices[slice_id] = ReadySlice(spec, zone, node_resource_name(context.provisioner.project, zone, name),
+                                                   tuple(endpoints))
+            for key, value in resume.counters.items():
+                if hasattr(record.counters, key):
+                    setattr(record.counters, key, value)
+            self.budget.failures = record.counters.failures
+            self.budget.preemptions = record.counters.preemptions
+            self.budget.bad_hosts = record.counters.bad_hosts
         self._clients: dict[int, list[channel.AgentClient]] = {}
         self._deletions: list[threading.Thread] = []
         self._bundle = None
@@ -481,16 +544,31 @@ class TpuJobSupervisor(JobSupervisor):
 
             def acquire(slice_id: int) -> None:
                 spec = self.slice_spec(slice_id, attempt)
+                zones_tried: list[str] = []
+
+                def before_create(zone: str) -> None:
+                    zones_tried.append(zone)
+                    self._journal_resource(spec, slice_id, attempt, zone)
+
                 try:
-                    self.slices[slice_id] = self.context.provisioner.acquire(
+                    ready = self.context.provisioner.acquire(
                         spec,
                         self.plan.zones,
                         deadline=time.monotonic() + self.config.create_deadline,
                         cancel=self.stop_requested,
                         on_progress=lambda line: self.progress(f"slice-{slice_id}: {line}"),
+                        before_create=before_create,
                     )
                 except Exception as error:  # noqa: BLE001 - classified below
                     errors[slice_id] = error
+                    for zone in zones_tried:  # acquire deleted whatever it created
+                        self._journal_resource_state(spec.name, zone, "failed")
+                    return
+                for zone in zones_tried[:-1]:
+                    self._journal_resource_state(spec.name, zone, "failed")
+                self._journal_resource_state(spec.name, ready.zone, "ready", endpoints=list(ready.endpoints),
+                                             ready_at=time.time())
+                self.slices[slice_id] = ready
 
             threads = [threading.Thread(target=acquire, args=(i,), daemon=True) for i in missing]
             for t in threads:
@@ -547,8 +625,28 @@ class TpuJobSupervisor(JobSupervisor):
                           [(s, c) for s, clients in self._clients.items() for c in clients]))
         return dead
 
+    def _journal_resource(self, spec: SliceSpec, slice_id: int, attempt: int, zone: str) -> None:
+        if self.journal is None:
+            return
+        from fray_tpu.journal import ResourceRow
+
+        self.journal.add_resource(ResourceRow(
+            job_id=self.record.job_id, attempt=attempt, slice_id=slice_id, name=spec.name, zone=zone,
+            kind="queued" if spec.queued else "node", state="creating", endpoints=[], created=time.time(),
+            ready_at=None, deleted_at=None, tpu_type=spec.tpu_type, chips=self.plan.shape.chip_count,
+        ))
+
+    def _journal_resource_state(self, name: str, zone: str, state: str, **fields) -> None:
+        if self.journal is not None:
+            self.journal.update_resource(name, zone, state=state, **fields)
+
     # -- one attempt -------------------------------------------------------------------------
     def run_one_attempt(self, attempt: int) -> AttemptVerdict:
+        if self.resume is not None:
+            resume, self.resume = self.resume, None
+            if resume.attempt_id and resume.attempt == attempt - 1 and all(self.slices):
+                self.record.counters.attempts = resume.attempt
+                return self.reattach(resume.attempt_id)
         self.ensure_slices(attempt)
         dead = self.connect_agents()
         if self.stop_requested.is_set():
@@ -565,9 +663,33 @@ class TpuJobSupervisor(JobSupervisor):
         if failed:
             return failed
         run = TpuGangRun(attempt_id, clients, self.slices, self.context.provisioner)
+        self.record.set_attempt(attempt, attempt_id)
         self.progress(f"attempt {attempt}: starting on {len(clients)} hosts of {len(self.slices)} slice(s)")
         try:
             run.start()
+            return watch_attempt(self.record, run, self.slots, stop=self.stop_requested, gang=True,
+                                 poll_interval=self.poll_interval)
+        finally:
+            run.close()
+
+    def reattach(self, attempt_id: str) -> AttemptVerdict:
+        """Follow the attempt an earlier controller started, from where each host is now."""
+        self.progress(f"reattaching to attempt {attempt_id}")
+        dead = self.connect_agents()
+        if dead:
+            return self._verdict_for_hosts(dead, TaskOutcome.LOST, "agent unreachable after the controller restarted")
+        clients = [c for s in range(len(self.slices)) for c in self._clients[s]]
+        from_seqs = []
+        for client in clients:
+            current = client.describe().current_attempt
+            if current is None or current.attempt_id != attempt_id:
+                return self._verdict_for_hosts({0: f"{client.address} no longer runs {attempt_id}"}, TaskOutcome.LOST,
+                                               "attempt gone after the controller restarted")
+            from_seqs.append(max(1, current.last_seq))
+        run = TpuGangRun(attempt_id, clients, self.slices, self.context.provisioner)
+        try:
+            run.resume(from_seqs)
+            self.record.set_phase("running")
             return watch_attempt(self.record, run, self.slots, stop=self.stop_requested, gang=True,
                                  poll_interval=self.poll_interval)
         finally:
@@ -652,9 +774,11 @@ class TpuJobSupervisor(JobSupervisor):
 
         def delete() -> None:
             try:
+                self._journal_resource_state(ready.spec.name, ready.zone, "deleting")
                 self.context.provisioner.delete(ready.spec.name, ready.zone,
                                                 deadline=time.monotonic() + self.config.delete_deadline,
                                                 queued=ready.spec.queued)
+                self._journal_resource_state(ready.spec.name, ready.zone, "deleted", deleted_at=time.time())
                 self.progress(f"slice-{slice_id}: deleted {ready.spec.name} in {ready.zone}")
             except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
                 log.error("job %s: could not delete slice %s in %s: %s (`fray-tpu gc` will find it by label)",
@@ -673,6 +797,8 @@ class TpuJobSupervisor(JobSupervisor):
             self._release_slice(slice_id, background=True)
         for thread in self._deletions:
             thread.join(self.config.delete_deadline + 60)
+        if self.journal is not None:
+            self.journal.delete_secrets(self.record.job_id)
 
     def _renew_leases(self) -> None:
         period = self.config.lease_period
