@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 job_log = logging.getLogger("fray_tpu.job")
 
 EMULATOR_START_TIMEOUT = 60.0
+STOP_REQUESTS_DIR = "stop-requests"
+STOP_REQUEST_POLL_SECONDS = 1.0
 SHUTDOWN_TIMEOUT = 600.0
 
 
@@ -181,6 +183,14 @@ class TpuCluster(Cluster):
         if supervisor.is_alive():
             raise DeadlineExceeded(f"job {job_id} still releasing its slices after {timeout:.0f}s")
 
+    def job_cost(self, job_id: JobId):
+        """Chip-hours provisioned, running, lost to preemption and boot, and estimated USD."""
+        from fray_tpu.accounting import cost_of
+
+        journal = self.journal()
+        self._record(job_id)
+        return cost_of(journal.job(job_id).extra, journal.resources(job_id=job_id), time.time())
+
     def live_slices(self) -> list:
         """Every slice (node or queued resource) this controller created that still exists."""
         if self._context is None:
@@ -219,7 +229,22 @@ class TpuCluster(Cluster):
             if self._journal is None:
                 self._journal = _JOURNALS.acquire(self.state_dir, self.controller_id)
                 self._restore(self._journal)
+                threading.Thread(target=self._watch_stop_requests, daemon=True,
+                                 name=f"stop-requests-{self.controller_id}").start()
             return self._journal
+
+    def _watch_stop_requests(self) -> None:
+        """``fray-tpu stop JOB`` from another process drops a file; the owning controller acts."""
+        requests = self.state_dir / STOP_REQUESTS_DIR
+        while self._journal is not None:
+            for path in list(requests.glob("*")) if requests.is_dir() else []:
+                with self._lock:
+                    supervisor = self._supervisors.get(path.name)
+                if supervisor is not None:
+                    log.info("stop requested for job %s", path.name)
+                    supervisor.terminate()
+                    path.unlink(missing_ok=True)
+            time.sleep(STOP_REQUEST_POLL_SECONDS)
 
     def _record(self, job_id: JobId) -> JobRecord:
         self.journal()
@@ -296,6 +321,15 @@ class TpuCluster(Cluster):
         endpoint = json.loads(line)["endpoint"]
         log.info("started a Cloud TPU emulator at %s", endpoint)
         return endpoint
+
+
+def request_stop(state_dir: Path, job_id: str) -> Path:
+    """Ask the controller that owns ``state_dir`` to terminate ``job_id`` (used by the CLI)."""
+    requests = Path(state_dir) / STOP_REQUESTS_DIR
+    requests.mkdir(parents=True, exist_ok=True)
+    path = requests / job_id
+    path.touch()
+    return path
 
 
 def _read_line(stream, timeout: float) -> str:

@@ -383,6 +383,7 @@ class ResumeState:
     counters: dict[str, int]
     secret: str
     tls_material: tls.TlsMaterial
+    extra: dict
 
     @classmethod
     def from_journal(cls, row, journal) -> ResumeState:
@@ -395,6 +396,7 @@ class ResumeState:
             attempt_id=row.attempt_id,
             slices=slices,
             counters=dict(row.counters),
+            extra=dict(row.extra),
             secret=journal.load_secret(row.job_id, SECRET_NAME).decode(),
             tls_material=tls.TlsMaterial(cert_pem=journal.load_secret(row.job_id, TLS_CERT_NAME),
                                          key_pem=journal.load_secret(row.job_id, TLS_KEY_NAME)),
@@ -470,6 +472,7 @@ class TpuJobSupervisor(JobSupervisor):
         self.journal = record.journal
         self.resume = resume
         self.slices: list[ReadySlice | None] = [None] * plan.replicas
+        self.accounting = {"generation": plan.shape.generation, "capacity": plan.capacity, "attempts": []}
         if resume is None:
             self._secret = secrets.token_urlsafe(32)
             self._tls = tls.make_job_tls()
@@ -491,6 +494,7 @@ class TpuJobSupervisor(JobSupervisor):
             self.budget.failures = record.counters.failures
             self.budget.preemptions = record.counters.preemptions
             self.budget.bad_hosts = record.counters.bad_hosts
+            self.accounting = {**self.accounting, **resume.extra}
         self._clients: dict[int, list[channel.AgentClient]] = {}
         self._deletions: list[threading.Thread] = []
         self._bundle = None
@@ -665,12 +669,18 @@ class TpuJobSupervisor(JobSupervisor):
         run = TpuGangRun(attempt_id, clients, self.slices, self.context.provisioner)
         self.record.set_attempt(attempt, attempt_id)
         self.progress(f"attempt {attempt}: starting on {len(clients)} hosts of {len(self.slices)} slice(s)")
+        entry = {"attempt": attempt, "started": time.time(), "slices": [s.spec.name for s in self.slices]}
+        self.accounting["attempts"].append(entry)
+        self._save_accounting()
+        verdict = None
         try:
             run.start()
-            return watch_attempt(self.record, run, self.slots, stop=self.stop_requested, gang=True,
-                                 poll_interval=self.poll_interval)
+            verdict = watch_attempt(self.record, run, self.slots, stop=self.stop_requested, gang=True,
+                                    poll_interval=self.poll_interval)
+            return verdict
         finally:
             run.close()
+            self._end_accounting(entry, verdict)
 
     def reattach(self, attempt_id: str) -> AttemptVerdict:
         """Follow the attempt an earlier controller started, from where each host is now."""
@@ -687,13 +697,29 @@ class TpuJobSupervisor(JobSupervisor):
                                                "attempt gone after the controller restarted")
             from_seqs.append(max(1, current.last_seq))
         run = TpuGangRun(attempt_id, clients, self.slices, self.context.provisioner)
+        entry = next((a for a in self.accounting["attempts"] if a.get("ended") is None), None)
+        verdict = None
         try:
             run.resume(from_seqs)
             self.record.set_phase("running")
-            return watch_attempt(self.record, run, self.slots, stop=self.stop_requested, gang=True,
-                                 poll_interval=self.poll_interval)
+            verdict = watch_attempt(self.record, run, self.slots, stop=self.stop_requested, gang=True,
+                                    poll_interval=self.poll_interval)
+            return verdict
         finally:
             run.close()
+            if entry is not None:
+                self._end_accounting(entry, verdict)
+
+    def _save_accounting(self) -> None:
+        if self.journal is not None:
+            self.journal.update_job(self.record.job_id, extra=self.accounting)
+
+    def _end_accounting(self, entry: dict, verdict: AttemptVerdict | None) -> None:
+        entry["ended"] = time.time()
+        entry["outcome"] = verdict.outcome.value if verdict else "error"
+        if verdict is not None:
+            entry["lost"] = [self.slices[s].spec.name for s in verdict.lost_slices if self.slices[s] is not None]
+        self._save_accounting()
 
     def _user_env(self) -> dict[str, str]:
         env = dict(self.plan.env)
