@@ -48,6 +48,9 @@ def pytest_configure(config):
             "NO_GCE_CHECK": "true",
             "GCE_METADATA_HOST": metadata,
             "GCE_METADATA_IP": metadata,
+            # Controllers journal into a directory of this session, never the user's own.
+            "FRAY_TPU_STATE_DIR": tempfile.mkdtemp(prefix="fray-tpu-state-"),
+            "XDG_STATE_HOME": tempfile.mkdtemp(prefix="fray-tpu-xdg-state-"),
             # No ambient credentials: code under test must inject its own.
             "GOOGLE_APPLICATION_CREDENTIALS": "",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(NETGUARD_DIR), os.environ.get("PYTHONPATH")])),
