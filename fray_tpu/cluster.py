@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,7 @@ class TpuCluster(Cluster):
         self._workdir = Path(tempfile.mkdtemp(prefix="fray-tpu-controller-"))
         self._zones_used: set[str] = set()
         atexit.register(self.shutdown)
+        _exit_on_sigterm()
 
     @classmethod
     def from_spec(cls, spec: str) -> TpuCluster:
@@ -321,6 +323,19 @@ class TpuCluster(Cluster):
         endpoint = json.loads(line)["endpoint"]
         log.info("started a Cloud TPU emulator at %s", endpoint)
         return endpoint
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM would end the process without running atexit (and the exit policy): turn it into
+    a normal exit, unless the program installed its own handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _raise_system_exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def request_stop(state_dir: Path, job_id: str) -> Path:
