@@ -35,7 +35,8 @@ FAILURE_KIND_KEY = "fray-tpu-failure-kind"
 DEFAULT_TIMEOUT = 10.0
 PREPARE_TIMEOUT = 1800.0
 UPLOAD_CHUNK_BYTES = 1 << 20
-MAX_MESSAGE_BYTES = 256 << 20
+# The agent accepts messages up to this size (a pickled callable with its arguments included).
+MAX_MESSAGE_BYTES = 64 << 20
 RETRIES = 4
 STREAM_BUFFER_BYTES = 64 << 20
 STREAM_BUFFER_EVENTS = 4096
@@ -342,7 +343,14 @@ class AgentClient:
 
     def prepare(self, spec: AttemptSpec, *, timeout: float = PREPARE_TIMEOUT) -> PrepareResult:
         """Cleans the host and stages the attempt; returns when it can start (else PrepareFailed)."""
-        response = self._call("Prepare", self._stub.Prepare, spec.to_proto(), timeout=timeout)
+        message = spec.to_proto()
+        if message.ByteSize() > MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"attempt {spec.attempt_id}: the request is {message.ByteSize() / 1e6:.0f} MB, over the "
+                f"{MAX_MESSAGE_BYTES / 1e6:.0f} MB limit; pass large data through the workspace or storage "
+                f"instead of the callable's closure or arguments"
+            )
+        response = self._call("Prepare", self._stub.Prepare, message, timeout=timeout)
         return PrepareResult(
             attempt_id=response.attempt_id, prepare_seconds=response.prepare_seconds,
             env_reused=response.env_reused, python=response.python, cleanup_notes=list(response.cleanup_notes),

@@ -96,7 +96,7 @@ def test_classification_order_cancel_then_success_then_preemption_then_bad_host(
 
 def test_lease_fires_once_when_not_renewed_and_renewal_revives_it():
     fired = threading.Event()
-    lease = Lease(0.2, fired.set, check_interval=0.01)
+    lease = Lease(0.2, fired.set)
     lease.start()
     try:
         assert lease.remaining() > 0

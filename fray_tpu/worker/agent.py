@@ -27,11 +27,14 @@ from fray_tpu.worker.lease import Lease
 from fray_tpu.worker.settings import AgentSettings
 
 LOG = logging.getLogger("fray_tpu.worker")
-MAX_RECEIVE_BYTES = 256 << 20
-MAX_SEND_BYTES = 64 << 20
+# Bounds what even an unauthenticated peer can make the agent buffer (gRPC reads a message
+# before the interceptor's verdict). Payloads above it belong in the workspace bundle.
+MAX_RECEIVE_BYTES = 64 << 20
+MAX_SEND_BYTES = 16 << 20
 SERVER_THREADS = 32
 KEEP_FINISHED_ATTEMPTS = 4
 LEASE_CANCEL_GRACE_SECONDS = 10.0
+SELF_DELETE_BACKUP_DELAY_SECONDS = 30.0
 FAILURE_KIND_KEY = "fray-tpu-failure-kind"
 _ATTEMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -299,10 +302,18 @@ class Agent(worker_pb2_grpc.WorkerServicer):
                 current.attempt.cancel(LEASE_CANCEL_GRACE_SECONDS, reason="lease expired: the controller stopped renewing")
             except cleanup.HostNotClean:
                 LOG.exception("could not stop attempt %s after the lease lapsed", current.attempt_id)
-        if self.settings.self_delete:
-            from fray_tpu.worker.selfdelete import delete_own_node
+        if not self.settings.self_delete:
+            return
+        if self.settings.worker_number != 0:
+            # Worker 0 deletes the node; the others only as a backup, in case it is gone too.
+            deadline = time.monotonic() + SELF_DELETE_BACKUP_DELAY_SECONDS
+            while time.monotonic() < deadline:
+                if not self.lease.expired:
+                    return  # the controller came back
+                time.sleep(0.5)
+        from fray_tpu.worker.selfdelete import delete_own_node
 
-            delete_own_node(self.settings)
+        delete_own_node(self.settings)
 
     # -- bundles ----------------------------------------------------------------------------
 

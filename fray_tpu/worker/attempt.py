@@ -179,8 +179,10 @@ class Attempt:
         process = self._process
         assert process is not None
         returncode = process.wait()
-        # Whatever the main process left behind would hold the TPU: the attempt ends with it.
+        # Whatever the main process left behind would hold the TPU: the attempt ends with it, and
+        # its exit is reported only once they are gone.
         self._signal_everything(signal.SIGKILL)
+        cleanup.wait_until(lambda: not self._members(), time.monotonic() + KILL_WAIT_SECONDS, 0.02)
         reader.join(DRAIN_SECONDS)
         if reader.is_alive():
             # Something outside the group still holds the pipes open.

@@ -12,12 +12,11 @@ from collections.abc import Callable
 
 
 class Lease:
-    def __init__(self, period_seconds: float, on_expired: Callable[[], None], *, check_interval: float | None = None):
+    def __init__(self, period_seconds: float, on_expired: Callable[[], None]):
         if period_seconds <= 0:
             raise ValueError(f"lease period must be positive, got {period_seconds}")
         self._period = period_seconds
         self._on_expired = on_expired
-        self._check_interval = check_interval or min(1.0, period_seconds / 10)
         self._lock = threading.Lock()
         self._expires_at = time.monotonic() + period_seconds
         self._expired = False
@@ -48,7 +47,8 @@ class Lease:
             return self._period
 
     def _watch(self) -> None:
-        while not self._stop.wait(self._check_interval):
+        # A tenth of the period (at most 1 s): expiry is noticed promptly even for short leases.
+        while not self._stop.wait(min(1.0, self._period / 10)):
             with self._lock:
                 due = not self._expired and time.monotonic() >= self._expires_at
                 if due:

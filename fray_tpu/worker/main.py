@@ -34,12 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging("fray-tpu-agent")
     client = md.MetadataClient()
-    settings = load_settings(client, state_dir=args.state_dir, boot_timeout=args.boot_timeout)
+    try:
+        settings = load_settings(client, state_dir=args.state_dir, boot_timeout=args.boot_timeout)
+    except md.MetadataError as error:
+        LOG.error("cannot start: %s", error)
+        return 1
     _configure_logging(f"fray-tpu-agent w{settings.worker_number} {settings.ip}")
 
     agent = Agent(settings)
     watcher = md.PreemptionWatcher(client, agent.mark_preempted)
-    server = make_server(agent, settings)
+    try:
+        server = make_server(agent, settings)
+    except RuntimeError as error:
+        LOG.error("cannot start: %s", error)
+        return 1
     server.start()
     agent.lease.start()
     watcher.start()
