@@ -175,7 +175,11 @@ def run_example(checkpoint_dir: str, emulator_endpoint: str | None = None, state
         state_dir=state_dir or tempfile.mkdtemp(prefix="fray-tpu-train-state-"),
     ))
     watcher = _ResumeWatcher()
+    # monitor() forwards the job's lines to this logger at INFO; let them reach the watcher.
     job_log = logging.getLogger("fray_tpu.job")
+    previous_level = job_log.level
+    if not job_log.isEnabledFor(logging.INFO):
+        job_log.setLevel(logging.INFO)
     job_log.addHandler(watcher)
     try:
         job_id = cluster.launch(JobRequest(
@@ -206,6 +210,7 @@ def run_example(checkpoint_dir: str, emulator_endpoint: str | None = None, state
         )
     finally:
         job_log.removeHandler(watcher)
+        job_log.setLevel(previous_level)
         cluster.shutdown()
     return result
 
