@@ -4,6 +4,7 @@ earlier attempts, the libtpu lockfile, and the controller's lease. Real agent pr
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -274,5 +275,24 @@ def test_pip_packages_are_installed_for_the_attempt_and_the_environment_is_reuse
         assert results == [(False, [marker]), (True, [marker])]
         cache = client.describe().cache
         assert (cache["envs_created"], cache["envs_reused"]) == (1, 1)
+
+        # A cancel that arrives while the environment is still being built does not wait for
+        # it; the attempt is cancelled as soon as it is prepared and never runs.
+        other = build_wheel(tmp_path, "fraytest_channel_other", "1.0", {"fraytest_channel_other/__init__.py": ""})
+        spec = AttemptSpec.for_callable("attempt-pip-cancelled", imports_the_package,
+                                        pip_packages=[str(wheel), str(other)])
+        preparing = threading.Thread(target=client.prepare, args=(spec,))
+        preparing.start()
+
+        def preparing_now() -> bool:
+            current = client.describe().current_attempt
+            return current is not None and current.state == "PREPARING"
+
+        wait_for(preparing_now, "the attempt to be preparing")
+        assert client.cancel(spec.attempt_id, grace=1.0) is False
+        preparing.join(EVENT_TIMEOUT)
+        finished = collect(client.start(spec.attempt_id))
+        assert [type(e) for e in finished] == [AttemptExit]
+        assert finished[0].classification == Classification.CANCELLED
     finally:
         teardown_slice(test_slice)

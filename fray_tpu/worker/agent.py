@@ -57,6 +57,8 @@ class Slot:
     attempt: Attempt | None = None
     response: worker_pb2.PrepareResponse | None = None
     failure: PrepareFailed | None = None
+    # A Cancel that arrived while preparing: the attempt is cancelled as soon as it exists.
+    cancel_reason: str | None = None
 
     @property
     def state(self) -> int:
@@ -165,6 +167,9 @@ class Agent(worker_pb2_grpc.WorkerServicer):
                                              f"preparing attempt {spec.attempt_id} failed on this host: {error}")
             finally:
                 slot.ready.set()
+            # Cancel sets the reason before it looks at `ready`; this looks after setting it.
+            if slot.cancel_reason is not None and slot.attempt is not None:
+                slot.attempt.cancel(0.0, reason=slot.cancel_reason)
         slot.ready.wait()
         if slot.failure is not None:
             raise slot.failure
@@ -278,7 +283,11 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         slot = self._slots.get(request.attempt_id)
         if slot is None:
             return worker_pb2.CancelResponse(was_running=False)
-        slot.ready.wait()
+        if not slot.ready.is_set():
+            # Preparing (pip may take minutes): do not hold the call, cancel once it is prepared.
+            slot.cancel_reason = "cancelled while preparing"
+            if not slot.ready.is_set():
+                return worker_pb2.CancelResponse(was_running=False)
         if slot.attempt is None:
             return worker_pb2.CancelResponse(was_running=False)
         try:
