@@ -88,6 +88,24 @@ def load_settings(client: md.MetadataClient, *, state_dir: Path | None = None,
             time.sleep(1.0)
 
 
+def _full_node_name(client: md.MetadataClient, node: str) -> str:
+    """``projects/P/locations/Z/nodes/N`` for the node id the controller wrote.
+
+    The controller cannot write the full name: it does not know in which zone the node lands
+    until a zone has capacity. The VM knows its project and zone from the metadata server.
+    """
+    if not node:
+        instance_name = client.get("instance/name")
+        return instance_name.text.strip() if instance_name else ""
+    if node.startswith("projects/"):
+        return node
+    project = client.get("project/project-id")
+    zone = client.get("instance/zone")
+    if project is None or zone is None:
+        return node
+    return f"projects/{project.text.strip()}/locations/{zone.text.strip().rsplit('/', 1)[-1]}/nodes/{node}"
+
+
 def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSettings:
     emulated = os.environ.get(EMULATED_ENV) == "1"
     worker_text = client.required_attribute(md.ATTR_WORKER_NUMBER)
@@ -105,10 +123,7 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
             f"worker {worker_number} has no entry in {md.ATTR_WORKER_ENDPOINTS} ({endpoints}); cannot tell "
             f"which address to listen on"
         )
-    node_name = client.attribute(md.ATTR_NODE) or ""
-    if not node_name:
-        instance_name = client.get("instance/name")
-        node_name = instance_name.text if instance_name else ""
+    node_name = _full_node_name(client, (client.attribute(md.ATTR_NODE) or "").strip())
     secret_sha256 = client.required_attribute(md.ATTR_SECRET_SHA256).strip().lower()
     if len(secret_sha256) != 64 or any(c not in "0123456789abcdef" for c in secret_sha256):
         raise md.MetadataError(f"metadata attribute {md.ATTR_SECRET_SHA256} is not a hex SHA-256")
