@@ -70,10 +70,13 @@ sleep 300
 PREEMPT_WATCH_SCRIPT = r"""
 python3 - <<'PY'
 import os, urllib.request
-url = ("http://" + os.environ["GCE_METADATA_HOST"]
-       + "/computeMetadata/v1/instance/preempted?wait_for_change=true&timeout_sec=60")
+url = "http://" + os.environ["GCE_METADATA_HOST"] + "/computeMetadata/v1/instance/preempted"
+def get(query=""):
+    request = urllib.request.Request(url + query, headers={"Metadata-Flavor": "Google"})
+    return urllib.request.urlopen(request, timeout=90)
+etag = get().headers["ETag"]
 open("watching", "w").close()
-body = urllib.request.urlopen(urllib.request.Request(url, headers={"Metadata-Flavor": "Google"}), timeout=90).read()
+body = get(f"?wait_for_change=true&timeout_sec=60&last_etag={etag}").read()
 open("preempted.tmp", "w").write(body.decode())
 os.rename("preempted.tmp", "preempted.txt")
 PY
@@ -323,7 +326,7 @@ def test_startup_script_runs_on_every_host_with_its_own_metadata(fake_gcp, tpu_c
 
 def test_preemption_flips_preempted_then_kills_hosts_and_node_stays(fake_gcp, tpu_client):
     parent = fake_gcp.parent(V4_ZONE)
-    fake_gcp.control.set_timings(preempt_notice=1.0)
+    fake_gcp.control.set_timings(preempt_notice=2.0)
     node = create_node(tpu_client, parent, "spot-1", node_spec("v4-16", PREEMPT_WATCH_SCRIPT, spot=True))
     wait_hosts(fake_gcp.control, node.name, lambda hs: all((Path(h["workdir"]) / "watching").exists() for h in hs), "watching")
     fake_gcp.control.preempt_node(node.name)
