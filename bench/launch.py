@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import cloudpickle
@@ -152,6 +153,24 @@ def rounded(value: float) -> float:
     return round(value, 3)
 
 
+SERVING_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO serving on ")
+
+
+def agents_serving_at(cluster: TpuCluster, control) -> float | None:
+    """When the last agent of the job's READY slice logged that it serves (from the emulated hosts'
+    logs, local time with millisecond resolution), or None if a log does not say."""
+    ready = [s for s in cluster.live_slices() if s.state == "READY"]
+    if len(ready) != 1:
+        return None
+    times = []
+    for worker in range(HOSTS):
+        match = SERVING_LINE.search(control.host_log(ready[0].resource_name, worker))
+        if match is None:
+            return None
+        times.append(datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return max(times)
+
+
 class ProgressClock:
     """Timestamps of the supervisor's progress lines (``job ID: LINE`` on its logger)."""
 
@@ -216,7 +235,8 @@ def finish(cluster: TpuCluster, job_id: str) -> None:
         raise RuntimeError(f"bench job {job_id} ended {info.status}: {info.error_message}")
 
 
-def measure_cold(cluster: TpuCluster, clock: ProgressClock, directory: Path, workspace: Path, runs: int) -> dict:
+def measure_cold(cluster: TpuCluster, control, clock: ProgressClock, directory: Path, workspace: Path,
+                 runs: int) -> dict:
     totals: list[float] = []
     phases: dict[str, list[float]] = {}
     for run in range(runs):
@@ -224,11 +244,13 @@ def measure_cold(cluster: TpuCluster, clock: ProgressClock, directory: Path, wor
         launched = time.time()
         job_id = cluster.launch(request(tag, record_start, [str(directory), tag], workspace))
         running = all_hosts_started(directory, tag, f"the 4 hosts of {tag}")
+        serving = agents_serving_at(cluster, control)
         finish(cluster, job_id)
         totals.append(running - launched)
         marks = {
             "create_sent": clock.first(job_id, r"slice-0: creating in "),
             "ready": clock.first(job_id, r"slice-0: .*READY"),
+            "agents_serving": serving,
             "agents_up": clock.first(job_id, rf"booting: {HOSTS}/{HOSTS} agents up"),
             "start_sent": clock.first(job_id, r"attempt 1: starting on "),
         }
@@ -289,12 +311,14 @@ def measure_preemption(cluster: TpuCluster, control, clock: ProgressClock, direc
     control.preempt_node(node.resource_name)
     recovered = all_hosts_started(out, "recovered", "the 4 hosts of the attempt after the preemption",
                                   PREEMPTION_DEADLINE_SECONDS)
+    serving = agents_serving_at(cluster, control)
     finish(cluster, job_id)
     control.set_timings(preempt_notice=0.0)
     preemptions = cluster.job_counters(job_id).preemptions
     marks = {
         "detected": clock.first(job_id, r"attempt 1 ended", after=preempted),
         "ready": clock.first(job_id, r"slice-0: .*READY", after=preempted),
+        "agents_serving": serving,
         "agents_up": clock.first(job_id, rf"booting: {HOSTS}/{HOSTS} agents up", after=preempted),
         "start_sent": clock.first(job_id, r"attempt 2: starting on ", after=preempted),
     }
@@ -326,10 +350,14 @@ def warm_note(warm: dict, warm_median: float, floor: float, floor_preload: float
 def cold_note(cold: dict, floor_preload: float) -> str:
     phases = cold["phases"]
     slowest = max(phases, key=phases.get)
-    return (f"the slowest phase is {slowest} ({phases[slowest]:.2f}s). READY->agents_up is the agent boot: each host "
-            f"runs the startup-script, starts a Python interpreter and the agent (imports grpc, cryptography, "
-            f"loads its TLS material, serves); start_sent->running is the attempt runner's start, which on "
-            f"emulated hosts imports JAX first (the JAX preload alone: {floor_preload:.2f}s for 4 parallel "
+    nan = float("nan")
+    return (f"the slowest phase is {slowest} ({phases[slowest]:.2f}s). ready->agents_serving is the agent boot "
+            f"({phases.get('ready->agents_serving', nan):.2f}s: each host runs the startup-script, starts Python and "
+            f"the agent, which logs 'serving'); agents_serving->agents_up ({phases.get('agents_serving->agents_up', nan):.2f}s) "
+            f"is the controller noticing: AgentClient.wait_until_up retries Describe with a backoff doubling to 1 s, "
+            f"behind gRPC's own reconnect backoff (1 s initial, x1.6) after the refused first connects, so an agent "
+            f"that is up waits up to ~1-2 s to be seen. start_sent->running is the attempt runner's start, which "
+            f"on emulated hosts imports JAX first (the JAX preload alone: {floor_preload:.2f}s for 4 parallel "
             f"processes). Slice creation itself costs nothing here (zero emulator delays).")
 
 
@@ -391,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                                           lease_period=30.0, state_dir=str(directory / "state")))
     summary: dict = {"metric": "summary", "tpu_type": TPU_TYPE, "hosts": HOSTS, "poll_interval": POLL_INTERVAL}
     try:
-        cold = measure_cold(cluster, clock, directory, workspace, args.cold_runs)
+        cold = measure_cold(cluster, emulator.control, clock, directory, workspace, args.cold_runs)
         sample_floors(args.floor_runs)
         warm = measure_warm(cluster, clock, directory, workspace, args.warm_samples)
         sample_floors(args.floor_runs)
