@@ -148,6 +148,8 @@ class Soak:
             emulate=True, emulator_endpoint=emulator.endpoint, poll_interval=POLL_SECONDS, lease_period=30.0,
             capacity_deadline=120.0, state_dir=str(root / "state"),
         ))
+        self.emulator_pid = emulator.pid
+        self.emulator_died_at: float | None = None
         self.faults = collections.Counter()
         self.stop_faults = threading.Event()
 
@@ -217,6 +219,11 @@ class Soak:
     def inject_faults(self, rng: random.Random) -> None:
         zones = topology.get_tpu_topology("v5litepod-4").zones
         while not self.stop_faults.wait(rng.uniform(2.0, 6.0)):
+            if not self.emulator_alive():
+                # Nothing the cloud does ends the cloud: whatever follows is not the product's doing.
+                self.emulator_died_at = time.monotonic()
+                log.error("the emulator process %d is gone; the rest of this soak is invalid", self.emulator_pid)
+                return
             if rng.random() < 0.4:
                 zone = rng.choice(zones)
                 self.control.stockout(zone)
@@ -241,7 +248,7 @@ class Soak:
         with futures.ThreadPoolExecutor(self.args.concurrency, thread_name_prefix="soak-job") as pool:
             running: set[futures.Future] = set()
             for outcome, seed in zip(outcomes, job_seeds):
-                if time.monotonic() - began > self.args.time_limit:
+                if time.monotonic() - began > self.args.time_limit or self.emulator_died_at is not None:
                     break
                 while len(running) >= self.args.concurrency:
                     _, running = futures.wait(running, return_when=futures.FIRST_COMPLETED)
@@ -250,6 +257,11 @@ class Soak:
         self.stop_faults.set()
         fault_thread.join(30)
         self.cluster.shutdown(timeout=self.args.job_deadline)
+        if not self.emulator_alive():
+            result = self.report(outcomes, {"nodes": [], "queued_resources": []}, time.monotonic() - began)
+            result["leaks"] = "unknown: the emulator process died during the soak"
+            result["emulator_died_after_seconds"] = round((self.emulator_died_at or time.monotonic()) - began, 1)
+            return result
         leaks = self.settled_leaks()
         return self.report(outcomes, leaks, time.monotonic() - began)
 
@@ -261,6 +273,13 @@ class Soak:
             outcome.status = "soak error"
             outcome.error = f"{type(error).__name__}: {error}"
             return outcome
+
+    def emulator_alive(self) -> bool:
+        try:
+            state = Path(f"/proc/{self.emulator_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state not in ("Z", "X")
 
     def settled_leaks(self) -> dict:
         """Nodes and queued resources alive once those already DELETING have had time to go."""
