@@ -50,10 +50,10 @@ class Emulator:
         self._host = host
         self._port = port
         self._clock = clock
-        # A random second octet per instance keeps two emulators' hosts on distinct addresses.
-        self.world = World(
-            self.initial_timings, IpAllocator(first_octet or random.randint(16, 254)), agent_port, clock=clock
+        addresses = IpAllocator(
+            first_octet or random.randint(16, 254), start=random.randrange(IpAllocator.ADDRESSES_PER_OCTET // 2)
         )
+        self.world = World(self.initial_timings, addresses, agent_port, clock=clock)
         self.hosts = HostRuntime(self.root, uuid.uuid4().hex[:12])
         self.control = Control(self)
         self._pump_lock = threading.Lock()

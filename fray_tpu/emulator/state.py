@@ -37,8 +37,6 @@ from fray_tpu.emulator.validation import (
     resolve_accelerator_type,
 )
 
-NodePb = cloud_tpu.Node.pb()
-QueuedResourcePb = cloud_tpu.QueuedResource.pb()
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -158,18 +156,23 @@ class InjectedFailure:
 
 
 class IpAllocator:
-    """Distinct loopback addresses 127.A.B.C; A is fixed per emulator instance."""
+    """Distinct loopback addresses 127.A.B.C: A fixed per emulator, B.C counting from ``start``.
 
-    def __init__(self, first_octet: int):
+    Two emulators on one machine pick A and ``start`` at random, so their hosts' addresses (and
+    the agent port on them) practically never collide.
+    """
+
+    ADDRESSES_PER_OCTET = 256 * 254
+
+    def __init__(self, first_octet: int, start: int = 0):
         if not 1 <= first_octet <= 254:
             raise ValueError(f"first octet {first_octet} must be in 1..254")
         self.first_octet = first_octet
-        self._next = itertools.count(1)
+        self._next = itertools.count(start)
 
     def allocate(self) -> str:
-        index = next(self._next)
-        low, high = index % 254 + 1, (index // 254) % 256
-        return f"127.{self.first_octet}.{high}.{low}"
+        index = next(self._next) % self.ADDRESSES_PER_OCTET
+        return f"127.{self.first_octet}.{index // 254}.{index % 254 + 1}"
 
 
 def page_names(names: list[str], page_size: int, page_token: str) -> tuple[list[str], str]:
