@@ -22,7 +22,6 @@ from fray_tpu.channel import (
 )
 from fray_tpu.worker import metadata as md
 
-pytest_plugins = ["fake_gcp.fixtures"]
 
 ZONE = "us-west4-a"
 TIMEOUT = 60.0
