@@ -1,0 +1,363 @@
+"""A driver process that dies or exits while its TPU jobs run (issue 5, item 2).
+
+Each test runs the driver as a real subprocess on its own state directory, launching jobs on
+the session's Cloud TPU emulator. The job callable ticks (one numbered line and a progress file
+every ``TICK_SECONDS``) until a "go" file appears. Outcomes covered:
+
+- SIGKILL, then a new controller on the state directory: it lists the jobs as running,
+  ``monitor`` streams from the reattach point on, ``wait`` sees success, ``terminate`` stops,
+  finished jobs keep their final ``JobInfo`` across another restart, and a second live
+  controller on the directory is refused (``JournalLockedError`` naming the holder's pid);
+- SIGKILL with no restart: the agents' lease lapses and the slice deletes itself;
+- the exit policy: normal exit and SIGTERM terminate the jobs and delete their slices;
+  ``detach_on_exit=True`` leaves the job running for a later controller to reattach.
+
+The ``fake_gcp`` fixture fails any test that leaves a node or queued resource alive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fake_gcp import wait_for
+
+from fray_tpu.cluster import TpuCluster
+from fray_tpu.config import TpuClusterConfig
+from fray_tpu.fray_api import JobStatus
+from fray_tpu.journal import JournalLockedError
+from fray_tpu.naming import LABEL_JOB, label_value
+
+DRIVER_START_TIMEOUT = 120.0  # interpreter start, imports, provisioning and the gang start
+JOB_TIMEOUT = 120.0
+HOST_DEADLINE = 150.0  # how long a job ticks without its go file before giving up on its own
+REATTACH_LEASE_SECONDS = 30.0  # long enough that nothing lapses between the kill and the restart
+SHORT_LEASE_SECONDS = 3.0
+# Lease lapse + a tick of the lease watcher + SIGTERM to the attempt + the delete call, with
+# plenty of slack for a loaded 2-core machine.
+SELF_DELETE_DEADLINE = 60.0
+TICKS_BEFORE_KILL = 5
+# Exit with a running job: cancel (SIGTERM, 5 s grace at most) + delete, on a loaded machine.
+PROMPT_EXIT_SECONDS = 20.0
+
+DRIVER_SOURCE = r'''
+"""A driver program: launches ticking TPU jobs, reports them running, then exits or blocks."""
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+from fray_tpu.cluster import TpuCluster
+from fray_tpu.config import TpuClusterConfig
+from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
+
+
+def tick_until(go_file, progress_file, tick_seconds, deadline_seconds):
+    """Print numbered ticks (and the count to progress_file) until go_file exists."""
+    pause = threading.Event()
+    deadline = time.monotonic() + deadline_seconds
+    tick = 0
+    while not os.path.exists(go_file):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{go_file} never appeared")
+        print(f"tick {tick}", flush=True)
+        partial = f"{progress_file}.{os.getpid()}.partial"
+        with open(partial, "w") as f:
+            f.write(str(tick))
+        os.replace(partial, progress_file)
+        tick += 1
+        pause.wait(tick_seconds)
+    print("done", flush=True)
+
+
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = json.loads(sys.argv[1])
+    cluster = TpuCluster(
+        TpuClusterConfig(emulate=True, emulator_endpoint=args["endpoint"], poll_interval=0.2,
+                         lease_period=args["lease_period"], state_dir=args["state_dir"]),
+        detach_on_exit=args["detach"],
+    )
+    job_ids = []
+    for name in args["jobs"]:
+        entrypoint = Entrypoint.from_callable(tick_until, args=[
+            os.path.join(args["out_dir"], name + ".go"), os.path.join(args["out_dir"], name + ".ticks"),
+            args["tick_seconds"], args["host_deadline"]])
+        job_ids.append(cluster.launch(JobRequest(
+            name=name, entrypoint=entrypoint, resources=ResourceConfig.with_tpu("v5litepod-4"),
+            environment=EnvironmentConfig.create(workspace=args["workspace"]))))
+    pause = threading.Event()
+    deadline = time.monotonic() + args["start_timeout"]
+    while not all(cluster.poll(j).status == JobStatus.RUNNING for j in job_ids):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"jobs not running after {args['start_timeout']}s: "
+                             f"{[cluster.poll(j) for j in job_ids]}")
+        pause.wait(0.1)
+    print("RUNNING " + json.dumps(job_ids), flush=True)
+    if args["then"] == "block":
+        pause.wait(args["start_timeout"])  # the test kills or signals us long before this
+
+
+main()
+'''
+
+TICK_SECONDS = 0.2
+
+
+class Driver:
+    """The driver subprocess, its stdout lines on a queue, its stderr in a file."""
+
+    def __init__(self, tmp_path: Path, endpoint: str, *, jobs: list[str], then: str, lease_period: float,
+                 detach: bool = False):
+        self.state_dir = tmp_path / "state"
+        self.out_dir = tmp_path / "out"
+        workspace = tmp_path / "workspace"
+        for path in (self.state_dir, self.out_dir, workspace):
+            path.mkdir(exist_ok=True)
+        (workspace / "README").write_text("the driver's small workspace\n")
+        script = tmp_path / "driver.py"
+        script.write_text(DRIVER_SOURCE)
+        self.stderr_path = tmp_path / "driver.stderr"
+        args = dict(endpoint=endpoint, lease_period=lease_period, state_dir=str(self.state_dir), detach=detach,
+                    jobs=jobs, out_dir=str(self.out_dir), workspace=str(workspace), tick_seconds=TICK_SECONDS,
+                    host_deadline=HOST_DEADLINE, start_timeout=DRIVER_START_TIMEOUT, then=then)
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen([sys.executable, str(script), json.dumps(args)], cwd=tmp_path,
+                                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+        self.reported_running_at = 0.0
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True, name="driver-stdout").start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def running_jobs(self) -> list[str]:
+        """The job ids, once the driver reports every job running."""
+        deadline = time.monotonic() + DRIVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if line.startswith("RUNNING "):
+                self.reported_running_at = time.monotonic()
+                return json.loads(line.removeprefix("RUNNING "))
+        raise AssertionError(f"the driver never reported its jobs running (exit code {self.process.poll()}); "
+                             f"stderr:\n{self.stderr()}")
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the driver did not exit within {timeout}s; stderr:\n{self.stderr()}") from None
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")[-5000:]
+
+    def ticks(self, job: str) -> int:
+        path = self.out_dir / f"{job}.ticks"
+        return int(path.read_text()) if path.exists() else -1
+
+    def release(self, job: str) -> None:
+        (self.out_dir / f"{job}.go").write_text("")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)
+
+
+@pytest.fixture
+def drivers():
+    """Every driver a test started is gone at its end, whatever happened."""
+    started: list[Driver] = []
+    yield started
+    for driver in started:
+        driver.kill()
+
+
+def start_driver(drivers: list[Driver], *args, **kwargs) -> Driver:
+    driver = Driver(*args, **kwargs)
+    drivers.append(driver)
+    return driver
+
+
+def controller(endpoint: str, state_dir: Path, lease_period: float = REATTACH_LEASE_SECONDS) -> TpuCluster:
+    return TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=endpoint, poll_interval=0.2,
+                                       lease_period=lease_period, state_dir=str(state_dir)))
+
+
+def job_nodes(control, job_id: str) -> list[dict]:
+    return [n for n in control.leaks()["nodes"] if n["labels"].get(LABEL_JOB) == label_value(job_id)]
+
+
+def monitored_lines(caplog) -> list[str]:
+    """The job output lines ``monitor`` logged (only one job is monitored per test)."""
+    return [r.getMessage() for r in caplog.records if r.name == "fray_tpu.job" and r.getMessage().startswith("[slice-")]
+
+
+# -- SIGKILL, then a restarted controller ----------------------------------------------------
+
+def test_sigkilled_driver_is_reattached_by_a_new_controller(fake_gcp, tmp_path, drivers, caplog):
+    driver = start_driver(drivers, tmp_path, fake_gcp.endpoint, jobs=["finisher", "stopper"], then="block",
+                          lease_period=REATTACH_LEASE_SECONDS)
+    finisher, stopper = driver.running_jobs()
+
+    # While the driver lives, a second controller on its state directory is refused by name.
+    rival = controller(fake_gcp.endpoint, driver.state_dir)
+    with pytest.raises(JournalLockedError) as refused:
+        rival.list_jobs()
+    rival.shutdown()
+    assert f"pid {driver.process.pid}" in str(refused.value)
+    assert str(driver.state_dir) in str(refused.value)
+
+    wait_for(lambda: driver.ticks("finisher") >= TICKS_BEFORE_KILL, f"{TICKS_BEFORE_KILL} ticks of the job", JOB_TIMEOUT)
+    driver.process.send_signal(signal.SIGKILL)
+    driver.wait_exit(30)
+    ticks_at_kill = driver.ticks("finisher")
+
+    restarted = controller(fake_gcp.endpoint, driver.state_dir)
+    try:
+        listed = {info.job_id: info.status for info in restarted.list_jobs()}
+        assert listed == {finisher: JobStatus.RUNNING, stopper: JobStatus.RUNNING}
+
+        outcome: dict = {}
+        with caplog.at_level(logging.INFO, logger="fray_tpu.job"):
+            monitor = threading.Thread(target=lambda: outcome.update(info=restarted.monitor(finisher)), daemon=True)
+            monitor.start()
+            wait_for(lambda: len([line for line in monitored_lines(caplog) if " tick " in line]) >= 3,
+                     "3 ticks streamed by the reattached controller", JOB_TIMEOUT)
+            driver.release("finisher")
+            monitor.join(JOB_TIMEOUT)
+        assert not monitor.is_alive(), "monitor() did not return after the job finished"
+        info = outcome["info"]
+        assert info.status == JobStatus.SUCCEEDED, info.error_message
+        assert restarted.wait(finisher, timeout=JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+
+        lines = monitored_lines(caplog)
+        assert "[slice-0/worker-0] done" in lines
+        ticks = [int(m.group(1)) for line in lines if (m := re.search(r"\] tick (\d+)$", line))]
+        # From the reattach point on: nothing from the job's start is replayed, every tick is new.
+        assert ticks and min(ticks) >= ticks_at_kill - 1, (ticks_at_kill, ticks[:5])
+        assert ticks == sorted(set(ticks)), "ticks repeated or out of order"
+
+        restarted.terminate(stopper)
+        assert restarted.poll(stopper).status == JobStatus.STOPPED
+        for job_id in (finisher, stopper):
+            restarted.wait_released(job_id, timeout=JOB_TIMEOUT)
+            assert job_nodes(fake_gcp.control, job_id) == []
+        final = {job_id: restarted.poll(job_id) for job_id in (finisher, stopper)}
+        assert final[stopper].status == JobStatus.STOPPED
+        assert all(t.status == JobStatus.STOPPED for t in final[stopper].tasks)
+        assert restarted.job_counters(finisher).attempts == 1
+    finally:
+        restarted.shutdown(timeout=JOB_TIMEOUT)
+
+    # Finished jobs keep their final JobInfo across another restart.
+    third = controller(fake_gcp.endpoint, driver.state_dir)
+    try:
+        assert {info.job_id: info for info in third.list_jobs()} == final
+    finally:
+        third.shutdown(timeout=JOB_TIMEOUT)
+
+
+# -- SIGKILL and nobody comes back --------------------------------------------------------------
+
+def test_sigkilled_driver_without_restart_slices_delete_themselves(fake_gcp, tmp_path, drivers):
+    driver = start_driver(drivers, tmp_path, fake_gcp.endpoint, jobs=["orphan"], then="block",
+                          lease_period=SHORT_LEASE_SECONDS)
+    (job_id,) = driver.running_jobs()
+    (node,) = job_nodes(fake_gcp.control, job_id)
+    driver.process.send_signal(signal.SIGKILL)
+    driver.wait_exit(30)
+    killed_at = time.monotonic()
+
+    def gone() -> bool:
+        return not job_nodes(fake_gcp.control, job_id)
+
+    try:
+        wait_for(gone, f"node {node['name']} to delete itself after the lease lapsed", SELF_DELETE_DEADLINE)
+    except Exception as error:
+        raise AssertionError(f"{error}\nhost log of worker 0:\n"
+                             f"{fake_gcp.control.host_log(node['name'], 0)[-3000:]}") from None
+    assert time.monotonic() - killed_at < SELF_DELETE_DEADLINE
+    assert driver.ticks("orphan") >= 0  # the job did run before its driver died
+
+
+# -- the exit policy -------------------------------------------------------------------------
+
+def assert_exit_was_prompt(driver: Driver) -> None:
+    """Terminating is prompt (the user's processes are cancelled, then the slice is deleted): the
+    exit must not sit out the supervisor's wait for hosts that were never told to stop."""
+    seconds = time.monotonic() - driver.reported_running_at
+    assert seconds < PROMPT_EXIT_SECONDS, (
+        f"the driver took {seconds:.0f}s to exit after its jobs ran; stderr:\n{driver.stderr()}")
+
+
+def assert_stopped_and_released(fake_gcp, driver: Driver, job_id: str) -> None:
+    """Right after the driver exited: nothing of the job is alive, and the journal says stopped."""
+    assert job_nodes(fake_gcp.control, job_id) == []
+    reader = controller(fake_gcp.endpoint, driver.state_dir)
+    try:
+        info = reader.poll(job_id)
+    finally:
+        reader.shutdown(timeout=JOB_TIMEOUT)
+    assert info.status == JobStatus.STOPPED, info
+
+
+def test_driver_exiting_normally_terminates_its_jobs_and_deletes_slices(fake_gcp, tmp_path, drivers):
+    driver = start_driver(drivers, tmp_path, fake_gcp.endpoint, jobs=["ends"], then="exit",
+                          lease_period=REATTACH_LEASE_SECONDS)
+    (job_id,) = driver.running_jobs()
+    assert driver.wait_exit(JOB_TIMEOUT) == 0, driver.stderr()
+    assert_exit_was_prompt(driver)
+    assert_stopped_and_released(fake_gcp, driver, job_id)
+
+
+def test_sigterm_to_the_driver_terminates_its_jobs_and_deletes_slices(fake_gcp, tmp_path, drivers):
+    driver = start_driver(drivers, tmp_path, fake_gcp.endpoint, jobs=["termed"], then="block",
+                          lease_period=REATTACH_LEASE_SECONDS)
+    (job_id,) = driver.running_jobs()
+    driver.process.send_signal(signal.SIGTERM)
+    assert driver.wait_exit(JOB_TIMEOUT) == 128 + signal.SIGTERM, driver.stderr()
+    assert_exit_was_prompt(driver)
+    assert_stopped_and_released(fake_gcp, driver, job_id)
+
+
+def test_detached_driver_leaves_the_job_running_for_a_new_controller(fake_gcp, tmp_path, drivers):
+    driver = start_driver(drivers, tmp_path, fake_gcp.endpoint, jobs=["detached"], then="exit",
+                          lease_period=REATTACH_LEASE_SECONDS, detach=True)
+    (job_id,) = driver.running_jobs()
+    assert driver.wait_exit(JOB_TIMEOUT) == 0, driver.stderr()
+    (node,) = job_nodes(fake_gcp.control, job_id)
+    assert node["state"] == "READY"
+    ticks_after_exit = driver.ticks("detached")
+    wait_for(lambda: driver.ticks("detached") >= ticks_after_exit + 3, "the job to keep ticking without its driver",
+             JOB_TIMEOUT)
+
+    restarted = controller(fake_gcp.endpoint, driver.state_dir)
+    try:
+        assert restarted.poll(job_id).status == JobStatus.RUNNING
+        driver.release("detached")
+        info = restarted.wait(job_id, timeout=JOB_TIMEOUT)
+        assert info.status == JobStatus.SUCCEEDED, info.error_message
+        restarted.wait_released(job_id, timeout=JOB_TIMEOUT)
+        assert job_nodes(fake_gcp.control, job_id) == []
+    finally:
+        restarted.shutdown(timeout=JOB_TIMEOUT)
