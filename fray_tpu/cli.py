@@ -499,7 +499,8 @@ def stop_by_reattaching(ctx: Context, job_id: str) -> int:
         status = str(cluster.poll(job_id).status)
     finally:
         cluster.shutdown(timeout=ctx.args.timeout)
-    print(f"job {job_id}: {status}; its slices are deleted")
+    released = "its slices are deleted" if ctx.journal().job(job_id).kind == "tpu" else "its processes ended with their controller"
+    print(f"job {job_id}: {status}; {released}")
     return EXIT_OK
 
 
@@ -562,8 +563,8 @@ def cloud_details(ctx: Context, observation) -> tuple[str | None, float | None, 
 
     client = ctx.provisioner().client
     policy = api_retry.Retry(initial=0.5, maximum=5.0, timeout=15.0, predicate=api_retry.if_transient_error)
-    if observation.queued_state is not None and not observation.endpoints and observation.state != "READY":
-        queued = client.get_queued_resource(name=_queued_name(ctx, observation), timeout=ctx.config.api_timeout,
+    if "/queuedResources/" in observation.resource_name:  # a queued resource whose node does not exist yet
+        queued = client.get_queued_resource(name=observation.resource_name, timeout=ctx.config.api_timeout,
                                             retry=policy)
         node_specs = list(queued.tpu.node_spec)
         tpu_type = node_specs[0].node.accelerator_type if node_specs else None
@@ -574,10 +575,6 @@ def cloud_details(ctx: Context, observation) -> tuple[str | None, float | None, 
     capacity = ("spot" if scheduling.spot else "preemptible" if scheduling.preemptible
                 else "reserved" if scheduling.reserved else "on-demand")
     return node.accelerator_type or None, _epoch(node.create_time), capacity
-
-
-def _queued_name(ctx: Context, observation) -> str:
-    return f"projects/{ctx.project}/locations/{observation.zone}/queuedResources/{observation.name}"
 
 
 def _epoch(timestamp) -> float | None:
