@@ -53,7 +53,6 @@ EXIT_API = 4
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # The project TpuCluster uses against the emulator when the spec names none.
-EMULATED_PROJECT = "fray-tpu-emulated"
 LOG_POLL_SECONDS = 0.5
 STOP_POLL_SECONDS = 0.5
 DEFAULT_STOP_TIMEOUT = 120.0
@@ -116,6 +115,8 @@ class Context:
 
     @property
     def project(self) -> str:
+        from fray_tpu.config import EMULATED_PROJECT
+
         return self.config.project or EMULATED_PROJECT
 
     def require_endpoint(self, action: str) -> None:

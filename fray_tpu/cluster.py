@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from fray_tpu import naming
-from fray_tpu.config import TpuClusterConfig
+from fray_tpu.config import EMULATED_PROJECT, TpuClusterConfig
 from fray_tpu.errors import DeadlineExceeded
 from fray_tpu.fray_api import Cluster, JobId, JobInfo, JobStatus
 from fray_tpu.jobs import JobRecord, JobTable
@@ -305,7 +305,7 @@ class TpuCluster(Cluster):
                     self.config.emulator_endpoint = endpoint
                 provisioner = SliceProvisioner(
                     make_tpu_client(emulator_endpoint=endpoint),
-                    self.config.project or "fray-tpu-emulated",
+                    self.config.project or EMULATED_PROJECT,
                     api_timeout=self.config.api_timeout,
                     poll_interval=self.config.poll_interval,
                 )

@@ -66,6 +66,8 @@ ENV_PREFIX = "FRAY_TPU_"
 CAPACITY_CLASSES = ("spot", "preemptible", "on-demand", "reserved")
 _CAPACITY_ALIASES = {"on_demand": "on-demand", "ondemand": "on-demand", "standard": "on-demand"}
 DEFAULT_AGENT_PORT = 8477
+# The project id used against the emulator when the config names none (it accepts any).
+EMULATED_PROJECT = "fray-tpu-emulated"
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")

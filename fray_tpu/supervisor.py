@@ -186,6 +186,7 @@ def watch_attempt(
             if len(started) == len(slots):
                 record.set_phase("running")
                 record.set_status(JobStatus.RUNNING)
+                record.append_lines([f"{PROGRESS_PREFIX}running on all {len(slots)} task(s)"])
         elif isinstance(event, channel.AttemptExit):
             finish(slot, end_from_exit(slot, event))
         elif isinstance(event, channel.PreemptionNotice):
@@ -549,6 +550,8 @@ class TpuJobSupervisor(JobSupervisor):
             def acquire(slice_id: int) -> None:
                 spec = self.slice_spec(slice_id, attempt)
                 zones_tried: list[str] = []
+                self.progress(f"slice-{slice_id}: requested {spec.tpu_type} ({spec.capacity}) as {spec.name}, "
+                              f"zones {', '.join(self.plan.zones)}")
 
                 def before_create(zone: str) -> None:
                     zones_tried.append(zone)
@@ -608,7 +611,7 @@ class TpuJobSupervisor(JobSupervisor):
                                         pinned_cert_pem=self._tls.cert_pem)
                     for ip in ready.endpoints
                 ]
-        up = [0]
+        up = dict.fromkeys(self._clients, 0)
         lock = threading.Lock()
         total = sum(len(c) for c in self._clients.values())
 
@@ -619,10 +622,9 @@ class TpuJobSupervisor(JobSupervisor):
                 dead[slice_id] = str(error)
                 return
             with lock:
-                up[0] += 1
-                count = up[0]
-            if count == total or count % max(1, total // 4) == 0:
-                self.progress(f"booting: {count}/{total} agents up")
+                up[slice_id] += 1
+                count = up[slice_id]
+            self.progress(f"slice-{slice_id}: booting, {count}/{len(self._clients[slice_id])} agents up")
 
         with ThreadPoolExecutor(max_workers=min(64, total)) as pool:
             list(pool.map(lambda pair: wait_up(*pair),
