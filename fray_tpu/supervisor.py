@@ -443,7 +443,7 @@ class TpuGangRun(AttemptRun):
         def cancel(client: channel.AgentClient) -> None:
             try:
                 client.cancel(self.attempt_id, CANCEL_GRACE_SECONDS)
-            except channel.ChannelError as error:
+            except Exception as error:  # noqa: BLE001 - a host already gone (or its channel closed) is cancelled
                 log.info("cancel on %s: %s", client.address, error)
 
         with ThreadPoolExecutor(max_workers=min(32, len(self._clients))) as pool:
@@ -636,6 +636,11 @@ class TpuJobSupervisor(JobSupervisor):
             return
         from fray_tpu.journal import ResourceRow
 
+        if any(r.name == spec.name and r.zone == zone for r in self.journal.resources(job_id=self.record.job_id)):
+            # A later provisioning round of the same attempt reuses the slice's name.
+            self.journal.update_resource(spec.name, zone, state="creating", endpoints=[], created=time.time(),
+                                         ready_at=None, deleted_at=None)
+            return
         self.journal.add_resource(ResourceRow(
             job_id=self.record.job_id, attempt=attempt, slice_id=slice_id, name=spec.name, zone=zone,
             kind="queued" if spec.queued else "node", state="creating", endpoints=[], created=time.time(),
@@ -662,7 +667,9 @@ class TpuJobSupervisor(JobSupervisor):
         clients = [c for s in range(len(self.slices)) for c in self._clients[s]]
         attempt_id = f"{self.record.job_id}-a{attempt}"
         environments = gang_environments([s.endpoints for s in self.slices], self._user_env())
-        self._upload_workspace(clients)
+        unreachable = self._upload_workspace(clients)
+        if unreachable:
+            return self._verdict_for_hosts(unreachable, TaskOutcome.LOST, "workspace upload failed")
         specs = [self._attempt_spec(attempt_id, slot, environments[slot.index]) for slot in self.slots]
         self.record.set_phase("preparing")
         failed = self._prepare(clients, specs)
@@ -742,17 +749,29 @@ class TpuJobSupervisor(JobSupervisor):
             return channel.AttemptSpec(attempt_id, pickled_callable=payload.pickled, **common)
         return channel.AttemptSpec(attempt_id, command=payload.command, args=list(payload.args), **common)
 
-    def _upload_workspace(self, clients: Sequence[channel.AgentClient]) -> None:
+    def _upload_workspace(self, clients: Sequence[channel.AgentClient]) -> dict[int, str]:
+        """Upload the workspace bundle where it is missing; returns the slices that could not
+        take it (treated like lost hosts: the slice is replaced, the user's budget untouched)."""
         if self.plan.workspace is None:
-            return
-        if self._bundle is None:
+            return {}
+        if self._bundle is None or not self._bundle.path.exists():
             from fray_tpu.workspace import pack_workspace
 
+            # Packed once per job; packed again only if the cache dropped the archive meanwhile.
             self._bundle = pack_workspace(self.plan.workspace)
             self.progress(f"workspace {self.plan.workspace}: {self._bundle.file_count} files, "
                           f"{self._bundle.size / 1e6:.1f} MB, digest {self._bundle.digest[:12]}")
+        failed: dict[int, str] = {}
+
+        def upload(index: int) -> None:
+            try:
+                clients[index].upload_bundle(self._bundle)
+            except Exception as error:  # noqa: BLE001 - any failure means this host lacks the bundle
+                failed[self.slots[index].slice_id] = f"{clients[index].address}: {error}"
+
         with ThreadPoolExecutor(max_workers=min(16, len(clients))) as pool:
-            list(pool.map(lambda c: c.upload_bundle(self._bundle), clients))
+            list(pool.map(upload, range(len(clients))))
+        return failed
 
     def _prepare(self, clients: Sequence[channel.AgentClient], specs: Sequence[channel.AttemptSpec]) -> AttemptVerdict | None:
         problems: dict[int, tuple[TaskOutcome, str]] = {}
@@ -835,5 +854,5 @@ class TpuJobSupervisor(JobSupervisor):
                 for client in list(clients):
                     try:
                         client.renew_lease(period)
-                    except channel.ChannelError as error:
+                    except Exception as error:  # noqa: BLE001 - this loop must outlive any one host
                         log.debug("lease renewal on %s: %s", client.address, error)

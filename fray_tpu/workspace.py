@@ -21,6 +21,7 @@ import os
 import stat
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -387,7 +388,8 @@ def pack_workspace(root: Path, *, cache_dir: Path | None = None, max_bytes: int 
             "file_count": file_count,
             "skipped_symlinks": list(scan.skipped_symlinks),
         }
-        record_tmp = cache_dir / f".{signature}.json.{os.getpid()}"
+        # Unique per thread too: two jobs of one controller may pack the same tree at once.
+        record_tmp = cache_dir / f".{signature}.json.{os.getpid()}.{threading.get_ident()}"
         record_tmp.write_text(json.dumps(record))
         os.replace(record_tmp, cache_dir / f"{signature}.json")
     _prune_cache(cache_dir)
