@@ -169,17 +169,20 @@ def tpu_request(name: str, fn, args, workspace: str, tpu_type: str = "v5litepod-
     )
 
 
-def finish(cluster: TpuCluster, job_id: str):
-    """The job's final info, after its slices are released (so the leak check is meaningful)."""
-    info = cluster.wait(job_id, timeout=JOB_TIMEOUT)
-    cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
-    return info
-
-
 def wait_finished(cluster: TpuCluster, job_id: str):
     """Like ``cluster.wait`` but polling often, for tests that time how soon a job ends."""
     return wait_for(lambda: (info := cluster.poll(job_id)) and JobStatus.finished(info.status) and info,
                     f"job {job_id} to finish", JOB_TIMEOUT)
+
+
+def finish(cluster: TpuCluster, job_id: str):
+    """The job's final info, after its slices are released (so the leak check is meaningful).
+
+    Polls often rather than through ``cluster.wait``, whose backoff (Marin's: 0.1 s doubling to
+    10 s) would add up to several seconds to every test."""
+    info = wait_finished(cluster, job_id)
+    cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
+    return info
 
 
 def read_json_files(directory: Path, pattern: str) -> dict[str, object]:
@@ -318,9 +321,12 @@ def test_preempting_one_slice_restarts_the_whole_gang(cluster, fake_gcp, workspa
         assert env["MEGASCALE_COORDINATOR_ADDRESS"] == new_coordinator
         assert env["MEGASCALE_SLICE_ID"] == str(index // 4)
         assert env["MEGASCALE_NUM_SLICES"] == "2"
-    # Slice 0 was replaced (new hosts); slice 1 survived and was reused.
-    assert {second_by_index[i]["FRAY_TPU_HOST_IP"] for i in range(4)}.isdisjoint(
-        {first_by_index[i]["FRAY_TPU_HOST_IP"] for i in range(4)})
+    # Documented policy (decisions.py): slice 0 was replaced (new hosts), slice 1 survived and
+    # was reused; the whole gang ran again either way.
+    ips = {attempt: [envs[i]["FRAY_TPU_HOST_IP"] for i in range(8)]
+           for attempt, envs in (("first", first_by_index), ("second", second_by_index))}
+    assert set(ips["second"][:4]).isdisjoint(ips["first"][:4])
+    assert ips["second"][4:] == ips["first"][4:]
     # The hosts of a slice known to be preempted cannot report an exit: waiting for them only
     # delays the restart (issue 4 targets <= 3 s with zero provisioning delay; generous here).
     assert restart_seconds < RESTART_SECONDS_LIMIT, f"gang restarted {restart_seconds:.1f}s after the preemption"
