@@ -16,12 +16,12 @@ never by the bare name: an unrelated package named ``fray`` is left alone.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import inspect
 import os
 import sys
 from types import ModuleType
+
+from fray_tpu.post_import import when_imported
 
 SPEC_PREFIX = "tpu"
 _TARGET_MODULE = "fray.cluster"
@@ -34,10 +34,7 @@ def is_tpu_spec(spec: str) -> bool:
 def install() -> None:
     if os.environ.get("FRAY_BACKEND") == "tpu" and not os.environ.get("FRAY_CLUSTER_SPEC"):
         os.environ["FRAY_CLUSTER_SPEC"] = SPEC_PREFIX
-    if _TARGET_MODULE in sys.modules:
-        patch_fray_cluster(sys.modules[_TARGET_MODULE])
-    elif not any(isinstance(f, _FrayClusterFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _FrayClusterFinder())
+    when_imported(_TARGET_MODULE, patch_fray_cluster)
 
 
 def looks_like_marin_fray(module: ModuleType) -> bool:
@@ -66,26 +63,3 @@ def patch_fray_cluster(module: ModuleType) -> None:
     create_cluster._fray_tpu_hooked = True
     create_cluster.__doc__ = fray_create_cluster.__doc__
     module.create_cluster = create_cluster
-
-
-class _FrayClusterFinder(importlib.abc.MetaPathFinder):
-    """Patches ``fray.cluster`` right after it executes (a post-import hook)."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET_MODULE:
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None:
-            return spec
-        load = spec.loader.exec_module
-
-        def exec_module(module):
-            load(module)
-            patch_fray_cluster(module)
-
-        spec.loader.exec_module = exec_module
-        return spec

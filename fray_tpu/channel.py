@@ -47,6 +47,11 @@ _KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # An agent that is still booting refuses connections; gRPC's default reconnect backoff
+    # (1 s, growing) would notice it up to seconds late. Agents are on the controller's network.
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
 
 
@@ -307,7 +312,7 @@ class AgentClient:
             except ChannelError as error:
                 last_seen = str(error)
             time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
-            pause = min(pause * 2, 1.0)
+            pause = min(pause * 2, 0.25)
 
     def has_bundle(self, digest: str) -> bool:
         return self._call("HasBundle", self._stub.HasBundle, worker_pb2.HasBundleRequest(digest=digest)).present

@@ -3,8 +3,8 @@
 On a real TPU VM, JAX finds its peers through the metadata server and ``MEGASCALE_*``. An
 emulated host has no TPU, so this ``ClusterEnv`` answers instead, from the variables fray-tpu
 gives every task (see ``fray_tpu.multislice``); an unchanged ``jax.distributed.initialize()``
-then forms one group of every host of every slice. Defining the class registers it; the
-attempt runner imports this module on emulated hosts (``FRAY_TPU_RUNNER_PRELOAD``).
+then forms one group of every host of every slice. Defining the class registers it; on emulated
+hosts ``fray_tpu.jax_emulated_preload`` imports this module as soon as the job imports JAX.
 """
 
 from __future__ import annotations

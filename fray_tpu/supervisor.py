@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE_SECONDS = 5.0
 # After cancelling a gang, how long hosts may take to report their exit before counting as lost.
 CANCEL_REPORT_SECONDS = 30.0
-EMULATOR_JAX_PLUGIN = "fray_tpu.jax_emulated_cluster"
+EMULATOR_JAX_PLUGIN = "fray_tpu.jax_emulated_preload"
 # Lines the controller itself adds to a job's output (progress, retries), as opposed to the job's.
 PROGRESS_PREFIX = "[fray-tpu] "
 
@@ -137,7 +137,8 @@ def watch_attempt(
     ends: dict[int, TaskEnd] = {}
     order: list[TaskEnd] = []
     started: set[int] = set()
-    lost_slices: set[int] = set()
+    lost_slices: set[int] = set()  # observed lost (node preempted, gone)
+    noticed: set[int] = set()  # a host announced its preemption
     cancelling_since: float | None = None
     cancelled_by_user = False
     next_observation = time.monotonic() + poll_interval
@@ -169,6 +170,13 @@ def watch_attempt(
             if newly_lost:
                 lost_slices |= newly_lost
                 cancel("lost " + ", ".join(f"slice-{s}" for s in sorted(newly_lost)))
+                # Hosts of a lost slice report nothing more: end their tasks now rather than
+                # waiting out their channels.
+                for lost_slot in slots:
+                    if lost_slot.slice_id in newly_lost:
+                        finish(lost_slot, TaskEnd(lost_slot.index, lost_slot.slice_id, lost_slot.worker_id,
+                                                  TaskOutcome.PREEMPTED, stderr_tail="its slice was lost",
+                                                  label=lost_slot.label))
         if cancelling_since is not None and now - cancelling_since > CANCEL_GRACE_SECONDS + CANCEL_REPORT_SECONDS:
             for slot in slots:
                 finish(slot, lost_end(slot, "no exit reported after the gang was stopped"))
@@ -190,7 +198,7 @@ def watch_attempt(
         elif isinstance(event, channel.AttemptExit):
             finish(slot, end_from_exit(slot, event))
         elif isinstance(event, channel.PreemptionNotice):
-            lost_slices.add(slot.slice_id)
+            noticed.add(slot.slice_id)
             cancel(f"{slot.label} is being preempted")
         elif isinstance(event, channel.EventsLost):
             missed = event.first_available_seq - event.requested_from_seq
@@ -199,7 +207,7 @@ def watch_attempt(
             finish(slot, lost_end(slot, str(event)))
         elif event is _END and index not in ends:
             finish(slot, lost_end(slot, "the event stream ended without an exit"))
-    lost_slices |= run.lost_slices()
+    lost_slices |= run.lost_slices() | noticed
     return judge_attempt(order, len(slots), lost_slices=lost_slices, cancelled=cancelled_by_user)
 
 
@@ -735,6 +743,7 @@ class TpuJobSupervisor(JobSupervisor):
         if self.context.emulator_endpoint:
             # Emulated hosts have no TPU: JAX runs on the CPU and finds its peers through the plugin.
             env.setdefault("JAX_PLATFORMS", "cpu")
+            env.setdefault("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")
             env["FRAY_TPU_RUNNER_PRELOAD"] = EMULATOR_JAX_PLUGIN
         return env
 
