@@ -448,14 +448,14 @@ def _request(**overrides) -> JobRequest:
 
 
 BAD_REQUESTS = {
-    "unknown type": (lambda: _request(resources=ResourceConfig.with_tpu("v5e-16")), ["v5e-16", "v5litepod-16"]),
+    "unknown type": (lambda: _request(resources=ResourceConfig.with_tpu("v5e-16")), ["v5e-16", "Did you mean 'v5litepod-16'"]),
     "zero replicas": (lambda: _request(resources=ResourceConfig.with_tpu("v5litepod-16", slice_count=0)),
                       ["replicas", "0"]),
     "misspelt region": (lambda: _request(resources=ResourceConfig.with_tpu("v5litepod-16", regions=["eu-west4"])),
-                        ["eu-west4", "europe-west4"]),
+                        ["eu-west4", "Did you mean 'europe-west4'"]),
     "name with spaces": (lambda: _request(name="my job"), ["my job"]),
     "unpicklable callable": (lambda: _request(entrypoint=Entrypoint.from_callable(_holds_a_lock())),
-                             ["lock", "cannot be pickled"]),
+                             ["variable 'lock'", "cannot be pickled"]),
     "non-string env value": (lambda: _request(environment=EnvironmentConfig.create(
         workspace=os.path.dirname(__file__), env_vars={"NUM_STEPS": 100})), ["NUM_STEPS", "str(100)"]),
     "docker image": (lambda: _request(environment=EnvironmentConfig.create(docker_image="gcr.io/me/trainer:1")),
