@@ -188,7 +188,8 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         attempt_dir = self._attempts_dir / spec.attempt_id
         shutil.rmtree(attempt_dir, ignore_errors=True)
         attempt_dir.mkdir(parents=True)
-        if spec.WhichOneof("payload") == "callable":
+        callable_payload = spec.WhichOneof("payload") == "callable"
+        if callable_payload:
             payload = attempt_dir / "payload.pkl"
             payload.write_bytes(spec.callable.pickled)
             argv = [python, "-m", "fray_tpu.worker.runner", str(payload)]
@@ -196,10 +197,12 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             argv = [spec.binary.command, *spec.binary.args]
         slot.attempt = Attempt(
             spec.attempt_id,
-            LaunchPlan(argv=argv, env=self._attempt_env(spec, env_vars, workspace), cwd=workspace or attempt_dir),
+            LaunchPlan(argv=argv, env=self._attempt_env(spec, env_vars, workspace), cwd=workspace or attempt_dir,
+                       hold=callable_payload),
             record_token=self._cleaner.record,
             is_preempted=self._preempted.is_set,
         )
+        slot.attempt.prespawn()
         return worker_pb2.PrepareResponse(
             attempt_id=spec.attempt_id, prepare_seconds=time.monotonic() - began,
             env_reused=env_reused, python=python, cleanup_notes=notes,

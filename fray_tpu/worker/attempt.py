@@ -34,11 +34,18 @@ KILL_WAIT_SECONDS = 10.0
 _F_SETPIPE_SZ = 1031
 
 
+HOLD_ENV = "FRAY_TPU_RUNNER_HOLD"
+GO_BYTE = b"g"
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     argv: list[str]
     env: dict[str, str]
     cwd: Path
+    # Start the runner at prepare time, loaded and waiting on stdin for the go byte, so that
+    # starting the gang costs a write instead of a Python start-up (the runner honours HOLD_ENV).
+    hold: bool = False
 
 
 class LineSplitter:
@@ -98,33 +105,53 @@ class Attempt:
     def pid(self) -> int:
         return self._process.pid if self._process else 0
 
+    def prespawn(self) -> None:
+        """For a held plan: start the process now; it waits for `start()` to run user code."""
+        with self._lock:
+            if self._plan.hold and self._state == worker_pb2.PREPARED and self._process is None:
+                self._spawn()
+
     def start(self) -> None:
-        """Spawns the process once; later calls do nothing."""
+        """Runs the attempt once (spawning it, or releasing a held one); later calls do nothing."""
         with self._lock:
             if self._state != worker_pb2.PREPARED:
                 return
-            self._record_token(self._token)
-            env = dict(self._plan.env)
-            env[cleanup.TOKEN_ENV] = self._token
-            try:
-                self._process = subprocess.Popen(
-                    self._plan.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    env=env,
-                    cwd=self._plan.cwd,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as error:
-                # What a shell reports for a command it cannot run: exit 127 with the reason.
-                self._stderr_tail = f"cannot start {self._plan.argv[0]!r}: {error}".encode()
-                self._finish(returncode=127, started=False)
-                return
+            if self._process is None:
+                self._spawn()
+                if self._state == worker_pb2.EXITED:
+                    return
+            if self._plan.hold:
+                try:
+                    self._process.stdin.write(GO_BYTE)
+                    self._process.stdin.close()
+                except OSError:
+                    pass  # it died while held: its exit is on the way
             self._state = worker_pb2.RUNNING
             self.events.append(worker_pb2.AttemptEvent(
                 started=worker_pb2.Started(pid=self._process.pid, timestamp=time.time())))
+
+    def _spawn(self) -> None:
+        self._record_token(self._token)
+        env = dict(self._plan.env)
+        env[cleanup.TOKEN_ENV] = self._token
+        if self._plan.hold:
+            env[HOLD_ENV] = "1"
+        try:
+            self._process = subprocess.Popen(
+                self._plan.argv,
+                stdin=subprocess.PIPE if self._plan.hold else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=self._plan.cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as error:
+            # What a shell reports for a command it cannot run: exit 127 with the reason.
+            self._stderr_tail = f"cannot start {self._plan.argv[0]!r}: {error}".encode()
+            self._finish(returncode=127, started=False)
+            return
         for pipe in (self._process.stdout, self._process.stderr):
             try:
                 fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
@@ -189,7 +216,7 @@ class Attempt:
             self._stop_reading.set()
             reader.join(DRAIN_SECONDS)
         with self._lock:
-            self._finish(returncode=returncode, started=True)
+            self._finish(returncode=returncode, started=self._state == worker_pb2.RUNNING)
 
     def _finish(self, *, returncode: int, started: bool) -> None:
         tail = self._stderr_tail.lstrip(b"\n").decode("utf-8", errors="replace")
@@ -244,7 +271,7 @@ class Attempt:
                 return False
             if self._cancel_reason is None:
                 self._cancel_reason = reason
-            if self._state == worker_pb2.PREPARED:
+            if self._state == worker_pb2.PREPARED and self._process is None:
                 self._finish(returncode=-signal.SIGTERM, started=False)
                 return False
         self._signal_everything(signal.SIGTERM)

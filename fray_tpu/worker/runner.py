@@ -15,6 +15,9 @@ import sys
 import traceback
 
 PRELOAD_ENV = "FRAY_TPU_RUNNER_PRELOAD"
+# Mirrors fray_tpu.worker.attempt (not imported: the runner starts with as little as possible).
+HOLD_ENV = "FRAY_TPU_RUNNER_HOLD"
+GO_BYTE = b"g"
 
 
 def preload() -> None:
@@ -22,11 +25,25 @@ def preload() -> None:
         importlib.import_module(name)
 
 
+def wait_for_go() -> bool:
+    """A held runner (`FRAY_TPU_RUNNER_HOLD=1`) was started ahead of the gang: it blocks until
+    the agent writes the go byte, then gives user code an empty stdin. False if told to stop."""
+    if os.environ.pop(HOLD_ENV, None) != "1":
+        return True
+    go = sys.stdin.buffer.read(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return go == GO_BYTE
+
+
 def run_callable(payload_file: str) -> int:
     import cloudpickle
 
     with open(payload_file, "rb") as f:
         fn, args, kwargs = cloudpickle.load(f)
+    if not wait_for_go():
+        return 143
     fn(*args, **kwargs)
     return 0
 
