@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +85,32 @@ class TaskSlot:
 
 
 _END = object()
+
+
+def in_parallel(fn: Callable, items: Sequence) -> list:
+    """``[fn(item) for item in items]``, each on its own thread.
+
+    Plain threads, not an executor: ``concurrent.futures`` refuses new work once the interpreter
+    has begun to exit, which is exactly when the exit policy cancels gangs and deletes slices.
+    Exceptions propagate to the caller after every call has finished.
+    """
+    results: list = [None] * len(items)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = fn(items[index])
+        except BaseException as error:  # noqa: BLE001 - re-raised below in the caller's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 class AttemptRun:
@@ -433,8 +458,7 @@ class TpuGangRun(AttemptRun):
         self._follow_all(lambda c: c.watch(self.attempt_id, seqs[c]))
 
     def _follow_all(self, open_stream: Callable[[channel.AgentClient], channel.EventStream]) -> None:
-        with ThreadPoolExecutor(max_workers=min(32, len(self._clients))) as pool:
-            self._streams = list(pool.map(open_stream, self._clients))
+        self._streams = in_parallel(open_stream, self._clients)
         for index, stream in enumerate(self._streams):
             threading.Thread(target=self._follow, args=(index, stream), daemon=True,
                              name=f"events-{self.attempt_id}-{index}").start()
@@ -454,8 +478,7 @@ class TpuGangRun(AttemptRun):
             except Exception as error:  # noqa: BLE001 - a host already gone (or its channel closed) is cancelled
                 log.info("cancel on %s: %s", client.address, error)
 
-        with ThreadPoolExecutor(max_workers=min(32, len(self._clients))) as pool:
-            list(pool.map(cancel, self._clients))
+        in_parallel(cancel, self._clients)
 
     def lost_slices(self) -> set[int]:
         lost = set()
@@ -634,9 +657,7 @@ class TpuJobSupervisor(JobSupervisor):
                 count = up[slice_id]
             self.progress(f"slice-{slice_id}: booting, {count}/{len(self._clients[slice_id])} agents up")
 
-        with ThreadPoolExecutor(max_workers=min(64, total)) as pool:
-            list(pool.map(lambda pair: wait_up(*pair),
-                          [(s, c) for s, clients in self._clients.items() for c in clients]))
+        in_parallel(lambda pair: wait_up(*pair), [(s, c) for s, clients in self._clients.items() for c in clients])
         return dead
 
     def _journal_resource(self, spec: SliceSpec, slice_id: int, attempt: int, zone: str) -> None:
@@ -778,8 +799,7 @@ class TpuJobSupervisor(JobSupervisor):
             except Exception as error:  # noqa: BLE001 - any failure means this host lacks the bundle
                 failed[self.slots[index].slice_id] = f"{clients[index].address}: {error}"
 
-        with ThreadPoolExecutor(max_workers=min(16, len(clients))) as pool:
-            list(pool.map(upload, range(len(clients))))
+        in_parallel(upload, range(len(clients)))
         return failed
 
     def _prepare(self, clients: Sequence[channel.AgentClient], specs: Sequence[channel.AttemptSpec]) -> AttemptVerdict | None:
@@ -796,8 +816,7 @@ class TpuJobSupervisor(JobSupervisor):
             except channel.ChannelError as error:
                 problems[index] = (TaskOutcome.BAD_HOST, str(error))
 
-        with ThreadPoolExecutor(max_workers=min(64, len(clients))) as pool:
-            list(pool.map(prepare, range(len(clients))))
+        in_parallel(prepare, range(len(clients)))
         if not problems:
             return None
         ends = [TaskEnd(self.slots[i].index, self.slots[i].slice_id, self.slots[i].worker_id, outcome,

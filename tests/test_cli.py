@@ -143,10 +143,12 @@ def test_logs_show_task_output_and_progress_lines(finished_job):
     lines = done.stdout.splitlines()
     assert {f"[slice-0/worker-{i}] hello from task {i}" for i in range(4)} <= set(lines)
     progress = [line for line in lines if line.startswith("[fray-tpu] ")]
+    requested = next(i for i, line in enumerate(progress) if line.startswith("[fray-tpu] slice-0: requested v5litepod-16"))
     creating = next(i for i, line in enumerate(progress) if line.startswith("[fray-tpu] slice-0: creating in "))
-    booted = progress.index("[fray-tpu] booting: 4/4 agents up")
+    booted = progress.index("[fray-tpu] slice-0: booting, 4/4 agents up")
     started = progress.index("[fray-tpu] attempt 1: starting on 4 hosts of 1 slice(s)")
-    assert creating < booted < started
+    running = progress.index("[fray-tpu] running on all 4 task(s)")
+    assert requested < creating < booted < started < running
 
     only_progress = cli("logs", finished_job["job_id"], "--progress-only", "--state-dir", finished_job["state_dir"])
     assert only_progress.stdout.splitlines() == progress
