@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import re
 import signal
@@ -54,7 +53,6 @@ DRIVER_SOURCE = r'''
 """A driver program: launches ticking TPU jobs, reports them running, then exits or blocks."""
 import json
 import logging
-import os
 import sys
 import threading
 import time
