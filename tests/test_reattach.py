@@ -53,6 +53,7 @@ DRIVER_SOURCE = r'''
 """A driver program: launches ticking TPU jobs, reports them running, then exits or blocks."""
 import json
 import logging
+import os
 import sys
 import threading
 import time
