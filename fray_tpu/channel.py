@@ -366,10 +366,10 @@ class AgentClient:
         request = worker_pb2.CancelRequest(attempt_id=attempt_id, grace_seconds=grace)
         return self._call("Cancel", self._stub.Cancel, request, timeout=grace + 30.0).was_running
 
-    def renew_lease(self, seconds: float = 0.0) -> float:
+    def renew_lease(self, seconds: float = 0.0, *, timeout: float | None = None) -> float:
         """Renews the lease (for `seconds`, or the configured period); returns what remains."""
         request = worker_pb2.RenewLeaseRequest(lease_seconds=seconds)
-        return self._call("RenewLease", self._stub.RenewLease, request).lease_remaining_seconds
+        return self._call("RenewLease", self._stub.RenewLease, request, timeout=timeout).lease_remaining_seconds
 
     # -- streams --------------------------------------------------------------------------
 

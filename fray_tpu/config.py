@@ -37,6 +37,9 @@ capacity_deadline   FRAY_TPU_CAPACITY_DEADLINE   queued resource waiting for cap
 lease_period        FRAY_TPU_LEASE_PERIOD        agents stop work after this long without the
                                                  controller (60s)
 delete_deadline     FRAY_TPU_DELETE_DEADLINE     delete call to resource gone (10m)
+liveness_deadline   FRAY_TPU_LIVENESS_DEADLINE   a host of a running gang that answers nothing
+                                                 (no event, no lease renewal) this long is lost:
+                                                 the gang restarts as after a preemption (30s)
 ==================  ===========================  =============================================
 
 Booleans accept true/false/1/0/yes/no/on/off; durations a number of seconds or a number with
@@ -152,6 +155,7 @@ class TpuClusterConfig:
     capacity_deadline: float = 4 * 3600.0  # Marin waits up to 4 h for queued capacity
     lease_period: float = 60.0
     delete_deadline: float = 10 * 60.0
+    liveness_deadline: float = 30.0  # Ray notices a dead node after ~30 s, Iris after 50 s
 
     def __post_init__(self) -> None:
         self.zones = [z.strip().lower() for z in self.zones if z.strip()]
@@ -278,6 +282,7 @@ _DURATION_FIELDS = (
     "capacity_deadline",
     "lease_period",
     "delete_deadline",
+    "liveness_deadline",
 )
 _KEY_ALIASES = {"zone": "zones", "region": "regions"}
 

@@ -127,6 +127,28 @@ class AttemptRun:
         """Slices observed lost (preempted, deleted) since the attempt started."""
         return set()
 
+    def unresponsive_tasks(self) -> set[int]:
+        """Tasks whose host has shown no sign of life for the liveness deadline."""
+        return set()
+
+
+class Liveness:
+    """When each agent last answered (an event, a lease renewal), by address."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def heard(self, address: str) -> None:
+        with self._lock:
+            self._last[address] = time.monotonic()
+
+    def silent(self, addresses: Sequence[str]) -> set[str]:
+        now = time.monotonic()
+        with self._lock:
+            return {a for a in addresses if now - self._last.get(a, now) > self.deadline}
+
 
 def end_from_exit(slot: TaskSlot, event: channel.AttemptExit) -> TaskEnd:
     return TaskEnd(
@@ -202,6 +224,9 @@ def watch_attempt(
                         finish(lost_slot, TaskEnd(lost_slot.index, lost_slot.slice_id, lost_slot.worker_id,
                                                   TaskOutcome.PREEMPTED, stderr_tail="its slice was lost",
                                                   label=lost_slot.label))
+            for index in sorted(run.unresponsive_tasks() - set(ends)):
+                silent = slots[index]
+                finish(silent, lost_end(silent, "its host stopped answering (liveness deadline)"))
         if cancelling_since is not None and now - cancelling_since > CANCEL_GRACE_SECONDS + CANCEL_REPORT_SECONDS:
             for slot in slots:
                 finish(slot, lost_end(slot, "no exit reported after the gang was stopped"))
@@ -441,13 +466,16 @@ class TpuGangRun(AttemptRun):
     """One attempt on every host of every slice, over the task channel."""
 
     def __init__(self, attempt_id: str, clients: Sequence[channel.AgentClient], slices: Sequence[ReadySlice],
-                 provisioner: SliceProvisioner):
+                 provisioner: SliceProvisioner, liveness: Liveness):
         super().__init__()
         self.attempt_id = attempt_id
         self._clients = clients
         self._slices = slices
         self._provisioner = provisioner
+        self._liveness = liveness
         self._streams: list[channel.EventStream] = []
+        for client in clients:
+            liveness.heard(client.address)
 
     def start(self) -> None:
         self._follow_all(lambda c: c.start(self.attempt_id))
@@ -464,8 +492,10 @@ class TpuGangRun(AttemptRun):
                              name=f"events-{self.attempt_id}-{index}").start()
 
     def _follow(self, index: int, stream: channel.EventStream) -> None:
+        address = self._clients[index].address
         try:
             for event in stream:
+                self._liveness.heard(address)
                 self.events.put((index, event))
         except Exception as error:  # noqa: BLE001 - a broken channel is this task's end
             self.events.put((index, error))
@@ -487,6 +517,10 @@ class TpuGangRun(AttemptRun):
             if observed is None or observed.lost:
                 lost.add(slice_id)
         return lost
+
+    def unresponsive_tasks(self) -> set[int]:
+        silent = self._liveness.silent([c.address for c in self._clients])
+        return {i for i, client in enumerate(self._clients) if client.address in silent}
 
     def close(self) -> None:
         for stream in self._streams:
@@ -530,6 +564,7 @@ class TpuJobSupervisor(JobSupervisor):
         self._clients: dict[int, list[channel.AgentClient]] = {}
         self._deletions: list[threading.Thread] = []
         self._bundle = None
+        self.liveness = Liveness(self.config.liveness_deadline)
         self._lease_stop = threading.Event()
         self._lease_thread = threading.Thread(target=self._renew_leases, daemon=True, name=f"lease-{record.job_id}")
         self._lease_thread.start()
@@ -704,7 +739,7 @@ class TpuJobSupervisor(JobSupervisor):
         failed = self._prepare(clients, specs)
         if failed:
             return failed
-        run = TpuGangRun(attempt_id, clients, self.slices, self.context.provisioner)
+        run = TpuGangRun(attempt_id, clients, self.slices, self.context.provisioner, self.liveness)
         self.record.set_attempt(attempt, attempt_id)
         self.progress(f"attempt {attempt}: starting on {len(clients)} hosts of {len(self.slices)} slice(s)")
         entry = {"attempt": attempt, "started": time.time(), "slices": [s.spec.name for s in self.slices]}
@@ -734,7 +769,7 @@ class TpuJobSupervisor(JobSupervisor):
                 return self._verdict_for_hosts({0: f"{client.address} no longer runs {attempt_id}"}, TaskOutcome.LOST,
                                                "attempt gone after the controller restarted")
             from_seqs.append(max(1, current.last_seq))
-        run = TpuGangRun(attempt_id, clients, self.slices, self.context.provisioner)
+        run = TpuGangRun(attempt_id, clients, self.slices, self.context.provisioner, self.liveness)
         entry = next((a for a in self.accounting["attempts"] if a.get("ended") is None), None)
         verdict = None
         try:
@@ -876,11 +911,17 @@ class TpuJobSupervisor(JobSupervisor):
             self.journal.delete_secrets(self.record.job_id)
 
     def _renew_leases(self) -> None:
+        """Renew every agent's lease, in parallel so one frozen host delays no other; each
+        answer is also a sign of life for the liveness deadline."""
         period = self.config.lease_period
-        while not self._lease_stop.wait(period / 3):
-            for clients in list(self._clients.values()):
-                for client in list(clients):
-                    try:
-                        client.renew_lease(period)
-                    except Exception as error:  # noqa: BLE001 - this loop must outlive any one host
-                        log.debug("lease renewal on %s: %s", client.address, error)
+        interval = min(period, self.config.liveness_deadline) / 3
+
+        def renew(client: channel.AgentClient) -> None:
+            try:
+                client.renew_lease(period, timeout=interval)
+                self.liveness.heard(client.address)
+            except Exception as error:  # noqa: BLE001 - this loop must outlive any one host
+                log.debug("lease renewal on %s: %s", client.address, error)
+
+        while not self._lease_stop.wait(interval):
+            in_parallel(renew, [c for clients in list(self._clients.values()) for c in clients])
