@@ -88,6 +88,10 @@ def worker_two_raises(out_dir: str) -> None:
     index = os.environ["FRAY_TASK_INDEX"]
     _write_json(Path(out_dir) / f"pid-{index}.json", os.getpid())
     if index == "2":
+        # Fail only once the whole gang runs, so the test can check every host was stopped.
+        deadline = time.monotonic() + HOST_DEADLINE
+        while len(list(Path(out_dir).glob("pid-*.json"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
         raise ValueError("boom on purpose in task 2")
     _wait_for_file(os.path.join(out_dir, "never-written"), HOST_DEADLINE)
 
