@@ -10,11 +10,9 @@ Every path out of ``TpuJobSupervisor.run`` deletes every slice the job created (
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
-import secrets
 import sys
 import threading
 import time
@@ -163,8 +161,9 @@ def end_from_exit(slot: TaskSlot, event: channel.AttemptExit) -> TaskEnd:
     )
 
 
-def lost_end(slot: TaskSlot, why: str) -> TaskEnd:
-    return TaskEnd(slot.index, slot.slice_id, slot.worker_id, TaskOutcome.LOST, stderr_tail=why, label=slot.label)
+def lost_end(slot: TaskSlot, why: str, outcome: TaskOutcome = TaskOutcome.LOST) -> TaskEnd:
+    """The end of a task whose host can no longer report one."""
+    return TaskEnd(slot.index, slot.slice_id, slot.worker_id, outcome, stderr_tail=why, label=slot.label)
 
 
 def watch_attempt(
@@ -221,9 +220,7 @@ def watch_attempt(
                 # waiting out their channels.
                 for lost_slot in slots:
                     if lost_slot.slice_id in newly_lost:
-                        finish(lost_slot, TaskEnd(lost_slot.index, lost_slot.slice_id, lost_slot.worker_id,
-                                                  TaskOutcome.PREEMPTED, stderr_tail="its slice was lost",
-                                                  label=lost_slot.label))
+                        finish(lost_slot, lost_end(lost_slot, "its slice was lost", TaskOutcome.PREEMPTED))
             for index in sorted(run.unresponsive_tasks() - set(ends)):
                 silent = slots[index]
                 finish(silent, lost_end(silent, "its host stopped answering (liveness deadline)"))
@@ -263,8 +260,6 @@ def watch_attempt(
 
 class JobSupervisor(threading.Thread):
     """The retry loop common to every job; subclasses run attempts."""
-
-    gang = True
 
     def __init__(self, record: JobRecord, plan: JobPlan, poll_interval: float):
         super().__init__(name=f"supervisor-{record.job_id}", daemon=True)
@@ -368,12 +363,9 @@ class LocalReplicasRun(AttemptRun):
                 argv = [local_command(plan.payload.command), *plan.payload.args]
             self._attempts.append(Attempt(f"{attempt_id}-r{replica}", LaunchPlan(argv=argv, env=env, cwd=cwd),
                                           record_token=lambda token: None, is_preempted=lambda: False))
-        self._readers = []
         for index, attempt in enumerate(self._attempts):
             attempt.start()
-            reader = threading.Thread(target=self._follow, args=(index, attempt), daemon=True, name=f"replica-{index}")
-            reader.start()
-            self._readers.append(reader)
+            threading.Thread(target=self._follow, args=(index, attempt), daemon=True, name=f"replica-{index}").start()
 
     def _follow(self, index: int, attempt) -> None:
         try:
@@ -386,8 +378,7 @@ class LocalReplicasRun(AttemptRun):
         self.events.put((index, _END))
 
     def cancel_all(self, reason: str) -> None:
-        for attempt in self._attempts:
-            attempt.cancel(CANCEL_GRACE_SECONDS, reason)
+        in_parallel(lambda attempt: attempt.cancel(CANCEL_GRACE_SECONDS, reason), self._attempts)
 
 
 def _package_root() -> str:
@@ -401,8 +392,6 @@ def local_command(command: str) -> str:
 
 
 class LocalJobSupervisor(JobSupervisor):
-    gang = False
-
     def __init__(self, record: JobRecord, plan: JobPlan, workdir: Path, poll_interval: float = 0.5):
         super().__init__(record, plan, poll_interval)
         self.slots = [TaskSlot(index=i, slice_id=i, worker_id=0, label=f"replica-{i}") for i in range(plan.replicas)]
@@ -540,7 +529,7 @@ class TpuJobSupervisor(JobSupervisor):
         self.slices: list[ReadySlice | None] = [None] * plan.replicas
         self.accounting = {"generation": plan.shape.generation, "capacity": plan.capacity, "attempts": []}
         if resume is None:
-            self._secret = secrets.token_urlsafe(32)
+            self._secret = tls.make_secret()
             self._tls = tls.make_job_tls()
             if self.journal is not None:
                 self.journal.store_secret(record.job_id, SECRET_NAME, self._secret.encode())
@@ -575,7 +564,7 @@ class TpuJobSupervisor(JobSupervisor):
         name = naming.slice_name(self.plan.name, job_id, attempt, slice_id)
         metadata = {
             md.ATTR_STARTUP_SCRIPT: render_startup_script(BootstrapSpec(fray_tpu_version=fray_tpu_version())),
-            md.ATTR_SECRET_SHA256: hashlib.sha256(self._secret.encode()).hexdigest(),
+            md.ATTR_SECRET_SHA256: tls.secret_sha256(self._secret),
             md.ATTR_TLS_CERT: self._tls.cert_pem.decode(),
             md.ATTR_TLS_KEY: self._tls.key_pem.decode(),
             md.ATTR_NODE: name,
