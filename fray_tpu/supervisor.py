@@ -540,7 +540,9 @@ class TpuJobSupervisor(JobSupervisor):
             self._tls = resume.tls_material
             for slice_id, (name, attempt, zone, endpoints) in resume.slices.items():
                 spec = self.slice_spec(slice_id, attempt)
-                assert spec.name == name, f"journal slice {name} does not match its job ({spec.name})"
+                if spec.name != name:
+                    raise FrayTpuError(f"journal slice {name} does not match job {record.job_id} (expected {spec.name}): "
+                                       f"was the journal written by another fray-tpu version?")
                 self.slices[slice_id] = ReadySlice(spec, zone, node_resource_name(context.provisioner.project, zone, name),
                                                    tuple(endpoints))
             for key, value in resume.counters.items():
