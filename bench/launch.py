@@ -6,15 +6,17 @@ Metrics (one JSON line each, then a summary line):
 - ``floor``: 4 bare Python processes started in parallel (``subprocess``, this interpreter,
   ``python -m fray_tpu.worker.runner PAYLOAD`` unpickling the same function from a payload file)
   → the function running in all 4. ``floor_with_emulator_preload`` is the same with the module
-  the attempt runner imports on emulated hosts before user code (``fray_tpu.jax_emulated_cluster``,
-  which imports JAX): what a bare process pays for the same work an emulated host does.
+  the attempt runner imports on emulated hosts before user code (``fray_tpu.jax_emulated_preload``,
+  which registers the JAX plugin if the job imports JAX): what a bare process pays for the same
+  work an emulated host does.
 - ``cold_start``: ``TpuCluster.launch()`` → the function running on all 4 hosts, slice creation
   and agent boot included (median of a few jobs), with a breakdown from the supervisor's progress
   lines: launch → create sent, create sent → READY, READY → every agent up, agents up → attempt
   start sent (workspace upload, prepare), start sent → running on all 4.
 - ``warm_attempt``: agents already up → user code running again on all 4 hosts, i.e. what
   every retry pays. One job with ``max_retries_failure=WARM_SAMPLES``: in each failing attempt
-  task 0 records a timestamp right before raising (tasks 1-3 record their start and return);
+  task 0 waits until all 4 hosts run, then records a timestamp right before raising (tasks 1-3
+  record their start and return);
   a sample is that timestamp → the last of the 4 hosts running the next attempt. It therefore
   includes the failing process's exit, the failure report, the judgement and the new attempt's
   upload/prepare/start, on the same slice.
@@ -90,7 +92,8 @@ def record_start(out_dir: str, tag: str) -> None:
 
 def fail_first_attempts(out_dir: str, failures: int) -> None:
     """Record this attempt's start (tagged by attempt id); task 0 fails the first ``failures``
-    attempts (counted with one exclusively created file per attempt), stamping when it raises."""
+    attempts (counted with one exclusively created file per attempt) once all hosts run,
+    stamping when it raises."""
     started = time.time()
     directory = Path(out_dir)
     attempt_id = os.environ["FRAY_TPU_ATTEMPT_ID"]
@@ -104,6 +107,11 @@ def fail_first_attempts(out_dir: str, failures: int) -> None:
         except FileExistsError:
             continue
     if attempt <= failures:
+        # Fail only once every host of this attempt runs: a gang whose first task fails at once
+        # is stopped before the others start, and then there is no "all 4 running" to measure.
+        deadline = time.monotonic() + HOST_BLOCK_SECONDS
+        while len(list(directory.glob(f"start-{attempt_id}-*"))) < HOSTS and time.monotonic() < deadline:
+            time.sleep(0.005)
         _stamp(directory / f"fail-{attempt_id}", time.time())
         raise RuntimeError(f"failing attempt {attempt} on purpose")
 
@@ -251,7 +259,7 @@ def measure_cold(cluster: TpuCluster, control, clock: ProgressClock, directory: 
             "create_sent": clock.first(job_id, r"slice-0: creating in "),
             "ready": clock.first(job_id, r"slice-0: .*READY"),
             "agents_serving": serving,
-            "agents_up": clock.first(job_id, rf"booting: {HOSTS}/{HOSTS} agents up"),
+            "agents_up": clock.first(job_id, rf"booting, {HOSTS}/{HOSTS} agents up"),
             "start_sent": clock.first(job_id, r"attempt 1: starting on "),
         }
         previous_name, previous = "launch", launched
@@ -319,7 +327,7 @@ def measure_preemption(cluster: TpuCluster, control, clock: ProgressClock, direc
         "detected": clock.first(job_id, r"attempt 1 ended", after=preempted),
         "ready": clock.first(job_id, r"slice-0: .*READY", after=preempted),
         "agents_serving": serving,
-        "agents_up": clock.first(job_id, rf"booting: {HOSTS}/{HOSTS} agents up", after=preempted),
+        "agents_up": clock.first(job_id, rf"booting, {HOSTS}/{HOSTS} agents up", after=preempted),
         "start_sent": clock.first(job_id, r"attempt 2: starting on ", after=preempted),
     }
     phases, previous_name, previous = {}, "preempt", preempted
@@ -337,48 +345,11 @@ def over_budget() -> None:
     os._exit(3)
 
 
-def warm_note(warm: dict, warm_median: float, floor: float, floor_preload: float) -> str:
-    start_to_running = warm["phases"].get("start_sent->running", float("nan"))
-    return (f"start sent -> running on all hosts is {start_to_running:.2f}s of the {warm_median:.2f}s: a bare runner "
-            f"starts in {floor:.2f}s, but on emulated hosts the runner first imports {EMULATOR_JAX_PLUGIN} "
-            f"({PRELOAD_ENV}), which imports JAX: {floor_preload:.2f}s for the same 4 parallel processes. Against "
-            f"that like-for-like floor the ratio is {warm_median / floor_preload:.2f}. Real TPU hosts do not preload; "
-            f"on the emulator a lazy preload (register the ClusterEnv when jax._src.clusters is first imported, "
-            f"e.g. with a sys.meta_path hook) would remove the cost for code that never imports JAX.")
-
-
-def cold_note(cold: dict, floor_preload: float) -> str:
-    phases = cold["phases"]
-    slowest = max(phases, key=phases.get)
-    nan = float("nan")
-    return (f"the slowest phase is {slowest} ({phases[slowest]:.2f}s). ready->agents_serving is the agent boot "
-            f"({phases.get('ready->agents_serving', nan):.2f}s: each host runs the startup-script, starts Python and "
-            f"the agent, which logs 'serving'); agents_serving->agents_up ({phases.get('agents_serving->agents_up', nan):.2f}s) "
-            f"is the controller noticing: AgentClient.wait_until_up retries Describe with a backoff doubling to 1 s, "
-            f"behind gRPC's own reconnect backoff (1 s initial, x1.6) after the refused first connects, so an agent "
-            f"that is up waits up to ~1-2 s to be seen. start_sent->running is the attempt runner's start, which "
-            f"on emulated hosts imports JAX first (the JAX preload alone: {floor_preload:.2f}s for 4 parallel "
-            f"processes). Slice creation itself costs nothing here (zero emulator delays).")
-
-
-def noticed_note(noticed: dict) -> str:
-    phases = noticed["phases"]
-    return (f"with a notice the gang is stopped and judged in {phases.get('preempt->detected', float('nan')):.2f}s; "
-            f"the rest is a replacement slice: its agents' boot (ready->agents_up "
-            f"{phases.get('ready->agents_up', float('nan')):.2f}s) and the runner's start with the emulator's JAX "
-            f"preload (start_sent->running {phases.get('start_sent->running', float('nan')):.2f}s). Only the preempted "
-            f"slice is replaced, so this is a cold start of one slice; the agent boot and the JAX import dominate.")
-
-
-def preemption_note(preemption: dict) -> str:
-    detected = preemption["phases"].get("preempt->detected", float("nan"))
-    rest = preemption["seconds"] - detected
-    return (f"preempt -> attempt judged took {detected:.1f}s: the killed hosts report no exit, and the supervisor "
-            f"(supervisor.watch_attempt) waits CANCEL_GRACE_SECONDS + CANCEL_REPORT_SECONDS = "
-            f"{CANCEL_GRACE_SECONDS + CANCEL_REPORT_SECONDS:.0f}s for exit reports before counting the tasks lost, "
-            f"although it has already observed the slice lost (that is why it cancelled). Tasks of a slice observed "
-            f"PREEMPTED/gone could end as preempted at once. After the judgement, the replacement slice, its agents' "
-            f"boot and the restart took {rest:.1f}s.")
+def slowest_phase_note(phases: dict[str, float]) -> str:
+    """Where the time went: the phases, slowest first (measured, not a fixed diagnosis)."""
+    known = {name: seconds for name, seconds in phases.items() if seconds == seconds}  # drop NaN
+    ordered = sorted(known.items(), key=lambda item: item[1], reverse=True)
+    return "slowest phases: " + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in ordered)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -430,11 +401,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"the function"})
         emit({"metric": "floor_with_emulator_preload", "seconds": rounded(floor_preload),
               "samples": [rounded(s) for s in preload_floors],
-              "what": f"the floor with {PRELOAD_ENV}={EMULATOR_JAX_PLUGIN} (imports JAX), as emulated hosts run it"})
+              "what": f"the floor with {PRELOAD_ENV}={EMULATOR_JAX_PLUGIN}, as emulated hosts run it"})
         cold_median = statistics.median(cold["samples"])
         emit({"metric": "cold_start", "seconds": rounded(cold_median),
               "samples": [rounded(s) for s in cold["samples"]], "phases_median": cold["phases"],
-              "ratio_to_floor": rounded(cold_median / floor), "note": cold_note(cold, floor_preload),
+              "ratio_to_floor": rounded(cold_median / floor), "note": slowest_phase_note(cold["phases"]),
               "what": "launch() -> user code running on all 4 hosts (slice creation and agent boot included)"})
         warm_median = statistics.median(warm["samples"])
         warm_ok = warm_median <= WARM_TARGET_RATIO * floor
@@ -443,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
               "ratio_to_floor": rounded(warm_median / floor),
               "ratio_to_floor_with_preload": rounded(warm_median / floor_preload),
               "target": f"<= {WARM_TARGET_RATIO} x floor", "met": warm_ok,
-              **({} if warm_ok else {"note": warm_note(warm, warm_median, floor, floor_preload)}),
+              **({} if warm_ok else {"note": slowest_phase_note(warm["phases"])}),
               "what": "task 0 raising in attempt n (agents up) -> all 4 hosts running attempt n+1 on the same slice"})
 
         noticed = measure_preemption(cluster, emulator.control, clock, directory, workspace, "preempt-notice",
@@ -452,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         emit({"metric": "preemption_recovery_with_notice", "seconds": rounded(noticed["seconds"]),
               "notice_s": PREEMPTION_NOTICE_SECONDS, "preemptions": noticed["preemptions"], "phases": noticed["phases"],
               "target": f"<= {PREEMPTION_TARGET_SECONDS} s", "met": noticed_ok,
-              **({} if noticed_ok else {"note": noticed_note(noticed)}),
+              **({} if noticed_ok else {"note": slowest_phase_note(noticed["phases"])}),
               "what": "preempt_node with a preemption notice (the `preempted` flag, then the hosts die) -> user "
                       "code running again on all 4 hosts of a replacement slice"})
 
@@ -461,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         emit({"metric": "preemption_recovery", "seconds": rounded(preemption["seconds"]),
               "preemptions": preemption["preemptions"], "phases": preemption["phases"],
               "target": f"<= {PREEMPTION_TARGET_SECONDS} s", "met": preemption_ok,
-              **({} if preemption_ok else {"note": preemption_note(preemption)}),
+              **({} if preemption_ok else {"note": slowest_phase_note(preemption["phases"])}),
               "what": "preempt_node -> user code running again on all 4 hosts of a replacement slice"})
 
         summary.update({
