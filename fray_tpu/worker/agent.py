@@ -200,6 +200,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             LaunchPlan(argv=argv, env=self._attempt_env(spec, env_vars, workspace), cwd=workspace or attempt_dir,
                        hold=callable_payload),
             record_token=self._cleaner.record,
+            forget_token=self._cleaner.forget,
             is_preempted=self._preempted.is_set,
         )
         slot.attempt.prespawn()

@@ -80,11 +80,13 @@ class LineSplitter:
 
 class Attempt:
     def __init__(self, attempt_id: str, plan: LaunchPlan, *, record_token: Callable[[str], None],
-                 is_preempted: Callable[[], bool], events: EventLog | None = None):
+                 is_preempted: Callable[[], bool], events: EventLog | None = None,
+                 forget_token: Callable[[str], None] = lambda token: None):
         self.attempt_id = attempt_id
         self.events = events or EventLog()
         self._plan = plan
         self._record_token = record_token
+        self._forget_token = forget_token
         self._is_preempted = is_preempted
         self._lock = threading.Lock()
         self._state = worker_pb2.PREPARED
@@ -209,7 +211,8 @@ class Attempt:
         # Whatever the main process left behind would hold the TPU: the attempt ends with it, and
         # its exit is reported only once they are gone.
         self._signal_everything(signal.SIGKILL)
-        cleanup.wait_until(lambda: not self._members(), time.monotonic() + KILL_WAIT_SECONDS, 0.02)
+        if cleanup.wait_until(lambda: not self._members(), time.monotonic() + KILL_WAIT_SECONDS, 0.01):
+            self._forget_token(self._token)
         reader.join(DRAIN_SECONDS)
         if reader.is_alive():
             # Something outside the group still holds the pipes open.
@@ -275,7 +278,7 @@ class Attempt:
                 self._finish(returncode=-signal.SIGTERM, started=False)
                 return False
         self._signal_everything(signal.SIGTERM)
-        if not cleanup.wait_until(lambda: not self._members(), time.monotonic() + max(grace_seconds, 0.0), 0.05):
+        if not cleanup.wait_until(lambda: not self._members(), time.monotonic() + max(grace_seconds, 0.0), 0.01):
             self._signal_everything(signal.SIGKILL)
             if not cleanup.wait_until(lambda: not self._members(), time.monotonic() + KILL_WAIT_SECONDS, 0.05):
                 raise cleanup.HostNotClean(

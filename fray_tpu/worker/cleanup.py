@@ -125,6 +125,12 @@ class HostCleaner:
             f.flush()
             os.fsync(f.fileno())
 
+    def forget(self, token: str) -> None:
+        """An attempt ended with every process of it gone: the next clean need not look for it.
+        (Not synced: losing this only costs the next clean one scan.)"""
+        remaining = self.recorded_tokens() - {token}
+        self._record.write_text("".join(t + "\n" for t in sorted(remaining)))
+
     def recorded_tokens(self) -> set[str]:
         try:
             return set(self._record.read_text().split())
@@ -134,6 +140,8 @@ class HostCleaner:
     def kill_recorded(self, tokens: set[str], deadline: float) -> list[int]:
         """Kills every live process carrying one of `tokens`; returns the pids it found."""
         leftovers = processes_with_tokens(tokens)
+        if not leftovers:
+            return []
         kill_pids(leftovers)
         if not wait_until(lambda: not processes_with_tokens(tokens), deadline):
             raise HostNotClean(
