@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,6 +223,7 @@ class TpuCluster(Cluster):
                 self._emulator.wait(30)
             except subprocess.TimeoutExpired:
                 self._emulator.kill()
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
     # -- the journal -------------------------------------------------------------------------
     def journal(self) -> Journal:
