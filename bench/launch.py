@@ -37,7 +37,6 @@ Run: ``.venv/bin/python bench/launch.py [--cold-runs 3] [--warm-samples 3] [--fl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -57,11 +56,12 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from fake_gcp.process import EmulatorProcess  # noqa: E402
 
+from benchlib import emit, rounded, stamps, until  # noqa: E402
 from fray_tpu.cluster import TpuCluster  # noqa: E402
 from fray_tpu.config import TpuClusterConfig  # noqa: E402
 from fray_tpu.emulator import EmulatorTimings  # noqa: E402
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig  # noqa: E402
-from fray_tpu.supervisor import CANCEL_GRACE_SECONDS, CANCEL_REPORT_SECONDS, EMULATOR_JAX_PLUGIN  # noqa: E402
+from fray_tpu.supervisor import EMULATOR_JAX_PLUGIN  # noqa: E402
 from fray_tpu.worker.runner import PRELOAD_ENV  # noqa: E402
 
 TPU_TYPE = "v5litepod-16"
@@ -132,33 +132,18 @@ def block_then_record(out_dir: str, marker: str) -> None:
 
 # -- measuring helpers --------------------------------------------------------------------------
 
-def until(condition, what: str, deadline_seconds: float = STEP_DEADLINE_SECONDS):
-    deadline = time.monotonic() + deadline_seconds
-    pause = threading.Event()
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"bench waited {deadline_seconds:.0f}s for {what}")
-        pause.wait(WAIT_POLL_SECONDS)
 
 
-def stamps(directory: Path, prefix: str) -> list[float]:
-    return [float(p.read_text()) for p in directory.glob(f"{prefix}-*") if not p.name.endswith(".partial")]
 
 
 def all_hosts_started(directory: Path, prefix: str, what: str, deadline: float = STEP_DEADLINE_SECONDS) -> float:
     """The time the last of the 4 hosts recorded ``prefix``."""
-    return max(until(lambda: len(found := stamps(directory, prefix)) >= HOSTS and found, what, deadline))
+    return max(until(lambda: len(found := stamps(directory, prefix)) >= HOSTS and found, what, deadline,
+                     WAIT_POLL_SECONDS))
 
 
-def emit(metric: dict) -> None:
-    print(json.dumps(metric), flush=True)
 
 
-def rounded(value: float) -> float:
-    return round(value, 3)
 
 
 SERVING_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO serving on ")

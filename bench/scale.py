@@ -31,7 +31,6 @@ Run: ``.venv/bin/python bench/scale.py [--jobs 16] [--window 30] [--poll-interva
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -45,6 +44,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from fake_gcp.process import EmulatorProcess  # noqa: E402
 
+from benchlib import emit, until  # noqa: E402
 from fray_tpu.cluster import TpuCluster  # noqa: E402
 from fray_tpu.config import TpuClusterConfig  # noqa: E402
 from fray_tpu.emulator import EmulatorTimings  # noqa: E402
@@ -71,20 +71,8 @@ def idle_until_stopped(out_dir: str, stop_file: str, limit_seconds: float) -> No
         pause.wait(0.5)
 
 
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
 
 
-def until(condition, what: str, deadline_seconds: float):
-    deadline = time.monotonic() + deadline_seconds
-    pause = threading.Event()
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"bench waited {deadline_seconds:.0f}s for {what}")
-        pause.wait(WAIT_POLL_SECONDS)
 
 
 def cpu_seconds_of_self() -> float:
@@ -170,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             )))
         try:
             until(lambda: len(list(out.glob("*-*"))) >= hosts or ended_early(cluster, job_ids),
-                  f"all {hosts} hosts of {args.jobs} jobs running", args.start_deadline)
+                  f"all {hosts} hosts of {args.jobs} jobs running", args.start_deadline, WAIT_POLL_SECONDS)
             if ended := ended_early(cluster, job_ids):
                 raise TimeoutError(f"job {ended.job_id} ended before every host ran: {ended.status}: "
                                    f"{(ended.error_message or '')[:300]}")

@@ -35,7 +35,6 @@ Run: ``.venv/bin/python bench/vs_ray.py [--calls 300] [--no-netns]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -49,6 +48,8 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO / "tests"))
+
+from benchlib import emit, rounded, stamps, until  # noqa: E402
 
 TPU_TYPE = "v5litepod-16"
 HOSTS = 4
@@ -148,33 +149,18 @@ def fail_once_then_run(out_dir: str) -> None:
 
 # -- helpers --------------------------------------------------------------------------------------
 
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
 
 
-def rounded(value: float) -> float:
-    return round(value, 4)
 
 
-def until(condition, what: str, deadline_seconds: float = STEP_DEADLINE_SECONDS):
-    deadline = time.monotonic() + deadline_seconds
-    pause = threading.Event()
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"bench waited {deadline_seconds:.0f}s for {what}")
-        pause.wait(WAIT_POLL_SECONDS)
 
 
-def stamps(directory: Path, prefix: str) -> list[float]:
-    return [float(p.read_text()) for p in directory.glob(f"{prefix}-*") if not p.name.endswith(".partial")]
 
 
 def all_running(directory: Path, prefix: str, what: str) -> float:
     """When the last of the gang's 4 processes started running (``prefix-INDEX`` stamps)."""
-    return max(until(lambda: len(found := stamps(directory, prefix)) >= HOSTS and found, what))
+    return max(until(lambda: len(found := stamps(directory, prefix)) >= HOSTS and found, what,
+                     STEP_DEADLINE_SECONDS, WAIT_POLL_SECONDS))
 
 
 def median_seconds(call, calls: int, warmup: int = 20) -> float:
@@ -250,7 +236,8 @@ def measure_ray(directory: Path, calls: int) -> dict:
         remove_placement_group(group)
         # Untimed: a group created while the last one's CPUs are still being returned waits for
         # Ray's ~1 s placement retry; fray-tpu's warm numbers likewise start after a full release.
-        until(lambda: ray.available_resources().get("CPU", 0) >= HOSTS, "Ray to return the group's CPUs")
+        until(lambda: ray.available_resources().get("CPU", 0) >= HOSTS, "Ray to return the group's CPUs",
+              STEP_DEADLINE_SECONDS, WAIT_POLL_SECONDS)
 
     began = time.time()
     ray.init(num_cpus=HOSTS, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,

@@ -670,7 +670,6 @@ class TpuJobSupervisor(JobSupervisor):
                 ]
         up = dict.fromkeys(self._clients, 0)
         lock = threading.Lock()
-        total = sum(len(c) for c in self._clients.values())
 
         def wait_up(slice_id: int, client: channel.AgentClient) -> None:
             try:

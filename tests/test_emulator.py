@@ -214,7 +214,7 @@ def test_stockout_fails_the_operation_with_code_8_and_leaves_no_node(fake_gcp, t
     parent = fake_gcp.parent(V5E_ZONE)
     with stocked_out(fake_gcp.control, V5E_ZONE):
         operation = tpu_client.create_node(parent=parent, node_id="stocked", node=node_spec("v5litepod-16"))
-        with pytest.raises(exceptions.ResourceExhausted, match="no more capacity") as raised:
+        with pytest.raises(exceptions.ResourceExhausted, match="no more capacity"):
             operation.result(timeout=TIMEOUT, polling=polling(TIMEOUT))
     assert operation.exception().code == 429 and operation.operation.error.code == 8
     assert node_state(tpu_client, f"{parent}/nodes/stocked") == "GONE"

@@ -146,21 +146,6 @@ def cluster(emulator_process):
     c.shutdown(timeout=120)
 
 
-@pytest.fixture
-def workspace(tmp_path) -> str:
-    path = tmp_path / "workspace"
-    path.mkdir()
-    (path / "README").write_text("a small workspace for the test jobs\n")
-    return str(path)
-
-
-@pytest.fixture
-def out_dir(tmp_path) -> Path:
-    path = tmp_path / "out"
-    path.mkdir()
-    return path
-
-
 def tpu_request(name: str, fn, args, workspace: str, tpu_type: str = "v5litepod-16", slices: int = 1,
                 **kwargs) -> JobRequest:
     regions = kwargs.pop("regions", None)

@@ -7,6 +7,7 @@ Register with ``pytest_plugins = ["fake_gcp.fixtures"]`` (tests/conftest.py or a
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from google.cloud import tpu_v2
@@ -68,3 +69,20 @@ def tpu_client(fake_gcp: FakeGcp) -> Iterator[tpu_v2.TpuClient]:
     client = fake_gcp.client()
     yield client
     client.transport.close()
+
+
+@pytest.fixture
+def workspace(tmp_path) -> str:
+    """A small workspace for jobs (the default, the current directory, is the whole repository)."""
+    path = tmp_path / "workspace"
+    path.mkdir()
+    (path / "README").write_text("a small workspace for test jobs\n")
+    return str(path)
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    """Where job callables (local processes on emulated hosts) write what the test checks."""
+    path = tmp_path / "out"
+    path.mkdir()
+    return path

@@ -134,21 +134,6 @@ def cluster(emulator_process):
     c.shutdown(timeout=120)
 
 
-@pytest.fixture
-def workspace(tmp_path) -> str:
-    path = tmp_path / "workspace"
-    path.mkdir()
-    (path / "README").write_text("a small workspace for the chaos jobs\n")
-    return str(path)
-
-
-@pytest.fixture
-def out_dir(tmp_path) -> Path:
-    path = tmp_path / "out"
-    path.mkdir()
-    return path
-
-
 def request(name: str, fn, out_dir: Path, workspace: str, *, slices: int = 1, tpu_type: str = SMALL,
             **kwargs) -> JobRequest:
     return JobRequest(
