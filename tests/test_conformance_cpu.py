@@ -138,3 +138,15 @@ def test_failure_message_has_traceback(cluster):
                                                   environment=EnvironmentConfig.create())))
     assert info.status == JobStatus.FAILED
     assert "replica-0" in info.error_message and "ValueError: the answer is not 41" in info.error_message
+
+
+def test_local_clusters_run_side_by_side():
+    from fray_tpu.local_runner import LocalCluster
+
+    first, second = LocalCluster(), LocalCluster()
+    try:
+        jobs = [c.launch(binary(f"side-{i}", "-c", "print('ok')")) for i, c in enumerate((first, second))]
+        assert [c.wait(j).status for c, j in zip((first, second), jobs)] == ["succeeded", "succeeded"]
+    finally:
+        first.shutdown(timeout=60)
+        second.shutdown(timeout=60)
