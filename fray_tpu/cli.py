@@ -93,11 +93,11 @@ class Context:
         return self._config
 
     def journal(self):
-        """The journal, read-only: safe while a controller writes it."""
-        from fray_tpu.journal import Journal
+        """Every controller's journal of the state directory, read-only: safe while they write."""
+        from fray_tpu.journals import JournalSet
 
         if self._journal is None:
-            self._journal = Journal(self.state_dir, controller_id="cli", readonly=True)
+            self._journal = JournalSet(self.state_dir)
         return self._journal
 
     def provisioner(self):
@@ -395,11 +395,11 @@ def cmd_logs(ctx: Context) -> int:
             return EXIT_OK
         if finished_before_read:
             return status_exit_code(journal.job(row.job_id).status)
-        if not controller_alive(ctx.state_dir):
+        if not journal.controller_alive(row.job_id):
             if warned_no_controller:
                 status = journal.job(row.job_id).status
-                print(f"fray-tpu: no controller owns {ctx.state_dir}, so job {row.job_id} ({status}) will not "
-                      "move until one reattaches (any TpuCluster opened on this state directory); stopped following",
+                print(f"fray-tpu: the controller of job {row.job_id} ({status}) is not running, so the job will not "
+                      f"move until one reattaches (any TpuCluster opened on {ctx.state_dir}); stopped following",
                       file=sys.stderr)
                 return EXIT_FAILED
             warned_no_controller = True  # look once more: a controller may be restarting
@@ -408,56 +408,22 @@ def cmd_logs(ctx: Context) -> int:
         pause.wait(LOG_POLL_SECONDS)
 
 
-def controller_alive(state_dir: Path) -> bool:
-    """Whether a live process holds the state directory's controller lock.
-
-    Read from /proc/locks where it exists, so a controller starting right now never finds the
-    lock taken by this probe; elsewhere, a shared lock tried and dropped at once."""
-    from fray_tpu.journal import LOCK_FILENAME
-
-    lock = state_dir / LOCK_FILENAME
-    try:
-        found = os.stat(lock)
-    except FileNotFoundError:
-        return False
-    proc_locks = Path("/proc/locks")
-    if proc_locks.exists():
-        device = f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}"
-        for entry in proc_locks.read_text().splitlines():
-            fields = entry.split()
-            if "FLOCK" in fields and device in fields and "->" not in fields:
-                return True
-        return False
-    import fcntl
-
-    fd = os.open(lock, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # drops the probe's lock, if taken
-    return False
-
-
 # --------------------------------------------------------------------------------------------
 # stop
 # --------------------------------------------------------------------------------------------
 
 
 def cmd_stop(ctx: Context) -> int:
-    from fray_tpu.journal import JournalLockedError
-
     journal = ctx.journal()
     row = find_job(journal, ctx.args.job, ctx.state_dir)
     if is_finished(row.status):
         print(f"job {row.job_id} already finished: {row.status}")
         return EXIT_OK
-    if not controller_alive(ctx.state_dir):
+    if not journal.controller_alive(row.job_id):
         try:
             return stop_by_reattaching(ctx, row.job_id)
-        except JournalLockedError:
-            pass  # a controller started meanwhile: ask it instead
+        except KeyError:
+            pass  # another controller adopted the job meanwhile: ask it instead
     return stop_through_controller(ctx, row.job_id)
 
 
@@ -465,7 +431,7 @@ def stop_through_controller(ctx: Context, job_id: str) -> int:
     from fray_tpu.cluster import request_stop
 
     request_stop(ctx.state_dir, job_id)
-    print(f"asked the controller of {ctx.state_dir} to stop job {job_id}", file=sys.stderr)
+    print(f"asked the controller of job {job_id} to stop it", file=sys.stderr)
     journal = ctx.journal()
     deadline = time.monotonic() + ctx.args.timeout
     pause = threading.Event()
@@ -477,7 +443,7 @@ def stop_through_controller(ctx: Context, job_id: str) -> int:
             return EXIT_OK
         pause.wait(STOP_POLL_SECONDS)
     raise CliError(EXIT_FAILED, f"job {job_id} did not stop within {ctx.args.timeout:.0f}s of the request; is its "
-                   f"controller (the process holding {ctx.state_dir}) responsive? Try again with a longer --timeout")
+                   f"controller responsive? Try again with a longer --timeout")
 
 
 def stop_by_reattaching(ctx: Context, job_id: str) -> int:
@@ -491,7 +457,7 @@ def stop_by_reattaching(ctx: Context, job_id: str) -> int:
     cluster = TpuCluster(ctx.config, detach_on_exit=True)
     try:
         cluster.journal()
-        print(f"no controller owns {ctx.state_dir}: reattached to stop job {job_id}", file=sys.stderr)
+        print(f"the controller of job {job_id} is gone: reattached to stop it", file=sys.stderr)
         cluster.terminate(job_id)
         try:
             cluster.wait_released(job_id, timeout=ctx.args.timeout)

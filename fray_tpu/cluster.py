@@ -7,12 +7,12 @@ own on first use and stops it at shutdown; the spec handed to jobs points at it,
 ``current_cluster()`` calls inside a job reach the same emulated cloud.
 
 Durable state: jobs, attempts, every slice (recorded before it is created) and job output are
-journaled in the state directory (``fray_tpu.journal``; ``state_dir`` in the config, else
-``$FRAY_TPU_STATE_DIR``, else ``$XDG_STATE_HOME/fray-tpu``). A new ``TpuCluster`` on the same
-state directory, in a new process, lists the earlier jobs and reattaches to the running TPU jobs
-(``poll``, ``monitor`` from the reattach point on, ``wait``, ``terminate``). CPU jobs are local
-processes that die with their controller: a restarted controller marks them failed. Clusters in
-one process share the journal; another live process on the same directory is refused.
+journaled in the state directory (``state_dir`` in the config, else ``$FRAY_TPU_STATE_DIR``, else
+``$XDG_STATE_HOME/fray-tpu``), one journal per controller (``fray_tpu.journals``), so several
+driver processes share a state directory. A new ``TpuCluster`` adopts the journals of controllers
+that died: it lists their jobs and reattaches to the running TPU jobs (``poll``, ``monitor`` from
+the reattach point on, ``wait``, ``terminate``). CPU jobs are local processes that die with their
+controller: an adopting controller marks them failed.
 
 Exit policy: at interpreter exit, SIGTERM/SIGINT handled by the caller, or ``shutdown()``, running
 jobs are terminated and every slice they hold is deleted, unless the cluster was built with
@@ -41,7 +41,8 @@ from fray_tpu.config import EMULATED_PROJECT, TpuClusterConfig
 from fray_tpu.errors import DeadlineExceeded
 from fray_tpu.fray_api import Cluster, JobId, JobInfo, JobStatus
 from fray_tpu.jobs import JobRecord, JobTable
-from fray_tpu.journal import Journal, JobRow, default_state_dir
+from fray_tpu.journal import Journal, JournalLockedError, JobRow, default_state_dir
+from fray_tpu.journals import controller_dir, journal_dirs
 from fray_tpu.planning import JobPlan, plan_job
 from fray_tpu.supervisor import (
     PROGRESS_PREFIX,
@@ -62,40 +63,6 @@ SHUTDOWN_TIMEOUT = 600.0
 
 
 
-class _SharedJournals:
-    """One journal per state directory per process, shared by the clusters of that process (the
-    journal's lock is what keeps a second process out)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: dict[Path, tuple[Journal, int]] = {}
-        self.live_controllers: set[str] = set()
-
-    def acquire(self, state_dir: Path, controller_id: str) -> Journal:
-        with self._lock:
-            journal, users = self._open.get(state_dir, (None, 0))
-            if journal is None:
-                journal = Journal(state_dir, controller_id=controller_id)
-            self._open[state_dir] = (journal, users + 1)
-            self.live_controllers.add(controller_id)
-            return journal
-
-    def release(self, state_dir: Path, controller_id: str) -> None:
-        with self._lock:
-            self.live_controllers.discard(controller_id)
-            journal, users = self._open.get(state_dir, (None, 0))
-            if journal is None:
-                return
-            if users <= 1:
-                journal.close()
-                del self._open[state_dir]
-            else:
-                self._open[state_dir] = (journal, users - 1)
-
-
-_JOURNALS = _SharedJournals()
-
-
 class TpuCluster(Cluster):
     def __init__(self, config: TpuClusterConfig | None = None, *, detach_on_exit: bool = False):
         self.config = config if config is not None else TpuClusterConfig.from_env()
@@ -103,6 +70,7 @@ class TpuCluster(Cluster):
         self.detach_on_exit = detach_on_exit
         self.state_dir = Path(self.config.state_dir).expanduser() if self.config.state_dir else default_state_dir()
         self._journal: Journal | None = None
+        self._adopted: list[Journal] = []
         self._jobs = JobTable()
         self._supervisors: dict[str, JobSupervisor] = {}
         self._lock = threading.RLock()
@@ -190,8 +158,7 @@ class TpuCluster(Cluster):
         """Chip-hours provisioned, running, lost to preemption and boot, and estimated USD."""
         from fray_tpu.accounting import cost_of
 
-        journal = self.journal()
-        self._record(job_id)
+        journal = self._record(job_id).journal
         return cost_of(journal.job(job_id).extra, journal.resources(job_id=job_id), time.time())
 
     def live_slices(self) -> list:
@@ -214,9 +181,14 @@ class TpuCluster(Cluster):
         if self._context is not None:
             self._context.provisioner.close()
         with self._lock:
-            if self._journal is not None:
-                self._journal = None
-                _JOURNALS.release(self.state_dir, self.controller_id)
+            own = self._journal
+            unused = own is not None and not own.jobs()
+            for journal in [own, *self._adopted]:
+                if journal is not None:
+                    journal.close()
+            self._journal, self._adopted = None, []
+            if unused:
+                shutil.rmtree(own.state_dir, ignore_errors=True)  # a controller that ran nothing leaves nothing
         if self._emulator is not None and self._emulator.poll() is None:
             self._emulator.terminate()
             try:
@@ -227,15 +199,28 @@ class TpuCluster(Cluster):
 
     # -- the journal -------------------------------------------------------------------------
     def journal(self) -> Journal:
-        """This controller's journal, opened on first use; opening restores the jobs of earlier
-        controllers on the same state directory and reattaches to their running TPU jobs."""
+        """This controller's journal, opened on first use. Opening adopts the journals of dead
+        controllers on the same state directory: their jobs are listed, and their running TPU
+        jobs reattached."""
         with self._lock:
             if self._journal is None:
-                self._journal = _JOURNALS.acquire(self.state_dir, self.controller_id)
-                self._restore(self._journal)
+                self._journal = Journal(controller_dir(self.state_dir, self.controller_id),
+                                        controller_id=self.controller_id)
+                self._adopt_dead_controllers()
                 threading.Thread(target=self._watch_stop_requests, daemon=True,
                                  name=f"stop-requests-{self.controller_id}").start()
             return self._journal
+
+    def _adopt_dead_controllers(self) -> None:
+        for directory in journal_dirs(self.state_dir):
+            if directory == self._journal.state_dir:
+                continue
+            try:
+                journal = Journal(directory, controller_id=self.controller_id)
+            except JournalLockedError:
+                continue  # its controller is alive (in this process or another)
+            self._adopted.append(journal)
+            self._restore(journal)
 
     def _watch_stop_requests(self) -> None:
         """``fray-tpu stop JOB`` from another process drops a file; the owning controller acts."""
@@ -265,11 +250,8 @@ class TpuCluster(Cluster):
         )
 
     def _restore(self, journal: Journal) -> None:
+        """Take over the jobs of a dead controller's journal (which this controller now holds)."""
         for row in journal.jobs():
-            if row.controller_id in _JOURNALS.live_controllers and row.controller_id != self.controller_id:
-                continue  # a sibling cluster of this process runs it
-            if row.controller_id == self.controller_id:
-                continue
             record = JobRecord.from_row(row, journal)
             self._jobs.add(record)
             if row.finished is not None:

@@ -6,8 +6,9 @@ every ``TICK_SECONDS``) until a "go" file appears. Outcomes covered:
 
 - SIGKILL, then a new controller on the state directory: it lists the jobs as running,
   ``monitor`` streams from the reattach point on, ``wait`` sees success, ``terminate`` stops,
-  finished jobs keep their final ``JobInfo`` across another restart, and a second live
-  controller on the directory is refused (``JournalLockedError`` naming the holder's pid);
+  finished jobs keep their final ``JobInfo`` across another restart, and a second controller
+  started while the driver lives runs beside it without taking its jobs (the driver's journal
+  stays locked: opening it is refused with ``JournalLockedError`` naming the holder's pid);
 - SIGKILL with no restart: the agents' lease lapses and the slice deletes itself;
 - the exit policy: normal exit and SIGTERM terminate the jobs and delete their slices;
   ``detach_on_exit=True`` leaves the job running for a later controller to reattach.
@@ -34,7 +35,8 @@ from fake_gcp import wait_for
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.fray_api import JobStatus
-from fray_tpu.journal import JournalLockedError
+from fray_tpu.journal import Journal, JournalLockedError
+from fray_tpu.journals import journal_dirs
 from fray_tpu.naming import LABEL_JOB, label_value
 
 DRIVER_START_TIMEOUT = 120.0  # interpreter start, imports, provisioning and the gang start
@@ -218,13 +220,18 @@ def test_sigkilled_driver_is_reattached_by_a_new_controller(fake_gcp, tmp_path, 
                           lease_period=REATTACH_LEASE_SECONDS)
     finisher, stopper = driver.running_jobs()
 
-    # While the driver lives, a second controller on its state directory is refused by name.
+    # While the driver lives, a second controller on its state directory runs beside it and
+    # leaves the driver's jobs alone; the driver's journal is locked against everyone else.
+    [driver_journal] = journal_dirs(driver.state_dir)
     rival = controller(fake_gcp.endpoint, driver.state_dir)
+    try:
+        assert rival.list_jobs() == []
+    finally:
+        rival.shutdown()
     with pytest.raises(JournalLockedError) as refused:
-        rival.list_jobs()
-    rival.shutdown()
+        Journal(driver_journal, controller_id="intruder")
     assert f"pid {driver.process.pid}" in str(refused.value)
-    assert str(driver.state_dir) in str(refused.value)
+    assert str(driver_journal) in str(refused.value)
 
     wait_for(lambda: driver.ticks("finisher") >= TICKS_BEFORE_KILL, f"{TICKS_BEFORE_KILL} ticks of the job", JOB_TIMEOUT)
     driver.process.send_signal(signal.SIGKILL)

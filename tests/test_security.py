@@ -5,7 +5,7 @@ missing, wrong or other job's secret, plain text instead of TLS, an oversized me
 malformed pickle are each rejected cleanly, and the agent's log never holds a secret. The
 end-to-end case runs a TPU job on the emulator and scans everything captured (controller logs,
 JobInfo, job output, the journal's database files, the hosts' logs, the job's own environment)
-for the job's secret, which lives only under ``state_dir/secrets/`` with mode 0600.
+for the job's secret, which lives only under its controller's ``secrets/`` (mode 0600).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from fake_gcp import wait_for
 from fray_tpu import tls
 from fray_tpu.channel import MAX_MESSAGE_BYTES, AgentAuthError, AgentClient, AttemptExit, AttemptSpec, Classification
 from fray_tpu.cluster import TpuCluster
+from fray_tpu.journals import controller_dir
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
@@ -263,9 +264,8 @@ def fail_once_then_block(out_dir: str, go_file: str) -> None:
 
 
 def files_outside_secrets(state_dir: Path) -> dict[str, bytes]:
-    secrets_dir = state_dir / SECRETS_DIRNAME
     return {str(p): p.read_bytes() for p in state_dir.rglob("*")
-            if p.is_file() and secrets_dir not in p.parents}
+            if p.is_file() and SECRETS_DIRNAME not in p.relative_to(state_dir).parts}
 
 
 def test_a_tpu_job_end_to_end_never_exposes_its_secret(emulator_process, fake_gcp, tpu_client, tmp_path, caplog):
@@ -287,7 +287,7 @@ def test_a_tpu_job_end_to_end_never_exposes_its_secret(emulator_process, fake_gc
             environment=EnvironmentConfig.create(workspace=str(workspace)),
             max_retries_failure=1,
         ))
-        secret_path = state_dir / SECRETS_DIRNAME / job_id / SECRET_FILE
+        secret_path = controller_dir(state_dir, cluster.controller_id) / SECRETS_DIRNAME / job_id / SECRET_FILE
         secret = wait_for(lambda: secret_path.exists() and secret_path.read_text(), f"{secret_path} to exist",
                           JOB_TIMEOUT)
         assert stat.S_IMODE(secret_path.stat().st_mode) == 0o600
