@@ -8,7 +8,6 @@ Extraction refuses archive members that would land outside the bundle directory.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -17,11 +16,10 @@ import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from fray_tpu.errors import DeadlineExceeded, FrayTpuError
+from fray_tpu.errors import FrayTpuError
+from fray_tpu.worker.keylocks import KeyLocks
 
 BLOB_SUFFIX = ".tar.gz"
 DEFAULT_MAX_BUNDLE_BYTES = 2 * 1024**3
@@ -152,7 +150,7 @@ class BundleStore:
         self._budget_bytes = budget_bytes
         self._protect_recent_seconds = protect_recent_seconds
         self._lock = threading.Lock()
-        self._digest_locks: dict[str, threading.Lock] = {}
+        self._digest_locks = KeyLocks(self._locks_dir, "extracting bundle")
         self._counters = {
             "uploads": 0,
             "upload_bytes": 0,
@@ -186,7 +184,7 @@ class BundleStore:
             self._count("extraction_hits")
             self._touch(digest)
             return target
-        with self._exclusive(digest):
+        with self._digest_locks.exclusive(digest, EXTRACT_LOCK_TIMEOUT_SECONDS):
             if target.is_dir():
                 self._count("extraction_hits")
                 return target
@@ -240,7 +238,7 @@ class BundleStore:
                 break
             if digest in keep or now - last_used < self._protect_recent_seconds:
                 continue
-            with self._exclusive(digest):
+            with self._digest_locks.exclusive(digest, EXTRACT_LOCK_TIMEOUT_SECONDS):
                 shutil.rmtree(self._extracted / digest, ignore_errors=True)
                 self.blob_path(digest).unlink(missing_ok=True)
             total -= size
@@ -264,34 +262,3 @@ class BundleStore:
             os.utime(self.blob_path(digest))
         except FileNotFoundError:
             pass
-
-    @contextmanager
-    def _exclusive(self, digest: str) -> Iterator[None]:
-        """One extractor or evictor per digest, across threads and processes sharing ``root``."""
-        with self._lock:
-            thread_lock = self._digest_locks.setdefault(digest, threading.Lock())
-        if not thread_lock.acquire(timeout=EXTRACT_LOCK_TIMEOUT_SECONDS):
-            raise DeadlineExceeded(
-                f"waited {EXTRACT_LOCK_TIMEOUT_SECONDS:.0f}s for another thread extracting bundle {digest}"
-            )
-        try:
-            with open(self._locks_dir / f"{digest}.lock", "w") as lock_file:
-                deadline = time.monotonic() + EXTRACT_LOCK_TIMEOUT_SECONDS
-                while True:
-                    try:
-                        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise DeadlineExceeded(
-                                f"waited {EXTRACT_LOCK_TIMEOUT_SECONDS:.0f}s for the lock "
-                                f"{self._locks_dir / (digest + '.lock')} held by another process extracting "
-                                f"bundle {digest}"
-                            ) from None
-                        time.sleep(0.05)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(lock_file, fcntl.LOCK_UN)
-        finally:
-            thread_lock.release()

@@ -22,7 +22,6 @@ interpreter paths into the scripts it installs.
 from __future__ import annotations
 
 import collections
-import fcntl
 import hashlib
 import json
 import os
@@ -33,12 +32,12 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fray_tpu.errors import ConfigError, DeadlineExceeded, FrayTpuError
+from fray_tpu.errors import ConfigError, FrayTpuError
+from fray_tpu.worker.keylocks import KeyLocks
 
 BASE_ENV_DIGEST = "base"
 COMPLETE_MARKER = ".fray-tpu-complete"
@@ -182,8 +181,7 @@ class PythonEnvStore:
         self._locks.mkdir(parents=True, exist_ok=True)
         self._base_info: dict | None = None
         self._base_info_lock = threading.Lock()
-        self._thread_lock = threading.Lock()
-        self._digest_locks: dict[str, threading.Lock] = {}
+        self._digest_locks = KeyLocks(self._locks, "building Python environment")
 
     def base_info(self) -> dict:
         """The base interpreter's identity and site directories (asked once)."""
@@ -241,7 +239,7 @@ class PythonEnvStore:
         env_dir = self.env_dir(digest)
         if (env_dir / COMPLETE_MARKER).exists():
             return self._env(digest, reused=True)
-        with self._exclusive(digest):
+        with self._digest_locks.exclusive(digest, self.pip_timeout + VENV_TIMEOUT_SECONDS + 60):
             if (env_dir / COMPLETE_MARKER).exists():
                 return self._env(digest, reused=True)
             requirements = self.requirements(pip_packages, extras, workspace_dir)
@@ -336,33 +334,3 @@ class PythonEnvStore:
         marker = env_dir / COMPLETE_MARKER
         marker.with_suffix(".tmp").write_text(json.dumps({"requirements": requirements}))
         os.replace(marker.with_suffix(".tmp"), marker)
-
-    @contextmanager
-    def _exclusive(self, digest: str) -> Iterator[None]:
-        """One builder per digest, across the agent's threads and any other process on the host."""
-        deadline_seconds = self.pip_timeout + VENV_TIMEOUT_SECONDS + 60
-        with self._thread_lock:
-            thread_lock = self._digest_locks.setdefault(digest, threading.Lock())
-        if not thread_lock.acquire(timeout=deadline_seconds):
-            raise DeadlineExceeded(f"waited {deadline_seconds:.0f}s for another build of Python environment {digest}")
-        try:
-            lock_path = self._locks / f"{digest}.lock"
-            with open(lock_path, "w") as lock_file:
-                deadline = time.monotonic() + deadline_seconds
-                while True:
-                    try:
-                        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise DeadlineExceeded(
-                                f"waited {deadline_seconds:.0f}s for {lock_path}, held by another process "
-                                f"building Python environment {digest}"
-                            ) from None
-                        time.sleep(0.1)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(lock_file, fcntl.LOCK_UN)
-        finally:
-            thread_lock.release()
