@@ -35,7 +35,7 @@ from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStat
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
 from fray_tpu.worker import metadata as md
 from fray_tpu.worker.auth import bearer_metadata
-from test_worker_harness import AGENT_PORT, make_slice, teardown_slice
+from test_worker_harness import AGENT_PORT, collect, make_slice, teardown_slice
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -50,20 +50,9 @@ LISTEN_STATE = "0A"  # TCP_LISTEN in /proc/net/tcp
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def collect(stream, timeout: float = EVENT_TIMEOUT) -> list:
-    deadline = time.monotonic() + timeout
-    events = []
-    for _ in range(100_000):
-        try:
-            events.append(stream.next_event(timeout=max(deadline - time.monotonic(), 0.01)))
-        except StopIteration:
-            return events
-    raise AssertionError("too many events")
-
-
 def run_one(client: AgentClient, spec: AttemptSpec) -> AttemptExit:
     client.prepare(spec)
-    events = collect(client.start(spec.attempt_id))
+    events = collect(client.start(spec.attempt_id), EVENT_TIMEOUT)
     assert isinstance(events[-1], AttemptExit), f"the last event is not the exit: {events[-3:]}"
     return events[-1]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 from fake_gcp import wait_for
+from fake_gcp.host_jobs import wait_for_file, write_json
 
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
@@ -38,24 +39,6 @@ TRACEBACK_MARKER = "Traceback (most recent call last)"
 
 # -- callables that run on the hosts ---------------------------------------------------------------
 
-def _wait_for_file(path: str, deadline_seconds: float) -> bool:
-    """True once ``path`` exists; False at the deadline (bounded polling inside the job)."""
-    deadline = time.monotonic() + deadline_seconds
-    pause = threading.Event()
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            return True
-        pause.wait(0.05)
-    return False
-
-
-def _write_json(path: Path, value) -> None:
-    """Atomically, so a reader never sees half a file."""
-    partial = path.with_name(path.name + f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(value))
-    os.replace(partial, path)
-
-
 def greet() -> None:
     print(f"hello from task {os.environ['FRAY_TASK_INDEX']}", flush=True)
 
@@ -64,21 +47,21 @@ def record_env_and_block(out_dir: str, preempting_marker: str) -> None:
     """Write this host's env; on the first attempt (no marker yet) block until stopped."""
     second_attempt = os.path.exists(preempting_marker)
     name = f"{'second' if second_attempt else 'first'}-{os.environ['FRAY_TASK_INDEX']}.json"
-    _write_json(Path(out_dir) / name, dict(os.environ))
+    write_json(Path(out_dir) / name, dict(os.environ))
     if not second_attempt:
-        _wait_for_file(os.path.join(out_dir, "never-written"), HOST_DEADLINE)
+        wait_for_file(os.path.join(out_dir, "never-written"), HOST_DEADLINE)
         raise SystemExit("the first attempt was never stopped")
 
 
 def record_env_and_allgather(out_dir: str) -> None:
-    _write_json(Path(out_dir) / f"env-{os.environ['FRAY_TASK_INDEX']}.json", dict(os.environ))
+    write_json(Path(out_dir) / f"env-{os.environ['FRAY_TASK_INDEX']}.json", dict(os.environ))
     import jax
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
 
     jax.distributed.initialize()
     total = int(multihost_utils.process_allgather(jnp.array([jax.process_index() + 1])).sum())
-    _write_json(Path(out_dir) / f"jax-{os.environ['FRAY_TASK_INDEX']}.json",
+    write_json(Path(out_dir) / f"jax-{os.environ['FRAY_TASK_INDEX']}.json",
                 {"process_index": jax.process_index(), "process_count": jax.process_count(), "total": total})
     jax.distributed.shutdown()
 
@@ -86,14 +69,14 @@ def record_env_and_allgather(out_dir: str) -> None:
 def worker_two_raises(out_dir: str) -> None:
     """Worker 2 fails; the rest of the gang would run until stopped (and record that they ran)."""
     index = os.environ["FRAY_TASK_INDEX"]
-    _write_json(Path(out_dir) / f"pid-{index}.json", os.getpid())
+    write_json(Path(out_dir) / f"pid-{index}.json", os.getpid())
     if index == "2":
         # Fail only once the whole gang runs, so the test can check every host was stopped.
         deadline = time.monotonic() + HOST_DEADLINE
         while len(list(Path(out_dir).glob("pid-*.json"))) < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
         raise ValueError("boom on purpose in task 2")
-    _wait_for_file(os.path.join(out_dir, "never-written"), HOST_DEADLINE)
+    wait_for_file(os.path.join(out_dir, "never-written"), HOST_DEADLINE)
 
 
 def fail_first_two_attempts(counter_dir: str) -> None:
@@ -113,19 +96,19 @@ def fail_first_two_attempts(counter_dir: str) -> None:
 
 
 def record_pid_and_block(out_dir: str) -> None:
-    _write_json(Path(out_dir) / f"pid-{os.environ['FRAY_TASK_INDEX']}.json", os.getpid())
-    _wait_for_file(os.path.join(out_dir, "never-written"), HOST_DEADLINE)
+    write_json(Path(out_dir) / f"pid-{os.environ['FRAY_TASK_INDEX']}.json", os.getpid())
+    wait_for_file(os.path.join(out_dir, "never-written"), HOST_DEADLINE)
 
 
 def block_until(go_file: str) -> None:
-    if not _wait_for_file(go_file, HOST_DEADLINE):
+    if not wait_for_file(go_file, HOST_DEADLINE):
         raise SystemExit(f"{go_file} never appeared")
 
 
 def meet_peer(out_dir: str, me: str, peer: str, fail: bool) -> None:
     """RL shape: record my start, wait for my peer's; then succeed or fail."""
-    _write_json(Path(out_dir) / f"{me}.started", time.time())
-    if not _wait_for_file(os.path.join(out_dir, f"{peer}.started"), HOST_DEADLINE):
+    write_json(Path(out_dir) / f"{me}.started", time.time())
+    if not wait_for_file(os.path.join(out_dir, f"{peer}.started"), HOST_DEADLINE):
         raise SystemExit(f"{me}: {peer} never started while I was running")
     if fail:
         raise RuntimeError(f"{me} fails on purpose")

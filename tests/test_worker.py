@@ -19,7 +19,7 @@ from fray_tpu.channel import (
     LogBatch,
     PrepareFailed,
 )
-from test_worker_harness import make_slice, teardown_slice
+from test_worker_harness import collect, make_slice, teardown_slice
 
 EVENT_TIMEOUT = 30.0
 
@@ -36,24 +36,13 @@ def new_attempt_id() -> str:
     return f"attempt-{uuid.uuid4().hex[:12]}"
 
 
-def collect(stream, timeout: float = EVENT_TIMEOUT) -> list:
-    deadline = time.monotonic() + timeout
-    events = []
-    for _ in range(1_000_000):
-        try:
-            events.append(stream.next_event(timeout=max(deadline - time.monotonic(), 0.01)))
-        except StopIteration:
-            return events
-    raise AssertionError("more than a million events")
-
-
 def run(clients: list[AgentClient], spec_for_host) -> list[list]:
     """Prepare on every host, then start on every host (a gang), then collect all events."""
     specs = [spec_for_host(i) for i in range(len(clients))]
     for client, spec in zip(clients, specs):
         client.prepare(spec)
     streams = [client.start(spec.attempt_id) for client, spec in zip(clients, specs)]
-    return [collect(stream) for stream in streams]
+    return [collect(stream, EVENT_TIMEOUT) for stream in streams]
 
 
 def exit_of(events: list) -> AttemptExit:
@@ -186,7 +175,7 @@ def test_cancel_kills_the_whole_tree_including_a_child_that_ignores_sigterm(slic
     assert client.cancel(attempt_id, grace=0.5) is True
     assert time.monotonic() - started < 10
     assert not _alive(child_pid), "the child that ignores SIGTERM survived the cancel"
-    finished = exit_of(collect(stream))
+    finished = exit_of(collect(stream, EVENT_TIMEOUT))
     assert finished.classification == Classification.CANCELLED
     assert client.cancel(attempt_id, grace=0.5) is False
 
@@ -206,7 +195,7 @@ def test_watch_resumes_from_a_sequence_number(slice4):
     [events] = run([client], lambda i: AttemptSpec(
         attempt_id, command="sh", args=["-c", "echo one; sleep 0.05; echo two; sleep 0.05; echo three"]))
     assert lines(events) == ["one", "two", "three"]
-    resumed = collect(client.watch(attempt_id, from_seq=3))
+    resumed = collect(client.watch(attempt_id, from_seq=3), EVENT_TIMEOUT)
     assert [e.seq for e in resumed] == [e.seq for e in events if e.seq >= 3]
     assert exit_of(resumed).code == 0
 
@@ -219,7 +208,7 @@ def test_a_slow_consumer_with_a_tiny_buffer_still_gets_every_line_in_order(slice
     client.prepare(AttemptSpec(attempt_id, command=sys.executable,
                                args=["-c", f"import sys\nfor i in range({count}): sys.stdout.write(f'line {{i}}\\n')"]))
     stream = client.start(attempt_id, buffer_events=2, buffer_bytes=4096)
-    events = collect(stream)
+    events = collect(stream, EVENT_TIMEOUT)
     assert not [e for e in events if isinstance(e, EventsLost)]
     received = lines(events)
     assert len(received) == count
@@ -240,7 +229,7 @@ def test_prepare_is_idempotent_and_a_second_attempt_waits_for_the_first(slice4):
         client.prepare(AttemptSpec(second, command="true"))
     assert refused.value.kind == "controller"
     assert client.cancel(first, grace=1.0)
-    assert exit_of(collect(stream)).classification == Classification.CANCELLED
+    assert exit_of(collect(stream, EVENT_TIMEOUT)).classification == Classification.CANCELLED
     [events] = run([client], lambda i: AttemptSpec(second, command="true"))
     assert exit_of(events).code == 0
 

@@ -21,21 +21,11 @@ from fray_tpu.channel import (
     LogBatch,
 )
 from fray_tpu.worker import metadata as md
+from test_worker_harness import collect
 
 
 ZONE = "us-west4-a"
 TIMEOUT = 60.0
-
-
-def collect(stream, timeout: float = TIMEOUT) -> list:
-    deadline = time.monotonic() + timeout
-    events = []
-    for _ in range(100_000):
-        try:
-            events.append(stream.next_event(timeout=max(deadline - time.monotonic(), 0.01)))
-        except StopIteration:
-            return events
-    raise AssertionError("too many events")
 
 
 def test_a_v5litepod_16_boots_four_agents_that_run_a_closure_and_delete_the_node_when_the_lease_lapses(
@@ -97,7 +87,7 @@ def run_the_slice(fake_gcp, tpu_client, name, node, clients: list[AgentClient]) 
         client.prepare(AttemptSpec.for_callable("hello", hello, ("hello",)))
     streams = [client.start("hello") for client in clients]
     for worker, stream in enumerate(streams):
-        events = collect(stream)
+        events = collect(stream, TIMEOUT)
         assert [line for e in events if isinstance(e, LogBatch) for line in e.lines] == [f"hello {worker}"]
         assert events[-1].classification == Classification.OK
 
@@ -113,7 +103,7 @@ def run_the_slice(fake_gcp, tpu_client, name, node, clients: list[AgentClient]) 
     outcomes = []
     for stream in streams:
         try:
-            finished = collect(stream)[-1]
+            finished = collect(stream, TIMEOUT)[-1]
         except AgentUnreachable:
             outcomes.append("host gone with the node")
             continue

@@ -186,6 +186,18 @@ class AgentSlice:
         return clients
 
 
+def collect(stream, timeout: float) -> list:
+    """Every event of an attempt's stream up to its exit (bounded in time and count)."""
+    deadline = time.monotonic() + timeout
+    events = []
+    for _ in range(1_000_000):
+        try:
+            events.append(stream.next_event(timeout=max(deadline - time.monotonic(), 0.01)))
+        except StopIteration:
+            return events
+    raise AssertionError("more than a million events")
+
+
 def processes_marked(marker: str) -> list[int]:
     wanted = f"{HOST_MARKER_ENV}={marker}".encode()
     found = []

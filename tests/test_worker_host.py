@@ -15,20 +15,9 @@ import pytest
 from fray_tpu import tls
 from fray_tpu.channel import AgentAuthError, AgentClient, AttemptExit, AttemptSpec, ChannelError, Classification
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
-from test_worker_harness import make_slice, one_host, processes_marked, teardown_slice  # noqa: F401 (fixture)
+from test_worker_harness import collect, make_slice, one_host, processes_marked, teardown_slice  # noqa: F401 (fixture)
 
 EVENT_TIMEOUT = 30.0
-
-
-def collect(stream, timeout: float = EVENT_TIMEOUT) -> list:
-    deadline = time.monotonic() + timeout
-    events = []
-    for _ in range(100_000):
-        try:
-            events.append(stream.next_event(timeout=max(deadline - time.monotonic(), 0.01)))
-        except StopIteration:
-            return events
-    raise AssertionError("too many events")
 
 
 def wait_for(condition, what: str, timeout: float = EVENT_TIMEOUT):
@@ -71,7 +60,7 @@ def test_no_secret_a_wrong_secret_or_plain_text_is_rejected_and_nothing_runs(one
     with pytest.raises(AgentAuthError, match="UNAUTHENTICATED"):
         wrong.prepare(spec)
     with pytest.raises(AgentAuthError):
-        collect(wrong.start(spec.attempt_id))
+        collect(wrong.start(spec.attempt_id), EVENT_TIMEOUT)
     with pytest.raises(AgentAuthError):
         wrong.describe()
 
@@ -112,7 +101,7 @@ def test_no_secret_a_wrong_secret_or_plain_text_is_rejected_and_nothing_runs(one
     good = one_host.client(host)
     assert good.describe().current_attempt is None
     with pytest.raises(ChannelError, match="NOT_FOUND"):
-        collect(good.start(spec.attempt_id))
+        collect(good.start(spec.attempt_id), EVENT_TIMEOUT)
 
 
 # -- host cleaning ---------------------------------------------------------------------------------
@@ -156,7 +145,7 @@ def test_a_stale_lockfile_and_leftovers_of_an_earlier_attempt_are_removed_before
     assert not alive(started.pid) and not alive(escaped_pid)
     notes = "\n".join(result.cleanup_notes)
     assert "leftover" in notes and "libtpu_lockfile" in notes
-    assert collect(client.start(second))[-1].code == 0
+    assert collect(client.start(second), EVENT_TIMEOUT)[-1].code == 0
 
 
 def test_processes_an_attempt_leaves_behind_end_with_it(one_host, tmp_path):
@@ -174,7 +163,7 @@ def test_processes_an_attempt_leaves_behind_end_with_it(one_host, tmp_path):
 
     attempt_id = f"attempt-{uuid.uuid4().hex[:8]}"
     client.prepare(AttemptSpec.for_callable(attempt_id, starts_a_daemon, (str(daemon_pid_file),)))
-    events = collect(client.start(attempt_id))
+    events = collect(client.start(attempt_id), EVENT_TIMEOUT)
     assert events[-1].code == 0
     if daemon_pid_file.exists() and daemon_pid_file.read_text():
         assert not alive(int(daemon_pid_file.read_text()))
@@ -194,7 +183,7 @@ def test_when_the_lease_lapses_the_attempt_stops(tmp_path):
         stream = client.start(attempt_id)
         # The controller shortens the lease, then goes silent.
         client.renew_lease(1.0)
-        events = collect(stream)
+        events = collect(stream, EVENT_TIMEOUT)
         finished = events[-1]
         assert isinstance(finished, AttemptExit)
         assert finished.classification == Classification.CANCELLED
@@ -221,7 +210,7 @@ def test_a_preempted_vm_is_reported_and_its_failure_classified_as_preemption(one
     assert client.describe().preempted
     # The VM going down takes the user's process with it.
     os.kill(started.pid, 9)
-    finished = collect(stream)[-1]
+    finished = collect(stream, EVENT_TIMEOUT)[-1]
     assert (finished.signal, finished.classification) == (9, Classification.PREEMPTED)
 
 
@@ -269,7 +258,7 @@ def test_pip_packages_are_installed_for_the_attempt_and_the_environment_is_reuse
             attempt_id = f"attempt-pip-{run}"
             prepared = client.prepare(AttemptSpec.for_callable(attempt_id, imports_the_package,
                                                                 pip_packages=[str(wheel)]))
-            events = collect(client.start(attempt_id))
+            events = collect(client.start(attempt_id), EVENT_TIMEOUT)
             assert events[-1].code == 0, events[-1].stderr_tail
             results.append((prepared.env_reused, [line for e in events if hasattr(e, "lines") for line in e.lines]))
         assert results == [(False, [marker]), (True, [marker])]
@@ -291,7 +280,7 @@ def test_pip_packages_are_installed_for_the_attempt_and_the_environment_is_reuse
         wait_for(preparing_now, "the attempt to be preparing")
         assert client.cancel(spec.attempt_id, grace=1.0) is False
         preparing.join(EVENT_TIMEOUT)
-        finished = collect(client.start(spec.attempt_id))
+        finished = collect(client.start(spec.attempt_id), EVENT_TIMEOUT)
         assert [type(e) for e in finished] == [AttemptExit]
         assert finished[0].classification == Classification.CANCELLED
     finally:

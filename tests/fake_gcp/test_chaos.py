@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from fray_tpu.config import TpuClusterConfig
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 from fray_tpu.naming import LABEL_JOB, LABEL_SLICE, label_value
 
+from .host_jobs import wait_for_file, write_json
 from .scenarios import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -46,22 +46,6 @@ FROZEN_HOST_DETECTION_SECONDS = LIVENESS_DEADLINE + 20.0
 
 # -- callables that run on the hosts ----------------------------------------------------------
 
-def _wait_for_file(path: str, deadline_seconds: float = HOST_DEADLINE) -> bool:
-    deadline = time.monotonic() + deadline_seconds
-    pause = threading.Event()
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            return True
-        pause.wait(0.05)
-    return False
-
-
-def _write_json(path: Path, value) -> None:
-    partial = path.with_name(path.name + f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(value))
-    os.replace(partial, path)
-
-
 def _attempt_number(out_dir: str) -> int:
     """1, 2, ...: one exclusively created file per attempt of task 0 (the jobs here have one host
     per slice and count attempts on task 0 only)."""
@@ -75,16 +59,16 @@ def _attempt_number(out_dir: str) -> int:
 
 
 def quick(out_dir: str) -> None:
-    _write_json(Path(out_dir) / f"ran-{os.environ['FRAY_TASK_INDEX']}.json", time.time())
+    write_json(Path(out_dir) / f"ran-{os.environ['FRAY_TASK_INDEX']}.json", time.time())
 
 
 def block_on_first_attempt(out_dir: str) -> None:
     """Every task records its env per attempt; the first attempt blocks until it is stopped."""
     index = os.environ["FRAY_TASK_INDEX"]
     second = os.path.exists(os.path.join(out_dir, "first-done"))
-    _write_json(Path(out_dir) / f"{'second' if second else 'first'}-{index}.json", dict(os.environ))
+    write_json(Path(out_dir) / f"{'second' if second else 'first'}-{index}.json", dict(os.environ))
     if not second:
-        _wait_for_file(os.path.join(out_dir, "never-written"))
+        wait_for_file(os.path.join(out_dir, "never-written"), HOST_DEADLINE)
         raise SystemExit("the first attempt was never stopped")
 
 
@@ -104,18 +88,18 @@ def dirty_then_check(out_dir: str) -> None:
         lockfile.write_text("held by attempt 1")
         leftover = subprocess.Popen([sys.executable, "-c", "import threading; threading.Event().wait(300)"],
                                     start_new_session=True)
-        _write_json(Path(out_dir) / "leftover.json", leftover.pid)
+        write_json(Path(out_dir) / "leftover.json", leftover.pid)
         raise SystemExit(1)
     pid = json.loads((Path(out_dir) / "leftover.json").read_text())
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         state = "gone"
-    _write_json(Path(out_dir) / "second.json", {"lockfile": lockfile.exists(), "leftover_state": state})
+    write_json(Path(out_dir) / "second.json", {"lockfile": lockfile.exists(), "leftover_state": state})
 
 
 def record_start_and_finish(out_dir: str) -> None:
-    _write_json(Path(out_dir) / f"start-{os.environ['FRAY_TASK_INDEX']}.json", time.time())
+    write_json(Path(out_dir) / f"start-{os.environ['FRAY_TASK_INDEX']}.json", time.time())
 
 
 # -- fixtures and helpers -----------------------------------------------------------------------
