@@ -367,7 +367,7 @@ def render_status(row, summary: dict, tasks: list[dict], live: list[dict], now: 
 
 def show_line(line: str, which: str) -> str | None:
     """The line as ``logs`` prints it, or None when ``--progress``/``--no-progress`` hides it."""
-    from fray_tpu.supervisor import PROGRESS_PREFIX
+    from fray_tpu.supervisor.watch import PROGRESS_PREFIX
 
     progress = line.startswith(PROGRESS_PREFIX)
     if (which == "only" and not progress) or (which == "hide" and progress):

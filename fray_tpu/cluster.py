@@ -40,18 +40,16 @@ from fray_tpu import naming
 from fray_tpu.config import EMULATED_PROJECT, TpuClusterConfig
 from fray_tpu.errors import DeadlineExceeded
 from fray_tpu.fray_api import Cluster, JobId, JobInfo, JobStatus
-from fray_tpu.jobs import JobRecord, JobTable
+from fray_tpu.supervisor.records import JobRecord, JobTable
 from fray_tpu.journal import Journal, JournalLockedError, JobRow, default_state_dir
 from fray_tpu.journals import controller_dir, journal_dirs
 from fray_tpu.planning import JobPlan, plan_job
-from fray_tpu.supervisor import (
-    PROGRESS_PREFIX,
-    ControllerContext,
-    JobSupervisor,
-    LocalJobSupervisor,
-    ResumeState,
-    TpuJobSupervisor,
-)
+from fray_tpu.supervisor.job import JobSupervisor
+from fray_tpu.supervisor.phases import JobPhase
+from fray_tpu.supervisor.local import LocalJobSupervisor
+from fray_tpu.supervisor.slices import ControllerContext
+from fray_tpu.supervisor.tpu import ResumeState, TpuJobSupervisor
+from fray_tpu.supervisor.watch import PROGRESS_PREFIX
 
 log = logging.getLogger(__name__)
 job_log = logging.getLogger("fray_tpu.job")
@@ -242,7 +240,7 @@ class TpuCluster(Cluster):
     def _job_row(self, job_id: JobId, plan: JobPlan) -> JobRow:
         now = time.time()
         return JobRow(
-            job_id=job_id, name=plan.name, status=str(JobStatus.PENDING), error_message=None, phase="pending",
+            job_id=job_id, name=plan.name, status=str(JobStatus.PENDING), error_message=None, phase=str(JobPhase.PENDING),
             created=now, updated=now, finished=None, controller_id=self.controller_id,
             kind="tpu" if plan.is_tpu else "cpu", tpu_type=plan.tpu_type, slice_count=plan.replicas,
             task_names=plan.task_names, task_statuses=[(str(JobStatus.PENDING), None)] * len(plan.task_names),

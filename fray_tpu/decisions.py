@@ -19,8 +19,8 @@ applies the returned decision. Retry policy, in one place:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 MAX_BAD_HOST_REPLACEMENTS = 5
 
@@ -130,17 +130,13 @@ class Decision:
     reason: str = ""
 
 
-@dataclass
-class RetryBudget:
-    """The request's budgets and what the job has used of them."""
+@dataclass(frozen=True)
+class RetryLimits:
+    """The request's budgets."""
 
     max_failures: int
     max_preemptions: int
     max_bad_hosts: int = MAX_BAD_HOST_REPLACEMENTS
-    failures: int = 0
-    preemptions: int = 0
-    bad_hosts: int = 0
-    history: list[AttemptOutcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("max_failures", "max_preemptions", "max_bad_hosts"):
@@ -149,42 +145,77 @@ class RetryBudget:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
-def decide(budget: RetryBudget, verdict: AttemptVerdict) -> Decision:
-    """Record the verdict in the budget and say what to do next."""
-    budget.history.append(verdict.outcome)
+@dataclass
+class JobCounters:
+    """What a job has used: the one store of retry counters (journaled, shown by the CLI)."""
+
+    attempts: int = 0
+    failures: int = 0
+    preemptions: int = 0
+    bad_hosts: int = 0
+    capacity_waits: int = 0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, int]) -> JobCounters:
+        """Counters as journaled; keys of another version are ignored."""
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+
+
+def decide(limits: RetryLimits, counters: JobCounters, verdict: AttemptVerdict) -> Decision:
+    """Count the verdict in ``counters`` and say what to do next."""
     match verdict.outcome:
         case AttemptOutcome.SUCCEEDED:
             return Decision(Action.SUCCEED, reason="every host succeeded")
         case AttemptOutcome.CANCELLED:
             return Decision(Action.STOP, reason="terminated by the user")
         case AttemptOutcome.PREEMPTED:
-            budget.preemptions += 1
-            if budget.preemptions > budget.max_preemptions:
+            counters.preemptions += 1
+            if counters.preemptions > limits.max_preemptions:
                 return Decision(
                     Action.FAIL,
-                    reason=f"preempted {budget.preemptions} times, more than max_retries_preemption="
-                    f"{budget.max_preemptions}: {verdict.describe()}",
+                    reason=f"preempted {counters.preemptions} times, more than max_retries_preemption="
+                    f"{limits.max_preemptions}: {verdict.describe()}",
                 )
             return Decision(Action.RETRY, replace_slices=verdict.lost_slices, reason=verdict.describe())
         case AttemptOutcome.BAD_HOST:
-            budget.bad_hosts += 1
-            if budget.bad_hosts > budget.max_bad_hosts:
+            counters.bad_hosts += 1
+            if counters.bad_hosts > limits.max_bad_hosts:
                 return Decision(
                     Action.FAIL,
-                    reason=f"hit bad TPU hosts {budget.bad_hosts} times "
-                    f"(limit {budget.max_bad_hosts}): {verdict.describe()}",
+                    reason=f"hit bad TPU hosts {counters.bad_hosts} times "
+                    f"(limit {limits.max_bad_hosts}): {verdict.describe()}",
                 )
             return Decision(Action.RETRY, replace_slices=verdict.bad_slices, reason=verdict.describe())
         case AttemptOutcome.USER_FAILURE:
-            budget.failures += 1
-            if budget.failures > budget.max_failures:
+            counters.failures += 1
+            if counters.failures > limits.max_failures:
                 return Decision(
                     Action.FAIL,
-                    reason=f"failed (attempt {len(budget.history)}, max_retries_failure={budget.max_failures}): "
+                    reason=f"failed (attempt {counters.attempts}, max_retries_failure={limits.max_failures}): "
                     f"{verdict.describe()}",
                 )
             return Decision(Action.RETRY, reason=verdict.describe())
     raise AssertionError(f"unhandled attempt outcome {verdict.outcome!r}")
+
+
+class PrepareProblem(enum.StrEnum):
+    """Why preparing one host failed, as the channel reported it."""
+
+    USER = "user"  # the agent says the request cannot work (bad package, missing command)
+    HOST = "host"  # the agent says the machine is at fault
+    UNREACHABLE = "unreachable"  # the agent did not answer
+    CHANNEL = "channel"  # any other channel error
+
+
+def prepare_outcome(problem: PrepareProblem) -> TaskOutcome:
+    """A user's mistake consumes the failure budget; an unreachable host counts as lost (its
+    slice is replaced as after a preemption); anything else is the machine's fault."""
+    match problem:
+        case PrepareProblem.USER:
+            return TaskOutcome.FAILED
+        case PrepareProblem.UNREACHABLE:
+            return TaskOutcome.LOST
+    return TaskOutcome.BAD_HOST
 
 
 def capacity_backoff(tries: int, *, base: float = 2.0, cap: float = 120.0) -> float:

@@ -3,13 +3,16 @@ import pytest
 from fray_tpu.decisions import (
     Action,
     AttemptOutcome,
-    RetryBudget,
+    JobCounters,
+    PrepareProblem,
+    RetryLimits,
     TaskEnd,
     TaskOutcome,
     capacity_backoff,
     decide,
     judge_attempt,
     order_zones,
+    prepare_outcome,
 )
 
 
@@ -62,45 +65,50 @@ def test_cancel_wins():
 
 
 def test_failure_budget():
-    budget = RetryBudget(max_failures=2, max_preemptions=100)
+    """User failures consume max_retries_failure; the one past it fails the job, naming the attempt."""
+    limits, counters = RetryLimits(max_failures=2, max_preemptions=100), JobCounters()
     failure = judge_attempt([end(0, TaskOutcome.FAILED, code=3)], task_count=4)
-    assert decide(budget, failure).action is Action.RETRY
-    assert decide(budget, failure).action is Action.RETRY
-    final = decide(budget, failure)
+    counters.attempts = 1
+    assert decide(limits, counters, failure).action is Action.RETRY
+    counters.attempts = 2
+    assert decide(limits, counters, failure).action is Action.RETRY
+    counters.attempts = 3
+    final = decide(limits, counters, failure)
     assert final.action is Action.FAIL
-    assert "max_retries_failure=2" in final.reason and "exit code 3" in final.reason
-    assert budget.failures == 3 and budget.preemptions == 0
+    assert "attempt 3, max_retries_failure=2" in final.reason and "exit code 3" in final.reason
+    assert counters.failures == 3 and counters.preemptions == 0
 
 
 def test_preemption_budget_and_replacement():
-    budget = RetryBudget(max_failures=0, max_preemptions=1)
+    limits, counters = RetryLimits(max_failures=0, max_preemptions=1), JobCounters()
     verdict = judge_attempt([end(4, TaskOutcome.PREEMPTED, slice_id=1)], task_count=8, lost_slices=[1])
-    first = decide(budget, verdict)
+    first = decide(limits, counters, verdict)
     assert first.action is Action.RETRY and first.replace_slices == {1}
-    second = decide(budget, verdict)
+    second = decide(limits, counters, verdict)
     assert second.action is Action.FAIL
     assert "preempted 2 times" in second.reason and "max_retries_preemption=1" in second.reason
 
 
 def test_bad_host_consumes_no_failure_budget_but_is_capped():
-    budget = RetryBudget(max_failures=0, max_preemptions=0, max_bad_hosts=2)
+    limits, counters = RetryLimits(max_failures=0, max_preemptions=0, max_bad_hosts=2), JobCounters()
     verdict = judge_attempt([end(0, TaskOutcome.BAD_HOST, code=1)], task_count=4)
-    assert decide(budget, verdict).action is Action.RETRY
-    assert decide(budget, verdict).replace_slices == {0}
-    assert budget.failures == 0
-    assert decide(budget, verdict).action is Action.FAIL
+    assert decide(limits, counters, verdict).action is Action.RETRY
+    assert decide(limits, counters, verdict).replace_slices == {0}
+    assert counters.failures == 0 and counters.bad_hosts == 2
+    assert decide(limits, counters, verdict).action is Action.FAIL
 
 
 def test_success_and_stop():
-    budget = RetryBudget(max_failures=0, max_preemptions=0)
-    assert decide(budget, judge_attempt(ok(4), task_count=4)).action is Action.SUCCEED
-    assert decide(budget, judge_attempt([], task_count=4, cancelled=True)).action is Action.STOP
+    limits, counters = RetryLimits(max_failures=0, max_preemptions=0), JobCounters()
+    assert decide(limits, counters, judge_attempt(ok(4), task_count=4)).action is Action.SUCCEED
+    assert decide(limits, counters, judge_attempt([], task_count=4, cancelled=True)).action is Action.STOP
+    assert counters == JobCounters()
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, None])
 def test_budget_rejects_nonsense(bad):
     with pytest.raises(ValueError, match="max_failures"):
-        RetryBudget(max_failures=bad, max_preemptions=0)
+        RetryLimits(max_failures=bad, max_preemptions=0)
 
 
 def test_capacity_backoff_grows_and_caps():
@@ -110,3 +118,22 @@ def test_capacity_backoff_grows_and_caps():
 
 def test_order_zones_moves_stocked_out_last():
     assert order_zones(["a", "b", "c"], ["a"]) == ["b", "c", "a"]
+
+
+def test_counters_from_a_journal_of_another_version_ignore_unknown_keys():
+    """Journaled counters load into the one store; keys it does not know are dropped."""
+    assert JobCounters.from_mapping({"attempts": 3, "failures": 1, "warm_reuses": 7}) == JobCounters(attempts=3, failures=1)
+
+
+@pytest.mark.parametrize(
+    ("problem", "outcome"),
+    [
+        (PrepareProblem.USER, TaskOutcome.FAILED),
+        (PrepareProblem.HOST, TaskOutcome.BAD_HOST),
+        (PrepareProblem.UNREACHABLE, TaskOutcome.LOST),
+        (PrepareProblem.CHANNEL, TaskOutcome.BAD_HOST),
+    ],
+)
+def test_prepare_failure_classification(problem, outcome):
+    """A user's mistake consumes the failure budget, an unreachable host is lost, the rest is the host's fault."""
+    assert prepare_outcome(problem) is outcome

@@ -18,21 +18,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from fray_tpu.decisions import JobCounters
 from fray_tpu.fray_api import JobId, JobInfo, JobStatus, TaskStatus
+from fray_tpu.supervisor.phases import JobPhase, next_phase
 
 if TYPE_CHECKING:
     from fray_tpu.journal import Journal, JobRow
 
 DEFAULT_LOG_CAPACITY = 200_000
-
-
-@dataclass
-class JobCounters:
-    attempts: int = 0
-    failures: int = 0
-    preemptions: int = 0
-    bad_hosts: int = 0
-    capacity_waits: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,17 +47,17 @@ class JobRecord:
         self._status = JobStatus.PENDING
         self._tasks = [TaskStatus(status=JobStatus.PENDING) for _ in task_names]
         self._error: str | None = None
-        self._phase = "pending"
+        self._phase = JobPhase.PENDING
         self._lines: deque[str] = deque(maxlen=log_capacity)
         self._appended = 0  # lines ever appended; the ring holds the last len(self._lines)
         self._changed = threading.Condition()
 
     # -- written by the supervisor -------------------------------------------------------
-    def set_phase(self, phase: str) -> None:
+    def set_phase(self, phase: JobPhase) -> None:
         with self._changed:
-            self._phase = phase
+            self._phase = phase = next_phase(self._phase, phase)
             self._changed.notify_all()
-        self._save(phase=phase, counters=dataclasses.asdict(self.counters))
+        self._save(phase=str(phase), counters=dataclasses.asdict(self.counters))
 
     def set_status(self, status: JobStatus, error: str | None = None) -> None:
         with self._changed:
@@ -110,10 +103,10 @@ class JobRecord:
         """A job as the journal last saw it (a restarted controller's view)."""
         record = cls(JobId(row.job_id), row.name, list(row.task_names), journal=journal)
         record.created = row.created
-        record.counters = JobCounters(**{k: v for k, v in row.counters.items() if k in JobCounters.__dataclass_fields__})
+        record.counters = JobCounters.from_mapping(row.counters)
         record._status = JobStatus(row.status)
         record._error = row.error_message
-        record._phase = row.phase
+        record._phase = JobPhase(row.phase)
         record._tasks = [TaskStatus(status=JobStatus(status), error_message=error) for status, error in row.task_statuses]
         return record
 
@@ -123,7 +116,7 @@ class JobRecord:
         return self._status
 
     @property
-    def phase(self) -> str:
+    def phase(self) -> JobPhase:
         return self._phase
 
     def info(self) -> JobInfo:

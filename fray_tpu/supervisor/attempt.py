@@ -1,0 +1,157 @@
+"""One running attempt, as the supervisor follows it: a bounded buffer fed by one reader per
+host, drained by ``follow_attempt`` into the gang watch, whose effects it executes.
+
+Memory is bounded per attempt: when the job prints faster than the journal can take its output,
+the buffer fills and further output lines are dropped and counted (the job's output then says
+how many); starts, exits and errors are always kept, so the attempt's end is never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from fray_tpu import channel
+from fray_tpu.decisions import AttemptVerdict
+from fray_tpu.fray_api import JobStatus
+from fray_tpu.supervisor.records import JobRecord
+from fray_tpu.supervisor.phases import JobPhase
+from fray_tpu.supervisor.watch import AllRunning, AppendLines, CancelGang, Effect, GangWatch, LinesDropped, SetTask
+
+log = logging.getLogger(__name__)
+
+ATTEMPT_BUFFER_BYTES = 16 << 20
+ATTEMPT_BUFFER_EVENTS = 16_384
+_LINE_OVERHEAD = 64  # bytes counted per buffered line beyond its text, so empty lines count too
+
+
+def in_parallel(fn: Callable, items: Sequence) -> list:
+    """``[fn(item) for item in items]``, each on its own thread.
+
+    Plain threads, not an executor: ``concurrent.futures`` refuses new work once the interpreter
+    has begun to exit, which is exactly when the exit policy cancels gangs and deletes slices.
+    Exceptions propagate to the caller after every call has finished.
+    """
+    results: list = [None] * len(items)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = fn(items[index])
+        except BaseException as error:  # noqa: BLE001 - re-raised below in the caller's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _size(event: object) -> int:
+    if isinstance(event, channel.LogBatch):
+        return sum(len(line) + _LINE_OVERHEAD for line in event.lines)
+    return _LINE_OVERHEAD
+
+
+class AttemptBuffer:
+    """``(task_index, event)`` pairs from every host of one attempt, bounded in bytes and
+    events. ``put`` never blocks, so a slow consumer stalls no reader and no exit waits behind
+    output; output that does not fit is counted and reported as ``LinesDropped``."""
+
+    def __init__(self, max_bytes: int = ATTEMPT_BUFFER_BYTES, max_events: int = ATTEMPT_BUFFER_EVENTS):
+        self.max_bytes = max_bytes
+        self.max_events = max_events
+        self._items: deque[tuple[int, object, int]] = deque()
+        self._bytes = 0
+        self._dropped: dict[int, int] = {}
+        self.peak_bytes = 0
+        self.dropped_lines = 0
+        self._cond = threading.Condition()
+
+    def put(self, index: int, event: object) -> None:
+        size = _size(event)
+        with self._cond:
+            full = len(self._items) >= self.max_events or self._bytes + size > self.max_bytes
+            if full and isinstance(event, channel.LogBatch):
+                self._dropped[index] = self._dropped.get(index, 0) + len(event.lines)
+                self.dropped_lines += len(event.lines)
+                return
+            self._items.append((index, event, size))
+            self._bytes += size
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
+            self._cond.notify()
+
+    def get(self, timeout: float) -> tuple[int, object] | None:
+        """The next pair (a ``LinesDropped`` first when lines were dropped), or None on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._items and not self._dropped:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            if self._dropped:
+                index = min(self._dropped)
+                return index, LinesDropped(self._dropped.pop(index))
+            index, event, size = self._items.popleft()
+            self._bytes -= size
+            return index, event
+
+
+class AttemptRun:
+    """One running attempt: its hosts' readers put ``(task_index, event)`` into ``events``."""
+
+    def __init__(self) -> None:
+        self.events = AttemptBuffer()
+
+    def cancel_all(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def lost_slices(self) -> set[int]:
+        """Slices observed lost (preempted, deleted) since the attempt started."""
+        return set()
+
+    def unresponsive_tasks(self) -> set[int]:
+        """Tasks whose host has shown no sign of life for the liveness deadline."""
+        return set()
+
+    def close(self) -> None:
+        """Stop reading the hosts (the attempt itself is stopped by ``cancel_all``)."""
+
+
+def follow_attempt(record: JobRecord, run: AttemptRun, watch: GangWatch, stop: threading.Event,
+                   poll_interval: float) -> AttemptVerdict:
+    """Feed the attempt's events to ``watch`` until every task has ended, executing its effects."""
+
+    def apply(effects: list[Effect]) -> None:
+        for effect in effects:
+            match effect:
+                case AppendLines(lines):
+                    record.append_lines(lines)
+                case SetTask(index, status, error):
+                    record.set_task(index, status, error)
+                case AllRunning():
+                    record.set_phase(JobPhase.RUNNING)
+                    record.set_status(JobStatus.RUNNING)
+                case CancelGang(reason):
+                    threading.Thread(target=run.cancel_all, args=(reason,), daemon=True, name="cancel-gang").start()
+
+    while not watch.done:
+        if stop.is_set():
+            apply(watch.stop_requested())
+        if watch.observation_due():
+            apply(watch.observed(run.lost_slices(), run.unresponsive_tasks()))
+        apply(watch.tick())
+        if watch.done:
+            break
+        item = run.events.get(timeout=min(poll_interval, 0.5))
+        if item is not None:
+            apply(watch.event(*item))
+    return watch.verdict(run.lost_slices())

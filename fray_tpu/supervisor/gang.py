@@ -1,0 +1,212 @@
+"""The gang: one agent client per host of every slice, and what the supervisor asks of them —
+connect, upload the workspace, prepare, start or resume the attempt, cancel, renew leases.
+Every answer from a host is a sign of life for the liveness deadline."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from fray_tpu import channel
+from fray_tpu.config import TpuClusterConfig
+from fray_tpu.decisions import PrepareProblem, TaskOutcome, prepare_outcome
+from fray_tpu.errors import FrayTpuError
+from fray_tpu.provisioner import ReadySlice, SliceProvisioner
+from fray_tpu.supervisor.attempt import AttemptRun, in_parallel
+from fray_tpu.supervisor.credentials import JobCredentials
+from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, StreamEnded
+
+log = logging.getLogger(__name__)
+
+
+class Liveness:
+    """When each agent last answered (an event, a lease renewal), by address."""
+
+    def __init__(self, deadline: float, clock: Callable[[], float] = time.monotonic):
+        self.deadline = deadline
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def heard(self, address: str) -> None:
+        with self._lock:
+            self._last[address] = self._clock()
+
+    def silent(self, addresses: Sequence[str]) -> set[str]:
+        now = self._clock()
+        with self._lock:
+            return {a for a in addresses if now - self._last.get(a, now) > self.deadline}
+
+
+def classify_prepare_error(error: channel.ChannelError) -> PrepareProblem:
+    if isinstance(error, channel.PrepareFailed):
+        return PrepareProblem.USER if error.kind == "user" else PrepareProblem.HOST
+    if isinstance(error, channel.AgentUnreachable):
+        return PrepareProblem.UNREACHABLE
+    return PrepareProblem.CHANNEL
+
+
+class TpuGangRun(AttemptRun):
+    """One attempt on every host of every slice, over the task channel; one reader per host."""
+
+    def __init__(self, attempt_id: str, clients: Sequence[channel.AgentClient], slices: Sequence[ReadySlice],
+                 provisioner: SliceProvisioner, liveness: Liveness):
+        super().__init__()
+        self.attempt_id = attempt_id
+        self._clients = clients
+        self._slices = slices
+        self._provisioner = provisioner
+        self._liveness = liveness
+        self._streams: list[channel.EventStream] = []
+        for client in clients:
+            liveness.heard(client.address)
+
+    def start(self, from_seqs: Sequence[int] | None = None) -> None:
+        """Start the attempt on every host, or with ``from_seqs`` follow one an earlier
+        controller started, from each host's sequence number."""
+        if from_seqs is None:
+            self._follow_all(lambda c: c.start(self.attempt_id))
+        else:
+            seqs = dict(zip(self._clients, from_seqs))
+            self._follow_all(lambda c: c.watch(self.attempt_id, seqs[c]))
+
+    def _follow_all(self, open_stream: Callable[[channel.AgentClient], channel.EventStream]) -> None:
+        self._streams = in_parallel(open_stream, self._clients)
+        for index, stream in enumerate(self._streams):
+            threading.Thread(target=self._follow, args=(index, stream), daemon=True,
+                             name=f"events-{self.attempt_id}-{index}").start()
+
+    def _follow(self, index: int, stream: channel.EventStream) -> None:
+        address = self._clients[index].address
+        try:
+            for event in stream:
+                self._liveness.heard(address)
+                self.events.put(index, event)
+        except Exception as error:  # noqa: BLE001 - a broken channel is this task's end
+            self.events.put(index, error)
+        self.events.put(index, StreamEnded())
+
+    def cancel_all(self, reason: str) -> None:
+        def cancel(client: channel.AgentClient) -> None:
+            try:
+                client.cancel(self.attempt_id, CANCEL_GRACE_SECONDS)
+            except Exception as error:  # noqa: BLE001 - a host already gone (or its channel closed) is cancelled
+                log.info("cancel on %s: %s", client.address, error)
+
+        in_parallel(cancel, self._clients)
+
+    def lost_slices(self) -> set[int]:
+        lost = set()
+        for slice_id, ready in enumerate(self._slices):
+            observed = self._provisioner.observe(ready.zone).get(ready.spec.name)
+            if observed is None or observed.lost:
+                lost.add(slice_id)
+        return lost
+
+    def unresponsive_tasks(self) -> set[int]:
+        silent = self._liveness.silent([c.address for c in self._clients])
+        return {i for i, client in enumerate(self._clients) if client.address in silent}
+
+    def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
+
+
+class Gang:
+    """The agent clients of a job's slices, kept across attempts while the slice is."""
+
+    def __init__(self, config: TpuClusterConfig, credentials: JobCredentials, progress: Callable[[str], None]):
+        self.config = config
+        self.credentials = credentials
+        self.liveness = Liveness(config.liveness_deadline)
+        self._progress = progress
+        self._clients: dict[int, list[channel.AgentClient]] = {}
+        self._lease_stop = threading.Event()
+
+    def clients(self) -> list[channel.AgentClient]:
+        """Every host's client in global task order (slice-major)."""
+        return [c for s in sorted(self._clients) for c in self._clients[s]]
+
+    def connect(self, slices: Sequence[ReadySlice]) -> dict[int, str]:
+        """Wait for every agent of every slice; returns slices whose agents never answered."""
+        dead: dict[int, str] = {}
+        deadline = time.monotonic() + self.config.boot_deadline
+        for slice_id, ready in enumerate(slices):
+            if slice_id not in self._clients:
+                self._clients[slice_id] = [
+                    channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self.credentials.secret,
+                                        pinned_cert_pem=self.credentials.tls_material.cert_pem)
+                    for ip in ready.endpoints
+                ]
+        up = dict.fromkeys(self._clients, 0)
+        lock = threading.Lock()
+
+        def wait_up(slice_id: int, client: channel.AgentClient) -> None:
+            try:
+                client.wait_until_up(deadline)
+            except (channel.ChannelError, FrayTpuError) as error:
+                dead[slice_id] = str(error)
+                return
+            with lock:
+                up[slice_id] += 1
+                count = up[slice_id]
+            self._progress(f"slice-{slice_id}: booting, {count}/{len(self._clients[slice_id])} agents up")
+
+        in_parallel(lambda pair: wait_up(*pair), [(s, c) for s, clients in self._clients.items() for c in clients])
+        return dead
+
+    def upload(self, bundle, slice_of: Callable[[int], int]) -> dict[int, str]:
+        """Upload the workspace bundle where it is missing; returns the slices that could not take it."""
+        clients = self.clients()
+        failed: dict[int, str] = {}
+
+        def upload(index: int) -> None:
+            try:
+                clients[index].upload_bundle(bundle)
+            except Exception as error:  # noqa: BLE001 - any failure means this host lacks the bundle
+                failed[slice_of(index)] = f"{clients[index].address}: {error}"
+
+        in_parallel(upload, range(len(clients)))
+        return failed
+
+    def prepare(self, specs: Sequence[channel.AttemptSpec]) -> dict[int, tuple[TaskOutcome, str]]:
+        """Prepare every host; returns how each task whose host could not be prepared ended."""
+        clients = self.clients()
+        problems: dict[int, tuple[TaskOutcome, str]] = {}
+
+        def prepare(index: int) -> None:
+            try:
+                clients[index].prepare(specs[index])
+            except channel.ChannelError as error:
+                problems[index] = (prepare_outcome(classify_prepare_error(error)), str(error))
+
+        in_parallel(prepare, range(len(clients)))
+        return problems
+
+    def drop(self, slice_id: int) -> None:
+        for client in self._clients.pop(slice_id, []):
+            client.close()
+
+    def start_leases(self, job_id: str) -> None:
+        threading.Thread(target=self._renew_leases, daemon=True, name=f"lease-{job_id}").start()
+
+    def stop_leases(self) -> None:
+        self._lease_stop.set()
+
+    def _renew_leases(self) -> None:
+        """Renew every agent's lease, in parallel so one frozen host delays no other; each
+        answer is also a sign of life for the liveness deadline."""
+        period = self.config.lease_period
+        interval = min(period, self.config.liveness_deadline) / 3
+
+        def renew(client: channel.AgentClient) -> None:
+            try:
+                client.renew_lease(period, timeout=interval)
+                self.liveness.heard(client.address)
+            except Exception as error:  # noqa: BLE001 - this loop must outlive any one host
+                log.debug("lease renewal on %s: %s", client.address, error)
+
+        while not self._lease_stop.wait(interval):
+            in_parallel(renew, [c for clients in list(self._clients.values()) for c in clients])

@@ -1,0 +1,209 @@
+"""A TPU job's slices: acquired in parallel (journaled before each create), waited for with the
+capacity policy, restored from the journal after a controller restart, and released.
+
+Every slice this keeper creates is deleted by ``release_all`` (``fray-tpu gc`` finds anything a
+crash left behind by label).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fray_tpu import naming, tls
+from fray_tpu.bootstrap import BootstrapSpec, fray_tpu_version, render_startup_script
+from fray_tpu.config import TpuClusterConfig
+from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
+from fray_tpu.journal import Journal, ResourceRow
+from fray_tpu.planning import JobPlan
+from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec, node_resource_name
+from fray_tpu.supervisor.capacity import CapacityWait, GiveUp
+from fray_tpu.supervisor.credentials import JobCredentials
+from fray_tpu.supervisor.job import JobStopped
+from fray_tpu.supervisor.phases import JobPhase
+from fray_tpu.worker import metadata as md
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ControllerContext:
+    """What every TPU job of one controller shares."""
+
+    config: TpuClusterConfig
+    provisioner: SliceProvisioner
+    controller_id: str
+    emulator_endpoint: str | None
+
+
+class SliceKeeper:
+    """The job's slices by slice id (None: not held)."""
+
+    def __init__(self, job_id: str, plan: JobPlan, context: ControllerContext, journal: Journal,
+                 credentials: JobCredentials, *, stop: threading.Event, progress: Callable[[str], None],
+                 set_phase: Callable[[JobPhase], None], count_capacity_wait: Callable[[], None]):
+        self.job_id = job_id
+        self.plan = plan
+        self.context = context
+        self.config = context.config
+        self.journal = journal
+        self.credentials = credentials
+        self.slices: list[ReadySlice | None] = [None] * plan.replicas
+        self._stop = stop
+        self._progress = progress
+        self._set_phase = set_phase
+        self._count_capacity_wait = count_capacity_wait
+        self._deletions: list[threading.Thread] = []
+
+    def spec(self, slice_id: int, attempt: int) -> SliceSpec:
+        name = naming.slice_name(self.plan.name, self.job_id, attempt, slice_id)
+        secret, identity = self.credentials.secret, self.credentials.tls_material
+        metadata = {
+            md.ATTR_STARTUP_SCRIPT: render_startup_script(BootstrapSpec(fray_tpu_version=fray_tpu_version())),
+            md.ATTR_SECRET_SHA256: tls.secret_sha256(secret),
+            md.ATTR_TLS_CERT: identity.cert_pem.decode(),
+            md.ATTR_TLS_KEY: identity.key_pem.decode(),
+            md.ATTR_NODE: name,
+            md.ATTR_AGENT_PORT: str(self.config.agent_port),
+            md.ATTR_LEASE_SECONDS: str(self.config.lease_period),
+            md.ATTR_SELF_DELETE: "true",
+            md.ATTR_JOB: self.job_id,
+            md.ATTR_CONTROLLER: self.context.controller_id,
+        }
+        if self.context.emulator_endpoint:
+            metadata[md.ATTR_API_ENDPOINT] = self.context.emulator_endpoint
+        return SliceSpec(
+            name=name,
+            tpu_type=self.plan.tpu_type,
+            runtime_version=self.plan.runtime_version,
+            capacity=self.plan.capacity,
+            labels=naming.resource_labels(self.job_id, attempt, self.context.controller_id, slice_id,
+                                          extra=self.plan.labels),
+            metadata=metadata,
+            network=self.config.network,
+            subnetwork=self.config.subnetwork,
+            external_ips=self.config.external_ips,
+            service_account=self.config.service_account,
+            queued=self.plan.queued,
+        )
+
+    def restore(self, slices: dict[int, tuple[str, int, str, list[str]]]) -> None:
+        """Take back the ready slices an earlier controller held (slice id -> name, attempt, zone, endpoints)."""
+        for slice_id, (name, attempt, zone, endpoints) in slices.items():
+            spec = self.spec(slice_id, attempt)
+            if spec.name != name:
+                raise FrayTpuError(f"journal slice {name} does not match job {self.job_id} (expected {spec.name}): "
+                                   f"was the journal written by another fray-tpu version?")
+            self.slices[slice_id] = ReadySlice(spec, zone, node_resource_name(self.context.provisioner.project, zone, name),
+                                               tuple(endpoints))
+
+    @property
+    def complete(self) -> bool:
+        return all(self.slices)
+
+    def ensure(self, attempt: int) -> None:
+        """Acquire every missing slice in parallel; without capacity anywhere, back off and try
+        again until the capacity deadline (no budget is consumed by waiting)."""
+        wait = CapacityWait(self.config.capacity_deadline, self.plan.tpu_type, self.plan.zones, time.monotonic)
+        while True:
+            missing = [i for i, s in enumerate(self.slices) if s is None]
+            if not missing:
+                return
+            self._set_phase(JobPhase.PROVISIONING)
+            zones = wait.zones()
+            errors: dict[int, Exception] = {}
+            stocked_out: set[str] = set()
+            threads = [threading.Thread(target=self._acquire, args=(i, attempt, zones, errors, stocked_out), daemon=True)
+                       for i in missing]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if self._stop.is_set() or any(isinstance(e, CancelledError) for e in errors.values()):
+                raise JobStopped
+            if not errors:
+                return
+            self._count_capacity_wait()
+            step = wait.after_failed_round(errors, sorted(stocked_out))
+            if isinstance(step, GiveUp):
+                raise CapacityUnavailableError(step.message)
+            self._progress(step.message)
+            if self._stop.wait(step.delay):
+                raise JobStopped
+
+    def _acquire(self, slice_id: int, attempt: int, zones: list[str], errors: dict[int, Exception],
+                 stocked_out: set[str]) -> None:
+        spec = self.spec(slice_id, attempt)
+        zones_tried: list[str] = []
+        self._progress(f"slice-{slice_id}: requested {spec.tpu_type} ({spec.capacity}) as {spec.name}, "
+                       f"zones {', '.join(self.plan.zones)}")
+
+        def before_create(zone: str) -> None:
+            zones_tried.append(zone)
+            self._journal_creating(spec, slice_id, attempt, zone)
+
+        try:
+            ready = self.context.provisioner.acquire(
+                spec, zones,
+                deadline=time.monotonic() + self.config.create_deadline,
+                cancel=self._stop,
+                on_progress=lambda line: self._progress(f"slice-{slice_id}: {line}"),
+                before_create=before_create,
+            )
+        except Exception as error:  # noqa: BLE001 - classified by the capacity policy
+            errors[slice_id] = error
+            # acquire moves on to the next zone only on stockout or quota.
+            stocked_out.update(zones_tried if isinstance(error, CapacityUnavailableError) else zones_tried[:-1])
+            for zone in zones_tried:  # acquire deleted whatever it created
+                self.journal.update_resource(spec.name, zone, state="failed")
+            return
+        stocked_out.update(zones_tried[:-1])
+        for zone in zones_tried[:-1]:
+            self.journal.update_resource(spec.name, zone, state="failed")
+        self.journal.update_resource(spec.name, ready.zone, state="ready", endpoints=list(ready.endpoints),
+                                     ready_at=time.time())
+        self.slices[slice_id] = ready
+
+    def _journal_creating(self, spec: SliceSpec, slice_id: int, attempt: int, zone: str) -> None:
+        if any(r.name == spec.name and r.zone == zone for r in self.journal.resources(job_id=self.job_id)):
+            # A later provisioning round of the same attempt reuses the slice's name.
+            self.journal.update_resource(spec.name, zone, state="creating", endpoints=[], created=time.time(),
+                                         ready_at=None, deleted_at=None)
+            return
+        self.journal.add_resource(ResourceRow(
+            job_id=self.job_id, attempt=attempt, slice_id=slice_id, name=spec.name, zone=zone,
+            kind="queued" if spec.queued else "node", state="creating", endpoints=[], created=time.time(),
+            ready_at=None, deleted_at=None, tpu_type=spec.tpu_type, chips=self.plan.shape.chip_count,
+        ))
+
+    def release(self, slice_id: int) -> None:
+        """Forget the slice and delete it in the background (``release_all`` waits for deletions)."""
+        ready = self.slices[slice_id]
+        self.slices[slice_id] = None
+        if ready is None:
+            return
+        thread = threading.Thread(target=self._delete, args=(slice_id, ready), daemon=True,
+                                  name=f"delete-{ready.spec.name}")
+        thread.start()
+        self._deletions.append(thread)
+
+    def _delete(self, slice_id: int, ready: ReadySlice) -> None:
+        try:
+            self.journal.update_resource(ready.spec.name, ready.zone, state="deleting")
+            self.context.provisioner.delete(ready.spec.name, ready.zone,
+                                            deadline=time.monotonic() + self.config.delete_deadline,
+                                            queued=ready.spec.queued)
+            self.journal.update_resource(ready.spec.name, ready.zone, state="deleted", deleted_at=time.time())
+            self._progress(f"slice-{slice_id}: deleted {ready.spec.name} in {ready.zone}")
+        except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
+            log.error("job %s: could not delete slice %s in %s: %s (`fray-tpu gc` will find it by label)",
+                      self.job_id, ready.spec.name, ready.zone, error)
+
+    def release_all(self) -> None:
+        for slice_id in range(len(self.slices)):
+            self.release(slice_id)
+        for thread in self._deletions:
+            thread.join(self.config.delete_deadline + 60)

@@ -1,0 +1,249 @@
+"""TPU jobs: provision → boot → prepare → start (or resume) the gang → watch → retry or finish,
+deleting every slice at the end.
+
+A fresh attempt and a reattached one share one path: reattaching is resuming the gang an
+earlier controller started (``_resume``), then following it like any other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fray_tpu import channel
+from fray_tpu.decisions import AttemptVerdict, JobCounters, TaskEnd, TaskOutcome, judge_attempt
+from fray_tpu.fray_api import JobStatus
+from fray_tpu.supervisor.records import JobRecord
+from fray_tpu.journal import Journal, JobRow
+from fray_tpu.multislice import gang_environments
+from fray_tpu.planning import JobPlan
+from fray_tpu.supervisor.credentials import JobCredentials
+from fray_tpu.supervisor.gang import Gang, TpuGangRun
+from fray_tpu.supervisor.job import JobStopped, JobSupervisor
+from fray_tpu.supervisor.phases import JobPhase
+from fray_tpu.supervisor.slices import ControllerContext, SliceKeeper
+from fray_tpu.supervisor.watch import TaskSlot
+
+EMULATOR_JAX_PLUGIN = "fray_tpu.jax_emulated_preload"
+
+
+@dataclass
+class ResumeState:
+    """Where a job stood when its controller went away, from the journal."""
+
+    attempt: int
+    attempt_id: str | None
+    slices: dict[int, tuple[str, int, str, list[str]]]  # slice id -> (name, attempt, zone, endpoints)
+    counters: dict[str, int]
+    credentials: JobCredentials
+    extra: dict
+
+    @classmethod
+    def from_journal(cls, row: JobRow, journal: Journal) -> ResumeState:
+        slices = {}
+        for resource in journal.resources(job_id=row.job_id, live_only=True):
+            if resource.state == "ready" and resource.endpoints:
+                slices[resource.slice_id] = (resource.name, resource.attempt, resource.zone, list(resource.endpoints))
+        return cls(attempt=row.attempt, attempt_id=row.attempt_id, slices=slices, counters=dict(row.counters),
+                   extra=dict(row.extra), credentials=JobCredentials.load(journal, row.job_id))
+
+
+@dataclass
+class StartedAttempt:
+    """An attempt whose gang is running: ``run`` reads its hosts, ``entry`` its accounting."""
+
+    run: TpuGangRun
+    entry: dict | None
+
+
+class TpuJobSupervisor(JobSupervisor):
+    def __init__(self, record: JobRecord, plan: JobPlan, context: ControllerContext,
+                 resume: ResumeState | None = None):
+        slots = [TaskSlot(index=i, slice_id=i // plan.hosts_per_slice, worker_id=i % plan.hosts_per_slice, label=name)
+                 for i, name in enumerate(plan.task_names)]
+        super().__init__(record, plan, slots, context.config.poll_interval)
+        if record.journal is None:
+            raise ValueError(f"TPU job {record.job_id} needs a journal: its slices are recorded before they exist")
+        self.context = context
+        self.config = context.config
+        self.journal = record.journal
+        self.resume = resume
+        self.credentials = resume.credentials if resume is not None else JobCredentials.make()
+        self.accounting = {"generation": plan.shape.generation, "capacity": plan.capacity, "attempts": []}
+        self.slices = SliceKeeper(record.job_id, plan, context, self.journal, self.credentials,
+                                  stop=self.stop_requested, progress=self.progress, set_phase=record.set_phase,
+                                  count_capacity_wait=self._count_capacity_wait)
+        self.gang = Gang(self.config, self.credentials, self.progress)
+        self._bundle = None
+
+    def _count_capacity_wait(self) -> None:
+        self.record.counters.capacity_waits += 1
+
+    def setup(self) -> None:
+        if self.resume is None:
+            self.credentials.store(self.journal, self.record.job_id)
+        else:
+            self.slices.restore(self.resume.slices)
+            restored = JobCounters.from_mapping(self.resume.counters)
+            for name in JobCounters.__dataclass_fields__:
+                setattr(self.record.counters, name, getattr(restored, name))
+            self.accounting = {**self.accounting, **self.resume.extra}
+        self.gang.start_leases(self.record.job_id)
+
+    # -- one attempt -------------------------------------------------------------------------
+    def run_one_attempt(self, attempt: int) -> AttemptVerdict:
+        started = self._resume(attempt) if self.resume is not None else None
+        if started is None:
+            started = self._start(attempt)
+        if isinstance(started, AttemptVerdict):
+            return started
+        verdict = None
+        try:
+            verdict = self.follow(started.run)
+            return verdict
+        finally:
+            started.run.close()
+            if started.entry is not None:
+                self._end_accounting(started.entry, verdict)
+
+    def _start(self, attempt: int) -> StartedAttempt | AttemptVerdict:
+        self.slices.ensure(attempt)
+        self.record.set_phase(JobPhase.BOOTING)
+        dead = self.gang.connect(self.slices.slices)
+        if self.stop_requested.is_set():
+            raise JobStopped
+        if dead:
+            return self._verdict_for_hosts(dead, TaskOutcome.BAD_HOST, "agent never answered")
+        attempt_id = f"{self.record.job_id}-a{attempt}"
+        environments = gang_environments([s.endpoints for s in self.slices.slices], self._user_env())
+        unreachable = self._upload_workspace()
+        if unreachable:
+            return self._verdict_for_hosts(unreachable, TaskOutcome.LOST, "workspace upload failed")
+        specs = [self._attempt_spec(attempt_id, slot, environments[slot.index]) for slot in self.slots]
+        self.record.set_phase(JobPhase.PREPARING)
+        failed = self._prepare(specs)
+        if failed:
+            return failed
+        run = TpuGangRun(attempt_id, self.gang.clients(), self.slices.slices, self.context.provisioner,
+                         self.gang.liveness)
+        self.record.set_attempt(attempt, attempt_id)
+        self.progress(f"attempt {attempt}: starting on {len(specs)} hosts of {len(self.slices.slices)} slice(s)")
+        entry = {"attempt": attempt, "started": time.time(), "slices": [s.spec.name for s in self.slices.slices]}
+        self.accounting["attempts"].append(entry)
+        self._save_accounting()
+        try:
+            run.start()
+        except BaseException:
+            run.close()
+            self._end_accounting(entry, None)
+            raise
+        return StartedAttempt(run, entry)
+
+    def _resume(self, attempt: int) -> StartedAttempt | AttemptVerdict | None:
+        """Follow the attempt an earlier controller started, from where each host is now; None
+        when there is nothing to resume (a fresh attempt follows)."""
+        resume, self.resume = self.resume, None
+        if not (resume.attempt_id and resume.attempt == attempt - 1 and self.slices.complete):
+            return None
+        self.record.counters.attempts = resume.attempt
+        attempt_id = resume.attempt_id
+        self.progress(f"reattaching to attempt {attempt_id}")
+        self.record.set_phase(JobPhase.BOOTING)
+        dead = self.gang.connect(self.slices.slices)
+        if dead:
+            return self._verdict_for_hosts(dead, TaskOutcome.LOST, "agent unreachable after the controller restarted")
+        clients = self.gang.clients()
+        from_seqs = []
+        for client in clients:
+            current = client.describe().current_attempt
+            if current is None or current.attempt_id != attempt_id:
+                return self._verdict_for_hosts({0: f"{client.address} no longer runs {attempt_id}"}, TaskOutcome.LOST,
+                                               "attempt gone after the controller restarted")
+            from_seqs.append(max(1, current.last_seq))
+        run = TpuGangRun(attempt_id, clients, self.slices.slices, self.context.provisioner, self.gang.liveness)
+        entry = next((a for a in self.accounting["attempts"] if a.get("ended") is None), None)
+        try:
+            run.start(from_seqs)
+        except BaseException:
+            run.close()
+            raise
+        self.record.set_phase(JobPhase.RUNNING)
+        return StartedAttempt(run, entry)
+
+    def _save_accounting(self) -> None:
+        self.journal.update_job(self.record.job_id, extra=self.accounting)
+
+    def _end_accounting(self, entry: dict, verdict: AttemptVerdict | None) -> None:
+        entry["ended"] = time.time()
+        entry["outcome"] = verdict.outcome.value if verdict else "error"
+        if verdict is not None:
+            held = self.slices.slices
+            entry["lost"] = [held[s].spec.name for s in verdict.lost_slices if held[s] is not None]
+        self._save_accounting()
+
+    def _user_env(self) -> dict[str, str]:
+        env = dict(self.plan.env)
+        if self.context.emulator_endpoint:
+            # Emulated hosts have no TPU: JAX runs on the CPU and finds its peers through the plugin.
+            env.setdefault("JAX_PLATFORMS", "cpu")
+            env.setdefault("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")
+            env["FRAY_TPU_RUNNER_PRELOAD"] = EMULATOR_JAX_PLUGIN
+        return env
+
+    def _attempt_spec(self, attempt_id: str, slot: TaskSlot, env: dict[str, str]) -> channel.AttemptSpec:
+        payload = self.plan.payload
+        common = dict(
+            job_id=self.record.job_id, task_id=slot.label, task_index=slot.index, env=env,
+            workspace_digest=self._bundle.digest if self._bundle else "",
+            pip_packages=list(self.plan.pip_packages), extras=list(self.plan.extras),
+        )
+        if payload.kind == "callable":
+            return channel.AttemptSpec(attempt_id, pickled_callable=payload.pickled, **common)
+        return channel.AttemptSpec(attempt_id, command=payload.command, args=list(payload.args), **common)
+
+    def _upload_workspace(self) -> dict[int, str]:
+        """Returns the slices that could not take the workspace (treated like lost hosts: the
+        slice is replaced, the user's budget untouched)."""
+        if self.plan.workspace is None:
+            return {}
+        if self._bundle is None or not self._bundle.path.exists():
+            from fray_tpu.workspace import pack_workspace
+
+            # Packed once per job; packed again only if the cache dropped the archive meanwhile.
+            self._bundle = pack_workspace(self.plan.workspace)
+            self.progress(f"workspace {self.plan.workspace}: {self._bundle.file_count} files, "
+                          f"{self._bundle.size / 1e6:.1f} MB, digest {self._bundle.digest[:12]}")
+        return self.gang.upload(self._bundle, lambda index: self.slots[index].slice_id)
+
+    def _prepare(self, specs: Sequence[channel.AttemptSpec]) -> AttemptVerdict | None:
+        problems = self.gang.prepare(specs)
+        if not problems:
+            return None
+        ends = [TaskEnd(self.slots[i].index, self.slots[i].slice_id, self.slots[i].worker_id, outcome,
+                        stderr_tail=f"preparing the host failed: {why}", label=self.slots[i].label)
+                for i, (outcome, why) in sorted(problems.items())]
+        for end in ends:
+            self.record.set_task(end.task_index, JobStatus.FAILED, end.describe())
+        return judge_attempt(ends, len(self.slots))
+
+    def _verdict_for_hosts(self, slices: dict[int, str], outcome: TaskOutcome, what: str) -> AttemptVerdict:
+        ends = [TaskEnd(slot.index, slot.slice_id, slot.worker_id, outcome, stderr_tail=f"{what}: {slices[slot.slice_id]}",
+                        label=slot.label)
+                for slot in self.slots if slot.slice_id in slices and slot.worker_id == 0]
+        return judge_attempt(ends, len(self.slots))
+
+    # -- between attempts and at the end --------------------------------------------------------
+    def prepare_retry(self, replace_slices: frozenset[int]) -> None:
+        for slice_id in sorted(replace_slices):
+            self.gang.drop(slice_id)
+            self.slices.release(slice_id)
+        for i in range(len(self.slots)):
+            self.record.set_task(i, JobStatus.PENDING)
+
+    def release_everything(self) -> None:
+        self.gang.stop_leases()
+        for slice_id in range(len(self.slices.slices)):
+            self.gang.drop(slice_id)
+        self.slices.release_all()
+        self.journal.delete_secrets(self.record.job_id)
