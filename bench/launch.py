@@ -61,7 +61,7 @@ from fray_tpu.cluster import TpuCluster  # noqa: E402
 from fray_tpu.config import TpuClusterConfig  # noqa: E402
 from fray_tpu.emulator import EmulatorTimings  # noqa: E402
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig  # noqa: E402
-from fray_tpu.supervisor.tpu import EMULATOR_JAX_PLUGIN  # noqa: E402
+from fray_tpu.contract import EMULATOR_JAX_PLUGIN  # noqa: E402
 from fray_tpu.worker.runner import PRELOAD_ENV  # noqa: E402
 
 TPU_TYPE = "v5litepod-16"

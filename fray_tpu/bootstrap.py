@@ -22,15 +22,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import fray_tpu
+# AGENT_STATE_DIR_ENV overrides the state directory (the bootstrap's lock and env file, and the
+# agent's state: fray_tpu.worker.settings reads the same variable).
+from fray_tpu.contract import AGENT_STATE_DIR_ENV
 from fray_tpu.errors import ConfigError
 
 # The agent exits with this code to stop the restart loop for good (EX_TEMPFAIL's number, unused
 # by Python itself: an uncaught exception exits 1, a signal 128+N).
 AGENT_EXIT_STOP = 75
 LOG_PREFIX = "[fray-tpu-bootstrap]"
-# Overrides the state directory (the bootstrap's lock and env file, and the agent's state).
-# What the agent reads for its state directory (fray_tpu.worker.settings); set to the same place.
-AGENT_STATE_DIR_ENV = "FRAY_TPU_AGENT_STATE_DIR"
 # On an emulated host (FRAY_TPU_EMULATED_HOST=1): the state directory inside FRAY_TPU_HOST_DIR.
 EMULATED_STATE_SUBDIR = "fray-tpu-agent"
 ENV_FILE_NAME = "agent.env"

@@ -27,11 +27,10 @@ from typing import Any
 import grpc
 
 from fray_tpu import tls
+from fray_tpu.contract import AUTH_METADATA_KEY, FAILURE_KIND_KEY, PrepareFailureKind
 from fray_tpu.errors import DeadlineExceeded, FrayTpuError
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
 
-AUTH_METADATA_KEY = "authorization"
-FAILURE_KIND_KEY = "fray-tpu-failure-kind"
 DEFAULT_TIMEOUT = 10.0
 PREPARE_TIMEOUT = 1800.0
 UPLOAD_CHUNK_BYTES = 1 << 20
@@ -218,7 +217,7 @@ class AgentAuthError(ChannelError):
 
 
 class PrepareFailed(ChannelError):
-    """Prepare failed; `kind` is "bad-host" (replace the host), "user" or "controller"."""
+    """Prepare failed; `kind` (a ``PrepareFailureKind`` value) says whose fault it is."""
 
     def __init__(self, message: str, *, address: str, code: str, kind: str):
         super().__init__(message, address=address, code=code)
@@ -285,7 +284,7 @@ class AgentClient:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return AgentUnreachable(message, address=self.address, code=code.name)
         if name == "Prepare":
-            kind = dict(error.trailing_metadata() or ()).get(FAILURE_KIND_KEY, "controller")
+            kind = dict(error.trailing_metadata() or ()).get(FAILURE_KIND_KEY, PrepareFailureKind.CONTROLLER)
             return PrepareFailed(message, address=self.address, code=code.name, kind=kind)
         return ChannelError(message, address=self.address, code=code.name)
 

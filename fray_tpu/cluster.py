@@ -85,7 +85,7 @@ class TpuCluster(Cluster):
 
     # -- the Fray interface ------------------------------------------------------------------
     def launch(self, request) -> JobId:
-        plan = plan_job(request, self.config, self._job_spec_for(request))
+        plan = plan_job(request, self.config)
         journal = self.journal()
         job_id = JobId(naming.new_job_id(plan.name))
         journal.add_job(self._job_row(job_id, plan))
@@ -94,7 +94,7 @@ class TpuCluster(Cluster):
             self._zones_used.update(plan.zones)
             supervisor: JobSupervisor = TpuJobSupervisor(record, plan, self._controller_context())
         else:
-            supervisor = LocalJobSupervisor(record, plan, self._workdir)
+            supervisor = LocalJobSupervisor(record, plan, self._workdir, self._cluster_spec)
         self._jobs.add(record)
         with self._lock:
             self._supervisors[job_id] = supervisor
@@ -268,22 +268,22 @@ class TpuCluster(Cluster):
             supervisor.start()
 
     # -- wiring --------------------------------------------------------------------------------
-    def _job_spec_for(self, request) -> str:
-        """The spec jobs receive in FRAY_CLUSTER_SPEC (the emulator endpoint included)."""
-        from fray_tpu.fray_api import tpu_type_of
-
-        if tpu_type_of(request.resources.device) is not None:
-            self._controller_context()
-        return self.config.to_spec()
+    def _cluster_spec(self) -> str:
+        """What a CPU job's replicas get as FRAY_CLUSTER_SPEC: the TPU jobs' spec once an
+        emulator runs, so nested calls reach the same emulated cloud."""
+        with self._lock:
+            return self._context.cluster_spec if self._context is not None else self.config.to_spec()
 
     def _controller_context(self) -> ControllerContext:
         with self._lock:
             if self._context is None:
-                from fray_tpu.provisioner import SliceProvisioner, make_tpu_client
+                from fray_tpu.provisioner import SliceProvisioner
+                from fray_tpu.tpu_client import make_tpu_client
 
                 endpoint = None
                 if self.config.emulate:
                     endpoint = self.config.emulator_endpoint or self._start_emulator()
+                    # Users read the endpoint of the emulator the cluster started from its config.
                     self.config.emulator_endpoint = endpoint
                 provisioner = SliceProvisioner(
                     make_tpu_client(emulator_endpoint=endpoint),
@@ -291,7 +291,8 @@ class TpuCluster(Cluster):
                     api_timeout=self.config.api_timeout,
                     poll_interval=self.config.poll_interval,
                 )
-                self._context = ControllerContext(self.config, provisioner, self.controller_id, endpoint)
+                self._context = ControllerContext(self.config, provisioner, self.controller_id, endpoint,
+                                                  self.config.to_spec())
             return self._context
 
     def _start_emulator(self) -> str:

@@ -13,10 +13,10 @@ import os
 
 from jax._src import clusters
 
-_EMULATED_HOST = "FRAY_TPU_EMULATED_HOST"
-_COORDINATOR = "FRAY_JAX_COORDINATOR_ADDRESS"
-_TASK_INDEX = "FRAY_TASK_INDEX"
-_TASK_COUNT = "FRAY_TASK_COUNT"
+from fray_tpu.contract import EMULATED_HOST_ENV as _EMULATED_HOST
+from fray_tpu.contract import JAX_COORDINATOR_ADDRESS_ENV as _COORDINATOR
+from fray_tpu.contract import TASK_COUNT_ENV as _TASK_COUNT
+from fray_tpu.contract import TASK_INDEX_ENV as _TASK_INDEX
 
 # Several CPU processes need a collectives backend to compute across hosts.
 os.environ.setdefault("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")

@@ -17,6 +17,7 @@ import cloudpickle
 from fray_tpu import fray_api, topology
 from fray_tpu.config import TpuClusterConfig, resolve_zones
 from fray_tpu.errors import ConfigError
+from fray_tpu.multislice import TaskSlot, gang_layout, replica_layout
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,14 @@ class JobPlan:
         return self.shape.vm_count if self.shape else 1
 
     @property
-    def task_names(self) -> list[str]:
+    def tasks(self) -> list[TaskSlot]:
         if not self.is_tpu:
-            return [f"replica-{i}" for i in range(self.replicas)]
-        return [f"slice-{s}/worker-{w}" for s in range(self.replicas) for w in range(self.hosts_per_slice)]
+            return replica_layout(self.replicas)
+        return gang_layout(self.replicas, self.hosts_per_slice)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task.label for task in self.tasks]
 
 
 def pickle_callable(fn: Any, args: tuple, kwargs: Mapping[str, Any]) -> bytes:
@@ -105,8 +110,8 @@ def _find_unpicklable(fn: Any, args: tuple, kwargs: Mapping[str, Any]) -> str | 
     return f"the callable {name}"
 
 
-def job_environment(env_vars: Mapping[str, Any] | None, cluster_spec: str) -> dict[str, str]:
-    """The request's env vars plus FRAY_CLUSTER_SPEC, so nested current_cluster() calls land here."""
+def job_environment(env_vars: Mapping[str, Any] | None) -> dict[str, str]:
+    """The request's env vars, checked (``multislice`` adds what fray-tpu sets per attempt)."""
     env: dict[str, str] = {}
     for key, value in (env_vars or {}).items():
         if not isinstance(key, str) or not key or "=" in key:
@@ -118,7 +123,6 @@ def job_environment(env_vars: Mapping[str, Any] | None, cluster_spec: str) -> di
                 f"Environment variable {key}={value!r} is a {type(value).__name__}, not a string: pass str({value!r})"
             )
         env[key] = value
-    env["FRAY_CLUSTER_SPEC"] = cluster_spec
     return env
 
 
@@ -133,7 +137,7 @@ def _payload(request: Any) -> Payload:
     return Payload(kind="binary", command=entry.command, args=tuple(entry.command_args))
 
 
-def plan_job(request: Any, config: TpuClusterConfig, cluster_spec: str) -> JobPlan:
+def plan_job(request: Any, config: TpuClusterConfig) -> JobPlan:
     """Validate ``request`` against ``config`` and plan it."""
     fray_api.validate_request(request)
     environment = fray_api.resolved_environment(request)
@@ -151,7 +155,7 @@ def plan_job(request: Any, config: TpuClusterConfig, cluster_spec: str) -> JobPl
     common = dict(
         name=request.name,
         payload=_payload(request),
-        env=job_environment(getattr(environment, "env_vars", None), cluster_spec),
+        env=job_environment(getattr(environment, "env_vars", None)),
         workspace=workspace_path,
         pip_packages=tuple(getattr(environment, "pip_packages", None) or ()),
         extras=tuple(getattr(environment, "extras", None) or ()),

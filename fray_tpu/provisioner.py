@@ -26,31 +26,25 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
-import google.auth
-import grpc
 from google.api_core import exceptions as api_exceptions
-from google.auth import credentials as auth_credentials
-from google.auth import exceptions as auth_exceptions
 from google.cloud import tpu_v2
-from google.cloud.tpu_v2.services.tpu.transports import TpuGrpcTransport
 from google.rpc import code_pb2
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from fray_tpu import naming
 from fray_tpu.errors import (
     CapacityUnavailableError,
-    CredentialsError,
     DeadlineExceeded,
     ProvisioningError,
     UnknownTpuTypeError,
 )
 from fray_tpu.topology import get_tpu_topology
+from fray_tpu.tpu_client import CLOUD_PLATFORM_SCOPE, make_tpu_client  # noqa: F401 - the one TPU client
 
 log = logging.getLogger(__name__)
 
-CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 CAPACITY_CLASSES = ("spot", "preemptible", "on-demand", "reserved")
 
 # Node states in which a slice is gone for good as far as a job is concerned.
@@ -65,33 +59,6 @@ T = TypeVar("T")
 
 class CancelledError(ProvisioningError):
     """``acquire`` was cancelled by its caller; what it created has been deleted."""
-
-
-def make_tpu_client(*, emulator_endpoint: str | None, credentials=None) -> tpu_v2.TpuClient:
-    """The one place a TPU API client is built.
-
-    With ``emulator_endpoint`` (``host:port``): an insecure gRPC channel and anonymous credentials.
-    Otherwise ``credentials`` or google-auth's application-default chain.
-    """
-    if emulator_endpoint:
-        target = emulator_endpoint.removeprefix("http://").removeprefix("grpc://")
-        transport = TpuGrpcTransport(
-            host=target,
-            channel=grpc.insecure_channel(target),
-            credentials=auth_credentials.AnonymousCredentials(),
-        )
-        return tpu_v2.TpuClient(transport=transport)
-    if credentials is None:
-        try:
-            credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
-        except auth_exceptions.DefaultCredentialsError as error:
-            raise CredentialsError(
-                "No Google credentials found for the Cloud TPU API. Provide them with one of: "
-                "`gcloud auth application-default login`; GOOGLE_APPLICATION_CREDENTIALS=<path to a "
-                "service-account key file>; or run on a GCP VM whose service account has the TPU Admin "
-                f"role. (google-auth said: {error})"
-            ) from error
-    return tpu_v2.TpuClient(credentials=credentials)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,31 +154,6 @@ class RetryPolicy:
     max_seconds: float = 60.0
     initial_backoff: float = 0.5
     max_backoff: float = 10.0
-
-
-class SliceProvisionerProtocol(Protocol):
-    """The verbs the job supervisor uses; fakes implement these."""
-
-    def create(self, spec: SliceSpec, zone: str) -> None: ...
-
-    def observe(self, zone: str) -> dict[str, SliceObservation]: ...
-
-    def acquire(
-        self,
-        spec: SliceSpec,
-        zones: Sequence[str],
-        *,
-        deadline: float,
-        cancel: threading.Event | None = None,
-        on_progress: Callable[[str], None] | None = None,
-        before_create: Callable[[str], None] | None = None,
-    ) -> ReadySlice: ...
-
-    def delete(self, name: str, zone: str, *, deadline: float, queued: bool = False) -> None: ...
-
-    def list_managed(self, zones: Sequence[str], labels: Mapping[str, str] = ...) -> list[SliceObservation]: ...
-
-    def close(self) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from fray_tpu import contract
 from fray_tpu.emulator.metadata import HostMetadata, MetadataServer
 from fray_tpu.emulator.state import HostBoot
 from fray_tpu.topology import get_tpu_topology
@@ -101,10 +102,10 @@ def _host_metadata(boot: HostBoot, worker: int) -> HostMetadata:
     )
     attributes = {
         **boot.metadata,
-        "accelerator-type": boot.accelerator_type,
-        "agent-worker-number": str(worker),
-        "worker-network-endpoints": endpoints,
-        "tpu-env": _tpu_env(boot, worker),
+        contract.ATTR_ACCELERATOR_TYPE: boot.accelerator_type,
+        contract.ATTR_WORKER_NUMBER: str(worker),
+        contract.ATTR_WORKER_ENDPOINTS: endpoints,
+        contract.ATTR_TPU_ENV: _tpu_env(boot, worker),
     }
     hostname = _hostname(boot, worker)
     instance = {
@@ -201,7 +202,7 @@ class HostRuntime:
         with self._lock:
             self._hosts[boot.uid] = hosts
             self._latest_uid[boot.name] = boot.uid
-        script = boot.metadata.get("startup-script")
+        script = boot.metadata.get(contract.ATTR_STARTUP_SCRIPT)
         for host in hosts:
             host.workdir.mkdir(parents=True, exist_ok=True)
             (host.workdir / "tmp").mkdir(exist_ok=True)
@@ -217,9 +218,9 @@ class HostRuntime:
             {
                 "GCE_METADATA_HOST": host.server.address,
                 "GCE_METADATA_IP": host.server.address,
-                "FRAY_TPU_EMULATED_HOST": "1",
-                "FRAY_TPU_HOST_IP": host.ip,
-                "FRAY_TPU_HOST_DIR": str(host.workdir),
+                contract.EMULATED_HOST_ENV: "1",
+                contract.HOST_IP_ENV: host.ip,
+                contract.HOST_DIR_ENV: str(host.workdir),
                 "TMPDIR": str(host.workdir / "tmp"),
                 TOKEN_ENV: host.token,
                 "PATH": os.pathsep.join(filter(None, [os.path.dirname(sys.executable), env.get("PATH")])),

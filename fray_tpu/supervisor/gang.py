@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from fray_tpu import channel
 from fray_tpu.config import TpuClusterConfig
+from fray_tpu.contract import PrepareFailureKind
 from fray_tpu.decisions import PrepareProblem, TaskOutcome, prepare_outcome
 from fray_tpu.errors import FrayTpuError
 from fray_tpu.provisioner import ReadySlice, SliceProvisioner
@@ -42,7 +43,7 @@ class Liveness:
 
 def classify_prepare_error(error: channel.ChannelError) -> PrepareProblem:
     if isinstance(error, channel.PrepareFailed):
-        return PrepareProblem.USER if error.kind == "user" else PrepareProblem.HOST
+        return PrepareProblem.USER if error.kind == PrepareFailureKind.USER else PrepareProblem.HOST
     if isinstance(error, channel.AgentUnreachable):
         return PrepareProblem.UNREACHABLE
     return PrepareProblem.CHANNEL

@@ -7,22 +7,25 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from fray_tpu import channel
+from fray_tpu.contract import RUNNER_MODULE
 from fray_tpu.decisions import AttemptVerdict
 from fray_tpu.fray_api import JobStatus
 from fray_tpu.supervisor.records import JobRecord
+from fray_tpu.multislice import replica_environments
 from fray_tpu.planning import JobPlan
 from fray_tpu.supervisor.attempt import AttemptRun, in_parallel
 from fray_tpu.supervisor.job import JobSupervisor
-from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, StreamEnded, TaskSlot
+from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, StreamEnded
 
 
 class LocalReplicasRun(AttemptRun):
     """The replicas of a CPU job as process groups on this machine, one reader each."""
 
-    def __init__(self, attempt_id: str, plan: JobPlan, workdir: Path):
+    def __init__(self, attempt_id: str, plan: JobPlan, workdir: Path, cluster_spec: str):
         super().__init__()
         from fray_tpu.worker.attempt import Attempt, LaunchPlan
 
@@ -32,11 +35,11 @@ class LocalReplicasRun(AttemptRun):
             payload_file = workdir / f"{attempt_id}.payload"
             payload_file.write_bytes(plan.payload.pickled)
         cwd = plan.workspace or Path.cwd()
-        for replica in range(plan.replicas):
-            env = {**os.environ, **plan.env, "FRAY_REPLICA_ID": str(replica), "FRAY_REPLICA_COUNT": str(plan.replicas),
-                   "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+        environments = replica_environments(plan.replicas, plan.env, cluster_spec=cluster_spec)
+        for replica, task_env in enumerate(environments):
+            env = {**os.environ, **task_env}
             if payload_file is not None:
-                argv = [sys.executable, "-m", "fray_tpu.worker.runner", str(payload_file)]
+                argv = [sys.executable, "-m", RUNNER_MODULE, str(payload_file)]
                 # The runner must find fray_tpu even when the workspace is the working directory.
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), _package_root(), env.get("PYTHONPATH")]))
             else:
@@ -76,13 +79,14 @@ def local_command(command: str) -> str:
 class LocalJobSupervisor(JobSupervisor):
     stop_gang_on_failure = False  # replicas run to their own ends
 
-    def __init__(self, record: JobRecord, plan: JobPlan, workdir: Path, poll_interval: float = 0.5):
-        slots = [TaskSlot(index=i, slice_id=i, worker_id=0, label=f"replica-{i}") for i in range(plan.replicas)]
-        super().__init__(record, plan, slots, poll_interval)
+    def __init__(self, record: JobRecord, plan: JobPlan, workdir: Path, cluster_spec: Callable[[], str],
+                 poll_interval: float = 0.5):
+        super().__init__(record, plan, plan.tasks, poll_interval)
         self.workdir = workdir
+        self.cluster_spec = cluster_spec
 
     def run_one_attempt(self, attempt: int) -> AttemptVerdict:
-        run = LocalReplicasRun(f"{self.record.job_id}-a{attempt}", self.plan, self.workdir)
+        run = LocalReplicasRun(f"{self.record.job_id}-a{attempt}", self.plan, self.workdir, self.cluster_spec())
         run.start()
         self.record.set_status(JobStatus.RUNNING)
         return self.follow(run)

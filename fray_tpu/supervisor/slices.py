@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fray_tpu import contract as md
 from fray_tpu import naming, tls
 from fray_tpu.bootstrap import BootstrapSpec, fray_tpu_version, render_startup_script
 from fray_tpu.config import TpuClusterConfig
@@ -24,7 +25,6 @@ from fray_tpu.supervisor.capacity import CapacityWait, GiveUp
 from fray_tpu.supervisor.credentials import JobCredentials
 from fray_tpu.supervisor.job import JobStopped
 from fray_tpu.supervisor.phases import JobPhase
-from fray_tpu.worker import metadata as md
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class ControllerContext:
     provisioner: SliceProvisioner
     controller_id: str
     emulator_endpoint: str | None
+    cluster_spec: str  # what tasks get as FRAY_CLUSTER_SPEC (the emulator endpoint included)
 
 
 class SliceKeeper:

@@ -23,9 +23,7 @@ from fray_tpu.supervisor.gang import Gang, TpuGangRun
 from fray_tpu.supervisor.job import JobStopped, JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
 from fray_tpu.supervisor.slices import ControllerContext, SliceKeeper
-from fray_tpu.supervisor.watch import TaskSlot
-
-EMULATOR_JAX_PLUGIN = "fray_tpu.jax_emulated_preload"
+from fray_tpu.multislice import TaskSlot
 
 
 @dataclass
@@ -60,9 +58,7 @@ class StartedAttempt:
 class TpuJobSupervisor(JobSupervisor):
     def __init__(self, record: JobRecord, plan: JobPlan, context: ControllerContext,
                  resume: ResumeState | None = None):
-        slots = [TaskSlot(index=i, slice_id=i // plan.hosts_per_slice, worker_id=i % plan.hosts_per_slice, label=name)
-                 for i, name in enumerate(plan.task_names)]
-        super().__init__(record, plan, slots, context.config.poll_interval)
+        super().__init__(record, plan, plan.tasks, context.config.poll_interval)
         if record.journal is None:
             raise ValueError(f"TPU job {record.job_id} needs a journal: its slices are recorded before they exist")
         self.context = context
@@ -116,7 +112,9 @@ class TpuJobSupervisor(JobSupervisor):
         if dead:
             return self._verdict_for_hosts(dead, TaskOutcome.BAD_HOST, "agent never answered")
         attempt_id = f"{self.record.job_id}-a{attempt}"
-        environments = gang_environments([s.endpoints for s in self.slices.slices], self._user_env())
+        environments = gang_environments([s.endpoints for s in self.slices.slices], self.plan.env,
+                                         cluster_spec=self.context.cluster_spec,
+                                         emulated=bool(self.context.emulator_endpoint))
         unreachable = self._upload_workspace()
         if unreachable:
             return self._verdict_for_hosts(unreachable, TaskOutcome.LOST, "workspace upload failed")
@@ -181,15 +179,6 @@ class TpuJobSupervisor(JobSupervisor):
             held = self.slices.slices
             entry["lost"] = [held[s].spec.name for s in verdict.lost_slices if held[s] is not None]
         self._save_accounting()
-
-    def _user_env(self) -> dict[str, str]:
-        env = dict(self.plan.env)
-        if self.context.emulator_endpoint:
-            # Emulated hosts have no TPU: JAX runs on the CPU and finds its peers through the plugin.
-            env.setdefault("JAX_PLATFORMS", "cpu")
-            env.setdefault("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")
-            env["FRAY_TPU_RUNNER_PRELOAD"] = EMULATOR_JAX_PLUGIN
-        return env
 
     def _attempt_spec(self, attempt_id: str, slot: TaskSlot, env: dict[str, str]) -> channel.AttemptSpec:
         payload = self.plan.payload

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fray_tpu import channel
 from fray_tpu.decisions import AttemptVerdict, TaskEnd, TaskOutcome, judge_attempt
 from fray_tpu.fray_api import JobStatus
+from fray_tpu.multislice import TaskSlot
 
 CANCEL_GRACE_SECONDS = 5.0
 # After cancelling a gang, how long hosts may take to report their exit before counting as lost.
@@ -40,16 +41,6 @@ _TASK_STATUS = {
     TaskOutcome.LOST: JobStatus.FAILED,
     TaskOutcome.CANCELLED: JobStatus.STOPPED,
 }
-
-
-@dataclass(frozen=True)
-class TaskSlot:
-    """Where task ``index`` of the job runs in the current attempt."""
-
-    index: int
-    slice_id: int
-    worker_id: int
-    label: str  # the log prefix: slice-S/worker-W, or replica-i for CPU jobs
 
 
 @dataclass(frozen=True)

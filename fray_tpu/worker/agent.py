@@ -18,7 +18,8 @@ from pathlib import Path
 import grpc
 
 import fray_tpu
-from fray_tpu import tls
+from fray_tpu import contract, tls
+from fray_tpu.contract import FAILURE_KIND_KEY, PrepareFailureKind
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
 from fray_tpu.worker import cleanup
 from fray_tpu.worker.attempt import Attempt, LaunchPlan
@@ -35,17 +36,16 @@ SERVER_THREADS = 32
 KEEP_FINISHED_ATTEMPTS = 4
 LEASE_CANCEL_GRACE_SECONDS = 10.0
 SELF_DELETE_BACKUP_DELAY_SECONDS = 30.0
-FAILURE_KIND_KEY = "fray-tpu-failure-kind"
 _ATTEMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class PrepareFailed(Exception):
     """A Prepare that cannot succeed; `kind` tells the controller whose fault it is."""
 
-    def __init__(self, code: grpc.StatusCode, kind: str, message: str):
+    def __init__(self, code: grpc.StatusCode, kind: PrepareFailureKind, message: str):
         super().__init__(message)
         self.code = code
-        self.kind = kind  # "bad-host" | "user" | "controller"
+        self.kind = kind
 
 
 @dataclass
@@ -131,26 +131,26 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         try:
             return self.prepare(spec)
         except PrepareFailed as failure:
-            context.set_trailing_metadata(((FAILURE_KIND_KEY, failure.kind),))
+            context.set_trailing_metadata(((FAILURE_KIND_KEY, str(failure.kind)),))
             context.abort(failure.code, str(failure))
 
     def prepare(self, spec: worker_pb2.AttemptSpec) -> worker_pb2.PrepareResponse:
         if not _ATTEMPT_ID.fullmatch(spec.attempt_id):
-            raise PrepareFailed(grpc.StatusCode.INVALID_ARGUMENT, "controller",
+            raise PrepareFailed(grpc.StatusCode.INVALID_ARGUMENT, PrepareFailureKind.CONTROLLER,
                                 f"attempt id {spec.attempt_id!r} must match {_ATTEMPT_ID.pattern}")
         if spec.WhichOneof("payload") is None:
-            raise PrepareFailed(grpc.StatusCode.INVALID_ARGUMENT, "controller",
+            raise PrepareFailed(grpc.StatusCode.INVALID_ARGUMENT, PrepareFailureKind.CONTROLLER,
                                 f"attempt {spec.attempt_id} has neither a callable nor a binary")
         with self._lock:
             slot = self._slots.get(spec.attempt_id)
             fresh = slot is None
             if fresh:
                 if self.lease.expired:
-                    raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, "controller",
+                    raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.CONTROLLER,
                                         "the controller's lease expired; renew it before preparing an attempt")
                 busy = self._current
                 if busy is not None and busy.state in (worker_pb2.PREPARING, worker_pb2.RUNNING):
-                    raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, "controller",
+                    raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.CONTROLLER,
                                         f"attempt {busy.attempt_id} is still active on this host; cancel it first")
                 slot = Slot(spec.attempt_id)
                 self._slots[spec.attempt_id] = slot
@@ -163,7 +163,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
                 slot.failure = failure
             except Exception as error:  # noqa: BLE001 - any other failure is this host's problem
                 LOG.exception("preparing attempt %s failed", spec.attempt_id)
-                slot.failure = PrepareFailed(grpc.StatusCode.INTERNAL, "bad-host",
+                slot.failure = PrepareFailed(grpc.StatusCode.INTERNAL, PrepareFailureKind.BAD_HOST,
                                              f"preparing attempt {spec.attempt_id} failed on this host: {error}")
             finally:
                 slot.ready.set()
@@ -180,7 +180,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         try:
             notes = self._cleaner.clean()
         except cleanup.HostNotClean as error:
-            raise PrepareFailed(grpc.StatusCode.INTERNAL, "bad-host", f"host not clean: {error}") from error
+            raise PrepareFailed(grpc.StatusCode.INTERNAL, PrepareFailureKind.BAD_HOST, f"host not clean: {error}") from error
         for note in notes:
             LOG.info("attempt %s: %s", spec.attempt_id, note)
         workspace = self._workspace(spec)
@@ -217,7 +217,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         try:
             return self._bundles.extracted(spec.workspace_digest)
         except BundleError as error:
-            raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, "controller", str(error)) from error
+            raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.CONTROLLER, str(error)) from error
 
     def _python_env(self, spec: worker_pb2.AttemptSpec, workspace: Path | None) -> tuple[str, dict[str, str], bool]:
         if not spec.pip_packages and not spec.extras:
@@ -230,7 +230,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             env = self._pyenvs.ensure(list(spec.pip_packages), list(spec.extras), workspace,
                                       lambda line: LOG.info("attempt %s env: %s", spec.attempt_id, line))
         except Exception as error:  # noqa: BLE001 - pip's failures are the request's to fix
-            raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, "user",
+            raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.USER,
                                 f"python environment for {list(spec.pip_packages)} extras "
                                 f"{list(spec.extras)} failed: {error}") from error
         self._counters["envs_reused" if env.reused else "envs_created"] += 1
@@ -243,11 +243,11 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(spec.env)
         env.update({
-            "FRAY_TPU_ATTEMPT_ID": spec.attempt_id,
-            "FRAY_TPU_JOB_ID": spec.job_id,
-            "FRAY_TPU_TASK_ID": spec.task_id,
-            "FRAY_TPU_TASK_INDEX": str(spec.task_index),
-            "FRAY_TPU_WORKER_NUMBER": str(self.settings.worker_number),
+            contract.ATTEMPT_ID_ENV: spec.attempt_id,
+            contract.JOB_ID_ENV: spec.job_id,
+            contract.TASK_ID_ENV: spec.task_id,
+            contract.AGENT_TASK_INDEX_ENV: str(spec.task_index),
+            contract.WORKER_NUMBER_ENV: str(self.settings.worker_number),
         })
         if workspace is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workspace), env.get("PYTHONPATH")]))

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fray_tpu.contract import RUNNER_GO_BYTE as GO_BYTE
+from fray_tpu.contract import RUNNER_HOLD_ENV as HOLD_ENV
 from fray_tpu.proto import worker_pb2
 from fray_tpu.worker import cleanup
 from fray_tpu.worker.classify import classify_exit, find_bad_host_line
@@ -32,10 +34,6 @@ STDERR_TAIL_BYTES = 8 << 10
 DRAIN_SECONDS = 5.0
 KILL_WAIT_SECONDS = 10.0
 _F_SETPIPE_SZ = 1031
-
-
-HOLD_ENV = "FRAY_TPU_RUNNER_HOLD"
-GO_BYTE = b"g"
 
 
 @dataclass(frozen=True)

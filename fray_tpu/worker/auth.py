@@ -12,7 +12,7 @@ import logging
 
 import grpc
 
-AUTH_METADATA_KEY = "authorization"
+from fray_tpu.contract import AUTH_METADATA_KEY
 BEARER = "Bearer "
 LOG = logging.getLogger("fray_tpu.worker.auth")
 

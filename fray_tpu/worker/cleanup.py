@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-TOKEN_ENV = "FRAY_TPU_ATTEMPT_TOKEN"
+from fray_tpu.contract import ATTEMPT_TOKEN_ENV as TOKEN_ENV
+
 LOCKFILE_NAME = "libtpu_lockfile"
 TPU_DEVICE_GLOBS = ("/dev/vfio/[0-9]*", "/dev/accel*")
 _PROC = Path("/proc")

@@ -16,25 +16,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
-# Attributes Google sets on every TPU VM.
-ATTR_ACCELERATOR_TYPE = "accelerator-type"
-ATTR_WORKER_NUMBER = "agent-worker-number"
-ATTR_WORKER_ENDPOINTS = "worker-network-endpoints"
-ATTR_TPU_ENV = "tpu-env"
-# Attributes the fray-tpu controller writes into the node's metadata.
-ATTR_STARTUP_SCRIPT = "startup-script"
-ATTR_SECRET_SHA256 = "fray-tpu-secret-sha256"
-ATTR_TLS_CERT = "fray-tpu-tls-cert"
-ATTR_TLS_KEY = "fray-tpu-tls-key"
-ATTR_NODE = "fray-tpu-node"
-ATTR_API_ENDPOINT = "fray-tpu-api-endpoint"
-ATTR_AGENT_PORT = "fray-tpu-agent-port"
-ATTR_LEASE_SECONDS = "fray-tpu-lease-seconds"
-ATTR_SELF_DELETE = "fray-tpu-self-delete"
-ATTR_JOB = "fray-tpu-job"
-ATTR_CONTROLLER = "fray-tpu-controller"
+from fray_tpu.contract import (  # noqa: F401 - md.ATTR_* is how the agent names them
+    ATTR_ACCELERATOR_TYPE,
+    ATTR_AGENT_PORT,
+    ATTR_API_ENDPOINT,
+    ATTR_CONTROLLER,
+    ATTR_JOB,
+    ATTR_LEASE_SECONDS,
+    ATTR_NODE,
+    ATTR_SECRET_SHA256,
+    ATTR_SELF_DELETE,
+    ATTR_STARTUP_SCRIPT,
+    ATTR_TLS_CERT,
+    ATTR_TLS_KEY,
+    ATTR_TPU_ENV,
+    ATTR_WORKER_ENDPOINTS,
+    ATTR_WORKER_NUMBER,
+    DEFAULT_AGENT_PORT,
+)
 
-DEFAULT_AGENT_PORT = 8477
 DEFAULT_METADATA_HOST = "metadata.google.internal"
 PREEMPTED_PATH = "instance/preempted"
 _BASE = "/computeMetadata/v1/"

@@ -4,7 +4,7 @@ Imports every module named in `FRAY_TPU_RUNNER_PRELOAD` (comma-separated; the em
 cluster plugin, for instance), then unpickles `(callable, args, kwargs)` from the payload file
 and calls it. Exit status 0 on success; on an exception the traceback goes to stderr and the
 status is 1 (`SystemExit` keeps its own code). `-m` puts the working directory (the workspace
-bundle, when there is one) first on sys.path. `--binary CMD ARGS...` execs a binary instead.
+bundle, when there is one) first on sys.path.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import os
 import sys
 import traceback
 
-PRELOAD_ENV = "FRAY_TPU_RUNNER_PRELOAD"
-# Mirrors fray_tpu.worker.attempt (not imported: the runner starts with as little as possible).
-HOLD_ENV = "FRAY_TPU_RUNNER_HOLD"
-GO_BYTE = b"g"
+from fray_tpu.contract import RUNNER_GO_BYTE as GO_BYTE
+from fray_tpu.contract import RUNNER_HOLD_ENV as HOLD_ENV
+from fray_tpu.contract import RUNNER_PRELOAD_ENV as PRELOAD_ENV
 
 
 def preload() -> None:
@@ -49,10 +48,8 @@ def run_callable(payload_file: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) >= 2 and argv[0] == "--binary":
-        os.execvp(argv[1], argv[1:])
     if len(argv) != 1:
-        print("usage: python -m fray_tpu.worker.runner PAYLOAD_FILE | --binary CMD [ARGS...]", file=sys.stderr)
+        print("usage: python -m fray_tpu.worker.runner PAYLOAD_FILE", file=sys.stderr)
         return 2
     try:
         preload()

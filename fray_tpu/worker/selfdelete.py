@@ -20,7 +20,7 @@ def delete_own_node(settings: AgentSettings) -> bool:
         return False
     from google.api_core import exceptions
 
-    from fray_tpu.provisioner import make_tpu_client
+    from fray_tpu.tpu_client import make_tpu_client
 
     retryable = (exceptions.ServiceUnavailable, exceptions.DeadlineExceeded, exceptions.TooManyRequests,
                  exceptions.InternalServerError, exceptions.Aborted)

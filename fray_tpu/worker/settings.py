@@ -7,13 +7,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fray_tpu.contract import AGENT_STATE_DIR_ENV as STATE_DIR_ENV
+from fray_tpu.contract import EMULATED_HOST_ENV as EMULATED_ENV
+from fray_tpu.contract import HOST_DIR_ENV, HOST_IP_ENV
 from fray_tpu.worker import metadata as md
 
 DEFAULT_LEASE_SECONDS = 300.0
-EMULATED_ENV = "FRAY_TPU_EMULATED_HOST"
-HOST_DIR_ENV = "FRAY_TPU_HOST_DIR"
-HOST_IP_ENV = "FRAY_TPU_HOST_IP"
-STATE_DIR_ENV = "FRAY_TPU_AGENT_STATE_DIR"
 PRODUCTION_STATE_DIR = Path("/var/lib/fray-tpu")
 
 

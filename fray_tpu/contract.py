@@ -1,0 +1,94 @@
+"""The wire contract: every name both sides of the wire agree on, in one import-free module.
+
+The controller, the agent on every VM, the runner an attempt runs as, and the emulator all
+import this module (and nothing of each other for names); it imports only the standard library,
+so it ships to every VM and costs the runner nothing at start-up.
+"""
+
+from __future__ import annotations
+
+import enum
+
+# -- node metadata -----------------------------------------------------------------------
+# Attributes Google sets on every TPU VM.
+ATTR_ACCELERATOR_TYPE = "accelerator-type"
+ATTR_WORKER_NUMBER = "agent-worker-number"
+ATTR_WORKER_ENDPOINTS = "worker-network-endpoints"
+ATTR_TPU_ENV = "tpu-env"
+# Attributes the fray-tpu controller writes into the node's metadata.
+ATTR_STARTUP_SCRIPT = "startup-script"
+ATTR_SECRET_SHA256 = "fray-tpu-secret-sha256"
+ATTR_TLS_CERT = "fray-tpu-tls-cert"
+ATTR_TLS_KEY = "fray-tpu-tls-key"
+ATTR_NODE = "fray-tpu-node"
+ATTR_API_ENDPOINT = "fray-tpu-api-endpoint"
+ATTR_AGENT_PORT = "fray-tpu-agent-port"
+ATTR_LEASE_SECONDS = "fray-tpu-lease-seconds"
+ATTR_SELF_DELETE = "fray-tpu-self-delete"
+ATTR_JOB = "fray-tpu-job"
+ATTR_CONTROLLER = "fray-tpu-controller"
+
+# -- the task channel --------------------------------------------------------------------
+DEFAULT_AGENT_PORT = 8477
+AUTH_METADATA_KEY = "authorization"
+# Trailing metadata of a failed Prepare: whose fault it is.
+FAILURE_KIND_KEY = "fray-tpu-failure-kind"
+
+
+class PrepareFailureKind(enum.StrEnum):
+    """Why the agent refused to prepare an attempt."""
+
+    BAD_HOST = "bad-host"  # the machine is at fault: replace it
+    USER = "user"  # the request cannot work (a package that does not install)
+    CONTROLLER = "controller"  # the controller sent something this agent cannot run
+
+
+# -- what every task sees (README "What every task sees") ---------------------------------
+CLUSTER_SPEC_ENV = "FRAY_CLUSTER_SPEC"
+BACKEND_ENV = "FRAY_BACKEND"
+SLICE_ID_ENV = "FRAY_SLICE_ID"
+SLICE_COUNT_ENV = "FRAY_SLICE_COUNT"
+WORKER_ID_ENV = "FRAY_WORKER_ID"
+WORKERS_PER_SLICE_ENV = "FRAY_WORKERS_PER_SLICE"
+TASK_INDEX_ENV = "FRAY_TASK_INDEX"
+TASK_COUNT_ENV = "FRAY_TASK_COUNT"
+REPLICA_ID_ENV = "FRAY_REPLICA_ID"
+REPLICA_COUNT_ENV = "FRAY_REPLICA_COUNT"
+# slice 0 worker 0 at the JAX coordinator port; read by the emulator's JAX cluster plugin.
+JAX_COORDINATOR_ADDRESS_ENV = "FRAY_JAX_COORDINATOR_ADDRESS"
+JAX_COORDINATOR_PORT_ENV = "JAX_COORDINATOR_PORT"
+# GCP's TPU firewall opens 8476, not the 8482 that jax >= 0.8.1 defaults to (jax #35905).
+JAX_COORDINATOR_PORT = 8476
+MEGASCALE_COORDINATOR_ADDRESS_ENV = "MEGASCALE_COORDINATOR_ADDRESS"
+MEGASCALE_NUM_SLICES_ENV = "MEGASCALE_NUM_SLICES"
+MEGASCALE_SLICE_ID_ENV = "MEGASCALE_SLICE_ID"
+MEGASCALE_PORT_ENV = "MEGASCALE_PORT"
+MEGASCALE_PORT = 8081
+MEGASCALE_ENVS = (MEGASCALE_COORDINATOR_ADDRESS_ENV, MEGASCALE_NUM_SLICES_ENV, MEGASCALE_SLICE_ID_ENV,
+                  MEGASCALE_PORT_ENV)
+JAX_PLATFORMS_ENV = "JAX_PLATFORMS"
+JAX_CPU_COLLECTIVES_ENV = "JAX_CPU_COLLECTIVES_IMPLEMENTATION"
+# Set by the agent for each attempt.
+ATTEMPT_ID_ENV = "FRAY_TPU_ATTEMPT_ID"
+JOB_ID_ENV = "FRAY_TPU_JOB_ID"
+TASK_ID_ENV = "FRAY_TPU_TASK_ID"
+AGENT_TASK_INDEX_ENV = "FRAY_TPU_TASK_INDEX"
+WORKER_NUMBER_ENV = "FRAY_TPU_WORKER_NUMBER"
+# Marks every process of an attempt, so cleanup finds what an attempt left behind.
+ATTEMPT_TOKEN_ENV = "FRAY_TPU_ATTEMPT_TOKEN"
+
+# -- the runner (python -m fray_tpu.worker.runner PAYLOAD_FILE) -----------------------------
+RUNNER_MODULE = "fray_tpu.worker.runner"
+# Modules the runner imports before the payload (comma-separated).
+RUNNER_PRELOAD_ENV = "FRAY_TPU_RUNNER_PRELOAD"
+# "1": the runner was started ahead of the gang and waits on stdin for RUNNER_GO_BYTE.
+RUNNER_HOLD_ENV = "FRAY_TPU_RUNNER_HOLD"
+RUNNER_GO_BYTE = b"g"
+# The emulator's JAX cluster plugin, preloaded on emulated hosts.
+EMULATOR_JAX_PLUGIN = "fray_tpu.jax_emulated_preload"
+
+# -- an (emulated) host ---------------------------------------------------------------------
+EMULATED_HOST_ENV = "FRAY_TPU_EMULATED_HOST"
+HOST_DIR_ENV = "FRAY_TPU_HOST_DIR"
+HOST_IP_ENV = "FRAY_TPU_HOST_IP"
+AGENT_STATE_DIR_ENV = "FRAY_TPU_AGENT_STATE_DIR"
