@@ -4,11 +4,11 @@
 (context, ``FRAY_CLUSTER_SPEC``, ``FRAY_BACKEND``, local) for code without Marin's fray.
 """
 
-__version__ = "0.1.0"
+from fray_tpu.contract import VERSION as __version__
 
 
 def current_cluster():
-    from fray_tpu.fray_api import current_cluster as resolve
+    from fray_tpu.backend import current_cluster as resolve
 
     return resolve()
 

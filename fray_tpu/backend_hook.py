@@ -16,36 +16,26 @@ never by the bare name: an unrelated package named ``fray`` is left alone.
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from types import ModuleType
 
+from fray_tpu.backend import TPU_SPEC_PREFIX, create_tpu_cluster, is_tpu_spec
+from fray_tpu.contract import BACKEND_ENV, CLUSTER_SPEC_ENV
+from fray_tpu.fray_api import is_marin_fray_base
 from fray_tpu.post_import import when_imported
 
-SPEC_PREFIX = "tpu"
 _TARGET_MODULE = "fray.cluster"
 
 
-def is_tpu_spec(spec: str) -> bool:
-    return spec == SPEC_PREFIX or spec.startswith(SPEC_PREFIX + "?")
-
-
 def install() -> None:
-    if os.environ.get("FRAY_BACKEND") == "tpu" and not os.environ.get("FRAY_CLUSTER_SPEC"):
-        os.environ["FRAY_CLUSTER_SPEC"] = SPEC_PREFIX
+    if is_tpu_spec(os.environ.get(BACKEND_ENV, "")) and not os.environ.get(CLUSTER_SPEC_ENV):
+        os.environ[CLUSTER_SPEC_ENV] = TPU_SPEC_PREFIX
     when_imported(_TARGET_MODULE, patch_fray_cluster)
 
 
 def looks_like_marin_fray(module: ModuleType) -> bool:
-    base = sys.modules.get("fray.cluster.base")
-    cluster = getattr(base, "Cluster", None)
-    return (
-        inspect.isclass(cluster)
-        and inspect.isabstract(cluster)
-        and callable(getattr(cluster, "launch", None))
-        and callable(getattr(module, "create_cluster", None))
-    )
+    return is_marin_fray_base(sys.modules.get("fray.cluster.base")) and callable(getattr(module, "create_cluster", None))
 
 
 def patch_fray_cluster(module: ModuleType) -> None:
@@ -55,9 +45,7 @@ def patch_fray_cluster(module: ModuleType) -> None:
 
     def create_cluster(cluster_spec: str):
         if is_tpu_spec(cluster_spec):
-            from fray_tpu.cluster import TpuCluster
-
-            return TpuCluster.from_spec(cluster_spec)
+            return create_tpu_cluster(cluster_spec)
         return fray_create_cluster(cluster_spec)
 
     create_cluster._fray_tpu_hooked = True

@@ -21,10 +21,9 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import fray_tpu
 # AGENT_STATE_DIR_ENV overrides the state directory (the bootstrap's lock and env file, and the
 # agent's state: fray_tpu.worker.settings reads the same variable).
-from fray_tpu.contract import AGENT_STATE_DIR_ENV
+from fray_tpu.contract import AGENT_STATE_DIR_ENV, VERSION
 from fray_tpu.errors import ConfigError
 
 # The agent exits with this code to stop the restart loop for good (EX_TEMPFAIL's number, unused
@@ -47,7 +46,7 @@ _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 def fray_tpu_version() -> str:
     """The version of fray-tpu running here: what the controller asks every VM to run."""
-    return fray_tpu.__version__
+    return VERSION
 
 
 @dataclass(frozen=True)

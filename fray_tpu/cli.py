@@ -149,8 +149,11 @@ def resolve_spec(given: str | None, environ: dict | os._Environ) -> str:
     (the ``FRAY_TPU_*`` variables fill what the spec omits)."""
     if given:
         return given
-    from_env = environ.get("FRAY_CLUSTER_SPEC", "").strip()
-    if from_env.partition("?")[0].strip().lower() == "tpu":
+    from fray_tpu.backend import is_tpu_spec
+    from fray_tpu.contract import CLUSTER_SPEC_ENV
+
+    from_env = environ.get(CLUSTER_SPEC_ENV, "").strip()
+    if is_tpu_spec(from_env):
         return from_env
     return "tpu"
 

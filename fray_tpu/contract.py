@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import enum
 
+# The controller asks every VM to run the same version (the bootstrap installs it, the agent
+# reports it); fray_tpu.__version__ is this value.
+VERSION = "0.1.0"
+
 # -- node metadata -----------------------------------------------------------------------
 # Attributes Google sets on every TPU VM.
 ATTR_ACCELERATOR_TYPE = "accelerator-type"

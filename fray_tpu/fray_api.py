@@ -8,7 +8,8 @@ the same surface itself, accepting every field spelling Marin used in December 2
 
 The backend never reads those objects directly: it goes through the normalisers at the end
 (``tpu_type_of``, ``normalize_entrypoint``, ``resolved_environment``, ``slice_count_of``,
-``validate_request``), which work by duck typing on any generation of the types.
+``validate_request``), which work by duck typing on any generation of the types. Choosing and
+building a cluster is ``fray_tpu.backend``'s.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import ModuleType
@@ -32,9 +32,6 @@ from fray_tpu import topology as _topology
 from fray_tpu.errors import ConfigError, DeadlineExceeded
 
 logger = logging.getLogger(__name__)
-
-CLUSTER_SPEC_ENV = "FRAY_CLUSTER_SPEC"
-BACKEND_ENV = "FRAY_BACKEND"
 
 WAIT_INITIAL_DELAY_S = 0.1
 WAIT_MAX_DELAY_S = 10.0
@@ -50,12 +47,15 @@ def find_marin_fray_base(import_module: Callable[[str], ModuleType] = importlib.
         base = import_module("fray.cluster.base")
     except Exception:  # noqa: BLE001 - an unrelated `fray` may fail in any way
         return None
+    return base if is_marin_fray_base(base) else None
+
+
+def is_marin_fray_base(base: ModuleType | None) -> bool:
+    """Marin's fray is recognised by shape, never by the bare name ``fray``: its
+    ``fray.cluster.base.Cluster`` is an ABC whose abstract methods include ``launch``."""
     cluster = getattr(base, "Cluster", None)
-    if not (inspect.isclass(cluster) and inspect.isabstract(cluster)):
-        return None
-    if "launch" not in getattr(cluster, "__abstractmethods__", ()):
-        return None
-    return base
+    return (inspect.isclass(cluster) and inspect.isabstract(cluster)
+            and "launch" in getattr(cluster, "__abstractmethods__", ()))
 
 
 _marin_base = find_marin_fray_base()
@@ -471,69 +471,6 @@ class Cluster(_BaseCluster):  # type: ignore[misc, valid-type]
 
 
 # --------------------------------------------------------------------------------------------
-# Selecting the backend
-# --------------------------------------------------------------------------------------------
-
-_current_cluster: ContextVar[Any] = ContextVar("fray_tpu_current_cluster", default=None)
-
-
-def set_current_cluster(cluster: Any) -> None:
-    """Make ``cluster`` what ``current_cluster()`` returns in this context (and in Marin's fray)."""
-    _current_cluster.set(cluster)
-    if USING_MARIN_FRAY:
-        marin_cluster_module = importlib.import_module("fray.cluster")
-        marin_setter = getattr(marin_cluster_module, "set_current_cluster", None)
-        if marin_setter is not None:
-            marin_setter(cluster)
-
-
-def current_cluster() -> Any:
-    """The cluster set in this context, else one from ``FRAY_CLUSTER_SPEC``, else from
-    ``FRAY_BACKEND`` (e.g. ``tpu``), else a local one. The result is remembered in the context."""
-    cluster = _current_cluster.get()
-    if cluster is not None:
-        return cluster
-    spec = os.environ.get(CLUSTER_SPEC_ENV, "").strip() or os.environ.get(BACKEND_ENV, "").strip()
-    cluster = create_cluster(spec) if spec else _local_cluster_class()()
-    set_current_cluster(cluster)
-    return cluster
-
-
-def create_cluster(spec: str) -> Any:
-    """A cluster from a spec string ``prefix?key=value&...``: ``tpu`` is fray-tpu's backend,
-    ``local`` runs subprocesses here; other prefixes go to Marin's fray when it is present."""
-    prefix = spec.split("?", 1)[0].strip().lower()
-    if prefix == "tpu":
-        from fray_tpu.cluster import TpuCluster
-
-        return TpuCluster.from_spec(spec)
-    if USING_MARIN_FRAY:
-        return importlib.import_module("fray.cluster").create_cluster(spec)
-    if prefix == "local":
-        local_cluster = _local_cluster_class()
-        return local_cluster.from_spec(spec) if hasattr(local_cluster, "from_spec") else local_cluster()
-    raise ValueError(
-        f"Unknown cluster spec {spec!r}: the prefix {prefix!r} is not a backend here. "
-        f"Use 'tpu?project=...&zone=...' for Cloud TPU or 'local' for local subprocesses."
-    )
-
-
-def _local_cluster_class() -> type:
-    if USING_MARIN_FRAY:
-        return importlib.import_module("fray.cluster").LocalCluster
-    from fray_tpu.local_runner import LocalCluster
-
-    return LocalCluster
-
-
-def __getattr__(name: str) -> Any:
-    # LocalCluster lives in the shell layer; import it only when asked for.
-    if name == "LocalCluster":
-        return _local_cluster_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# --------------------------------------------------------------------------------------------
 # Normalisers: read any generation of the types (ours or Marin's) by duck typing
 # --------------------------------------------------------------------------------------------
 
@@ -675,22 +612,19 @@ __all__ = [
     "JobInfo",
     "JobRequest",
     "JobStatus",
-    "LocalCluster",
     "NormalizedEntrypoint",
     "ResourceConfig",
     "TaskStatus",
     "TpuConfig",
     "TpuTopologyInfo",
-    "create_cluster",
     "create_environment",
-    "current_cluster",
     "device_kind",
     "entrypoint_parts",
     "find_marin_fray_base",
+    "is_marin_fray_base",
     "get_tpu_topology",
     "normalize_entrypoint",
     "resolved_environment",
-    "set_current_cluster",
     "slice_count_of",
     "tpu_type_of",
     "validate_request",

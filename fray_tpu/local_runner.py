@@ -34,7 +34,7 @@ class LocalCluster(TpuCluster):
             )
         return super().launch(request)
 
-    def _job_spec_for(self, request) -> str:
+    def _cluster_spec(self) -> str:
         return "local"
 
     def shutdown(self, timeout: float = 600.0) -> None:

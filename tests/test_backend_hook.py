@@ -47,7 +47,7 @@ else:
 
 FRAY_TPU_ONLY_CODE = """
 import importlib.util, json
-from fray_tpu.fray_api import current_cluster
+from fray_tpu.backend import current_cluster
 cluster = current_cluster()
 print(json.dumps({
     "class": f"{type(cluster).__module__}.{type(cluster).__qualname__}",

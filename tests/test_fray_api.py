@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from fray_tpu import fray_api
+from fray_tpu import backend, fray_api
 from fray_tpu.errors import ConfigError, DeadlineExceeded, UnknownTpuTypeError
 from fray_tpu.fray_api import (
     BinaryEntrypoint,
@@ -426,8 +426,8 @@ def test_set_current_cluster_wins(fresh_context, monkeypatch):
     mine = ScriptedCluster({})
 
     def body():
-        fray_api.set_current_cluster(mine)
-        return fray_api.current_cluster()
+        backend.set_current_cluster(mine)
+        return backend.current_cluster()
 
     assert fresh_context(body) is mine
 
@@ -436,8 +436,8 @@ def test_cluster_spec_tpu_dispatches_to_tpu_cluster(fresh_context, monkeypatch, 
     monkeypatch.setenv("FRAY_CLUSTER_SPEC", "tpu?emulate=true&zone=us-central2-b")
 
     def body():
-        first = fray_api.current_cluster()
-        return first, fray_api.current_cluster()
+        first = backend.current_cluster()
+        return first, backend.current_cluster()
 
     first, second = fresh_context(body)
     assert isinstance(first, fake_tpu_cluster_module.TpuCluster)
@@ -447,23 +447,23 @@ def test_cluster_spec_tpu_dispatches_to_tpu_cluster(fresh_context, monkeypatch, 
 
 def test_fray_backend_tpu_dispatches(fresh_context, monkeypatch, fake_tpu_cluster_module):
     monkeypatch.setenv("FRAY_BACKEND", "tpu")
-    cluster = fresh_context(fray_api.current_cluster)
+    cluster = fresh_context(backend.current_cluster)
     assert isinstance(cluster, fake_tpu_cluster_module.TpuCluster) and cluster.spec == "tpu"
 
 
 def test_unknown_spec_prefix_is_a_value_error(fresh_context, monkeypatch):
     with pytest.raises(ValueError, match="'bogus'.*tpu\\?project"):
-        fray_api.create_cluster("bogus?x=1")
+        backend.create_cluster("bogus?x=1")
     monkeypatch.setenv("FRAY_CLUSTER_SPEC", "ray?namespace=x")
     with pytest.raises(ValueError, match="ray"):
-        fresh_context(fray_api.current_cluster)
+        fresh_context(backend.current_cluster)
 
 
 def test_tpu_prefix_imports_fray_tpu_cluster(monkeypatch):
     # With no fray_tpu.cluster importable, the tpu prefix fails on exactly that import.
     monkeypatch.setitem(sys.modules, "fray_tpu.cluster", None)
     with pytest.raises(ImportError, match="fray_tpu.cluster"):
-        fray_api.create_cluster("tpu?emulate=true")
+        backend.create_cluster("tpu?emulate=true")
 
 
 # ---- detecting Marin's fray by shape --------------------------------------------------------
@@ -546,7 +546,8 @@ def test_marin_types_are_reexported_when_present(tmp_path):
         assert issubclass(f.Cluster, marin.Cluster)
         assert f.tpu_type_of(marin.TpuConfig(type="v4-8")) == "v4-8"
         assert f.JobRequest.__module__ == "fray_tpu.fray_api"  # absent from this Marin: ours
-        f.set_current_cluster("c")
+        from fray_tpu import backend
+        backend.set_current_cluster("c")
         assert fray.cluster.SET == ["c"]
         print("ok")
         """,

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import grpc
 
-import fray_tpu
 from fray_tpu import contract, tls
 from fray_tpu.contract import FAILURE_KIND_KEY, PrepareFailureKind
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
@@ -91,7 +90,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         self.lease = Lease(settings.lease_seconds, self._lease_expired)
         self._identity = worker_pb2.WorkerIdentity(
             worker_number=settings.worker_number, node_name=settings.node_name,
-            accelerator_type=settings.accelerator_type, ip=settings.ip, agent_version=fray_tpu.__version__,
+            accelerator_type=settings.accelerator_type, ip=settings.ip, agent_version=contract.VERSION,
             python_version=platform.python_version(), job=settings.job, controller=settings.controller,
             hostname=socket.gethostname(),
         )
