@@ -8,7 +8,7 @@ own on first use and stops it at shutdown; the spec handed to jobs points at it,
 
 Durable state: jobs, attempts, every slice (recorded before it is created) and job output are
 journaled in the state directory (``state_dir`` in the config, else ``$FRAY_TPU_STATE_DIR``, else
-``$XDG_STATE_HOME/fray-tpu``), one journal per controller (``fray_tpu.journals``), so several
+``$XDG_STATE_HOME/fray-tpu``), one journal per controller (``fray_tpu.state.journals``), so several
 driver processes share a state directory. A new ``TpuCluster`` adopts the journals of controllers
 that died: it lists their jobs and reattaches to the running TPU jobs (``poll``, ``monitor`` from
 the reattach point on, ``wait``, ``terminate``). CPU jobs are local processes that die with their
@@ -41,8 +41,8 @@ from fray_tpu.config import EMULATED_PROJECT, TpuClusterConfig
 from fray_tpu.errors import DeadlineExceeded
 from fray_tpu.fray_api import Cluster, JobId, JobInfo, JobStatus
 from fray_tpu.supervisor.records import JobRecord, JobTable
-from fray_tpu.journal import Journal, JournalLockedError, JobRow, default_state_dir
-from fray_tpu.journals import controller_dir, journal_dirs
+from fray_tpu.state.journal import Journal, JournalLockedError, JobRow, default_state_dir
+from fray_tpu.state.journals import controller_dir, journal_dirs
 from fray_tpu.planning import JobPlan, plan_job
 from fray_tpu.supervisor.job import JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
@@ -66,7 +66,7 @@ class TpuCluster(Cluster):
         self.config = config if config is not None else TpuClusterConfig.from_env()
         self.controller_id = naming.new_controller_id()
         self.detach_on_exit = detach_on_exit
-        self.state_dir = Path(self.config.state_dir).expanduser() if self.config.state_dir else default_state_dir()
+        self.state_dir = default_state_dir(configured=self.config.state_dir)
         self._journal: Journal | None = None
         self._adopted: list[Journal] = []
         self._jobs = JobTable()
@@ -154,7 +154,7 @@ class TpuCluster(Cluster):
 
     def job_cost(self, job_id: JobId):
         """Chip-hours provisioned, running, lost to preemption and boot, and estimated USD."""
-        from fray_tpu.accounting import cost_of
+        from fray_tpu.costs import cost_of
 
         journal = self._record(job_id).journal
         return cost_of(journal.job(job_id).extra, journal.resources(job_id=job_id), time.time())

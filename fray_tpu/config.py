@@ -56,7 +56,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
@@ -176,13 +175,6 @@ class TpuClusterConfig:
         """The runtime version for a type name or an already looked-up ``TpuTopology``."""
         t = tpu_type if isinstance(tpu_type, topology.TpuTopology) else topology.get_tpu_topology(tpu_type)
         return self.runtime_versions.get(t.generation, t.runtime_version)
-
-    def state_path(self, environ: Mapping[str, str] | None = None) -> Path:
-        if self.state_dir:
-            return Path(self.state_dir).expanduser()
-        env = os.environ if environ is None else environ
-        base = env.get("XDG_STATE_HOME") or str(Path("~/.local/state").expanduser())
-        return Path(base) / "fray-tpu"
 
     # ---- spec strings and the environment ------------------------------------------------
 

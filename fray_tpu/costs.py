@@ -76,6 +76,7 @@ from typing import Any
 
 from fray_tpu.config import CAPACITY_CLASSES
 from fray_tpu.errors import ConfigError
+from fray_tpu.state.journal import ResourceState
 from fray_tpu.topology import RUNTIME_VERSIONS
 
 PRICES_ENV = "FRAY_TPU_PRICES"
@@ -250,6 +251,81 @@ class JobCost:
             "estimated_usd": round(self.estimated_usd, 2),
             "by_capacity": {capacity: round(usd, 2) for capacity, usd in sorted(self.by_capacity.items())},
         }
+
+
+@dataclass
+class AttemptAccount:
+    """One attempt as the journal records it (times in epoch seconds)."""
+
+    attempt: int
+    started: float
+    slices: list[str]  # names of the slices it ran on
+    ended: float | None = None
+    outcome: str | None = None  # an AttemptOutcome value, or "error"
+    lost: list[str] = field(default_factory=list)  # slices lost to preemption in it
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"attempt": self.attempt, "started": self.started, "slices": list(self.slices)}
+        if self.ended is not None:
+            data.update(ended=self.ended, outcome=self.outcome, lost=list(self.lost))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AttemptAccount:
+        return cls(attempt=int(data["attempt"]), started=float(data.get("started", 0.0)),
+                   slices=list(data.get("slices", [])), ended=data.get("ended"), outcome=data.get("outcome"),
+                   lost=list(data.get("lost", [])))
+
+
+@dataclass
+class JobAccount:
+    """What the journal keeps of a TPU job for its cost, in the job row's ``extra`` column; each
+    slice's own lifetime (created, ready, deleted) is its ``ResourceRow``."""
+
+    generation: str | None = None
+    capacity: str | None = None
+    attempts: list[AttemptAccount] = field(default_factory=list)
+
+    def to_extra(self) -> dict[str, Any]:
+        return {"generation": self.generation, "capacity": self.capacity,
+                "attempts": [a.to_dict() for a in self.attempts]}
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any] | None) -> JobAccount:
+        extra = extra or {}
+        return cls(generation=extra.get("generation"), capacity=extra.get("capacity"),
+                   attempts=[AttemptAccount.from_dict(a) for a in extra.get("attempts", [])])
+
+    def open_attempt(self) -> AttemptAccount | None:
+        """The attempt that has started and not ended (the one a restarted controller resumes)."""
+        return next((a for a in self.attempts if a.ended is None), None)
+
+    def slice_intervals(self, resources: Sequence[Any]) -> list[SliceInterval]:
+        """Each slice during each attempt it ran, joined from the journal's resource rows."""
+        if not self.generation or not self.capacity:
+            return []
+        intervals = []
+        for resource in resources:
+            if resource.state == ResourceState.FAILED:
+                continue  # never existed past a stockout: nothing billed
+            used = [a for a in self.attempts if resource.name in a.slices]
+            common = dict(slice_id=resource.slice_id, chips=resource.chips, generation=self.generation,
+                          capacity=self.capacity, provisioned_at=resource.created, ready_at=resource.ready_at,
+                          released_at=resource.deleted_at)
+            if not used:
+                intervals.append(SliceInterval(attempt=resource.attempt, running_from=None, running_until=None,
+                                               preempted=False, **common))
+            for attempt in used:
+                intervals.append(SliceInterval(
+                    attempt=attempt.attempt, running_from=attempt.started, running_until=attempt.ended,
+                    preempted=attempt.outcome == "preempted" and resource.name in attempt.lost, **common))
+        return intervals
+
+
+def cost_of(extra: Mapping[str, Any] | None, resources: Sequence[Any], now: float,
+            prices: PriceTable | None = None) -> JobCost:
+    """A job's cost from its journal row's ``extra`` and its resource rows."""
+    return job_cost(JobAccount.from_extra(extra).slice_intervals(resources), now, prices or PriceTable.from_env())
 
 
 # Buckets in the order that decides a moment covered by several windows.

@@ -327,7 +327,15 @@ class JobStatus(StrEnum):
 
     @staticmethod
     def finished(status: str) -> bool:
-        return status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+        return is_finished(status)
+
+
+FINISHED_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED})
+
+
+def is_finished(status: str) -> bool:
+    """Whether a job (or task) with ``status`` has ended for good."""
+    return status in FINISHED_STATUSES
 
 
 @dataclass
@@ -620,7 +628,9 @@ __all__ = [
     "create_environment",
     "device_kind",
     "entrypoint_parts",
+    "FINISHED_STATUSES",
     "find_marin_fray_base",
+    "is_finished",
     "is_marin_fray_base",
     "get_tpu_topology",
     "normalize_entrypoint",

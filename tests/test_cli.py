@@ -1,5 +1,5 @@
 """``fray-tpu`` CLI end to end: every subcommand runs as a real subprocess (``python -m
-fray_tpu.cli``) against the emulator process of the session, over a journal written by real
+fray_tpu.ops.cli``) against the emulator process of the session, over a journal written by real
 TpuCluster jobs of this module (each with its own state directory under tmp_path).
 
 Listings are checked through ``--json``. The job callables are module-level functions shipped by
@@ -23,7 +23,7 @@ import pytest
 from fake_gcp import create_node, location, node_spec, wait_for
 
 from fray_tpu import naming, topology
-from fray_tpu.cli import EXIT_API, EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN_JOB, EXIT_USAGE
+from fray_tpu.ops.cli import EXIT_API, EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN_JOB, EXIT_USAGE
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import resolve_zones
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
@@ -53,7 +53,7 @@ def block_until_stopped() -> None:
 
 def cli(*args: str, check_json: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "FRAY_CLUSTER_SPEC"}
-    done = subprocess.run([sys.executable, "-m", "fray_tpu.cli", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "fray_tpu.ops.cli", *args], capture_output=True, text=True,
                           timeout=CLI_TIMEOUT, env=env)
     if check_json:
         done.json = json.loads(done.stdout)
@@ -241,7 +241,7 @@ def test_stop_through_the_live_controller_while_logs_follow(fake_gcp, tmp_path):
     try:
         job_id = cluster.launch(request("blocker", block_until_stopped, make_workspace(tmp_path / "workspace")))
         wait_running(cluster, job_id)
-        follower = subprocess.Popen([sys.executable, "-m", "fray_tpu.cli", "logs", job_id, "--follow", "--spec", spec],
+        follower = subprocess.Popen([sys.executable, "-m", "fray_tpu.ops.cli", "logs", job_id, "--follow", "--spec", spec],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             running = cli("status", job_id, "--json", "--spec", spec, check_json=True)
@@ -311,7 +311,7 @@ def test_stop_without_a_controller_reattaches_and_releases(fake_gcp, tmp_path):
 # -- emulator --------------------------------------------------------------------------------------
 
 def test_emulator_subcommand_serves_and_announces_its_endpoint(tmp_path):
-    process = subprocess.Popen([sys.executable, "-m", "fray_tpu.cli", "emulator", "--zero-delays", "--exit-with-parent",
+    process = subprocess.Popen([sys.executable, "-m", "fray_tpu.ops.cli", "emulator", "--zero-delays", "--exit-with-parent",
                                 "--root", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30

@@ -135,15 +135,13 @@ def test_capacity_for_non_preemptible_jobs():
         assert TpuClusterConfig(emulate=True, capacity=capacity).capacity_for(preemptible) == expected
 
 
-def test_runtime_version_and_state_path():
+def test_runtime_version():
     c = TpuClusterConfig(emulate=True, runtime_versions={"v5e": "mine"})
     assert c.runtime_version_for("v5litepod-16") == "mine"
     assert c.runtime_version_for("v4-8") == "tpu-ubuntu2204-base"
     assert c.runtime_version_for(get_tpu_topology("v5litepod-4")) == "mine"
     with pytest.raises(UnknownTpuTypeError):
         c.runtime_version_for("v5e-16")
-    assert str(c.state_path({"XDG_STATE_HOME": "/state"})) == "/state/fray-tpu"
-    assert str(TpuClusterConfig(emulate=True, state_dir="/srv/fray").state_path()) == "/srv/fray"
 
 
 # ---- zone resolution ------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Which resources gc deletes (pure decision)."""
 
 from fray_tpu import naming
-from fray_tpu.gc import find_orphans, live_job_labels
+from fray_tpu.ops.gc import find_orphans, live_job_labels
 from fray_tpu.provisioner import SliceObservation
 
 

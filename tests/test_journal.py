@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fray_tpu.journal import (
+from fray_tpu.state.journal import (
     DB_FILENAME,
     Journal,
     JournalError,
@@ -112,7 +112,7 @@ def read_line(proc: subprocess.Popen, what: str) -> str:
 
 HOLD_LOCK = """
 import sys
-from fray_tpu.journal import Journal
+from fray_tpu.state.journal import Journal
 journal = Journal(sys.argv[1], controller_id="holder")
 print("locked", flush=True)
 sys.stdin.readline()
@@ -277,6 +277,8 @@ def test_default_state_dir_follows_the_documented_order(tmp_path: Path):
     assert default_state_dir({"FRAY_TPU_STATE_DIR": str(tmp_path / "x"), "XDG_STATE_HOME": "/y"}) == tmp_path / "x"
     assert default_state_dir({"XDG_STATE_HOME": "/y"}) == Path("/y/fray-tpu")
     assert default_state_dir({}) == Path("~/.local/state/fray-tpu").expanduser()
+    assert default_state_dir({"FRAY_TPU_STATE_DIR": "/x"}, configured="~/mine") == Path("~/mine").expanduser()
+    assert default_state_dir({"FRAY_TPU_STATE_DIR": "/x"}, configured=" ") == Path("/x")
 
 
 def test_closed_journal_says_so(tmp_path: Path):
@@ -318,7 +320,7 @@ def test_second_controller_in_the_same_process_is_refused(tmp_path: Path):
 
 READ_FOLLOW = """
 import sys, time
-from fray_tpu.journal import Journal
+from fray_tpu.state.journal import Journal
 state, want = sys.argv[1], int(sys.argv[2])
 reader = Journal(state, controller_id="cli", readonly=True)
 print(len(reader.jobs()), flush=True)
@@ -460,7 +462,7 @@ def test_threads_writing_concurrently_lose_nothing(journal: Journal):
 
 WRITE_FOREVER = """
 import sys, time
-from fray_tpu.journal import Journal
+from fray_tpu.state.journal import Journal
 from tests.test_journal import make_job, make_resource
 journal = Journal(sys.argv[1], controller_id="doomed")
 journal.add_job(make_job())

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from fray_tpu.journal import Journal, JobRow
-from fray_tpu.journals import JournalSet, controller_dir, journal_dirs
+from fray_tpu.state.journal import Journal, JobRow
+from fray_tpu.state.journals import JournalSet, controller_dir, journal_dirs
 
 
 def row(job_id: str, created: float) -> JobRow:

@@ -7,7 +7,7 @@ import pytest
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.costs import PriceTable
 from fray_tpu.errors import ConfigError, UnknownRegionError, UnknownTpuTypeError
-from fray_tpu.plan_report import plan_report
+from fray_tpu.ops.plan_report import plan_report
 from fray_tpu.topology import GENERATION_ZONES
 
 EMULATED = TpuClusterConfig(emulate=True)

@@ -35,8 +35,8 @@ from fake_gcp import wait_for
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.fray_api import JobStatus
-from fray_tpu.journal import Journal, JournalLockedError
-from fray_tpu.journals import journal_dirs
+from fray_tpu.state.journal import Journal, JournalLockedError
+from fray_tpu.state.journals import journal_dirs
 from fray_tpu.naming import LABEL_JOB, label_value
 
 DRIVER_START_TIMEOUT = 120.0  # interpreter start, imports, provisioning and the gang start

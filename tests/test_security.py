@@ -29,7 +29,7 @@ from fake_gcp import wait_for
 from fray_tpu import tls
 from fray_tpu.channel import MAX_MESSAGE_BYTES, AgentAuthError, AgentClient, AttemptExit, AttemptSpec, Classification
 from fray_tpu.cluster import TpuCluster
-from fray_tpu.journals import controller_dir
+from fray_tpu.state.journals import controller_dir
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fray_tpu import tls
-from fray_tpu.journal import Journal
+from fray_tpu.state.journal import Journal
 
 SECRET_NAME = "channel-secret"
 TLS_CERT_NAME = "tls-cert"

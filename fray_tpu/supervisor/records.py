@@ -23,7 +23,7 @@ from fray_tpu.fray_api import JobId, JobInfo, JobStatus, TaskStatus
 from fray_tpu.supervisor.phases import JobPhase, next_phase
 
 if TYPE_CHECKING:
-    from fray_tpu.journal import Journal, JobRow
+    from fray_tpu.state.journal import Journal, JobRow
 
 DEFAULT_LOG_CAPACITY = 200_000
 

@@ -18,7 +18,7 @@ from fray_tpu import naming, tls
 from fray_tpu.bootstrap import BootstrapSpec, fray_tpu_version, render_startup_script
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
-from fray_tpu.journal import Journal, ResourceRow
+from fray_tpu.state.journal import Journal, ResourceRow, ResourceState
 from fray_tpu.planning import JobPlan
 from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec, node_resource_name
 from fray_tpu.supervisor.capacity import CapacityWait, GiveUp
@@ -159,24 +159,24 @@ class SliceKeeper:
             # acquire moves on to the next zone only on stockout or quota.
             stocked_out.update(zones_tried if isinstance(error, CapacityUnavailableError) else zones_tried[:-1])
             for zone in zones_tried:  # acquire deleted whatever it created
-                self.journal.update_resource(spec.name, zone, state="failed")
+                self.journal.update_resource(spec.name, zone, state=ResourceState.FAILED)
             return
         stocked_out.update(zones_tried[:-1])
         for zone in zones_tried[:-1]:
-            self.journal.update_resource(spec.name, zone, state="failed")
-        self.journal.update_resource(spec.name, ready.zone, state="ready", endpoints=list(ready.endpoints),
+            self.journal.update_resource(spec.name, zone, state=ResourceState.FAILED)
+        self.journal.update_resource(spec.name, ready.zone, state=ResourceState.READY, endpoints=list(ready.endpoints),
                                      ready_at=time.time())
         self.slices[slice_id] = ready
 
     def _journal_creating(self, spec: SliceSpec, slice_id: int, attempt: int, zone: str) -> None:
         if any(r.name == spec.name and r.zone == zone for r in self.journal.resources(job_id=self.job_id)):
             # A later provisioning round of the same attempt reuses the slice's name.
-            self.journal.update_resource(spec.name, zone, state="creating", endpoints=[], created=time.time(),
+            self.journal.update_resource(spec.name, zone, state=ResourceState.CREATING, endpoints=[], created=time.time(),
                                          ready_at=None, deleted_at=None)
             return
         self.journal.add_resource(ResourceRow(
             job_id=self.job_id, attempt=attempt, slice_id=slice_id, name=spec.name, zone=zone,
-            kind="queued" if spec.queued else "node", state="creating", endpoints=[], created=time.time(),
+            kind="queued" if spec.queued else "node", state=ResourceState.CREATING, endpoints=[], created=time.time(),
             ready_at=None, deleted_at=None, tpu_type=spec.tpu_type, chips=self.plan.shape.chip_count,
         ))
 
@@ -193,11 +193,11 @@ class SliceKeeper:
 
     def _delete(self, slice_id: int, ready: ReadySlice) -> None:
         try:
-            self.journal.update_resource(ready.spec.name, ready.zone, state="deleting")
+            self.journal.update_resource(ready.spec.name, ready.zone, state=ResourceState.DELETING)
             self.context.provisioner.delete(ready.spec.name, ready.zone,
                                             deadline=time.monotonic() + self.config.delete_deadline,
                                             queued=ready.spec.queued)
-            self.journal.update_resource(ready.spec.name, ready.zone, state="deleted", deleted_at=time.time())
+            self.journal.update_resource(ready.spec.name, ready.zone, state=ResourceState.DELETED, deleted_at=time.time())
             self._progress(f"slice-{slice_id}: deleted {ready.spec.name} in {ready.zone}")
         except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
             log.error("job %s: could not delete slice %s in %s: %s (`fray-tpu gc` will find it by label)",

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fray_tpu import channel
+from fray_tpu.costs import AttemptAccount, JobAccount
 from fray_tpu.decisions import AttemptVerdict, JobCounters, TaskEnd, TaskOutcome, judge_attempt
 from fray_tpu.fray_api import JobStatus
 from fray_tpu.supervisor.records import JobRecord
-from fray_tpu.journal import Journal, JobRow
+from fray_tpu.state.journal import Journal, JobRow, ResourceState
 from fray_tpu.multislice import gang_environments
 from fray_tpu.planning import JobPlan
 from fray_tpu.supervisor.credentials import JobCredentials
@@ -41,7 +42,7 @@ class ResumeState:
     def from_journal(cls, row: JobRow, journal: Journal) -> ResumeState:
         slices = {}
         for resource in journal.resources(job_id=row.job_id, live_only=True):
-            if resource.state == "ready" and resource.endpoints:
+            if resource.state == ResourceState.READY and resource.endpoints:
                 slices[resource.slice_id] = (resource.name, resource.attempt, resource.zone, list(resource.endpoints))
         return cls(attempt=row.attempt, attempt_id=row.attempt_id, slices=slices, counters=dict(row.counters),
                    extra=dict(row.extra), credentials=JobCredentials.load(journal, row.job_id))
@@ -52,7 +53,7 @@ class StartedAttempt:
     """An attempt whose gang is running: ``run`` reads its hosts, ``entry`` its accounting."""
 
     run: TpuGangRun
-    entry: dict | None
+    entry: AttemptAccount | None
 
 
 class TpuJobSupervisor(JobSupervisor):
@@ -66,7 +67,7 @@ class TpuJobSupervisor(JobSupervisor):
         self.journal = record.journal
         self.resume = resume
         self.credentials = resume.credentials if resume is not None else JobCredentials.make()
-        self.accounting = {"generation": plan.shape.generation, "capacity": plan.capacity, "attempts": []}
+        self.account = JobAccount(generation=plan.shape.generation, capacity=plan.capacity)
         self.slices = SliceKeeper(record.job_id, plan, context, self.journal, self.credentials,
                                   stop=self.stop_requested, progress=self.progress, set_phase=record.set_phase,
                                   count_capacity_wait=self._count_capacity_wait)
@@ -84,7 +85,7 @@ class TpuJobSupervisor(JobSupervisor):
             restored = JobCounters.from_mapping(self.resume.counters)
             for name in JobCounters.__dataclass_fields__:
                 setattr(self.record.counters, name, getattr(restored, name))
-            self.accounting = {**self.accounting, **self.resume.extra}
+            self.account = JobAccount.from_extra({**self.account.to_extra(), **self.resume.extra})
         self.gang.start_leases(self.record.job_id)
 
     # -- one attempt -------------------------------------------------------------------------
@@ -101,7 +102,7 @@ class TpuJobSupervisor(JobSupervisor):
         finally:
             started.run.close()
             if started.entry is not None:
-                self._end_accounting(started.entry, verdict)
+                self._end_account(started.entry, verdict)
 
     def _start(self, attempt: int) -> StartedAttempt | AttemptVerdict:
         self.slices.ensure(attempt)
@@ -127,14 +128,14 @@ class TpuJobSupervisor(JobSupervisor):
                          self.gang.liveness)
         self.record.set_attempt(attempt, attempt_id)
         self.progress(f"attempt {attempt}: starting on {len(specs)} hosts of {len(self.slices.slices)} slice(s)")
-        entry = {"attempt": attempt, "started": time.time(), "slices": [s.spec.name for s in self.slices.slices]}
-        self.accounting["attempts"].append(entry)
-        self._save_accounting()
+        entry = AttemptAccount(attempt, time.time(), [s.spec.name for s in self.slices.slices])
+        self.account.attempts.append(entry)
+        self._save_account()
         try:
             run.start()
         except BaseException:
             run.close()
-            self._end_accounting(entry, None)
+            self._end_account(entry, None)
             raise
         return StartedAttempt(run, entry)
 
@@ -160,7 +161,7 @@ class TpuJobSupervisor(JobSupervisor):
                                                "attempt gone after the controller restarted")
             from_seqs.append(max(1, current.last_seq))
         run = TpuGangRun(attempt_id, clients, self.slices.slices, self.context.provisioner, self.gang.liveness)
-        entry = next((a for a in self.accounting["attempts"] if a.get("ended") is None), None)
+        entry = self.account.open_attempt()
         try:
             run.start(from_seqs)
         except BaseException:
@@ -169,16 +170,16 @@ class TpuJobSupervisor(JobSupervisor):
         self.record.set_phase(JobPhase.RUNNING)
         return StartedAttempt(run, entry)
 
-    def _save_accounting(self) -> None:
-        self.journal.update_job(self.record.job_id, extra=self.accounting)
+    def _save_account(self) -> None:
+        self.journal.update_job(self.record.job_id, extra=self.account.to_extra())
 
-    def _end_accounting(self, entry: dict, verdict: AttemptVerdict | None) -> None:
-        entry["ended"] = time.time()
-        entry["outcome"] = verdict.outcome.value if verdict else "error"
+    def _end_account(self, entry: AttemptAccount, verdict: AttemptVerdict | None) -> None:
+        entry.ended = time.time()
+        entry.outcome = verdict.outcome.value if verdict else "error"
         if verdict is not None:
             held = self.slices.slices
-            entry["lost"] = [held[s].spec.name for s in verdict.lost_slices if held[s] is not None]
-        self._save_accounting()
+            entry.lost = [held[s].spec.name for s in verdict.lost_slices if held[s] is not None]
+        self._save_account()
 
     def _attempt_spec(self, attempt_id: str, slot: TaskSlot, env: dict[str, str]) -> channel.AttemptSpec:
         payload = self.plan.payload

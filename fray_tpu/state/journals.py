@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from fray_tpu.journal import DB_FILENAME, LOCK_FILENAME, Journal, JobRow, ResourceRow
+from fray_tpu.state.journal import DB_FILENAME, LOCK_FILENAME, Journal, JobRow, ResourceRow
 
 CONTROLLERS_DIR = "controllers"
 

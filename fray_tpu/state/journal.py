@@ -12,9 +12,9 @@ the last few transactions but never corrupts the file.
 Secrets are kept out of the database: one file per secret under ``secrets/<job_id>/<name>``
 (directories 0700, files 0600, written atomically).
 
-Default location (``default_state_dir``): ``$FRAY_TPU_STATE_DIR``, else
-``$XDG_STATE_HOME/fray-tpu``, else ``~/.local/state/fray-tpu`` — the same rule as
-``TpuClusterConfig.state_path()``.
+The state directory (``default_state_dir``, the one place this rule is written): the configured
+one (``state_dir`` of the spec or config), else ``$FRAY_TPU_STATE_DIR``, else
+``$XDG_STATE_HOME/fray-tpu``, else ``~/.local/state/fray-tpu``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from fray_tpu.config import TpuClusterConfig
 from fray_tpu.errors import FrayTpuError
 
 SCHEMA_VERSION = 1
@@ -45,21 +45,37 @@ BUSY_TIMEOUT_MS = 10_000
 
 JOB_KINDS = ("tpu", "cpu")
 RESOURCE_KINDS = ("node", "queued")
-RESOURCE_STATES = ("creating", "ready", "deleting", "deleted", "failed")
-DEAD_RESOURCE_STATES = ("deleted", "failed")
+STATE_DIR_ENV = "FRAY_TPU_STATE_DIR"
 
 
-def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The state directory used when none is given: ``$FRAY_TPU_STATE_DIR``, else
+class ResourceState(StrEnum):
+    """A slice's life as the journal records it (recorded before it is created)."""
+
+    CREATING = "creating"
+    READY = "ready"
+    DELETING = "deleting"
+    DELETED = "deleted"
+    FAILED = "failed"  # its create failed; acquire deleted whatever it made
+
+    @property
+    def live(self) -> bool:
+        """Whether the resource may still exist (and cost money)."""
+        return self not in DEAD_RESOURCE_STATES
+
+
+RESOURCE_STATES = tuple(ResourceState)
+DEAD_RESOURCE_STATES = (ResourceState.DELETED, ResourceState.FAILED)
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None, *, configured: str | None = None) -> Path:
+    """The state directory: ``configured``, else ``$FRAY_TPU_STATE_DIR``, else
     ``$XDG_STATE_HOME/fray-tpu``, else ``~/.local/state/fray-tpu``."""
     env = os.environ if environ is None else environ
-    explicit = env.get("FRAY_TPU_STATE_DIR", "").strip() or None
-    # emulate=True only so the config validates without a project; the path ignores it.
-    return TpuClusterConfig(emulate=True, state_dir=explicit).state_path(env)
-
-
-# Evaluated at import; call default_state_dir() to follow later changes of the environment.
-DEFAULT_STATE_DIR = default_state_dir()
+    chosen = (configured or "").strip() or env.get(STATE_DIR_ENV, "").strip()
+    if chosen:
+        return Path(chosen).expanduser()
+    base = env.get("XDG_STATE_HOME") or str(Path("~/.local/state").expanduser())
+    return Path(base) / "fray-tpu"
 
 
 class JournalError(FrayTpuError):

@@ -45,19 +45,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fray_tpu.fray_api import JobStatus, is_finished
+from fray_tpu.state.journal import ResourceState
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNKNOWN_JOB = 3
 EXIT_API = 4
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # The project TpuCluster uses against the emulator when the spec names none.
 LOG_POLL_SECONDS = 0.5
 STOP_POLL_SECONDS = 0.5
 DEFAULT_STOP_TIMEOUT = 120.0
-FINISHED_STATUSES = ("succeeded", "failed", "stopped")
-FAILED_STATUSES = ("failed", "stopped")
+FAILED_STATUSES = (JobStatus.FAILED, JobStatus.STOPPED)
 
 
 class CliError(Exception):
@@ -94,7 +96,7 @@ class Context:
 
     def journal(self):
         """Every controller's journal of the state directory, read-only: safe while they write."""
-        from fray_tpu.journals import JournalSet
+        from fray_tpu.state.journals import JournalSet
 
         if self._journal is None:
             self._journal = JournalSet(self.state_dir)
@@ -163,12 +165,13 @@ def spec_state_dir(spec: str, environ) -> Path:
     read without validating the rest of the spec."""
     from urllib.parse import parse_qsl
 
-    from fray_tpu.journal import default_state_dir
+    from fray_tpu.state.journal import default_state_dir
 
+    configured = None
     for key, value in parse_qsl(spec.partition("?")[2], keep_blank_values=True):
-        if key.strip().lower().replace("-", "_") == "state_dir" and value.strip():
-            return Path(value.strip()).expanduser()
-    return default_state_dir(environ)
+        if key.strip().lower().replace("-", "_") == "state_dir":
+            configured = value
+    return default_state_dir(environ, configured=configured)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,10 +203,6 @@ def find_job(journal, wanted: str, state_dir: Path):
             message += f" Did you mean: {', '.join(close)}?"
     message += " `fray-tpu jobs` lists the jobs; for another journal give --state-dir or FRAY_TPU_STATE_DIR."
     raise CliError(EXIT_UNKNOWN_JOB, message)
-
-
-def is_finished(status: str) -> bool:
-    return status in FINISHED_STATUSES
 
 
 def status_exit_code(status: str) -> int:
@@ -274,14 +273,14 @@ def resource_dict(resource, now: float) -> dict[str, Any]:
 
 
 def job_summary(row, resources: list, now: float, prices) -> dict[str, Any]:
-    from fray_tpu.accounting import cost_of
+    from fray_tpu.costs import cost_of
 
     return {
         "job_id": row.job_id, "name": row.name, "status": row.status, "phase": row.phase, "kind": row.kind,
         "tpu_type": row.tpu_type, "slice_count": row.slice_count, "attempts": attempts_of(row),
         "created": row.created, "finished": row.finished, "age_seconds": round(now - row.created, 1),
         "error_message": row.error_message,
-        "live_slices": sum(1 for r in resources if r.state not in ("deleted", "failed")),
+        "live_slices": sum(1 for r in resources if ResourceState(r.state).live),
         "cost": cost_of(row.extra, resources, now, prices).to_dict(),
     }
 
@@ -320,7 +319,7 @@ def cmd_status(ctx: Context) -> int:
     summary = job_summary(row, resources, now, PriceTable.from_env())
     tasks = [{"name": name, "status": status, "error_message": error}
              for name, (status, error) in zip(row.task_names, row.task_statuses)]
-    live = [resource_dict(r, now) for r in resources if r.state not in ("deleted", "failed")]
+    live = [resource_dict(r, now) for r in resources if ResourceState(r.state).live]
     if ctx.args.json:
         print_json({**summary, "tasks": tasks, "counters": row.counters, "capacity": row.extra.get("capacity"),
                     "live_slices": live, "state_dir": str(ctx.state_dir)})
@@ -570,7 +569,7 @@ def slice_price(tpu_type: str | None, capacity: str, prices) -> tuple[int, float
 
 
 def cmd_gc(ctx: Context) -> int:
-    from fray_tpu.gc import collect
+    from fray_tpu.ops.gc import collect
 
     journal = ctx.journal()
     live_jobs = [row.job_id for row in journal.jobs(unfinished_only=True)]
@@ -598,7 +597,7 @@ def cmd_gc(ctx: Context) -> int:
 
 def cmd_plan(ctx: Context) -> int:
     from fray_tpu.costs import PriceTable
-    from fray_tpu.plan_report import plan_report
+    from fray_tpu.ops.plan_report import plan_report
 
     regions = [r.strip() for r in ctx.args.regions.split(",") if r.strip()] if ctx.args.regions else None
     report = plan_report(ctx.args.tpu_type, ctx.args.slices, regions, ctx.args.capacity, ctx.config,
@@ -715,7 +714,7 @@ def run_command(args: argparse.Namespace) -> int:
     from google.auth import exceptions as auth_exceptions
 
     from fray_tpu.errors import ConfigError, CredentialsError, ProvisioningError
-    from fray_tpu.journal import JournalError
+    from fray_tpu.state.journal import JournalError
 
     ctx = None
     try:
