@@ -81,7 +81,6 @@ from fray_tpu.topology import RUNTIME_VERSIONS
 
 PRICES_ENV = "FRAY_TPU_PRICES"
 GENERATIONS: tuple[str, ...] = tuple(RUNTIME_VERSIONS)
-PRICES_READ_ON = "2026-11-27"
 
 # USD per chip-hour; see the module docstring for the sources ([S], [T]) and assumptions.
 _DEFAULT_PRICES: dict[str, dict[str, float]] = {

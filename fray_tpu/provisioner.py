@@ -234,11 +234,6 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, _TRANSIENT)
 
 
-def is_quota_error(error: BaseException) -> bool:
-    """A create POST refused for quota (429 / RESOURCE_EXHAUSTED)."""
-    return isinstance(error, api_exceptions.TooManyRequests)
-
-
 def operation_error_text(code: int, message: str) -> str:
     """``stockout (code 8): …`` for capacity errors so callers can tell them apart."""
     if code == code_pb2.RESOURCE_EXHAUSTED:

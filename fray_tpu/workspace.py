@@ -58,7 +58,6 @@ RACY_MTIME_SECONDS = 2.0
 # How far up from the workspace to look for the git work tree that contains it.
 MAX_REPOSITORY_DEPTH = 64
 _GZIP_LEVEL = 1
-_READ_CHUNK = 1024 * 1024
 
 
 class WorkspaceTooLargeError(ConfigError):

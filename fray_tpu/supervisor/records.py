@@ -4,8 +4,8 @@ Thread-safe; written by the job's supervisor, read by poll/monitor/list_jobs. Th
 bounded ring (a job runs for days): ``monitor`` reads from a cursor and is told how many lines
 it missed if it fell behind, instead of the controller's memory growing without end.
 
-With a journal attached, every change is written through to it, so a controller that restarts
-on the same state directory sees the job as it was.
+Every change is written through to the job's journal, so a controller that restarts on the
+same state directory sees the job as it was.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class LogChunk:
 
 
 class JobRecord:
-    def __init__(self, job_id: JobId, name: str, task_names: list[str], log_capacity: int = DEFAULT_LOG_CAPACITY,
-                 journal: Journal | None = None):
+    def __init__(self, job_id: JobId, name: str, task_names: list[str], journal: Journal,
+                 log_capacity: int = DEFAULT_LOG_CAPACITY):
         self.job_id = job_id
         self.journal = journal
         self.name = name
@@ -87,7 +87,7 @@ class JobRecord:
                 self._lines.append(line)
                 self._appended += 1
             self._changed.notify_all()
-        if self.journal is not None and lines:
+        if lines:
             self.journal.append_output(self.job_id, lines)
 
     def _task_rows(self) -> list[tuple[str, str | None]]:
@@ -95,11 +95,10 @@ class JobRecord:
             return [(str(t.status), t.error_message) for t in self._tasks]
 
     def _save(self, **fields) -> None:
-        if self.journal is not None:
-            self.journal.update_job(self.job_id, **fields)
+        self.journal.update_job(self.job_id, **fields)
 
     @classmethod
-    def from_row(cls, row: JobRow, journal: Journal | None = None) -> JobRecord:
+    def from_row(cls, row: JobRow, journal: Journal) -> JobRecord:
         """A job as the journal last saw it (a restarted controller's view)."""
         record = cls(JobId(row.job_id), row.name, list(row.task_names), journal=journal)
         record.created = row.created

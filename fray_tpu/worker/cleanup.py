@@ -19,7 +19,6 @@ from pathlib import Path
 
 from fray_tpu.contract import ATTEMPT_TOKEN_ENV as TOKEN_ENV
 
-LOCKFILE_NAME = "libtpu_lockfile"
 TPU_DEVICE_GLOBS = ("/dev/vfio/[0-9]*", "/dev/accel*")
 _PROC = Path("/proc")
 

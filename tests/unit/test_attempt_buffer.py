@@ -98,7 +98,7 @@ def test_a_job_printing_faster_than_the_journal_keeps_memory_flat_and_reports_dr
     within a few MB (buffer + output ring), the job still succeeds, and its output says exactly
     how many lines were dropped."""
     journal = SlowJournal()
-    record = JobRecord("job-chatty", "chatty", ["slice-0/worker-0"], log_capacity=1000, journal=journal)
+    record = JobRecord("job-chatty", "chatty", ["slice-0/worker-0"], journal, log_capacity=1000)
     run = ChattyRun(batches=2000, max_bytes=1 << 20)
     slots = [TaskSlot(0, 0, 0, "slice-0/worker-0")]
     watch = GangWatch(slots, gang=True, clock=time.monotonic, poll_interval=0.2)

@@ -1,6 +1,6 @@
 """Test hosts for the agent: one `python -m fray_tpu.worker` process per loopback IP, each with
 its own small metadata server and working directory (what the emulator gives a VM, minus the
-TPU API). Also checks the metadata client against that server.
+TPU API).
 """
 
 from __future__ import annotations
@@ -261,41 +261,3 @@ def one_host(tmp_path):
     test_slice.wait_until_up()
     yield test_slice
     teardown_slice(test_slice)
-
-
-# -- the metadata client against this server ---------------------------------------------------
-
-@pytest.fixture
-def metadata_server():
-    server = FakeMetadata("127.0.0.1", {"answer": "42"}, "vm-0")
-    yield server
-    server.close()
-
-
-def test_metadata_client_reads_attributes_and_misses(metadata_server):
-    client = md.MetadataClient(metadata_server.address)
-    assert client.attribute("answer") == "42"
-    assert client.attribute("absent") is None
-    with pytest.raises(md.MetadataError, match="absent"):
-        client.required_attribute("absent")
-
-
-def test_metadata_client_names_an_unreachable_server():
-    client = md.MetadataClient("127.0.0.1:9", timeout=0.5, attempts=2, backoff=0.01)
-    with pytest.raises(md.MetadataError, match="127.0.0.1:9"):
-        client.attribute("answer")
-
-
-def test_preemption_watcher_latches_only_on_exactly_true(metadata_server):
-    seen = threading.Event()
-    watcher = md.PreemptionWatcher(md.MetadataClient(metadata_server.address), seen.set, poll_interval=0.05,
-                                   wait_seconds=5)
-    watcher.start()
-    try:
-        metadata_server.set_preempted("true")
-        assert not seen.wait(0.3), "a lowercase 'true' must not count as preempted"
-        metadata_server.set_preempted("TRUE")
-        assert seen.wait(5), "the watcher did not report TRUE within 5 s"
-        assert watcher.preempted
-    finally:
-        watcher.stop()

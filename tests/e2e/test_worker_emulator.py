@@ -21,7 +21,7 @@ from fray_tpu.channel import (
     LogBatch,
 )
 from fray_tpu.worker import metadata as md
-from test_worker_harness import collect
+from worker_host import collect
 
 
 ZONE = "us-west4-a"

@@ -484,7 +484,7 @@ def test_writer_sigkilled_mid_stream_leaves_a_readable_consistent_db(tmp_path: P
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )
     try:
         assert read_line(writer, "starting to write") == "writing"

@@ -15,7 +15,7 @@ import pytest
 from fray_tpu import tls
 from fray_tpu.channel import AgentAuthError, AgentClient, AttemptExit, AttemptSpec, ChannelError, Classification
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
-from test_worker_harness import collect, make_slice, one_host, processes_marked, teardown_slice  # noqa: F401 (fixture)
+from worker_host import collect, make_slice, one_host, processes_marked, teardown_slice  # noqa: F401 (fixture)
 
 EVENT_TIMEOUT = 30.0
 

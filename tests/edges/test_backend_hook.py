@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-STANDIN_FRAY = Path(__file__).parent / "standin_fray"
+STANDIN_FRAY = Path(__file__).parents[1] / "standin_fray"
 HOOK_VARIABLES = ("FRAY_BACKEND", "FRAY_CLUSTER_SPEC")
 INTERPRETER_TIMEOUT = 60.0
 
@@ -62,7 +62,7 @@ def run_fresh(code: str, *, env: dict[str, str], with_standin: bool = True) -> d
     paths = [str(STANDIN_FRAY)] if with_standin else []
     environ["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
     result = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True,
-                            timeout=INTERPRETER_TIMEOUT, cwd=Path(__file__).parent)
+                            timeout=INTERPRETER_TIMEOUT, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 

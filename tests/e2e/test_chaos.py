@@ -28,8 +28,8 @@ from fray_tpu.config import TpuClusterConfig
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 from fray_tpu.naming import LABEL_JOB, LABEL_SLICE, label_value
 
-from .host_jobs import wait_for_file, write_json
-from .scenarios import wait_for
+from fake_gcp.host_jobs import wait_for_file, write_json
+from fake_gcp.scenarios import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

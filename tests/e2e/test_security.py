@@ -35,7 +35,7 @@ from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStat
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
 from fray_tpu.worker import metadata as md
 from fray_tpu.worker.auth import bearer_metadata
-from test_worker_harness import AGENT_PORT, collect, make_slice, teardown_slice
+from worker_host import AGENT_PORT, collect, make_slice, teardown_slice
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -19,7 +19,7 @@ from fray_tpu.channel import (
     LogBatch,
     PrepareFailed,
 )
-from test_worker_harness import collect, make_slice, teardown_slice
+from worker_host import collect, make_slice, teardown_slice
 
 EVENT_TIMEOUT = 30.0
 
