@@ -122,6 +122,8 @@ class TpuJobSupervisor(JobSupervisor):
         failed = self._prepare(specs)
         if failed:
             return failed
+        if self.stop_requested.is_set():
+            raise JobStopped  # terminated while the hosts prepared: start nothing
         run = TpuGangRun(attempt_id, self.gang.clients(), self.slices.slices, self.context.provisioner,
                          self.gang.liveness)
         self.record.set_attempt(attempt, attempt_id)

@@ -283,3 +283,18 @@ def test_random_attempts_keep_the_watch_invariants(seed):
         assert failed_seen and verdict.culprit.outcome is TaskOutcome.FAILED
     elif verdict.outcome is AttemptOutcome.BAD_HOST:
         assert bad_seen
+
+
+def test_liveness_counts_a_host_silent_only_after_the_deadline():
+    """A host is silent once nothing was heard from it for longer than the deadline; hearing revives it."""
+    from fray_tpu.supervisor.gang import Liveness
+
+    clock = Clock()
+    liveness = Liveness(30.0, clock)
+    liveness.heard("a")
+    liveness.heard("b")
+    clock.now += 30.0
+    assert liveness.silent(["a", "b"]) == set()
+    liveness.heard("b")
+    clock.now += 0.1
+    assert liveness.silent(["a", "b", "never-heard"]) == {"a"}
