@@ -463,7 +463,7 @@ def test_threads_writing_concurrently_lose_nothing(journal: Journal):
 WRITE_FOREVER = """
 import sys, time
 from fray_tpu.state.journal import Journal
-from tests.test_journal import make_job, make_resource
+from tests.edges.test_journal import make_job, make_resource
 journal = Journal(sys.argv[1], controller_id="doomed")
 journal.add_job(make_job())
 print("writing", flush=True)
