@@ -425,6 +425,14 @@ def _all_table_zones() -> set[str]:
     return {z for zones in topology.GENERATION_ZONES.values() for z in zones}
 
 
+def configured_zones(config: TpuClusterConfig) -> list[str]:
+    """Every zone the config's zones and regions name, for any generation (every zone fray-tpu
+    knows when it names none), sorted."""
+    known = _all_table_zones()
+    chosen = set(config.zones) | {z for z in known if z.rsplit("-", 1)[0] in config.regions}
+    return sorted(chosen or known)
+
+
 def _is_real_location(name: str) -> bool:
     if name in GCP_REGIONS or name in _all_table_zones():
         return True

@@ -77,7 +77,7 @@ from typing import Any
 from fray_tpu.config import CAPACITY_CLASSES
 from fray_tpu.errors import ConfigError
 from fray_tpu.state.journal import ResourceState
-from fray_tpu.topology import RUNTIME_VERSIONS
+from fray_tpu.topology import RUNTIME_VERSIONS, get_tpu_topology
 
 PRICES_ENV = "FRAY_TPU_PRICES"
 GENERATIONS: tuple[str, ...] = tuple(RUNTIME_VERSIONS)
@@ -319,6 +319,22 @@ class JobAccount:
                     attempt=attempt.attempt, running_from=attempt.started, running_until=attempt.ended,
                     preempted=attempt.outcome == "preempted" and resource.name in attempt.lost, **common))
         return intervals
+
+
+def slice_rate(tpu_type: str | None, capacity: str, prices: PriceTable) -> tuple[int, float | None]:
+    """(chips, USD per chip-hour) of a slice; (0, None) for a type this fray-tpu does not know."""
+    if not tpu_type:
+        return 0, None
+    try:
+        shape = get_tpu_topology(tpu_type)
+        return shape.chip_count, prices.price(shape.generation, capacity)
+    except ConfigError:
+        return 0, None
+
+
+def usd_for(chips: int, usd_per_chip_hour: float, seconds: float) -> float:
+    """What ``chips`` chips cost for ``seconds`` at ``usd_per_chip_hour``."""
+    return chips * usd_per_chip_hour * seconds / _SECONDS_PER_HOUR
 
 
 def cost_of(extra: Mapping[str, Any] | None, resources: Sequence[Any], now: float,

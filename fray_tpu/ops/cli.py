@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fray_tpu.costs import JobAccount
 from fray_tpu.fray_api import JobStatus, is_finished
 from fray_tpu.state.journal import ResourceState
 
@@ -129,15 +130,9 @@ class Context:
     def zones(self) -> list[str]:
         """The zones to list: the config's zones and regions (every zone fray-tpu knows when it
         names none), plus every zone the journal recorded a resource in."""
-        from fray_tpu import topology
+        from fray_tpu.config import configured_zones
 
-        known = [z for zones in topology.GENERATION_ZONES.values() for z in zones]
-        chosen: list[str] = list(self.config.zones)
-        chosen += [z for z in known if z.rsplit("-", 1)[0] in self.config.regions]
-        if not chosen:
-            chosen = known
-        chosen += [r.zone for r in self.journal().resources()]
-        return sorted(set(chosen))
+        return sorted({*configured_zones(self.config), *(r.zone for r in self.journal().resources())})
 
     def close(self) -> None:
         if self._provisioner is not None:
@@ -321,8 +316,9 @@ def cmd_status(ctx: Context) -> int:
              for name, (status, error) in zip(row.task_names, row.task_statuses)]
     live = [resource_dict(r, now) for r in resources if ResourceState(r.state).live]
     if ctx.args.json:
-        print_json({**summary, "tasks": tasks, "counters": row.counters, "capacity": row.extra.get("capacity"),
-                    "live_slices": live, "state_dir": str(ctx.state_dir)})
+        print_json({**summary, "tasks": tasks, "counters": row.counters,
+                    "capacity": JobAccount.from_extra(row.extra).capacity, "live_slices": live,
+                    "state_dir": str(ctx.state_dir)})
         return status_exit_code(row.status)
     print(render_status(row, summary, tasks, live, now))
     return status_exit_code(row.status)
@@ -332,7 +328,7 @@ def render_status(row, summary: dict, tasks: list[dict], live: list[dict], now: 
     cost = summary["cost"]
     counters = ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in sorted(row.counters.items())) or "-"
     ended = f"{utc_text(row.finished)} (after {human_age(row.finished - row.created)})" if row.finished else "-"
-    capacity = row.extra.get("capacity")
+    capacity = JobAccount.from_extra(row.extra).capacity
     facts = [
         ("job", row.job_id),
         ("name", row.name),
@@ -497,7 +493,7 @@ def describe_slices(ctx: Context, observed: list) -> list[dict[str, Any]]:
     """Each observation with its type, age and cost so far: from the journal when it recorded
     the resource, else from the API (one get per resource unknown to this journal)."""
     from fray_tpu import naming
-    from fray_tpu.costs import PriceTable
+    from fray_tpu.costs import PriceTable, slice_rate, usd_for
 
     journal = ctx.journal()
     recorded = {(r.name, r.zone): r for r in journal.resources()}
@@ -510,18 +506,18 @@ def describe_slices(ctx: Context, observed: list) -> list[dict[str, Any]]:
         resource = recorded.get((o.name, o.zone))
         if resource is not None:
             tpu_type, created = resource.tpu_type, resource.created
-            capacity = (job.extra.get("capacity") if job else None) or ctx.config.capacity
+            capacity = (JobAccount.from_extra(job.extra).capacity if job else None) or ctx.config.capacity
         else:
             tpu_type, created, capacity = cloud_details(ctx, o)
-        chips, price = slice_price(tpu_type, capacity, prices)
+        chips, price = slice_rate(tpu_type, capacity, prices)
         rows.append({
             "name": o.name, "zone": o.zone, "tpu_type": tpu_type, "state": o.describe(), "health": o.health,
             "queued_state": o.queued_state, "job": job.job_id if job else o.labels.get(naming.LABEL_JOB),
             "job_in_journal": job is not None, "attempt": o.labels.get(naming.LABEL_ATTEMPT),
             "controller": o.labels.get(naming.LABEL_CONTROLLER), "capacity": capacity, "chips": chips,
             "created": created, "age_seconds": round(now - created, 1) if created else None,
-            "usd_per_hour": round(chips * price, 4) if price is not None else None,
-            "usd_so_far": round(chips * price * (now - created) / 3600.0, 4) if price is not None and created else None,
+            "usd_per_hour": round(usd_for(chips, price, 3600.0), 4) if price is not None else None,
+            "usd_so_far": round(usd_for(chips, price, now - created), 4) if price is not None and created else None,
         })
     return rows
 
@@ -552,20 +548,6 @@ def _epoch(timestamp) -> float | None:
     except (AttributeError, ValueError, OSError):
         return None
     return value if value > 0 else None
-
-
-def slice_price(tpu_type: str | None, capacity: str, prices) -> tuple[int, float | None]:
-    """(chips, USD per chip-hour) of a slice; (0, None) for a type this fray-tpu does not know."""
-    from fray_tpu import topology
-    from fray_tpu.errors import ConfigError
-
-    if not tpu_type:
-        return 0, None
-    try:
-        shape = topology.get_tpu_topology(tpu_type)
-        return shape.chip_count, prices.price(shape.generation, capacity)
-    except ConfigError:
-        return 0, None
 
 
 def cmd_gc(ctx: Context) -> int:

@@ -203,3 +203,12 @@ def test_config_zones_narrow_per_generation():
 def test_resolve_zones_rejects_unknown_types_first():
     with pytest.raises(UnknownTpuTypeError, match="v5litepod-16"):
         resolve_zones("v5e-16", ["europe-west4"])
+
+
+def test_configured_zones_for_the_operator():
+    """The zones a config names (zones, and the known zones of its regions); every known zone when none."""
+    from fray_tpu.config import configured_zones
+
+    config = TpuClusterConfig(emulate=True, zones=["us-west4-a"], regions=["us-central2"])
+    assert configured_zones(config) == ["us-central2-b", "us-west4-a"]
+    assert len(configured_zones(TpuClusterConfig(emulate=True))) > 5

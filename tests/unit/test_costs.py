@@ -226,3 +226,30 @@ def test_to_dict_rounds():
 def test_one_slice_id_with_two_shapes_is_rejected():
     with pytest.raises(ValueError, match="Slice 3"):
         job_cost([interval(slice_id=3, chips=4), interval(slice_id=3, chips=8)], now=10, prices=PriceTable.default())
+
+
+def test_the_journal_record_round_trips_and_reads_old_rows():
+    """JobAccount writes the journal's extra column in the shape it always had, and reads it back."""
+    from fray_tpu.costs import AttemptAccount, JobAccount
+
+    account = JobAccount("v5e", "spot", [AttemptAccount(1, 10.0, ["s-0"], ended=20.0, outcome="preempted",
+                                                        lost=["s-0"]), AttemptAccount(2, 30.0, ["s-1"])])
+    extra = account.to_extra()
+    assert extra == {"generation": "v5e", "capacity": "spot", "attempts": [
+        {"attempt": 1, "started": 10.0, "slices": ["s-0"], "ended": 20.0, "outcome": "preempted", "lost": ["s-0"]},
+        {"attempt": 2, "started": 30.0, "slices": ["s-1"]}]}
+    assert JobAccount.from_extra(extra) == account
+    assert JobAccount.from_extra(extra).open_attempt().attempt == 2
+    assert JobAccount.from_extra({}) == JobAccount()
+
+
+def test_slice_rate_and_usd():
+    """A slice's chips and price come from the topology and the price table; unknown types have none."""
+    from fray_tpu.costs import slice_rate, usd_for
+
+    prices = PriceTable.default()
+    chips, price = slice_rate("v5litepod-16", "on-demand", prices)
+    assert chips == 16 and price == prices.price("v5e", "on-demand")
+    assert slice_rate("v9-unknown", "on-demand", prices) == (0, None)
+    assert slice_rate(None, "spot", prices) == (0, None)
+    assert usd_for(16, 1.5, 1800.0) == pytest.approx(12.0)
