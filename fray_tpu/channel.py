@@ -15,7 +15,6 @@ Memory stays bounded everywhere and nothing is lost silently. A broken stream is
 
 from __future__ import annotations
 
-import enum
 import threading
 import time
 from collections import deque
@@ -27,6 +26,15 @@ from typing import Any
 import grpc
 
 from fray_tpu import tls
+from fray_tpu.attempt_events import (  # noqa: F401 - channel.LogBatch etc. are the events' usual names
+    AttemptEvent,
+    AttemptExit,
+    AttemptStarted,
+    Classification,
+    EventsLost,
+    LogBatch,
+    PreemptionNotice,
+)
 from fray_tpu.contract import AUTH_METADATA_KEY, FAILURE_KIND_KEY, PrepareFailureKind
 from fray_tpu.errors import DeadlineExceeded, FrayTpuError
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
@@ -54,15 +62,6 @@ _KEEPALIVE_OPTIONS = [
 ]
 
 
-class Classification(enum.StrEnum):
-    OK = "OK"
-    USER_FAILURE = "USER_FAILURE"
-    BAD_HOST = "BAD_HOST"
-    PREEMPTED = "PREEMPTED"
-    CANCELLED = "CANCELLED"
-    UNSPECIFIED = "UNSPECIFIED"
-
-
 _CLASSIFICATIONS = {
     worker_pb2.OK: Classification.OK,
     worker_pb2.USER_FAILURE: Classification.USER_FAILURE,
@@ -71,50 +70,6 @@ _CLASSIFICATIONS = {
     worker_pb2.CANCELLED: Classification.CANCELLED,
 }
 _STREAMS = {worker_pb2.STDOUT: "stdout", worker_pb2.STDERR: "stderr"}
-
-
-# -- events the supervisor consumes --------------------------------------------------------
-
-@dataclass(frozen=True)
-class AttemptStarted:
-    pid: int
-    timestamp: float
-    seq: int = 0
-
-
-@dataclass(frozen=True)
-class LogBatch:
-    stream: str  # "stdout" | "stderr"
-    lines: list[str]
-    timestamp: float  # when the agent read the first line (Unix time)
-    seq: int = 0
-
-
-@dataclass(frozen=True)
-class AttemptExit:
-    code: int | None  # None when a signal ended the process
-    signal: int | None
-    classification: Classification
-    stderr_tail: str
-    reason: str = ""
-    seq: int = 0
-
-
-@dataclass(frozen=True)
-class PreemptionNotice:
-    timestamp: float
-    seq: int = 0
-
-
-@dataclass(frozen=True)
-class EventsLost:
-    """The agent's ring no longer held events requested_from_seq .. first_available_seq - 1."""
-
-    requested_from_seq: int
-    first_available_seq: int
-
-
-AttemptEvent = AttemptStarted | LogBatch | AttemptExit | PreemptionNotice | EventsLost
 
 
 # -- requests and answers ------------------------------------------------------------------

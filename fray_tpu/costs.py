@@ -76,7 +76,7 @@ from typing import Any
 
 from fray_tpu.config import CAPACITY_CLASSES
 from fray_tpu.errors import ConfigError
-from fray_tpu.state.journal import ResourceState
+from fray_tpu.state import ResourceState
 from fray_tpu.topology import RUNTIME_VERSIONS, get_tpu_topology
 
 PRICES_ENV = "FRAY_TPU_PRICES"

@@ -30,11 +30,11 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from fray_tpu.errors import FrayTpuError
+from fray_tpu.state import DEAD_RESOURCE_STATES, RESOURCE_STATES, ResourceState  # noqa: F401 - re-exported
 
 SCHEMA_VERSION = 1
 DB_FILENAME = "journal.sqlite3"
@@ -46,25 +46,6 @@ BUSY_TIMEOUT_MS = 10_000
 JOB_KINDS = ("tpu", "cpu")
 RESOURCE_KINDS = ("node", "queued")
 STATE_DIR_ENV = "FRAY_TPU_STATE_DIR"
-
-
-class ResourceState(StrEnum):
-    """A slice's life as the journal records it (recorded before it is created)."""
-
-    CREATING = "creating"
-    READY = "ready"
-    DELETING = "deleting"
-    DELETED = "deleted"
-    FAILED = "failed"  # its create failed; acquire deleted whatever it made
-
-    @property
-    def live(self) -> bool:
-        """Whether the resource may still exist (and cost money)."""
-        return self not in DEAD_RESOURCE_STATES
-
-
-RESOURCE_STATES = tuple(ResourceState)
-DEAD_RESOURCE_STATES = (ResourceState.DELETED, ResourceState.FAILED)
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None, *, configured: str | None = None) -> Path:

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from fray_tpu import channel
+from fray_tpu import attempt_events as events
 from fray_tpu.decisions import AttemptVerdict
 from fray_tpu.fray_api import JobStatus
 from fray_tpu.supervisor.records import JobRecord
@@ -55,7 +55,7 @@ def in_parallel(fn: Callable, items: Sequence) -> list:
 
 
 def _size(event: object) -> int:
-    if isinstance(event, channel.LogBatch):
+    if isinstance(event, events.LogBatch):
         return sum(len(line) + _LINE_OVERHEAD for line in event.lines)
     return _LINE_OVERHEAD
 
@@ -79,7 +79,7 @@ class AttemptBuffer:
         size = _size(event)
         with self._cond:
             full = len(self._items) >= self.max_events or self._bytes + size > self.max_bytes
-            if full and isinstance(event, channel.LogBatch):
+            if full and isinstance(event, events.LogBatch):
                 self._dropped[index] = self._dropped.get(index, 0) + len(event.lines)
                 self.dropped_lines += len(event.lines)
                 return

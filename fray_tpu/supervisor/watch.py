@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from fray_tpu import channel
+from fray_tpu import attempt_events as events
 from fray_tpu.decisions import AttemptVerdict, TaskEnd, TaskOutcome, judge_attempt
 from fray_tpu.fray_api import JobStatus
 from fray_tpu.multislice import TaskSlot
@@ -26,12 +26,12 @@ CANCEL_REPORT_SECONDS = 30.0
 PROGRESS_PREFIX = "[fray-tpu] "
 
 _OUTCOMES = {
-    channel.Classification.OK: TaskOutcome.SUCCEEDED,
-    channel.Classification.USER_FAILURE: TaskOutcome.FAILED,
-    channel.Classification.BAD_HOST: TaskOutcome.BAD_HOST,
-    channel.Classification.PREEMPTED: TaskOutcome.PREEMPTED,
-    channel.Classification.CANCELLED: TaskOutcome.CANCELLED,
-    channel.Classification.UNSPECIFIED: TaskOutcome.FAILED,
+    events.Classification.OK: TaskOutcome.SUCCEEDED,
+    events.Classification.USER_FAILURE: TaskOutcome.FAILED,
+    events.Classification.BAD_HOST: TaskOutcome.BAD_HOST,
+    events.Classification.PREEMPTED: TaskOutcome.PREEMPTED,
+    events.Classification.CANCELLED: TaskOutcome.CANCELLED,
+    events.Classification.UNSPECIFIED: TaskOutcome.FAILED,
 }
 _TASK_STATUS = {
     TaskOutcome.SUCCEEDED: JobStatus.SUCCEEDED,
@@ -85,7 +85,7 @@ class AllRunning:
 Effect = AppendLines | SetTask | CancelGang | AllRunning
 
 
-def end_from_exit(slot: TaskSlot, event: channel.AttemptExit) -> TaskEnd:
+def end_from_exit(slot: TaskSlot, event: events.AttemptExit) -> TaskEnd:
     return TaskEnd(
         task_index=slot.index,
         slice_id=slot.slice_id,
@@ -171,21 +171,21 @@ class GangWatch:
         """One event of task ``index``: a channel event, an exception (its channel broke),
         ``StreamEnded`` or ``LinesDropped``."""
         slot = self.slots[index]
-        if isinstance(event, channel.LogBatch):
+        if isinstance(event, events.LogBatch):
             return [AppendLines(tuple(f"[{slot.label}] {line}" for line in event.lines))]
-        if isinstance(event, channel.AttemptStarted):
+        if isinstance(event, events.AttemptStarted):
             self._started.add(index)
             effects: list[Effect] = [SetTask(index, JobStatus.RUNNING)]
             if len(self._started) == len(self.slots):
                 effects.append(AllRunning(len(self.slots)))
                 effects.append(AppendLines((f"{PROGRESS_PREFIX}running on all {len(self.slots)} task(s)",)))
             return effects
-        if isinstance(event, channel.AttemptExit):
+        if isinstance(event, events.AttemptExit):
             return self._finish(slot, end_from_exit(slot, event))
-        if isinstance(event, channel.PreemptionNotice):
+        if isinstance(event, events.PreemptionNotice):
             self._noticed.add(slot.slice_id)
             return self._cancel(f"{slot.label} is being preempted")
-        if isinstance(event, channel.EventsLost):
+        if isinstance(event, events.EventsLost):
             missed = event.first_available_seq - event.requested_from_seq
             return [AppendLines((f"[{slot.label}] {PROGRESS_PREFIX}{missed} output event(s) dropped by the host's buffer",))]
         if isinstance(event, LinesDropped):

@@ -7,7 +7,7 @@ import threading
 import time
 import tracemalloc
 
-from fray_tpu.channel import AttemptExit, AttemptStarted, Classification, LogBatch
+from fray_tpu.attempt_events import AttemptExit, AttemptStarted, Classification, LogBatch
 from fray_tpu.decisions import AttemptOutcome
 from fray_tpu.supervisor.attempt import AttemptBuffer, AttemptRun, follow_attempt
 from fray_tpu.supervisor.records import JobRecord

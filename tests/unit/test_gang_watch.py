@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from fray_tpu.channel import AttemptExit, AttemptStarted, Classification, EventsLost, LogBatch, PreemptionNotice
+from fray_tpu.attempt_events import AttemptExit, AttemptStarted, Classification, EventsLost, LogBatch, PreemptionNotice
 from fray_tpu.decisions import Action, AttemptOutcome, JobCounters, RetryLimits, TaskOutcome, decide
 from fray_tpu.fray_api import JobStatus
 from fray_tpu.supervisor.watch import (

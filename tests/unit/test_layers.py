@@ -119,3 +119,21 @@ def test_the_vm_side_imports_no_controller_module():
 def test_the_vocabulary_does_not_build_clusters():
     """fray_api.py describes Fray's types; choosing and building a cluster is backend.py's."""
     assert not import_graph()["fray_tpu.fray_api"] & {"fray_tpu.cluster", "fray_tpu.local_runner", "fray_tpu.backend"}
+
+
+PURE_MODULES = ("fray_tpu.decisions", "fray_tpu.multislice", "fray_tpu.planning", "fray_tpu.costs",
+                "fray_tpu.attempt_events", "fray_tpu.supervisor.phases", "fray_tpu.supervisor.capacity",
+                "fray_tpu.supervisor.watch")
+
+
+def test_the_pure_layers_load_no_edge():
+    """Importing every pure policy loads no gRPC, no cloud client and no edge or shell module."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in PURE_MODULES) +
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google') or m in "
+            "('fray_tpu.channel', 'fray_tpu.provisioner', 'fray_tpu.cluster', 'fray_tpu.state.journal')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
