@@ -199,8 +199,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             spec.attempt_id,
             LaunchPlan(argv=argv, env=self._attempt_env(spec, env_vars, workspace), cwd=workspace or attempt_dir,
                        hold=callable_payload),
-            record_token=self._cleaner.record,
-            forget_token=self._cleaner.forget,
+            host=self._cleaner,
             is_preempted=self._preempted.is_set,
         )
         slot.attempt.prespawn()

@@ -79,14 +79,12 @@ class LineSplitter:
 
 
 class Attempt:
-    def __init__(self, attempt_id: str, plan: LaunchPlan, *, record_token: Callable[[str], None],
-                 is_preempted: Callable[[], bool], events: EventLog | None = None,
-                 forget_token: Callable[[str], None] = lambda token: None):
+    def __init__(self, attempt_id: str, plan: LaunchPlan, *, host: cleanup.HostCleaner,
+                 is_preempted: Callable[[], bool], events: EventLog | None = None):
         self.attempt_id = attempt_id
         self.events = events or EventLog()
         self._plan = plan
-        self._record_token = record_token
-        self._forget_token = forget_token
+        self._host = host
         self._is_preempted = is_preempted
         self._lock = threading.Lock()
         self._state = worker_pb2.PREPARED
@@ -133,14 +131,14 @@ class Attempt:
                 started=worker_pb2.Started(pid=self._process.pid, timestamp=time.time())))
 
     def _spawn(self) -> None:
-        self._record_token(self._token)
+        self._host.record(self._token)
         env = dict(self._plan.env)
         env[cleanup.TOKEN_ENV] = self._token
         if self._plan.hold:
             env[HOLD_ENV] = "1"
         try:
             self._process = subprocess.Popen(
-                self._plan.argv,
+                self._host.tracked_argv(self._token, self._plan.argv),
                 stdin=subprocess.PIPE if self._plan.hold else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -149,11 +147,14 @@ class Attempt:
                 start_new_session=True,
                 close_fds=True,
             )
-        except OSError as error:
-            # What a shell reports for a command it cannot run: exit 127 with the reason.
-            self._stderr_tail = f"cannot start {self._plan.argv[0]!r}: {error}".encode()
+        except Exception as error:  # noqa: BLE001 - argv, env and cwd come from the job's request
+            # What a shell reports for a command it cannot run: exit 127 with the reason, the
+            # job's failure (a NUL byte in an env var is a ValueError, not a broken host).
+            self._stderr_tail = (f"cannot start {self._plan.argv[0]!r}: "
+                                 f"{type(error).__name__}: {error}").encode()
             self._finish(returncode=127, started=False)
             return
+        self._host.started(self._process.pid)
         for pipe in (self._process.stdout, self._process.stderr):
             try:
                 fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
@@ -208,11 +209,12 @@ class Attempt:
         process = self._process
         assert process is not None
         returncode = process.wait()
+        self._host.exited(process.pid)
         # Whatever the main process left behind would hold the TPU: the attempt ends with it, and
         # its exit is reported only once they are gone.
         self._signal_everything(signal.SIGKILL)
         if cleanup.wait_until(lambda: not self._members(), time.monotonic() + KILL_WAIT_SECONDS, 0.01):
-            self._forget_token(self._token)
+            self._host.forget(self._token)
         reader.join(DRAIN_SECONDS)
         if reader.is_alive():
             # Something outside the group still holds the pipes open.
@@ -251,18 +253,13 @@ class Attempt:
         process = self._process
         if process is None:
             return []
-        return sorted(set(cleanup.live_group_members(process.pid)) | set(cleanup.processes_with_tokens({self._token})))
+        return self._host.members(self._token, process.pid)
 
     def _signal_everything(self, sig: int) -> None:
         process = self._process
         if process is None:
             return
-        try:
-            os.killpg(process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        # Children that left the group (setsid) still carry the attempt's token.
-        cleanup.kill_pids(cleanup.processes_with_tokens({self._token}), sig)
+        self._host.signal(self._token, process.pid, sig)
 
     def cancel(self, grace_seconds: float, reason: str = "cancelled") -> bool:
         """SIGTERM to everything of the attempt, SIGKILL after the grace; returns when all is gone.
