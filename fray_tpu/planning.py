@@ -109,13 +109,21 @@ def job_environment(env_vars: Mapping[str, Any] | None, cluster_spec: str) -> di
     """The request's env vars plus FRAY_CLUSTER_SPEC, so nested current_cluster() calls land here."""
     env: dict[str, str] = {}
     for key, value in (env_vars or {}).items():
-        if not isinstance(key, str) or not key or "=" in key:
-            raise ConfigError(f"Environment variable name {key!r} is invalid: use a non-empty string without '='")
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise ConfigError(
+                f"Environment variable name {key!r} is invalid: use a non-empty string without '=' or NUL bytes"
+            )
         if value is None:
             continue
         if not isinstance(value, str):
             raise ConfigError(
                 f"Environment variable {key}={value!r} is a {type(value).__name__}, not a string: pass str({value!r})"
+            )
+        if "\0" in value:
+            # An environment is a list of NUL-terminated strings: no process can be given this one.
+            raise ConfigError(
+                f"Environment variable {key}={value!r} contains a NUL byte, which no process environment can "
+                f"hold: remove it (or encode the value, e.g. base64)"
             )
         env[key] = value
     env["FRAY_CLUSTER_SPEC"] = cluster_spec
@@ -130,6 +138,11 @@ def _payload(request: Any) -> Payload:
         return Payload(kind="callable", pickled=pickle_callable(entry.callable, entry.args, entry.kwargs))
     if not entry.command:
         raise ConfigError("Entrypoint binary is empty: use Entrypoint.from_binary('python', ['-m', 'mod'])")
+    for i, part in enumerate([entry.command, *entry.command_args]):
+        if "\0" in str(part):
+            what = "command" if i == 0 else f"argument {i - 1}"
+            raise ConfigError(f"Entrypoint binary {what} {part!r} contains a NUL byte, which no process can be "
+                              f"given: remove it")
     return Payload(kind="binary", command=entry.command, args=tuple(entry.command_args))
 
 

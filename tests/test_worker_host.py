@@ -202,6 +202,25 @@ def test_a_daemon_that_scrubbed_its_environment_and_called_setsid_ends_with_its_
         teardown_slice(test_slice)
 
 
+@pytest.mark.parametrize("spec_fields", [
+    {"command": "echo", "env": {"SETTING": "a\0b"}},
+    {"command": "echo", "args": ["a\0b"]},
+])
+def test_a_process_that_cannot_be_started_for_its_specs_sake_is_the_jobs_failure(one_host, spec_fields):
+    """Issue 15 point 7: what the spec makes unstartable (Popen's ValueError on a NUL byte, past
+    the controller's own check) ends the attempt as a user failure naming the error; the host
+    stays usable, and is not reported as bad."""
+    client = one_host.client(one_host.hosts[0])
+    attempt_id = f"attempt-{uuid.uuid4().hex[:8]}"
+    client.prepare(AttemptSpec(attempt_id, **spec_fields))
+    finished = collect(client.start(attempt_id), EVENT_TIMEOUT)[-1]
+    assert finished.classification == Classification.USER_FAILURE
+    assert "cannot start 'echo'" in finished.stderr_tail and "ValueError" in finished.stderr_tail
+    after = f"attempt-{uuid.uuid4().hex[:8]}"
+    client.prepare(AttemptSpec(after, command="true"))
+    assert collect(client.start(after), EVENT_TIMEOUT)[-1].code == 0
+
+
 # -- lease ----------------------------------------------------------------------------------------
 
 
