@@ -28,6 +28,11 @@ PIPE_SIZE = 1 << 20
 # A line longer than this is cut, so one endless line cannot grow memory without bound.
 MAX_LINE_BYTES = 1 << 20
 STDERR_TAIL_BYTES = 8 << 10
+# A longer stderr line is kept in the tail as its start and end, so one huge line (an exception
+# with a 1 MB message) cannot push everything before it, or its own start, out of the tail.
+TAIL_LINE_BYTES = 2 << 10
+TAIL_LINE_HEAD_BYTES = 1 << 10
+TAIL_LINE_END_BYTES = 256
 # After the main process exits, how long its pipes may still deliver output before they are cut.
 DRAIN_SECONDS = 5.0
 KILL_WAIT_SECONDS = 10.0
@@ -46,6 +51,24 @@ class LaunchPlan:
     # Start the runner at prepare time, loaded and waiting on stdin for the go byte, so that
     # starting the gang costs a write instead of a Python start-up (the runner honours HOLD_ENV).
     hold: bool = False
+
+
+def shortened_tail(data: bytes, limit: int) -> bytes:
+    """The last lines of `data` (whole lines, newline-joined) within about `limit` bytes, each line
+    longer than TAIL_LINE_BYTES cut to its start and end. Looks at no more lines than it keeps."""
+    kept: list[bytes] = []
+    size = 0
+    end = len(data)
+    while end >= 0 and size < limit:
+        start = data.rfind(b"\n", 0, end) + 1
+        line = data[start:end]
+        if len(line) > TAIL_LINE_BYTES:
+            cut = len(line) - TAIL_LINE_HEAD_BYTES - TAIL_LINE_END_BYTES
+            line = b"%s ... [%d bytes cut] ... %s" % (line[:TAIL_LINE_HEAD_BYTES], cut, line[-TAIL_LINE_END_BYTES:])
+        kept.append(line)
+        size += len(line) + 1
+        end = start - 1
+    return b"\n".join(reversed(kept))
 
 
 class LineSplitter:
@@ -199,7 +222,7 @@ class Attempt:
             return
         data, count, first_time = lines
         if stream == worker_pb2.STDERR:
-            self._stderr_tail = (self._stderr_tail + b"\n" + data)[-STDERR_TAIL_BYTES:]
+            self._stderr_tail = (self._stderr_tail + b"\n" + shortened_tail(data, STDERR_TAIL_BYTES))[-STDERR_TAIL_BYTES:]
             if self._bad_host_line is None:
                 self._bad_host_line = find_bad_host_line(data)
         self.events.append(worker_pb2.AttemptEvent(

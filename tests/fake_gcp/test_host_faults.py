@@ -16,11 +16,11 @@ from pathlib import Path
 
 import cloudpickle
 
-from fray_tpu.fray_api import JobStatus
+from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 
 from .host_jobs import SCRUBBED_DAEMON, wait_for_file
 from .scenarios import wait_for
-from .test_chaos import HOST_DEADLINE, JOB_TIMEOUT, cluster, counters_of, finish, process_state, request  # noqa: F401
+from .test_chaos import HOST_DEADLINE, SMALL, cluster, counters_of, finish, process_state, request  # noqa: F401
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -54,3 +54,42 @@ def test_daemon_that_left_the_attempts_environment_is_killed_before_the_next_att
     assert fake_gcp.control.counters()["CreateNode"] == 1  # the retry reused the slice
     assert (out_dir / "bound").exists()
     assert process_state(daemon) in ("gone", "Z", "X"), f"the daemon {daemon} still runs"
+
+
+HUGE = 1 << 20
+
+
+def raise_with_a_huge_message(out_dir: str) -> None:
+    """1 MB in 10,000 lines: no cut of long lines keeps the type in the last 8 KB of stderr."""
+    raise ValueError("the start of a huge message\n" + ("x" * 99 + "\n") * (HUGE // 100))
+
+
+def test_an_exception_with_a_1mb_message_is_named_in_the_error_message(cluster, fake_gcp, workspace, out_dir):
+    """Point 8: with a 1 MB message of many lines, error_message still names the exception's type,
+    the start of its message and the frame that raised it, in a few KB."""
+    job_id = cluster.launch(request("huge-error", raise_with_a_huge_message, out_dir, workspace))
+    info = finish(cluster, job_id)
+
+    assert info.status == JobStatus.FAILED
+    message = info.error_message
+    assert "ValueError: the start of a huge message" in message, message[-3000:]
+    assert "in raise_with_a_huge_message" in message, message[-3000:]
+    assert len(message) < 16 << 10, f"error_message has {len(message)} characters"
+
+
+def test_a_binary_dying_with_a_1mb_exception_line_is_named_in_the_error_message(cluster, fake_gcp, workspace,
+                                                                                 out_dir):
+    """Point 8 for a binary entrypoint (the interpreter prints the traceback, not the runner): the
+    one huge line is kept as its start and end, so the frames and the type stay in error_message."""
+    code = f"def fails():\n    raise KeyError('the start of a huge key ' + 'k' * {HUGE})\nfails()\n"
+    job_id = cluster.launch(JobRequest(name="huge-binary-error",
+                                       entrypoint=Entrypoint.from_binary("python3", ["-c", code]),
+                                       resources=ResourceConfig.with_tpu(SMALL),
+                                       environment=EnvironmentConfig.create(workspace=workspace)))
+    info = finish(cluster, job_id)
+
+    assert info.status == JobStatus.FAILED
+    message = info.error_message
+    assert "KeyError: 'the start of a huge key" in message, message[-3000:]
+    assert "in fails" in message and "bytes cut" in message, message[-3000:]
+    assert len(message) < 16 << 10, f"error_message has {len(message)} characters"
