@@ -7,7 +7,7 @@ files under the test's tmp_path and wait with bounded loops.
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import socket
 import subprocess
@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 
 import cloudpickle
+import pytest
 
+from fray_tpu.errors import ConfigError
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 
 from .host_jobs import SCRUBBED_DAEMON, wait_for_file
-from .scenarios import wait_for
 from .test_chaos import HOST_DEADLINE, SMALL, cluster, counters_of, finish, process_state, request  # noqa: F401
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -93,3 +94,58 @@ def test_a_binary_dying_with_a_1mb_exception_line_is_named_in_the_error_message(
     assert "KeyError: 'the start of a huge key" in message, message[-3000:]
     assert "in fails" in message and "bytes cut" in message, message[-3000:]
     assert len(message) < 16 << 10, f"error_message has {len(message)} characters"
+
+
+HELPER_MODULE = '''
+import threading
+from pathlib import Path
+
+HELD = threading.Lock()
+
+
+def record(out_dir):
+    Path(out_dir, "helper-ran").write_text(__name__)
+
+
+def uses_a_lock(out_dir):
+    with HELD:
+        pass
+'''
+
+
+def import_helper(directory: Path, name: str):
+    """A module imported from a helper directory put on sys.path: outside the job's workspace."""
+    directory.mkdir()
+    (directory / f"{name}.py").write_text(HELPER_MODULE)
+    sys.path.insert(0, str(directory))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(directory))
+
+
+def test_a_callable_from_a_module_the_hosts_cannot_import_is_shipped_by_value(cluster, fake_gcp, workspace, out_dir,
+                                                                              tmp_path):
+    """Point 9: the hosts cannot import a helper directory of the driver's: the callable is shipped
+    by value and runs, instead of failing on every host with ModuleNotFoundError."""
+    helper = import_helper(tmp_path / "helpers", "fray_issue15_helper")
+    job_id = cluster.launch(request("by-value", helper.record, out_dir, workspace))
+    info = finish(cluster, job_id)
+
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    assert (out_dir / "helper-ran").read_text() == "fray_issue15_helper"
+    assert "fray_issue15_helper" not in cloudpickle.list_registry_pickle_by_value()
+
+
+def test_a_module_that_cannot_be_shipped_by_value_is_refused_at_launch_with_its_path(cluster, fake_gcp, workspace,
+                                                                                     out_dir, tmp_path):
+    """Point 9: shipping by value fails (a module-level lock): refused at launch, naming the module,
+    its path and the fix, before anything is provisioned."""
+    helper = import_helper(tmp_path / "locked", "fray_issue15_locked")
+    with pytest.raises(ConfigError) as refused:
+        cluster.launch(request("by-value-lock", helper.uses_a_lock, out_dir, workspace))
+    message = str(refused.value)
+    for fragment in ("fray_issue15_locked", str(tmp_path / "locked" / "fray_issue15_locked.py"),
+                     "move it into the workspace", "pip_packages", "lock"):
+        assert fragment in message, f"{fragment!r} missing from: {message}"
+    assert fake_gcp.control.counters().get("CreateNode", 0) == 0
