@@ -102,12 +102,12 @@ class LineSplitter:
 
 
 class Attempt:
-    def __init__(self, attempt_id: str, plan: LaunchPlan, *, host: cleanup.HostCleaner,
-                 is_preempted: Callable[[], bool], events: EventLog | None = None):
+    def __init__(self, attempt_id: str, plan: LaunchPlan, *, is_preempted: Callable[[], bool],
+                 host: cleanup.ProcessTracker | None = None, events: EventLog | None = None):
         self.attempt_id = attempt_id
         self.events = events or EventLog()
         self._plan = plan
-        self._host = host
+        self._host = host or cleanup.ProcessTracker()
         self._is_preempted = is_preempted
         self._lock = threading.Lock()
         self._state = worker_pb2.PREPARED

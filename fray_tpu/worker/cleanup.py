@@ -264,7 +264,37 @@ def device_holders(device_paths: list[str]) -> dict[int, str]:
     return holders
 
 
-class HostCleaner:
+class ProcessTracker:
+    """An attempt's processes by process group and token only: for processes the controller runs
+    itself (CPU jobs), where there is no host to clean and nothing to record."""
+
+    def record(self, token: str) -> None:
+        pass
+
+    def forget(self, token: str) -> None:
+        pass
+
+    def tracked_argv(self, token: str, argv: list[str]) -> list[str]:
+        return argv
+
+    def started(self, pid: int) -> None:
+        pass
+
+    def exited(self, pid: int) -> None:
+        pass
+
+    def members(self, token: str, main_pid: int) -> list[int]:
+        return sorted(set(live_group_members(main_pid)) | set(processes_with_tokens({token})))
+
+    def signal(self, token: str, main_pid: int, sig: int) -> None:
+        try:
+            os.killpg(main_pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        kill_pids(self.members(token, main_pid), sig)
+
+
+class HostCleaner(ProcessTracker):
     """Tracks each attempt's processes (token, cgroup, subreaper) and cleans the host between them."""
 
     def __init__(self, state_dir: Path, lockfile: Path, *, check_devices: bool, deadline_seconds: float = 60.0):
@@ -313,7 +343,7 @@ class HostCleaner:
     def members(self, token: str, main_pid: int) -> list[int]:
         """Live processes of the attempt: its group, its token, its cgroup, and while it owns the
         agent's descendants (a subreaper's orphans included), all of them."""
-        found = set(live_group_members(main_pid)) | set(processes_with_tokens({token}))
+        found = set(super().members(token, main_pid))
         if self.cgroups is not None:
             found.update(self.cgroups.members(token))
         if self._owns_descendants(token):
@@ -322,13 +352,9 @@ class HostCleaner:
         return sorted(found)
 
     def signal(self, token: str, main_pid: int, sig: int) -> None:
-        try:
-            os.killpg(main_pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
         if sig == signal.SIGKILL and self.cgroups is not None:
             self.cgroups.kill(token)
-        kill_pids(self.members(token, main_pid), sig)
+        super().signal(token, main_pid, sig)
 
     def _owns_descendants(self, token: str) -> bool:
         with self._lock:
