@@ -32,8 +32,9 @@ _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 CGROUP_PARENT = "fray-tpu"
 ATTEMPT_CGROUP_PREFIX = "attempt-"
-# An unpopulated attempt cgroup of another agent this old is left from a dead agent: removed.
-STALE_CGROUP_SECONDS = 600.0
+# An empty attempt cgroup of another agent this old was left by a dead agent (a live one fills a
+# new one within milliseconds and removes it once empty): removed.
+STALE_CGROUP_SECONDS = 60.0
 # "off" keeps the agent from creating cgroups (a host whose cgroup manager must not be disturbed).
 CGROUPS_ENV = "FRAY_TPU_AGENT_CGROUPS"
 _JOIN_CGROUP_AND_EXEC = '{ echo 0 >"$0"; } 2>/dev/null; exec "$@"'
