@@ -84,6 +84,9 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         self._cleaner = cleanup.HostCleaner(
             settings.state_dir, settings.libtpu_lockfile, check_devices=not settings.emulated
         )
+        LOG.info("attempt processes are tracked by token%s%s",
+                 f", by cgroup under {self._cleaner.cgroups.root}" if self._cleaner.cgroups else "",
+                 ", and as their subreaper" if cleanup.is_child_subreaper() else "")
         from fray_tpu.worker.bundles import BundleStore
 
         self._bundles = BundleStore(settings.state_dir / "bundles")
