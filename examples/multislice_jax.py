@@ -38,7 +38,8 @@ def multislice_main(expected_processes: int) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # force: run by `fray-tpu demo`, whose logging is already configured (at WARNING).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     os.environ.setdefault("FRAY_CLUSTER_SPEC", "tpu?emulate=true&poll_interval=0.5")
     from fray_tpu import current_cluster
     from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, ResourceConfig
@@ -59,6 +60,9 @@ def main() -> int:
           f"{len(info.tasks)} tasks: {[t.status.value for t in info.tasks]}")
     if info.error_message:
         print(info.error_message)
+    cost = cluster.job_cost(job_id)
+    print(f"cost: {cost.chip_hours_provisioned:.4f} chip-hours provisioned ({cost.chip_hours_running:.4f} running "
+          f"user code, {cost.chip_hours_boot:.4f} booting), estimated ${cost.estimated_usd:.2f}")
     leftovers = cluster.live_slices()
     print(f"slices still alive after the job: {len(leftovers)}")
     cluster.shutdown()

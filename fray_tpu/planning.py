@@ -6,10 +6,18 @@ user can get wrong is caught here, with the bad value and the fix in the message
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import inspect
+import pickletools
+import site
+import sys
+import sysconfig
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import cloudpickle
@@ -72,17 +80,114 @@ class JobPlan:
         return [task.label for task in self.tasks]
 
 
-def pickle_callable(fn: Any, args: tuple, kwargs: Mapping[str, Any]) -> bytes:
-    """cloudpickle the call, or say exactly which object cannot be shipped to the hosts."""
+def pickle_callable(fn: Any, args: tuple, kwargs: Mapping[str, Any], workspace: Path | None = None) -> bytes:
+    """cloudpickle the call, or say exactly which object cannot be shipped to the hosts.
+
+    What the call refers to by reference from a module the hosts cannot import (outside the
+    workspace and not installed in the environment: a test file, a script beside the driver, a
+    helper directory put on sys.path) is shipped by value instead.
+    """
+    call = (fn, tuple(args), dict(kwargs))
+    by_value: list[ModuleType] = []
     try:
-        return cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
+        with _PICKLE_LOCK:
+            try:
+                while True:
+                    pickled = cloudpickle.dumps(call)
+                    unimportable = [m for m in _modules_by_reference(pickled) if not _importable_on_hosts(m, workspace)]
+                    if not unimportable:
+                        return pickled
+                    for module in unimportable:
+                        cloudpickle.register_pickle_by_value(module)
+                        by_value.append(module)
+            finally:
+                for module in by_value:
+                    cloudpickle.unregister_pickle_by_value(module)
     except Exception as error:  # noqa: BLE001 - pickling raises many types; all mean "cannot ship"
         culprit = _find_unpicklable(fn, args, kwargs)
+        shipped = "".join(
+            f" {module.__name__} ({module.__file__}) cannot be imported on the hosts, so it was shipped by value: "
+            f"move it into the workspace ({workspace}) or install it in the environment (pip_packages)."
+            for module in by_value
+        )
         raise ConfigError(
             f"Cannot ship the job's callable to the TPU hosts: {culprit or 'the call'} cannot be pickled "
-            f"({type(error).__name__}: {error}). Pass plain data (paths, configs) and create locks, "
+            f"({type(error).__name__}: {error}).{shipped} Pass plain data (paths, configs) and create locks, "
             f"clients, sockets or open files inside the function instead."
         ) from error
+
+
+_PICKLE_LOCK = threading.Lock()
+_GLOBAL_OPS = {"GLOBAL", "STACK_GLOBAL", "INST"}
+_MEMO_OPS = {"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _modules_by_reference(pickled: bytes) -> list[ModuleType]:
+    """The loaded modules that `pickled` imports on unpickling (its GLOBAL and STACK_GLOBAL
+    opcodes; pickle pushes STACK_GLOBAL's module and name just before it)."""
+    names: set[str] = set()
+    pushed: list[Any] = []
+    memo: dict[int, Any] = {}
+    for opcode, arg, _ in pickletools.genops(pickled):
+        if opcode.name in ("GLOBAL", "INST"):
+            names.add(arg.split(" ", 1)[0])
+        elif opcode.name == "STACK_GLOBAL":
+            if len(pushed) >= 2 and isinstance(pushed[-2], str):
+                names.add(pushed[-2])
+        if opcode.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if pushed else None
+        elif opcode.name in _GET_OPS:
+            pushed.append(memo.get(arg))
+        elif opcode.name not in _MEMO_OPS:
+            pushed.append(arg if isinstance(arg, str) and opcode.name not in _GLOBAL_OPS else None)
+    return [sys.modules[name] for name in sorted(names) if name in sys.modules]
+
+
+def _importable_on_hosts(module: ModuleType, workspace: Path | None) -> bool:
+    """Whether the hosts can import `module` by name: built in, in the standard library, at its
+    place in the workspace, or installed in the environment (site-packages, a .pth entry, a
+    distribution)."""
+    name = module.__name__
+    top = name.partition(".")[0]
+    path = getattr(module, "__file__", None)
+    if name == "__main__" or path is None or top in sys.stdlib_module_names:
+        return True  # __main__ is shipped by value by cloudpickle itself
+    resolved = Path(path).resolve()
+    # The hosts put the workspace itself on sys.path: `a.b` is importable from `<workspace>/a/b.py`.
+    depth = name.count(".") + (1 if resolved.stem == "__init__" else 0)
+    if workspace is not None and depth < len(resolved.parents) and resolved.parents[depth] == workspace.resolve():
+        return True
+    if any(resolved.is_relative_to(root) for root in _installed_roots()):
+        return True
+    return top in _distribution_packages()
+
+
+@functools.cache
+def _distribution_packages() -> frozenset[str]:
+    """Top-level names installed distributions provide (editable installs included)."""
+    return frozenset(importlib.metadata.packages_distributions())
+
+
+@functools.cache
+def _installed_roots() -> tuple[Path, ...]:
+    """Where this environment's installed code lives: stdlib, site-packages, and the directories
+    their .pth files add (editable installs)."""
+    site_dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    roots = [Path(p) for key in ("stdlib", "platstdlib", "purelib", "platlib")
+             if (p := sysconfig.get_paths().get(key))]
+    roots.extend(Path(d) for d in site_dirs)
+    for site_dir in site_dirs:
+        for pth in sorted(Path(site_dir).glob("*.pth")):
+            try:
+                lines = pth.read_text().splitlines()
+            except (OSError, UnicodeDecodeError):
+                continue
+            roots.extend(Path(site_dir, line.strip()) for line in lines
+                         if line.strip() and not line.startswith(("#", "import ", "import\t")))
+    return tuple(dict.fromkeys(root.resolve() for root in roots))
 
 
 def _picklable(value: Any) -> bool:
@@ -114,26 +219,39 @@ def job_environment(env_vars: Mapping[str, Any] | None) -> dict[str, str]:
     """The request's env vars, checked (``multislice`` adds what fray-tpu sets per attempt)."""
     env: dict[str, str] = {}
     for key, value in (env_vars or {}).items():
-        if not isinstance(key, str) or not key or "=" in key:
-            raise ConfigError(f"Environment variable name {key!r} is invalid: use a non-empty string without '='")
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise ConfigError(
+                f"Environment variable name {key!r} is invalid: use a non-empty string without '=' or NUL bytes"
+            )
         if value is None:
             continue
         if not isinstance(value, str):
             raise ConfigError(
                 f"Environment variable {key}={value!r} is a {type(value).__name__}, not a string: pass str({value!r})"
             )
+        if "\0" in value:
+            # An environment is a list of NUL-terminated strings: no process can be given this one.
+            raise ConfigError(
+                f"Environment variable {key}={value!r} contains a NUL byte, which no process environment can "
+                f"hold: remove it (or encode the value, e.g. base64)"
+            )
         env[key] = value
     return env
 
 
-def _payload(request: Any) -> Payload:
+def _payload(request: Any, workspace: Path | None) -> Payload:
     entry = fray_api.normalize_entrypoint(request.entrypoint)
     if entry.kind == "callable":
         if not callable(entry.callable):
             raise ConfigError(f"Entrypoint callable {entry.callable!r} is not callable")
-        return Payload(kind="callable", pickled=pickle_callable(entry.callable, entry.args, entry.kwargs))
+        return Payload(kind="callable", pickled=pickle_callable(entry.callable, entry.args, entry.kwargs, workspace))
     if not entry.command:
         raise ConfigError("Entrypoint binary is empty: use Entrypoint.from_binary('python', ['-m', 'mod'])")
+    for i, part in enumerate([entry.command, *entry.command_args]):
+        if "\0" in str(part):
+            what = "command" if i == 0 else f"argument {i - 1}"
+            raise ConfigError(f"Entrypoint binary {what} {part!r} contains a NUL byte, which no process can be "
+                              f"given: remove it")
     return Payload(kind="binary", command=entry.command, args=tuple(entry.command_args))
 
 
@@ -154,7 +272,7 @@ def plan_job(request: Any, config: TpuClusterConfig) -> JobPlan:
     resources = request.resources
     common = dict(
         name=request.name,
-        payload=_payload(request),
+        payload=_payload(request, workspace_path),
         env=job_environment(getattr(environment, "env_vars", None)),
         workspace=workspace_path,
         pip_packages=tuple(getattr(environment, "pip_packages", None) or ()),

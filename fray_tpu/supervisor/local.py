@@ -45,7 +45,7 @@ class LocalReplicasRun(AttemptRun):
             else:
                 argv = [local_command(plan.payload.command), *plan.payload.args]
             self._attempts.append(Attempt(f"{attempt_id}-r{replica}", LaunchPlan(argv=argv, env=env, cwd=cwd),
-                                          record_token=lambda token: None, is_preempted=lambda: False))
+                                          is_preempted=lambda: False))
 
     def start(self) -> None:
         for index, attempt in enumerate(self._attempts):

@@ -83,6 +83,9 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         self._cleaner = cleanup.HostCleaner(
             settings.state_dir, settings.libtpu_lockfile, check_devices=not settings.emulated
         )
+        LOG.info("attempt processes are tracked by token%s%s",
+                 f", by cgroup under {self._cleaner.cgroups.root}" if self._cleaner.cgroups else "",
+                 ", and as their subreaper" if cleanup.is_child_subreaper() else "")
         from fray_tpu.worker.bundles import BundleStore
 
         self._bundles = BundleStore(settings.state_dir / "bundles")
@@ -198,8 +201,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             spec.attempt_id,
             LaunchPlan(argv=argv, env=self._attempt_env(spec, env_vars, workspace), cwd=workspace or attempt_dir,
                        hold=callable_payload),
-            record_token=self._cleaner.record,
-            forget_token=self._cleaner.forget,
+            host=self._cleaner,
             is_preempted=self._preempted.is_set,
         )
         slot.attempt.prespawn()

@@ -30,6 +30,11 @@ PIPE_SIZE = 1 << 20
 # A line longer than this is cut, so one endless line cannot grow memory without bound.
 MAX_LINE_BYTES = 1 << 20
 STDERR_TAIL_BYTES = 8 << 10
+# A longer stderr line is kept in the tail as its start and end, so one huge line (an exception
+# with a 1 MB message) cannot push everything before it, or its own start, out of the tail.
+TAIL_LINE_BYTES = 2 << 10
+TAIL_LINE_HEAD_BYTES = 1 << 10
+TAIL_LINE_END_BYTES = 256
 # After the main process exits, how long its pipes may still deliver output before they are cut.
 DRAIN_SECONDS = 5.0
 KILL_WAIT_SECONDS = 10.0
@@ -44,6 +49,24 @@ class LaunchPlan:
     # Start the runner at prepare time, loaded and waiting on stdin for the go byte, so that
     # starting the gang costs a write instead of a Python start-up (the runner honours HOLD_ENV).
     hold: bool = False
+
+
+def shortened_tail(data: bytes, limit: int) -> bytes:
+    """The last lines of `data` (whole lines, newline-joined) within about `limit` bytes, each line
+    longer than TAIL_LINE_BYTES cut to its start and end. Looks at no more lines than it keeps."""
+    kept: list[bytes] = []
+    size = 0
+    end = len(data)
+    while end >= 0 and size < limit:
+        start = data.rfind(b"\n", 0, end) + 1
+        line = data[start:end]
+        if len(line) > TAIL_LINE_BYTES:
+            cut = len(line) - TAIL_LINE_HEAD_BYTES - TAIL_LINE_END_BYTES
+            line = b"%s ... [%d bytes cut] ... %s" % (line[:TAIL_LINE_HEAD_BYTES], cut, line[-TAIL_LINE_END_BYTES:])
+        kept.append(line)
+        size += len(line) + 1
+        end = start - 1
+    return b"\n".join(reversed(kept))
 
 
 class LineSplitter:
@@ -77,14 +100,12 @@ class LineSplitter:
 
 
 class Attempt:
-    def __init__(self, attempt_id: str, plan: LaunchPlan, *, record_token: Callable[[str], None],
-                 is_preempted: Callable[[], bool], events: EventLog | None = None,
-                 forget_token: Callable[[str], None] = lambda token: None):
+    def __init__(self, attempt_id: str, plan: LaunchPlan, *, is_preempted: Callable[[], bool],
+                 host: cleanup.ProcessTracker | None = None, events: EventLog | None = None):
         self.attempt_id = attempt_id
         self.events = events or EventLog()
         self._plan = plan
-        self._record_token = record_token
-        self._forget_token = forget_token
+        self._host = host or cleanup.ProcessTracker()
         self._is_preempted = is_preempted
         self._lock = threading.Lock()
         self._state = worker_pb2.PREPARED
@@ -131,14 +152,14 @@ class Attempt:
                 started=worker_pb2.Started(pid=self._process.pid, timestamp=time.time())))
 
     def _spawn(self) -> None:
-        self._record_token(self._token)
+        self._host.record(self._token)
         env = dict(self._plan.env)
         env[cleanup.TOKEN_ENV] = self._token
         if self._plan.hold:
             env[HOLD_ENV] = "1"
         try:
             self._process = subprocess.Popen(
-                self._plan.argv,
+                self._host.tracked_argv(self._token, self._plan.argv),
                 stdin=subprocess.PIPE if self._plan.hold else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -147,11 +168,14 @@ class Attempt:
                 start_new_session=True,
                 close_fds=True,
             )
-        except OSError as error:
-            # What a shell reports for a command it cannot run: exit 127 with the reason.
-            self._stderr_tail = f"cannot start {self._plan.argv[0]!r}: {error}".encode()
+        except Exception as error:  # noqa: BLE001 - argv, env and cwd come from the job's request
+            # What a shell reports for a command it cannot run: exit 127 with the reason, the
+            # job's failure (a NUL byte in an env var is a ValueError, not a broken host).
+            self._stderr_tail = (f"cannot start {self._plan.argv[0]!r}: "
+                                 f"{type(error).__name__}: {error}").encode()
             self._finish(returncode=127, started=False)
             return
+        self._host.started(self._process.pid)
         for pipe in (self._process.stdout, self._process.stderr):
             try:
                 fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
@@ -196,7 +220,7 @@ class Attempt:
             return
         data, count, first_time = lines
         if stream == worker_pb2.STDERR:
-            self._stderr_tail = (self._stderr_tail + b"\n" + data)[-STDERR_TAIL_BYTES:]
+            self._stderr_tail = (self._stderr_tail + b"\n" + shortened_tail(data, STDERR_TAIL_BYTES))[-STDERR_TAIL_BYTES:]
             if self._bad_host_line is None:
                 self._bad_host_line = find_bad_host_line(data)
         self.events.append(worker_pb2.AttemptEvent(
@@ -206,11 +230,12 @@ class Attempt:
         process = self._process
         assert process is not None
         returncode = process.wait()
+        self._host.exited(process.pid)
         # Whatever the main process left behind would hold the TPU: the attempt ends with it, and
         # its exit is reported only once they are gone.
         self._signal_everything(signal.SIGKILL)
         if cleanup.wait_until(lambda: not self._members(), time.monotonic() + KILL_WAIT_SECONDS, 0.01):
-            self._forget_token(self._token)
+            self._host.forget(self._token)
         reader.join(DRAIN_SECONDS)
         if reader.is_alive():
             # Something outside the group still holds the pipes open.
@@ -249,18 +274,13 @@ class Attempt:
         process = self._process
         if process is None:
             return []
-        return sorted(set(cleanup.live_group_members(process.pid)) | set(cleanup.processes_with_tokens({self._token})))
+        return self._host.members(self._token, process.pid)
 
     def _signal_everything(self, sig: int) -> None:
         process = self._process
         if process is None:
             return
-        try:
-            os.killpg(process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        # Children that left the group (setsid) still carry the attempt's token.
-        cleanup.kill_pids(cleanup.processes_with_tokens({self._token}), sig)
+        self._host.signal(self._token, process.pid, sig)
 
     def cancel(self, grace_seconds: float, reason: str = "cancelled") -> bool:
         """SIGTERM to everything of the attempt, SIGKILL after the grace; returns when all is gone.

@@ -1,17 +1,24 @@
 """Cleaning a host before an attempt: leftover processes, the libtpu lockfile, busy TPU devices.
 
-Every attempt process starts with a unique `FRAY_TPU_ATTEMPT_TOKEN` in its environment, and the
-token is appended to a file in the agent's state directory before the process starts. Cleaning
-kills every live process that carries a recorded token (whatever group or session it moved to),
-so leftovers are found after an agent restart too, and an unrelated process that reused a pid
-is never touched.
+An attempt's processes are tracked three ways, so that none can leave:
+- a unique `FRAY_TPU_ATTEMPT_TOKEN` in the environment, appended to a file in the agent's state
+  directory before the process starts (found after an agent restart too; an unrelated process
+  that reused a pid is never touched), but a process may scrub its environment;
+- a cgroup v2 per attempt, where the host lets the agent create one (root on the VM): membership
+  is inherited by every descendant and cannot be left without privileges;
+- the agent as child subreaper (`python -m fray_tpu.worker` sets it): a daemon that double-forks
+  and calls `setsid` is re-parented to the agent, not to init, so every live descendant of the
+  agent is a process of an attempt (the agent runs nothing else once an attempt is prepared).
 """
 
 from __future__ import annotations
 
+import ctypes
 import glob
+import hashlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +28,16 @@ from fray_tpu.contract import ATTEMPT_TOKEN_ENV as TOKEN_ENV
 
 TPU_DEVICE_GLOBS = ("/dev/vfio/[0-9]*", "/dev/accel*")
 _PROC = Path("/proc")
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+CGROUP_PARENT = "fray-tpu"
+ATTEMPT_CGROUP_PREFIX = "attempt-"
+# An empty attempt cgroup of another agent this old was left by a dead agent (a live one fills a
+# new one within milliseconds and removes it once empty): removed.
+STALE_CGROUP_SECONDS = 60.0
+# "off" keeps the agent from creating cgroups (a host whose cgroup manager must not be disturbed).
+CGROUPS_ENV = "FRAY_TPU_AGENT_CGROUPS"
+_JOIN_CGROUP_AND_EXEC = '{ echo 0 >"$0"; } 2>/dev/null; exec "$@"'
 
 
 class HostNotClean(RuntimeError):
@@ -30,8 +47,13 @@ class HostNotClean(RuntimeError):
 @dataclass(frozen=True)
 class ProcessInfo:
     pid: int
+    ppid: int
     pgid: int
     state: str
+
+    @property
+    def live(self) -> bool:
+        return self.state not in ("Z", "X")
 
 
 def processes() -> Iterator[ProcessInfo]:
@@ -44,12 +66,144 @@ def processes() -> Iterator[ProcessInfo]:
             continue
         # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
         fields = stat[stat.rfind(")") + 2 :].split()
-        yield ProcessInfo(pid=int(entry.name), pgid=int(fields[2]), state=fields[0])
+        yield ProcessInfo(pid=int(entry.name), ppid=int(fields[1]), pgid=int(fields[2]), state=fields[0])
 
 
 def live_group_members(pgid: int) -> list[int]:
     """Pids of the group that are still running (zombies only wait to be reaped)."""
-    return [p.pid for p in processes() if p.pgid == pgid and p.state not in ("Z", "X")]
+    return [p.pid for p in processes() if p.pgid == pgid and p.live]
+
+
+def live_descendants(pid: int) -> list[int]:
+    """Live processes below `pid` in the process tree (not `pid` itself)."""
+    children: dict[int, list[ProcessInfo]] = {}
+    for info in processes():
+        children.setdefault(info.ppid, []).append(info)
+    found, frontier = [], [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), ()):
+            if child.live:
+                found.append(child.pid)
+            frontier.append(child.pid)
+    return found
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def become_child_subreaper() -> bool:
+    """Orphans below this process are re-parented to it instead of init (Linux >= 3.4)."""
+    return _libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def is_child_subreaper() -> bool:
+    value = ctypes.c_int(0)
+    return _libc().prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) == 0 and value.value == 1
+
+
+def reap_orphans(keep: set[int]) -> None:
+    """Collects the exit status of dead orphans adopted by this subreaper, except `keep` (children
+    whose status their own `Popen.wait` collects: taking it would make theirs look like 0)."""
+    me = os.getpid()
+    for info in processes():
+        if info.ppid == me and not info.live and info.pid not in keep:
+            try:
+                os.waitpid(info.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def cgroup2_mount() -> Path | None:
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        before, _, after = line.partition(" - ")
+        if after.split()[:1] == ["cgroup2"]:
+            return Path(before.split()[4])
+    return None
+
+
+class AttemptCgroups:
+    """One cgroup v2 per attempt, under `fray-tpu/<state-dir digest>` beside the agent's own cgroup.
+
+    Named by the state directory, so an agent restarted on the same directory finds what an
+    earlier one left. `create` returns None where the host does not allow it (no cgroup v2, not
+    root, no delegation): the token and the subreaper still track everything.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def create(cls, state_dir: Path) -> AttemptCgroups | None:
+        mount = cgroup2_mount()
+        if mount is None or os.environ.get(CGROUPS_ENV) == "off":
+            return None
+        try:
+            own = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                       if line.startswith("0::"))
+        except (OSError, StopIteration):
+            return None
+        parent = mount / own.lstrip("/") / CGROUP_PARENT
+        name = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+        cgroups = cls(parent / name)
+        try:
+            cgroups.root.mkdir(parents=True, exist_ok=True)
+            probe = cgroups.root / "probe"
+            probe.mkdir(exist_ok=True)
+            probe.rmdir()
+        except OSError:
+            return None
+        cgroups._remove_stale(parent)
+        return cgroups
+
+    def _remove_stale(self, parent: Path) -> None:
+        """Empty cgroups of dead agents (on an emulated host many agents share the machine)."""
+        for base in parent.iterdir():
+            if base == self.root or not base.is_dir():
+                continue
+            for attempt in base.glob(ATTEMPT_CGROUP_PREFIX + "*"):
+                try:
+                    if time.time() - attempt.stat().st_mtime > STALE_CGROUP_SECONDS:
+                        attempt.rmdir()
+                except OSError:
+                    pass  # populated, or just removed by its agent
+            try:
+                base.rmdir()
+            except OSError:
+                pass
+
+    def path(self, token: str) -> Path:
+        return self.root / f"{ATTEMPT_CGROUP_PREFIX}{token}"
+
+    def add(self, token: str) -> Path:
+        path = self.path(token)
+        path.mkdir(parents=True, exist_ok=True)
+        return path / "cgroup.procs"
+
+    def members(self, token: str) -> list[int]:
+        try:
+            return [int(pid) for pid in (self.path(token) / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+    def tokens(self) -> set[str]:
+        return {path.name[len(ATTEMPT_CGROUP_PREFIX):] for path in self.root.glob(ATTEMPT_CGROUP_PREFIX + "*")}
+
+    def kill(self, token: str) -> None:
+        try:
+            (self.path(token) / "cgroup.kill").write_text("1")
+        except OSError:
+            kill_pids(self.members(token))  # before Linux 5.14
+
+    def remove(self, token: str) -> None:
+        try:
+            self.path(token).rmdir()
+        except OSError:
+            pass  # gone already, or still populated: the next clean kills and removes it
 
 
 def processes_with_tokens(tokens: set[str]) -> list[int]:
@@ -111,12 +265,51 @@ def device_holders(device_paths: list[str]) -> dict[int, str]:
     return holders
 
 
-class HostCleaner:
+class ProcessTracker:
+    """An attempt's processes by process group and token only: for processes the controller runs
+    itself (CPU jobs), where there is no host to clean and nothing to record."""
+
+    def record(self, token: str) -> None:
+        pass
+
+    def forget(self, token: str) -> None:
+        pass
+
+    def tracked_argv(self, token: str, argv: list[str]) -> list[str]:
+        return argv
+
+    def started(self, pid: int) -> None:
+        pass
+
+    def exited(self, pid: int) -> None:
+        pass
+
+    def members(self, token: str, main_pid: int) -> list[int]:
+        return sorted(set(live_group_members(main_pid)) | set(processes_with_tokens({token})))
+
+    def signal(self, token: str, main_pid: int, sig: int) -> None:
+        try:
+            os.killpg(main_pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        kill_pids(self.members(token, main_pid), sig)
+
+
+class HostCleaner(ProcessTracker):
+    """Tracks each attempt's processes (token, cgroup, subreaper) and cleans the host between them."""
+
     def __init__(self, state_dir: Path, lockfile: Path, *, check_devices: bool, deadline_seconds: float = 60.0):
         self._record = state_dir / "attempt-processes"
         self._lockfile = lockfile
         self._check_devices = check_devices
         self._deadline_seconds = deadline_seconds
+        self.cgroups = AttemptCgroups.create(state_dir)
+        self._subreaper = is_child_subreaper()
+        self._lock = threading.Lock()
+        # The attempt whose processes are the agent's only descendants (None while one is prepared).
+        self._owner: str | None = None
+        # Main processes whose exit status their Popen collects.
+        self._mains: set[int] = set()
 
     def record(self, token: str) -> None:
         """Remembers an attempt's token before its process exists, so a crash cannot lose it."""
@@ -124,12 +317,64 @@ class HostCleaner:
             f.write(token + "\n")
             f.flush()
             os.fsync(f.fileno())
+        with self._lock:
+            self._owner = token
+
+    def tracked_argv(self, token: str, argv: list[str]) -> list[str]:
+        """`argv` run so that its process joins the attempt's cgroup before it execs (so nothing
+        forks first): a shell writes its own pid to `cgroup.procs`, then execs `argv` in place.
+        (Not a `preexec_fn`: forking the gRPC agent to run Python in the child crashes it.) A
+        failed move leaves the process to the token and the subreaper."""
+        if self.cgroups is None:
+            return argv
+        try:
+            procs = self.cgroups.add(token)
+        except OSError:
+            return argv
+        return ["/bin/sh", "-c", _JOIN_CGROUP_AND_EXEC, str(procs), *argv]
+
+    def started(self, pid: int) -> None:
+        with self._lock:
+            self._mains.add(pid)
+
+    def exited(self, pid: int) -> None:
+        with self._lock:
+            self._mains.discard(pid)
+
+    def members(self, token: str, main_pid: int) -> list[int]:
+        """Live processes of the attempt: its group, its token, its cgroup, and while it owns the
+        agent's descendants (a subreaper's orphans included), all of them."""
+        found = set(super().members(token, main_pid))
+        if self.cgroups is not None:
+            found.update(self.cgroups.members(token))
+        if self._owns_descendants(token):
+            found.update(self._agent_descendants())
+        found.discard(os.getpid())
+        return sorted(found)
+
+    def signal(self, token: str, main_pid: int, sig: int) -> None:
+        if sig == signal.SIGKILL and self.cgroups is not None:
+            self.cgroups.kill(token)
+        super().signal(token, main_pid, sig)
+
+    def _owns_descendants(self, token: str) -> bool:
+        with self._lock:
+            return self._owner == token and self._subreaper
+
+    def _agent_descendants(self) -> list[int]:
+        """Every live descendant of this (subreaper) agent, after reaping the orphans that died."""
+        with self._lock:
+            keep = set(self._mains)
+        reap_orphans(keep)
+        return live_descendants(os.getpid())
 
     def forget(self, token: str) -> None:
         """An attempt ended with every process of it gone: the next clean need not look for it.
         (Not synced: losing this only costs the next clean one scan.)"""
         remaining = self.recorded_tokens() - {token}
         self._record.write_text("".join(t + "\n" for t in sorted(remaining)))
+        if self.cgroups is not None:
+            self.cgroups.remove(token)
 
     def recorded_tokens(self) -> set[str]:
         try:
@@ -137,26 +382,44 @@ class HostCleaner:
         except FileNotFoundError:
             return set()
 
+    def leftovers(self, tokens: set[str]) -> list[int]:
+        """Live processes of earlier attempts: by token, by cgroup, and every descendant of a
+        subreaper agent (nothing else of the agent runs between attempts)."""
+        found = set(processes_with_tokens(tokens))
+        if self.cgroups is not None:
+            for token in self.cgroups.tokens():
+                found.update(self.cgroups.members(token))
+        if self._subreaper:
+            found.update(self._agent_descendants())
+        found.discard(os.getpid())
+        return sorted(found)
+
     def kill_recorded(self, tokens: set[str], deadline: float) -> list[int]:
-        """Kills every live process carrying one of `tokens`; returns the pids it found."""
-        leftovers = processes_with_tokens(tokens)
+        """Kills every live process of an earlier attempt; returns the pids it found."""
+        leftovers = self.leftovers(tokens)
         if not leftovers:
             return []
+        if self.cgroups is not None:
+            for token in self.cgroups.tokens():
+                self.cgroups.kill(token)
         kill_pids(leftovers)
-        if not wait_until(lambda: not processes_with_tokens(tokens), deadline):
-            raise HostNotClean(
-                f"processes of earlier attempts survived SIGKILL: {processes_with_tokens(tokens)}"
-            )
+        if not wait_until(lambda: not self.leftovers(tokens), deadline):
+            raise HostNotClean(f"processes of earlier attempts survived SIGKILL: {self.leftovers(tokens)}")
         return leftovers
 
     def clean(self) -> list[str]:
         """Makes the host ready for a new attempt; returns notes on what it found."""
+        with self._lock:
+            self._owner = None
         notes: list[str] = []
         deadline = time.monotonic() + self._deadline_seconds
         killed = self.kill_recorded(self.recorded_tokens(), deadline)
         if killed:
             notes.append(f"killed {len(killed)} leftover process(es) of earlier attempts: {killed}")
         self._record.write_text("")
+        if self.cgroups is not None:
+            for token in self.cgroups.tokens():
+                self.cgroups.remove(token)
         if self._lockfile.exists():
             self._lockfile.unlink()
             notes.append(f"removed stale {self._lockfile}")

@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from fray_tpu.worker import cleanup
 from fray_tpu.worker import metadata as md
 from fray_tpu.worker.agent import Agent, make_server
 from fray_tpu.worker.settings import load_settings
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _configure_logging(f"fray-tpu-agent w{settings.worker_number} {settings.ip}")
 
+    if not cleanup.become_child_subreaper():
+        LOG.warning("cannot become child subreaper: processes that leave an attempt's group and "
+                    "environment are found only by cgroup")
     agent = Agent(settings)
     watcher = md.PreemptionWatcher(client, agent.mark_preempted)
     try:

@@ -3,8 +3,9 @@
 Imports every module named in `FRAY_TPU_RUNNER_PRELOAD` (comma-separated; the emulator's JAX
 cluster plugin, for instance), then unpickles `(callable, args, kwargs)` from the payload file
 and calls it. Exit status 0 on success; on an exception the traceback goes to stderr and the
-status is 1 (`SystemExit` keeps its own code). `-m` puts the working directory (the workspace
-bundle, when there is one) first on sys.path.
+status is 1 (`SystemExit` keeps its own code); a traceback too long for the job's error message
+(which carries only the end of stderr) is followed by a short one. `-m` puts the working
+directory (the workspace bundle, when there is one) first on sys.path.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import traceback
 from fray_tpu.contract import RUNNER_GO_BYTE as GO_BYTE
 from fray_tpu.contract import RUNNER_HOLD_ENV as HOLD_ENV
 from fray_tpu.contract import RUNNER_PRELOAD_ENV as PRELOAD_ENV
+# A message longer than this (or with more lines) would push the exception's type out of the
+# stderr tail the agent reports (8 KiB): the short traceback keeps this much of it.
+SHORT_MESSAGE_CHARS = 1500
+SHORT_MESSAGE_LINES = 20
+SHORT_TRACEBACK_FRAMES = 8
 
 
 def preload() -> None:
@@ -34,6 +40,36 @@ def wait_for_go() -> bool:
     os.dup2(devnull, 0)
     os.close(devnull)
     return go == GO_BYTE
+
+
+def short_traceback(error: BaseException) -> str | None:
+    """The exception's type, the start of its message and the last frames, when its message is
+    too long for the end of stderr to show them; None when the full traceback already does."""
+    try:
+        message = str(error)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the exception's type
+        message = "<the message cannot be shown: its __str__ raised>"
+    lines = message.split("\n")
+    if len(message) <= SHORT_MESSAGE_CHARS and len(lines) <= SHORT_MESSAGE_LINES:
+        return None
+    start = "\n".join(lines[:SHORT_MESSAGE_LINES])[:SHORT_MESSAGE_CHARS]
+    kind = type(error).__qualname__
+    if type(error).__module__ not in ("builtins", "__main__"):
+        kind = f"{type(error).__module__}.{kind}"
+    frames = traceback.extract_tb(error.__traceback__)[-SHORT_TRACEBACK_FRAMES:]
+    return "".join([
+        f"fray-tpu: the traceback above, shortened (its message has {len(message)} characters):\n",
+        "Traceback (most recent call last; its last frames):\n",
+        *traceback.format_list(frames),
+        f"{kind}: {start} ... [{len(message) - len(start)} more characters]\n",
+    ])
+
+
+def report_exception(error: BaseException) -> None:
+    traceback.print_exception(type(error), error, error.__traceback__)
+    short = short_traceback(error)
+    if short is not None:
+        sys.stderr.write(short)
 
 
 def run_callable(payload_file: str) -> int:
@@ -56,8 +92,8 @@ def main(argv: list[str]) -> int:
         return run_callable(argv[0])
     except SystemExit:
         raise
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as error:
+        report_exception(error)
         return 1
     finally:
         sys.stdout.flush()

@@ -135,6 +135,24 @@ def test_every_non_string_env_value_is_named_with_its_fix(cluster, fake_gcp, wor
                                         [f"SETTING={value!r}", type(value).__name__, f"str({value!r})"])
 
 
+@pytest.mark.parametrize("env_vars, fragments", [
+    ({"SETTING": "a\0b"}, ["SETTING='a\\x00b'", "NUL byte", "remove it"]),
+    ({"SET\0TING": "ab"}, ["'SET\\x00TING'", "NUL bytes"]),
+])
+def test_a_nul_byte_in_an_env_var_is_named_at_launch(cluster, fake_gcp, workspace, env_vars, fragments):
+    """Issue 15 point 7: a NUL byte in a name or a value cannot reach any process: rejected at
+    launch, naming the variable, instead of failing every host as a bad host."""
+    job_request = request(workspace, environment=EnvironmentConfig.create(workspace=str(workspace),
+                                                                          env_vars=env_vars))
+    assert_rejected_before_provisioning(cluster, fake_gcp, job_request, ConfigError, fragments)
+
+
+def test_a_nul_byte_in_a_binary_argument_is_named_at_launch(cluster, fake_gcp, workspace):
+    job_request = request(workspace, entrypoint=Entrypoint.from_binary("echo", ["fine", "a\0b"]))
+    assert_rejected_before_provisioning(cluster, fake_gcp, job_request, ConfigError,
+                                        ["argument 1", "'a\\x00b'", "NUL byte"])
+
+
 # -- production mode: a project and credentials -----------------------------------------------------------
 
 

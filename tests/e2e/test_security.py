@@ -1,6 +1,6 @@
 """Security of the task channel and of the controller's records (issue 5, item 6).
 
-Agent-level cases use real agent processes on loopback IPs (tests/test_worker_harness.py): a
+Agent-level cases use real agent processes on loopback IPs (tests/worker_host/): a
 missing, wrong or other job's secret, plain text instead of TLS, an oversized message and a
 malformed pickle are each rejected cleanly, and the agent's log never holds a secret. The
 end-to-end case runs a TPU job on the emulator and scans everything captured (controller logs,

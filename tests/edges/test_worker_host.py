@@ -15,6 +15,8 @@ import pytest
 from fray_tpu import tls
 from fray_tpu.channel import AgentAuthError, AgentClient, AttemptExit, AttemptSpec, ChannelError, Classification
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
+from fray_tpu.worker.cleanup import CGROUPS_ENV, AttemptCgroups
+from fake_gcp.host_jobs import SCRUBBED_DAEMON
 from worker_host import collect, make_slice, one_host, processes_marked, teardown_slice  # noqa: F401 (fixture)
 
 EVENT_TIMEOUT = 30.0
@@ -168,6 +170,55 @@ def test_processes_an_attempt_leaves_behind_end_with_it(one_host, tmp_path):
     if daemon_pid_file.exists() and daemon_pid_file.read_text():
         assert not alive(int(daemon_pid_file.read_text()))
     assert processes_marked(host.marker) == [host.process.pid]
+
+
+@pytest.mark.parametrize("cgroups", ["on", "off"])
+def test_a_daemon_that_scrubbed_its_environment_and_called_setsid_ends_with_its_attempt(tmp_path, cgroups):
+    """The daemon carries no token and is in no group of the attempt: it is found by the attempt's
+    cgroup, or (cgroups off) because the agent is its subreaper; either way it is gone once the
+    attempt has reported its exit."""
+    if cgroups == "on" and AttemptCgroups.create(tmp_path / "probe") is None:
+        pytest.skip("this host does not let us create a cgroup v2")
+    pid_file = tmp_path / "daemon.pid"
+
+    def starts_a_scrubbed_daemon(daemon, pid_file):
+        import subprocess
+        import sys
+
+        subprocess.run([sys.executable, "-c", daemon, pid_file], env={}, check=True, timeout=60)
+        print("started a daemon")
+
+    test_slice = make_slice(tmp_path, 1, extra_env={CGROUPS_ENV: cgroups})
+    try:
+        [client] = test_slice.wait_until_up()
+        attempt_id = f"attempt-{uuid.uuid4().hex[:8]}"
+        client.prepare(AttemptSpec.for_callable(attempt_id, starts_a_scrubbed_daemon,
+                                                (SCRUBBED_DAEMON, str(pid_file))))
+        started = client.start(attempt_id)
+        daemon = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), "the daemon's pid"))
+        assert collect(started, EVENT_TIMEOUT)[-1].code == 0
+        assert not alive(daemon), f"the daemon {daemon} outlived its attempt"
+    finally:
+        teardown_slice(test_slice)
+
+
+@pytest.mark.parametrize("spec_fields", [
+    {"command": "echo", "env": {"SETTING": "a\0b"}},
+    {"command": "echo", "args": ["a\0b"]},
+])
+def test_a_process_that_cannot_be_started_for_its_specs_sake_is_the_jobs_failure(one_host, spec_fields):
+    """Issue 15 point 7: what the spec makes unstartable (Popen's ValueError on a NUL byte, past
+    the controller's own check) ends the attempt as a user failure naming the error; the host
+    stays usable, and is not reported as bad."""
+    client = one_host.client(one_host.hosts[0])
+    attempt_id = f"attempt-{uuid.uuid4().hex[:8]}"
+    client.prepare(AttemptSpec(attempt_id, **spec_fields))
+    finished = collect(client.start(attempt_id), EVENT_TIMEOUT)[-1]
+    assert finished.classification == Classification.USER_FAILURE
+    assert "cannot start 'echo'" in finished.stderr_tail and "ValueError" in finished.stderr_tail
+    after = f"attempt-{uuid.uuid4().hex[:8]}"
+    client.prepare(AttemptSpec(after, command="true"))
+    assert collect(client.start(after), EVENT_TIMEOUT)[-1].code == 0
 
 
 # -- lease ----------------------------------------------------------------------------------------

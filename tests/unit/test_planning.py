@@ -1,6 +1,11 @@
 """Planning a request: validation before anything is provisioned."""
 
+import importlib
+import json
+import sys
 import threading
+
+import cloudpickle
 
 import pytest
 
@@ -49,6 +54,38 @@ def test_unpicklable_closure_names_the_variable():
 def test_unpicklable_argument_is_named():
     with pytest.raises(ConfigError, match="keyword argument 'handle'"):
         pickle_callable(print, (), {"handle": threading.Lock()})
+
+
+def _import_from(directory, name):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.py").write_text("def hello():\n    return 'hello from ' + __name__\n")
+    sys.path.insert(0, str(directory))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(directory))
+
+
+def test_modules_in_the_workspace_or_installed_stay_by_reference_others_go_by_value(tmp_path):
+    """Issue 15 point 9: unpickled where the module is not importable, a by-reference pickle fails
+    and a by-value one runs."""
+    workspace = tmp_path / "workspace"
+    inside = _import_from(workspace, "fray_planning_inside")
+    # Below the workspace, but not importable by this name from it: the hosts' sys.path has the
+    # workspace, not its subdirectories.
+    outside = _import_from(workspace / "scripts", "fray_planning_outside")
+    pickled_inside = pickle_callable(inside.hello, (), {}, workspace)
+    pickled_outside = pickle_callable(outside.hello, (), {}, workspace)
+    pickled_installed = pickle_callable(json.dumps, (), {}, workspace)
+    for name in ("fray_planning_inside", "fray_planning_outside"):
+        del sys.modules[name]  # as on a host without these directories on sys.path
+
+    with pytest.raises(ModuleNotFoundError, match="fray_planning_inside"):
+        cloudpickle.loads(pickled_inside)
+    fn, _, _ = cloudpickle.loads(pickled_outside)
+    assert fn() == "hello from fray_planning_outside"
+    assert cloudpickle.loads(pickled_installed)[0] is json.dumps
+    assert "fray_planning_outside" not in cloudpickle.list_registry_pickle_by_value()
 
 
 def test_env_values_must_be_strings():

@@ -9,7 +9,7 @@ import grpc
 from fray_tpu import tls
 from fray_tpu.channel import Classification, EventsLost, LogBatch, to_event
 from fray_tpu.proto import worker_pb2
-from fray_tpu.worker.attempt import MAX_LINE_BYTES, LineSplitter
+from fray_tpu.worker.attempt import MAX_LINE_BYTES, TAIL_LINE_BYTES, LineSplitter, shortened_tail
 from fray_tpu.worker.classify import classify_exit, find_bad_host_line
 from fray_tpu.worker.events import EventLog
 from fray_tpu.worker.lease import Lease
@@ -66,6 +66,17 @@ def test_an_endless_line_is_cut_instead_of_growing_without_bound():
     results = [splitter.feed(chunk, 0.0) for _ in range(4)]
     assert results[:3] == [None, None, None]
     assert results[3][1] == 1 and len(results[3][0]) == MAX_LINE_BYTES
+
+
+def test_the_stderr_tail_keeps_the_start_and_end_of_a_huge_line_and_the_lines_before_it():
+    huge = b"KeyError: 'the start" + b"k" * (1 << 20) + b"the end'"
+    tail = shortened_tail(b"older\n" * 10_000 + b"  File \"x.py\", line 2, in fails\n" + huge, 8 << 10)
+    lines = tail.split(b"\n")
+    assert lines[-2] == b'  File "x.py", line 2, in fails'
+    assert lines[-1].startswith(b"KeyError: 'the start") and lines[-1].endswith(b"the end'")
+    assert b"bytes cut" in lines[-1] and len(lines[-1]) <= TAIL_LINE_BYTES
+    assert 8 << 10 <= len(tail) < (8 << 10) + 16
+    assert shortened_tail(b"a\nb", 100) == b"a\nb"
 
 
 def test_log_batch_becomes_a_list_of_lines():
