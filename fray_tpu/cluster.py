@@ -143,6 +143,13 @@ class TpuCluster(Cluster):
         """Attempts, failures, preemptions, bad hosts and capacity waits of a job."""
         return self._record(job_id).counters
 
+    def job_output(self, job_id: JobId, max_lines: int = 0) -> tuple[str, ...]:
+        """The retained tail of the job's own output lines (all retained when ``max_lines`` is 0),
+        without the controller's progress lines."""
+        lines = [line for line in self._record(job_id).read_lines(0, timeout=0).lines
+                 if not line.startswith(PROGRESS_PREFIX)]
+        return tuple(lines[-max_lines:] if max_lines > 0 else lines)
+
     def wait_released(self, job_id: JobId, timeout: float = SHUTDOWN_TIMEOUT) -> None:
         """Block until the job's supervisor has finished, slices deleted included."""
         self._record(job_id)
