@@ -72,6 +72,9 @@ class TpuActorHandle:
         except RpcUnavailable as error:
             self._address = None
             raise ActorUnavailableError(f"actor {self._endpoint} at {address} is unavailable: {error}") from None
+        except ActorUnavailableError:
+            self._address = None  # it is going away: look up its successor next time
+            raise
 
 
 class TpuActorMethod:

@@ -16,17 +16,20 @@ from typing import Any
 from fray_tpu.actors import link as links
 from fray_tpu.actors.handles import TpuActorHandle
 from fray_tpu.actors.rpc import RpcServer
-from fray_tpu.client_api import ActorContext, reset_current_actor, set_current_actor
+from fray_tpu.client_api import ActorContext, ActorUnavailableError, reset_current_actor, set_current_actor
 
 log = logging.getLogger(__name__)
 UNREGISTER_TIMEOUT = 10.0
 
 
 class ActorServer:
-    def __init__(self, instance: Any, credentials, host: str, max_concurrency: int):
+    def __init__(self, instance: Any, credentials, host: str, max_concurrency: int,
+                 closing: threading.Event | None = None):
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"ActorConfig.max_concurrency must be an integer >= 1, got {max_concurrency!r}")
         self._instance = instance
+        # Once the actor asked to exit (shutdown event, ctx.fail), it takes no new calls.
+        self._closing = closing or threading.Event()
         self._slots = threading.Semaphore(max_concurrency)
         self._rpc = RpcServer(self._handle, credentials, host, max_workers=max(8, max_concurrency + 4), name="actor")
         self.address = self._rpc.address
@@ -36,6 +39,8 @@ class ActorServer:
             raise AttributeError(f"{type(self._instance).__name__}.{method} is private: actors serve public methods")
         target = getattr(self._instance, method)
         with self._slots:
+            if self._closing.is_set():
+                raise ActorUnavailableError(f"{type(self._instance).__name__} is shutting down")
             return target(*args, **kwargs)
 
     def stop(self) -> None:
@@ -66,7 +71,7 @@ def start_actor(actor_class: type, args: tuple, kwargs: dict, *, endpoint: str, 
         instance = actor_class(*args, **kwargs)
     finally:
         reset_current_actor(token)
-    server = ActorServer(instance, link.credentials, links.advertise_host(), max_concurrency)
+    server = ActorServer(instance, link.credentials, links.advertise_host(), max_concurrency, ctx.shutdown_event)
     link.call("register", endpoint, server.address, owner)
     return ctx, server
 
