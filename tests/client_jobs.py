@@ -146,3 +146,30 @@ class Relay:
 
     def forward(self) -> int:
         return self.target.incr(1000)
+
+
+def tpu_task_calls_actor(handle, out_dir: str) -> None:
+    """Every TPU host calls the actor and records what it saw."""
+    import json
+
+    value = handle.incr()
+    index = os.environ["FRAY_TASK_INDEX"]
+    with open(os.path.join(out_dir, f"task-{index}.json"), "w") as f:
+        json.dump({"value": value, "slices": os.environ.get("MEGASCALE_NUM_SLICES"),
+                   "host_ip": os.environ.get("FRAY_TPU_HOST_IP")}, f)
+
+
+def fail_on_tpu() -> None:
+    if os.environ["FRAY_TASK_INDEX"] == "1":
+        raise KeyError("intentional failure on a TPU host")
+    threading.Event().wait(DEADLINE)
+
+
+class HostInfo:
+    def __init__(self):
+        from fray_tpu.client_api import current_actor
+
+        self.index = current_actor().index
+
+    def where(self):
+        return self.index, os.environ.get("FRAY_TPU_HOST_IP"), os.getpid()
