@@ -28,6 +28,8 @@ from fray_tpu.post_import import when_imported
 SPEC_PREFIX = "tpu"
 _TARGET_MODULE = "fray.cluster"
 _CLIENT_MODULE = "fray.current_client"
+# The late-2025 fray.job: get_default_job_ctx() calls create_job_ctx of its own module.
+_JOB_CONTEXT_MODULES = ("fray.job.context", "fray.job")
 
 
 def is_tpu_spec(spec: str) -> bool:
@@ -46,6 +48,14 @@ def install_client_hook() -> None:
     ``FRAY_BACKEND=tpu`` and no client was set explicitly (in every thread: the process's client
     is not a context variable). Other backends resolve as before."""
     when_imported(_CLIENT_MODULE, patch_fray_current_client)
+    for module in _JOB_CONTEXT_MODULES:
+        when_imported(module, _patch_job_context)
+
+
+def _patch_job_context(module: ModuleType) -> None:
+    from fray_tpu.job_context import patch_marin_job_context  # gRPC and friends: only when fray.job is used
+
+    patch_marin_job_context(module)
 
 
 def patch_fray_current_client(module: ModuleType) -> None:

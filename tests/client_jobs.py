@@ -173,3 +173,33 @@ class HostInfo:
 
     def where(self):
         return self.index, os.environ.get("FRAY_TPU_HOST_IP"), os.getpid()
+
+
+def share_named_counter(use_marin_module: bool, times: int, expected_total: int) -> None:
+    """The late-2025 pattern: each job asks its job context for the actor by name."""
+    if use_marin_module:
+        from fray.job import get_default_job_ctx
+    else:
+        from fray_tpu.job_context import get_default_job_ctx
+
+    ctx = get_default_job_ctx()
+    counter = ctx.create_actor(Counter, name="shared-by-name", get_if_exists=True, preemptible=False)
+    for _ in range(times):
+        ctx.get(counter.incr.remote())
+    deadline = time.monotonic() + DEADLINE
+    while counter.get() < expected_total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    total = counter.get()
+    print(f"context {type(ctx).__name__} endpoint {counter.endpoint} total {total}", flush=True)
+    assert total == expected_total, total
+
+
+def thread_context_basics() -> None:
+    from fray_tpu.job_context import get_default_job_ctx
+
+    ctx = get_default_job_ctx()
+    futures = [ctx.run(pow, 2, n) for n in range(4)]
+    ready, _ = ctx.wait(futures, num_returns=4)
+    assert len(ready) == 4
+    assert ctx.get(futures) == [1, 2, 4, 8]
+    assert ctx.get(ctx.put("x")) == "x"

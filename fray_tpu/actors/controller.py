@@ -250,6 +250,15 @@ class ControllerService:
             return named
 
     def _group_alive(self, group_id: str) -> bool:
+        """False once every member ended, or the group is being stopped (its owner ended)."""
+        with self._lock:
+            group = self._state.groups[group_id]
+            members = [self._state.submissions[t] for t in group.members]
+            owner = self._state.submissions.get(group.owner) if group.owner else None
+        if any(m.stopping for m in members):
+            return False
+        if owner is not None and JobStatus.finished(as_status(self.cluster.poll(owner.job_id).status)):
+            return False
         return not all(finished for _, _, finished, _, _ in self.rpc_group_state(group_id))
 
     # -- lifetimes ---------------------------------------------------------------------------
