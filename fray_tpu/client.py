@@ -11,6 +11,7 @@ that same controller; what it submits is a child of the job and ends with it.
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 from typing import Any
@@ -226,7 +227,7 @@ class TpuClient:
                    **kwargs: Any) -> HostedActor:
         """Serve the actor in this process; its handle works from every job of the controller."""
         config = actor_config or ActorConfig()
-        endpoint = f"hosted-{os.getpid()}-{id(self):x}/{name}-0"
+        endpoint = f"hosted-{os.getpid()}-{secrets.token_hex(4)}/{name}-0"
         _, server = start_actor(actor_class, args, kwargs, endpoint=endpoint, index=0, group_name=name,
                                 max_concurrency=getattr(config, "max_concurrency", 1), owner=self._owner())
         hosted = HostedActor(TpuActorHandle(endpoint), stop=lambda: stop_actor(endpoint, server))

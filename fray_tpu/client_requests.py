@@ -51,7 +51,14 @@ def placement(resources: Any) -> list[str] | None:
     return regions
 
 
-def _environment(environment: Any, task_env: Mapping[str, str]) -> Any:
+def device_env(device: Any) -> dict[str, str]:
+    """The device's default env vars (Marin's ``default_env_vars``, e.g. ``LIBTPU_INIT_ARGS``),
+    without ``JAX_PLATFORMS``: fray-tpu sets that per platform (the emulator runs JAX on the CPU)."""
+    defaults = getattr(device, "default_env_vars", None)
+    return {k: v for k, v in (defaults() if callable(defaults) else {}).items() if k != "JAX_PLATFORMS"}
+
+
+def _environment(environment: Any, task_env: Mapping[str, str], defaults: Mapping[str, str]) -> Any:
     if environment is None:
         base = fray_api.create_environment()
         workspace, pip, extras, env_vars = base.workspace, base.pip_packages, base.extras, base.env_vars
@@ -63,7 +70,7 @@ def _environment(environment: Any, task_env: Mapping[str, str]) -> Any:
         pip, extras = environment.pip_packages, environment.extras
         env_vars = dict(environment.env_vars or {})
     return fray_api.EnvironmentConfig(workspace=workspace, pip_packages=list(pip or []), extras=list(extras or []),
-                                      env_vars={**env_vars, **task_env})
+                                      env_vars={**defaults, **env_vars, **task_env})
 
 
 def translate(request: Any, task_env: Mapping[str, str]) -> TranslatedRequest:
@@ -105,7 +112,7 @@ def translate(request: Any, task_env: Mapping[str, str]) -> TranslatedRequest:
         entrypoint=entrypoint,
         resources=fray_api.ResourceConfig(device=device, replicas=count, regions=regions,
                                           preemptible=bool(getattr(resources, "preemptible", True))),
-        environment=_environment(getattr(request, "environment", None), task_env),
+        environment=_environment(getattr(request, "environment", None), task_env, device_env(resources.device)),
         max_retries_failure=budgets["max_retries_failure"],
         max_retries_preemption=budgets["max_retries_preemption"],
     )

@@ -23,6 +23,7 @@ reattaches, and without one the agents' lease lapses and every slice deletes its
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import os
@@ -253,7 +254,7 @@ class TpuCluster(Cluster):
             created=now, updated=now, finished=None, controller_id=self.controller_id,
             kind="tpu" if plan.is_tpu else "cpu", tpu_type=plan.tpu_type, slice_count=plan.replicas,
             task_names=plan.task_names, task_statuses=[(str(JobStatus.PENDING), None)] * len(plan.task_names),
-            counters={}, attempt=0, attempt_id=None, plan_blob=pickle.dumps(plan),
+            counters={}, attempt=0, attempt_id=None, plan_blob=pickle.dumps(_without_credentials(plan)),
         )
 
     def _restore(self, journal: Journal) -> None:
@@ -314,6 +315,16 @@ class TpuCluster(Cluster):
         endpoint = json.loads(line)["endpoint"]
         log.info("started a Cloud TPU emulator at %s", endpoint)
         return endpoint
+
+
+def _without_credentials(plan: JobPlan) -> JobPlan:
+    """The plan as journaled: the controller's channel credentials (``TpuClient`` jobs) stay in
+    memory only; they die with the controller that made them."""
+    from fray_tpu.actors.link import CREDENTIALS_ENV
+
+    if CREDENTIALS_ENV not in plan.env:
+        return plan
+    return dataclasses.replace(plan, env={k: v for k, v in plan.env.items() if k != CREDENTIALS_ENV})
 
 
 def _exit_on_sigterm() -> None:

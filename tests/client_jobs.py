@@ -203,3 +203,9 @@ def thread_context_basics() -> None:
     assert len(ready) == 4
     assert ctx.get(futures) == [1, 2, 4, 8]
     assert ctx.get(ctx.put("x")) == "x"
+
+
+class Waiter:
+    def wait(self, timeout: float) -> float:
+        """A method whose own keyword is named ``timeout``."""
+        return timeout

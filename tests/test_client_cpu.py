@@ -18,6 +18,7 @@ from client_jobs import (
     FailsOnRequest,
     Introspective,
     Relay,
+    Waiter,
     block,
     fail_with_key_error,
     increment,
@@ -152,6 +153,26 @@ def test_a_job_is_visible_to_the_cluster_api(client):
     assert handle.job_id in {info.job_id for info in client.cluster.list_jobs()}
 
 
+def test_channel_credentials_never_reach_the_journal(client):
+    """The journaled plan keeps the controller's address but not its key or secret; neither
+    appears anywhere in the journal's files."""
+    import pickle
+
+    from fray_tpu.actors.link import CONTROLLER_ENV, CREDENTIALS_ENV
+
+    handle = client.submit(job("journaled", succeed))
+    handle.wait(timeout=TIMEOUT)
+    journal = client.cluster.journal()
+    plan = pickle.loads(journal.job(handle.job_id).plan_blob)
+    assert CREDENTIALS_ENV not in plan.env and plan.env[CONTROLLER_ENV] == client.controller_address
+    secret = client._service.credentials.secret.encode()
+    key = client._service.credentials.key_pem.split(b"\n")[1]
+    for path in journal.state_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert secret not in data and key not in data, path
+
+
 def test_job_handle_pickles_to_its_id(client):
     handle = client.submit(job("pickled-handle", succeed))
     copy = cloudpickle.loads(cloudpickle.dumps(handle))
@@ -191,6 +212,13 @@ def test_actor_calls_remote_submit_sync_and_errors(client):
         counter.explode.remote().result(timeout=TIMEOUT)
     with pytest.raises(AttributeError):
         counter._private()
+
+
+def test_a_methods_timeout_keyword_reaches_the_method(client):
+    """Keyword arguments named like transport options (timeout) are the method's own."""
+    waiter = client.create_actor(Waiter, name="waiter")
+    assert waiter.wait(timeout=7.5) == 7.5
+    assert waiter.wait.remote(timeout=2.5).result(timeout=TIMEOUT) == 2.5
 
 
 def test_max_concurrency_one_serialises_calls(client):

@@ -49,7 +49,9 @@ class Submission:
     parent: str | None
     deadline: float | None
     failure: tuple[bytes, str] | None = None
+    failure_attempt: int = 0
     stopping: bool = False
+    ended: bool = False
 
 
 @dataclass
@@ -116,6 +118,10 @@ class ControllerService:
         with self._lock:
             if parent is not None and parent not in self._state.submissions:
                 raise ConfigError(f"unknown parent submission {parent!r}")
+        if translated.tpu_type is not None and not self.cluster.config.emulate and _is_loopback(self.address):
+            log.warning("job %s runs on TPU VMs, but the controller service listens on %s: its tasks cannot reach "
+                        "actors in this process, current_client(), or report their exceptions. Set %s to this "
+                        "machine's VPC address.", request.name, self.address, BIND_HOST_ENV)
         job_id = self.cluster.launch(translated.request)
         deadline = time.monotonic() + translated.timeout if translated.timeout is not None else None
         with self._lock:
@@ -140,10 +146,16 @@ class ControllerService:
         self.cluster.terminate(job_id)
 
     def rpc_report_failure(self, token: str, blob: bytes, text: str) -> None:
+        """The first exception of the job's latest attempt is the one ``wait()`` re-raises (the
+        gang's other hosts are stopped because of it)."""
         with self._lock:
             submission = self._state.submissions.get(token)
-            if submission is not None and submission.failure is None:
-                submission.failure = (blob, text)
+        if submission is None:
+            return
+        attempt = self.cluster.job_counters(submission.job_id).attempts
+        with self._lock:
+            if submission.failure is None or submission.failure_attempt < attempt:
+                submission.failure, submission.failure_attempt = (blob, text), attempt
 
     def job_of(self, token: str) -> str | None:
         with self._lock:
@@ -273,10 +285,12 @@ class ControllerService:
         now = time.monotonic()
         with self._lock:
             submissions = list(self._state.submissions.values())
-        finished = {s.token for s in submissions
-                    if JobStatus.finished(as_status(self.cluster.poll(s.job_id).status))}
         for submission in submissions:
-            if submission.token in finished or submission.stopping:
+            if not submission.ended and JobStatus.finished(as_status(self.cluster.poll(submission.job_id).status)):
+                submission.ended = True
+        finished = {s.token for s in submissions if s.ended}
+        for submission in submissions:
+            if submission.ended or submission.stopping:
                 continue
             past_deadline = submission.deadline is not None and now >= submission.deadline
             orphaned = submission.parent is not None and submission.parent in finished
@@ -295,6 +309,10 @@ class ControllerService:
         self._stop.set()
         self._server.stop()
         links.clear_local_service(self)
+
+
+def _is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address.startswith("localhost")
 
 
 def _retries(actor_config: Any) -> int:

@@ -17,15 +17,16 @@ from fray_tpu.actors import link as links
 from fray_tpu.actors.rpc import RpcClient, RpcUnavailable
 from fray_tpu.client_api import ActorUnavailableError
 
-_clients: dict[str, RpcClient] = {}
+_clients: dict[tuple[str, str], RpcClient] = {}
 _clients_lock = threading.Lock()
 
 
 def _rpc_for(address: str, credentials) -> RpcClient:
+    key = (address, credentials.secret)
     with _clients_lock:
-        client = _clients.get(address)
+        client = _clients.get(key)
         if client is None:
-            client = _clients[address] = RpcClient(address, credentials)
+            client = _clients[key] = RpcClient(address, credentials)
         return client
 
 
@@ -68,7 +69,7 @@ class TpuActorHandle:
     def _invoke(self, method: str, args: tuple, kwargs: dict, timeout: float | None = None) -> Any:
         address, credentials = self._resolve()
         try:
-            return _rpc_for(address, credentials).call(method, *args, timeout=timeout, **kwargs)
+            return _rpc_for(address, credentials).invoke(self._endpoint, (method, *args), kwargs, timeout)
         except RpcUnavailable as error:
             self._address = None
             raise ActorUnavailableError(f"actor {self._endpoint} at {address} is unavailable: {error}") from None

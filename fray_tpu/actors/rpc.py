@@ -134,6 +134,10 @@ class RpcClient:
         self._metadata = [(SECRET_METADATA_KEY, credentials.secret)]
 
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        return self.invoke(method, args, kwargs, timeout)
+
+    def invoke(self, method: str, args: tuple, kwargs: dict, timeout: float | None = None) -> Any:
+        """``call`` with the arguments as given (a ``timeout`` keyword goes to the method)."""
         request = cloudpickle.dumps((method, args, kwargs))
         try:
             reply = self._call(request, metadata=self._metadata, timeout=timeout, wait_for_ready=False)

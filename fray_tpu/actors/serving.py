@@ -23,18 +23,24 @@ UNREGISTER_TIMEOUT = 10.0
 
 
 class ActorServer:
-    def __init__(self, instance: Any, credentials, host: str, max_concurrency: int,
+    def __init__(self, instance: Any, endpoint: str, credentials, host: str, max_concurrency: int,
                  closing: threading.Event | None = None):
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"ActorConfig.max_concurrency must be an integer >= 1, got {max_concurrency!r}")
         self._instance = instance
+        self.endpoint = endpoint
         # Once the actor asked to exit (shutdown event, ctx.fail), it takes no new calls.
         self._closing = closing or threading.Event()
         self._slots = threading.Semaphore(max_concurrency)
         self._rpc = RpcServer(self._handle, credentials, host, max_workers=max(8, max_concurrency + 4), name="actor")
         self.address = self._rpc.address
 
-    def _handle(self, method: str, args: tuple, kwargs: dict) -> Any:
+    def _handle(self, endpoint: str, args: tuple, kwargs: dict) -> Any:
+        """``endpoint`` names the actor the caller means: a stale address whose port another
+        actor reuses must not reach that other actor."""
+        if endpoint != self.endpoint:
+            raise ActorUnavailableError(f"actor {endpoint} is not served here any more (this is {self.endpoint})")
+        method, args = args[0], args[1:]
         if method.startswith("_"):
             raise AttributeError(f"{type(self._instance).__name__}.{method} is private: actors serve public methods")
         target = getattr(self._instance, method)
@@ -71,7 +77,8 @@ def start_actor(actor_class: type, args: tuple, kwargs: dict, *, endpoint: str, 
         instance = actor_class(*args, **kwargs)
     finally:
         reset_current_actor(token)
-    server = ActorServer(instance, link.credentials, links.advertise_host(), max_concurrency, ctx.shutdown_event)
+    server = ActorServer(instance, endpoint, link.credentials, links.advertise_host(), max_concurrency,
+                         ctx.shutdown_event)
     link.call("register", endpoint, server.address, owner)
     return ctx, server
 
