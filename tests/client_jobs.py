@@ -209,3 +209,21 @@ class Waiter:
     def wait(self, timeout: float) -> float:
         """A method whose own keyword is named ``timeout``."""
         return timeout
+
+
+class FailsAtIndexOne:
+    def __init__(self):
+        from fray_tpu.client_api import current_actor
+
+        if current_actor().index == 1:
+            raise LookupError("member 1 cannot start")
+
+    def ok(self) -> bool:
+        return True
+
+
+def create_named_and_return(value: int) -> None:
+    from fray_tpu.job_context import get_default_job_ctx
+
+    counter = get_default_job_ctx().create_actor(Counter, value, name="owned-by-a-job", get_if_exists=True)
+    print(f"value {counter.get()}", flush=True)

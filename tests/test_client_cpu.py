@@ -15,6 +15,7 @@ import pytest
 from client_jobs import (
     BrokenConstructor,
     Counter,
+    FailsAtIndexOne,
     FailsOnRequest,
     Introspective,
     Relay,
@@ -247,6 +248,19 @@ def test_actor_group_ready_discover_done_shutdown(client):
     wait_for(group.is_done, "the group to be done after shutdown", TIMEOUT)
     with pytest.raises(ActorUnavailableError):
         handles[0].describe()
+
+
+def test_one_members_constructor_failure_spares_its_siblings(client):
+    """Member 1's constructor fails: wait_ready() for all raises its error, the two others serve,
+    and the group is not done."""
+    group = client.create_actor_group(FailsAtIndexOne, name="partly-broken", count=3)
+    with pytest.raises(LookupError, match="member 1 cannot start"):
+        group.wait_ready(timeout=TIMEOUT)
+    survivors = group.wait_ready(count=2, timeout=TIMEOUT)
+    assert [h.endpoint.rsplit("-", 1)[1] for h in survivors] == ["0", "2"]
+    assert all(h.ok() for h in survivors)
+    assert not group.is_done()
+    group.shutdown()
 
 
 def test_constructor_failure_raises_from_create_actor(client):

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from client_jobs import share_named_counter, thread_context_basics
+from client_jobs import create_named_and_return, share_named_counter, thread_context_basics
 
 from fray_tpu.client import TpuClient
 from fray_tpu.client_api import Entrypoint, JobRequest, JobStatus, wait_all
@@ -46,3 +46,13 @@ def test_two_running_jobs_share_one_named_actor(client, monkeypatch, marin_shape
     endpoints = {line.split("endpoint ")[1].split()[0] for line in lines}
     assert len(endpoints) == 1, lines
     assert all("TpuJobContext" in line for line in lines)
+
+
+def test_a_named_actor_ends_with_its_job_and_its_name_is_freed(client):
+    """A non-detached named actor belongs to the job that created it: after that job ends, the
+    same name makes a new actor (fresh state)."""
+    first = client.submit(job("owner-a", create_named_and_return, 5))
+    assert first.wait(timeout=TIMEOUT) == JobStatus.SUCCEEDED
+    second = client.submit(job("owner-b", create_named_and_return, 9))
+    assert second.wait(timeout=TIMEOUT) == JobStatus.SUCCEEDED
+    assert "[replica-0] value 5" in first.logs() and "[replica-0] value 9" in second.logs()
