@@ -244,6 +244,8 @@ def test_actor_group_ready_discover_done_shutdown(client):
     assert len({pid for _, pid in described}) == 3
     assert group.discover_new() == []
     assert not group.is_done()
+    copy = cloudpickle.loads(cloudpickle.dumps(group))  # a group pickles to its identity
+    assert copy.ready_count == 3 and [h.endpoint for h in copy.wait_ready(timeout=TIMEOUT)] == [h.endpoint for h in handles]
     group.shutdown()
     wait_for(group.is_done, "the group to be done after shutdown", TIMEOUT)
     with pytest.raises(ActorUnavailableError):

@@ -30,6 +30,14 @@ def _rpc_for(address: str, credentials) -> RpcClient:
         return client
 
 
+def _drop_rpc(address: str, credentials) -> None:
+    """Forget a dead address's channel (a restarted actor listens elsewhere)."""
+    with _clients_lock:
+        client = _clients.pop((address, credentials.secret), None)
+    if client is not None:
+        client.close()
+
+
 class TpuActorHandle:
     def __init__(self, endpoint: str):
         self._endpoint = endpoint
@@ -72,6 +80,7 @@ class TpuActorHandle:
             return _rpc_for(address, credentials).invoke(self._endpoint, (method, *args), kwargs, timeout)
         except RpcUnavailable as error:
             self._address = None
+            _drop_rpc(address, credentials)
             raise ActorUnavailableError(f"actor {self._endpoint} at {address} is unavailable: {error}") from None
         except ActorUnavailableError:
             self._address = None  # it is going away: look up its successor next time
