@@ -8,7 +8,9 @@ is set, and does nothing otherwise. ``install()``:
 - turns ``FRAY_BACKEND=tpu`` into ``FRAY_CLUSTER_SPEC=tpu`` when no spec is set, so Fray's own
   resolution order (context variable, then the spec) stays as it is;
 - wraps ``fray.cluster.create_cluster`` when that module is first imported, so a ``tpu`` spec
-  builds a ``TpuCluster`` and every other spec goes to Fray unchanged.
+  builds a ``TpuCluster`` and every other spec goes to Fray unchanged;
+- wraps Marin's 2026 ``fray.current_client.current_client`` so that, with ``FRAY_BACKEND=tpu``
+  and no explicitly set client, it returns a ``fray_tpu.client.TpuClient``.
 
 Marin's fray is recognised by shape (``fray.cluster.base.Cluster`` is an ABC with ``launch``),
 never by the bare name: an unrelated package named ``fray`` is left alone.
@@ -26,12 +28,51 @@ from fray_tpu.fray_api import is_marin_fray_base
 from fray_tpu.post_import import when_imported
 
 _TARGET_MODULE = "fray.cluster"
+_CLIENT_MODULE = "fray.current_client"
+# The late-2025 fray.job: get_default_job_ctx() calls create_job_ctx of its own module.
+_JOB_CONTEXT_MODULES = ("fray.job.context", "fray.job")
 
 
 def install() -> None:
     if is_tpu_spec(os.environ.get(BACKEND_ENV, "")) and not os.environ.get(CLUSTER_SPEC_ENV):
         os.environ[CLUSTER_SPEC_ENV] = TPU_SPEC_PREFIX
     when_imported(_TARGET_MODULE, patch_fray_cluster)
+    install_client_hook()
+
+
+def install_client_hook() -> None:
+    """Make Marin's 2026 ``fray.current_client.current_client()`` return fray-tpu's client when
+    ``FRAY_BACKEND=tpu`` and no client was set explicitly (in every thread: the process's client
+    is not a context variable). Other backends resolve as before."""
+    when_imported(_CLIENT_MODULE, patch_fray_current_client)
+    for module in _JOB_CONTEXT_MODULES:
+        when_imported(module, _patch_job_context)
+
+
+def _patch_job_context(module: ModuleType) -> None:
+    from fray_tpu.job_context import patch_marin_job_context  # gRPC and friends: only when fray.job is used
+
+    patch_marin_job_context(module)
+
+
+def patch_fray_current_client(module: ModuleType) -> None:
+    fray_current_client = getattr(module, "current_client", None)
+    if not callable(fray_current_client) or not hasattr(module, "set_current_client") \
+            or getattr(fray_current_client, "_fray_tpu_hooked", False):
+        return
+    explicit = getattr(module, "_current_client_var", None)
+
+    def current_client():
+        chosen = explicit.get() if explicit is not None else None
+        if chosen is None and os.environ.get("FRAY_BACKEND") == "tpu":
+            from fray_tpu.client import default_client
+
+            return default_client()
+        return chosen if chosen is not None else fray_current_client()
+
+    current_client._fray_tpu_hooked = True
+    current_client.__doc__ = fray_current_client.__doc__
+    module.current_client = current_client
 
 
 def looks_like_marin_fray(module: ModuleType) -> bool:

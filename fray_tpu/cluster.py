@@ -23,6 +23,7 @@ reattaches, and without one the agents' lease lapses and every slice deletes its
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import os
@@ -141,6 +142,13 @@ class TpuCluster(Cluster):
         """Attempts, failures, preemptions, bad hosts and capacity waits of a job."""
         return self._record(job_id).counters
 
+    def job_output(self, job_id: JobId, max_lines: int = 0) -> tuple[str, ...]:
+        """The retained tail of the job's own output lines (all retained when ``max_lines`` is 0),
+        without the controller's progress lines."""
+        lines = [line for line in self._record(job_id).read_lines(0, timeout=0).lines
+                 if not line.startswith(PROGRESS_PREFIX)]
+        return tuple(lines[-max_lines:] if max_lines > 0 else lines)
+
     def wait_released(self, job_id: JobId, timeout: float = SHUTDOWN_TIMEOUT) -> None:
         """Block until the job's supervisor has finished, slices deleted included."""
         self._record(job_id)
@@ -244,7 +252,7 @@ class TpuCluster(Cluster):
             created=now, updated=now, finished=None, controller_id=self.controller_id,
             kind="tpu" if plan.is_tpu else "cpu", tpu_type=plan.tpu_type, slice_count=plan.replicas,
             task_names=plan.task_names, task_statuses=[(str(JobStatus.PENDING), None)] * len(plan.task_names),
-            counters={}, attempt=0, attempt_id=None, plan_blob=pickle.dumps(plan),
+            counters={}, attempt=0, attempt_id=None, plan_blob=pickle.dumps(_without_credentials(plan)),
         )
 
     def _restore(self, journal: Journal) -> None:
@@ -306,6 +314,16 @@ class TpuCluster(Cluster):
         endpoint = json.loads(line)["endpoint"]
         log.info("started a Cloud TPU emulator at %s", endpoint)
         return endpoint
+
+
+def _without_credentials(plan: JobPlan) -> JobPlan:
+    """The plan as journaled: the controller's channel credentials (``TpuClient`` jobs) stay in
+    memory only; they die with the controller that made them."""
+    from fray_tpu.actors.link import CREDENTIALS_ENV
+
+    if CREDENTIALS_ENV not in plan.env:
+        return plan
+    return dataclasses.replace(plan, env={k: v for k, v in plan.env.items() if k != CREDENTIALS_ENV})
 
 
 def _exit_on_sigterm() -> None:

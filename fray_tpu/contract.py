@@ -88,6 +88,9 @@ RUNNER_PRELOAD_ENV = "FRAY_TPU_RUNNER_PRELOAD"
 # "1": the runner was started ahead of the gang and waits on stdin for RUNNER_GO_BYTE.
 RUNNER_HOLD_ENV = "FRAY_TPU_RUNNER_HOLD"
 RUNNER_GO_BYTE = b"g"
+# "module:function": the runner calls the job's callable as function(fn, args, kwargs), so the
+# Client API can run it inside its client context without the payload naming the shell.
+RUNNER_TASK_MAIN_ENV = "FRAY_TPU_RUNNER_TASK_MAIN"
 # The emulator's JAX cluster plugin, preloaded on emulated hosts.
 EMULATOR_JAX_PLUGIN = "fray_tpu.jax_emulated_preload"
 

@@ -18,6 +18,7 @@ import traceback
 from fray_tpu.contract import RUNNER_GO_BYTE as GO_BYTE
 from fray_tpu.contract import RUNNER_HOLD_ENV as HOLD_ENV
 from fray_tpu.contract import RUNNER_PRELOAD_ENV as PRELOAD_ENV
+from fray_tpu.contract import RUNNER_TASK_MAIN_ENV as TASK_MAIN_ENV
 # A message longer than this (or with more lines) would push the exception's type out of the
 # stderr tail the agent reports (8 KiB): the short traceback keeps this much of it.
 SHORT_MESSAGE_CHARS = 1500
@@ -79,7 +80,12 @@ def run_callable(payload_file: str) -> int:
         fn, args, kwargs = cloudpickle.load(f)
     if not wait_for_go():
         return 143
-    fn(*args, **kwargs)
+    task_main = os.environ.get(TASK_MAIN_ENV)
+    if task_main:
+        module, _, function = task_main.partition(":")
+        getattr(importlib.import_module(module), function)(fn, args, kwargs)
+    else:
+        fn(*args, **kwargs)
     return 0
 
 
