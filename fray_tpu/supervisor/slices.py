@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import contract as md
@@ -21,6 +21,7 @@ from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
 from fray_tpu.state.journal import Journal, ResourceRow, ResourceState
 from fray_tpu.planning import JobPlan
 from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec, node_resource_name
+from fray_tpu.supervisor.attempt import in_parallel
 from fray_tpu.supervisor.capacity import CapacityWait, GiveUp
 from fray_tpu.supervisor.credentials import JobCredentials
 from fray_tpu.supervisor.job import JobStopped
@@ -192,16 +193,28 @@ class SliceKeeper:
         self._deletions.append(thread)
 
     def _delete(self, slice_id: int, ready: ReadySlice) -> None:
+        self._delete_resource(slice_id, ready.spec.name, ready.zone, queued=ready.spec.queued)
+
+    def _delete_resource(self, slice_id: int, name: str, zone: str, *, queued: bool) -> None:
         try:
-            self.journal.update_resource(ready.spec.name, ready.zone, state=ResourceState.DELETING)
-            self.context.provisioner.delete(ready.spec.name, ready.zone,
-                                            deadline=time.monotonic() + self.config.delete_deadline,
-                                            queued=ready.spec.queued)
-            self.journal.update_resource(ready.spec.name, ready.zone, state=ResourceState.DELETED, deleted_at=time.time())
-            self._progress(f"slice-{slice_id}: deleted {ready.spec.name} in {ready.zone}")
+            self.journal.update_resource(name, zone, state=ResourceState.DELETING)
+            self.context.provisioner.delete(name, zone, deadline=time.monotonic() + self.config.delete_deadline,
+                                            queued=queued)
+            self.journal.update_resource(name, zone, state=ResourceState.DELETED, deleted_at=time.time())
+            self._progress(f"slice-{slice_id}: deleted {name} in {zone}")
         except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
             log.error("job %s: could not delete slice %s in %s: %s (`fray-tpu gc` will find it by label)",
-                      self.job_id, ready.spec.name, ready.zone, error)
+                      self.job_id, name, zone, error)
+
+    def delete_leftovers(self, rows: Sequence[ResourceRow]) -> None:
+        """On takeover: delete, in parallel and before the job goes on, the journaled resources
+        the job will not use (``takeover.sort_journaled``): half-created nodes and queued
+        resources, deletions the dead controller had not seen through."""
+        for row in rows:
+            self._progress(f"slice-{row.slice_id}: deleting {row.name} in {row.zone}, left {row.state} "
+                           "by the controller that went away")
+        in_parallel(lambda row: self._delete_resource(row.slice_id, row.name, row.zone, queued=row.kind == "queued"),
+                    list(rows))
 
     def release_all(self) -> None:
         for slice_id in range(len(self.slices)):

@@ -16,7 +16,7 @@ from fray_tpu.costs import AttemptAccount, JobAccount
 from fray_tpu.decisions import AttemptVerdict, JobCounters, TaskEnd, TaskOutcome, judge_attempt
 from fray_tpu.fray_api import JobStatus
 from fray_tpu.supervisor.records import JobRecord
-from fray_tpu.state.journal import Journal, JobRow, ResourceState
+from fray_tpu.state.journal import Journal, JobRow, ResourceRow
 from fray_tpu.multislice import gang_environments
 from fray_tpu.planning import JobPlan
 from fray_tpu.supervisor.credentials import JobCredentials
@@ -24,6 +24,7 @@ from fray_tpu.supervisor.gang import Gang, TpuGangRun
 from fray_tpu.supervisor.job import JobStopped, JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
 from fray_tpu.supervisor.slices import ControllerContext, SliceKeeper
+from fray_tpu.supervisor.takeover import sort_journaled
 from fray_tpu.multislice import TaskSlot
 
 
@@ -34,17 +35,17 @@ class ResumeState:
     attempt: int
     attempt_id: str | None
     slices: dict[int, tuple[str, int, str, list[str]]]  # slice id -> (name, attempt, zone, endpoints)
+    leftovers: tuple[ResourceRow, ...]  # live resources the job will not use: deleted on takeover
     counters: dict[str, int]
     credentials: JobCredentials
     extra: dict
 
     @classmethod
     def from_journal(cls, row: JobRow, journal: Journal) -> ResumeState:
-        slices = {}
-        for resource in journal.resources(job_id=row.job_id, live_only=True):
-            if resource.state == ResourceState.READY and resource.endpoints:
-                slices[resource.slice_id] = (resource.name, resource.attempt, resource.zone, list(resource.endpoints))
-        return cls(attempt=row.attempt, attempt_id=row.attempt_id, slices=slices, counters=dict(row.counters),
+        takeover = sort_journaled(journal.resources(job_id=row.job_id))
+        slices = {slice_id: (r.name, r.attempt, r.zone, list(r.endpoints)) for slice_id, r in takeover.adopt.items()}
+        return cls(attempt=row.attempt, attempt_id=row.attempt_id, slices=slices, leftovers=takeover.delete,
+                   counters=dict(row.counters),
                    extra=dict(row.extra), credentials=JobCredentials.load(journal, row.job_id))
 
 
@@ -79,6 +80,7 @@ class TpuJobSupervisor(JobSupervisor):
         if self.resume is None:
             self.credentials.store(self.journal, self.record.job_id)
         else:
+            self.slices.delete_leftovers(self.resume.leftovers)
             self.slices.restore(self.resume.slices)
             restored = JobCounters.from_mapping(self.resume.counters)
             for name in JobCounters.__dataclass_fields__:

@@ -10,6 +10,8 @@ every ``TICK_SECONDS``) until a "go" file appears. Outcomes covered:
   started while the driver lives runs beside it without taking its jobs (the driver's journal
   stays locked: opening it is refused with ``JournalLockedError`` naming the holder's pid);
 - SIGKILL with no restart: the agents' lease lapses and the slice deletes itself;
+- SIGKILL while the slice is being created: the controller that takes over deletes the
+  half-created node or queued resource and runs the job on a new one;
 - the exit policy: normal exit and SIGTERM terminate the jobs and delete their slices;
   ``detach_on_exit=True`` leaves the job running for a later controller to reattach.
 
@@ -88,7 +90,7 @@ def main():
     args = json.loads(sys.argv[1])
     cluster = TpuCluster(
         TpuClusterConfig(emulate=True, emulator_endpoint=args["endpoint"], poll_interval=0.2,
-                         lease_period=args["lease_period"], state_dir=args["state_dir"]),
+                         lease_period=args["lease_period"], state_dir=args["state_dir"], queued=args["queued"]),
         detach_on_exit=args["detach"],
     )
     job_ids = []
@@ -100,6 +102,10 @@ def main():
             name=name, entrypoint=entrypoint, resources=ResourceConfig.with_tpu("v5litepod-4"),
             environment=EnvironmentConfig.create(workspace=args["workspace"]))))
     pause = threading.Event()
+    if args["then"] == "launched":
+        print("LAUNCHED " + json.dumps(job_ids), flush=True)
+        pause.wait(args["start_timeout"])  # the test kills us while the slice is being created
+        return
     deadline = time.monotonic() + args["start_timeout"]
     while not all(cluster.poll(j).status == JobStatus.RUNNING for j in job_ids):
         if time.monotonic() > deadline:
@@ -121,7 +127,7 @@ class Driver:
     """The driver subprocess, its stdout lines on a queue, its stderr in a file."""
 
     def __init__(self, tmp_path: Path, endpoint: str, *, jobs: list[str], then: str, lease_period: float,
-                 detach: bool = False):
+                 detach: bool = False, queued: bool = False):
         self.state_dir = tmp_path / "state"
         self.out_dir = tmp_path / "out"
         workspace = tmp_path / "workspace"
@@ -131,7 +137,7 @@ class Driver:
         script = tmp_path / "driver.py"
         script.write_text(DRIVER_SOURCE)
         self.stderr_path = tmp_path / "driver.stderr"
-        args = dict(endpoint=endpoint, lease_period=lease_period, state_dir=str(self.state_dir), detach=detach,
+        args = dict(endpoint=endpoint, lease_period=lease_period, state_dir=str(self.state_dir), detach=detach, queued=queued,
                     jobs=jobs, out_dir=str(self.out_dir), workspace=str(workspace), tick_seconds=TICK_SECONDS,
                     host_deadline=HOST_DEADLINE, start_timeout=DRIVER_START_TIMEOUT, then=then)
         with open(self.stderr_path, "wb") as stderr:
@@ -148,6 +154,15 @@ class Driver:
 
     def running_jobs(self) -> list[str]:
         """The job ids, once the driver reports every job running."""
+        job_ids = self._reported("RUNNING ", "its jobs running")
+        self.reported_running_at = time.monotonic()
+        return job_ids
+
+    def launched_jobs(self) -> list[str]:
+        """The job ids, once the driver reports them launched (``then="launched"``)."""
+        return self._reported("LAUNCHED ", "its jobs launched")
+
+    def _reported(self, prefix: str, what: str) -> list[str]:
         deadline = time.monotonic() + DRIVER_START_TIMEOUT
         while time.monotonic() < deadline:
             try:
@@ -156,10 +171,9 @@ class Driver:
                 break
             if line is None:
                 break
-            if line.startswith("RUNNING "):
-                self.reported_running_at = time.monotonic()
-                return json.loads(line.removeprefix("RUNNING "))
-        raise AssertionError(f"the driver never reported its jobs running (exit code {self.process.poll()}); "
+            if line.startswith(prefix):
+                return json.loads(line.removeprefix(prefix))
+        raise AssertionError(f"the driver never reported {what} (exit code {self.process.poll()}); "
                              f"stderr:\n{self.stderr()}")
 
     def wait_exit(self, timeout: float) -> int:
@@ -304,6 +318,47 @@ def test_sigkilled_driver_without_restart_slices_delete_themselves(fake_gcp, tmp
                              f"{fake_gcp.control.host_log(node['name'], 0)[-3000:]}") from None
     assert time.monotonic() - killed_at < SELF_DELETE_DEADLINE
     assert driver.ticks("orphan") >= 0  # the job did run before its driver died
+
+
+# -- SIGKILL while a slice is being created -----------------------------------------------------
+
+def job_resources(control, job_id: str, kind: str) -> list[dict]:
+    """``kind``: "nodes" or "queued_resources"."""
+    return [r for r in control.leaks()[kind] if r["labels"].get(LABEL_JOB) == label_value(job_id)]
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["node", "queued-resource"])
+def test_driver_sigkilled_during_creation_leaves_nothing_behind(fake_gcp, tmp_path, drivers, queued):
+    """The driver dies while its slice is being created (a node held CREATING, or a queued
+    resource held WAITING_FOR_RESOURCES: no VM, so no lease that could lapse). The controller
+    that takes over deletes that half-created resource, runs the job on a new one, and nothing
+    is left at the end."""
+    control = fake_gcp.control
+    kind = "queued_resources" if queued else "nodes"
+    control.hold_creating("fray-halfmade-")
+    driver = start_driver(drivers, tmp_path, fake_gcp.endpoint, jobs=["halfmade"], then="launched",
+                          lease_period=REATTACH_LEASE_SECONDS, queued=queued)
+    (job_id,) = driver.launched_jobs()
+    (half,) = wait_for(lambda: job_resources(control, job_id, kind), "the slice to be in creation", JOB_TIMEOUT)
+    driver.process.send_signal(signal.SIGKILL)
+    driver.wait_exit(30)
+    control.hold_creating(half["name"])  # the half-created resource would stay in creation for good ...
+    control.release("fray-halfmade-")  # ... while a new one may be made
+
+    restarted = controller(fake_gcp.endpoint, driver.state_dir)
+    try:
+        assert restarted.poll(job_id).status in (JobStatus.PENDING, JobStatus.RUNNING)
+        wait_for(lambda: half["name"] not in [r["name"] for r in control.leaks()[kind]],
+                 f"the half-created {half['name']} to be deleted by the controller that took over", JOB_TIMEOUT)
+        wait_for(lambda: driver.ticks("halfmade") >= 1, "the job to run on a new slice", JOB_TIMEOUT)
+        driver.release("halfmade")
+        info = restarted.wait(job_id, timeout=JOB_TIMEOUT)
+        assert info.status == JobStatus.SUCCEEDED, info.error_message
+        restarted.wait_released(job_id, timeout=JOB_TIMEOUT)
+        assert job_resources(control, job_id, "nodes") == job_resources(control, job_id, "queued_resources") == []
+        assert restarted.job_counters(job_id).preemptions == 0
+    finally:
+        restarted.shutdown(timeout=JOB_TIMEOUT)
 
 
 # -- the exit policy -------------------------------------------------------------------------
