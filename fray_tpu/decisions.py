@@ -28,15 +28,23 @@ MAX_BAD_HOST_REPLACEMENTS = 5
 class TaskOutcome(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    # The job's environment cannot be built (unresolvable requirement, stale lock, no such
+    # Python): the job's fault, and the same on every host and every try.
+    ENVIRONMENT_FAILED = "environment_failed"
     BAD_HOST = "bad_host"
     PREEMPTED = "preempted"
     LOST = "lost"  # the agent stopped answering without reporting an exit
     CANCELLED = "cancelled"
 
 
+# A Prepare the agent refused, by the kind it names: whose fault it is decides what happens next.
+PREPARE_FAILURE_OUTCOMES = {"user": TaskOutcome.FAILED, "environment": TaskOutcome.ENVIRONMENT_FAILED}
+
+
 class AttemptOutcome(enum.StrEnum):
     SUCCEEDED = "succeeded"
     USER_FAILURE = "user_failure"
+    ENVIRONMENT_FAILURE = "environment_failure"
     PREEMPTED = "preempted"
     BAD_HOST = "bad_host"
     CANCELLED = "cancelled"
@@ -94,8 +102,8 @@ def judge_attempt(
 
     ``ends`` are the task ends in the order they were observed (the first failure is the
     culprit; later failures are usually the gang being stopped). Precedence: cancellation by
-    the user, then preemption (a peer's death often makes the others fail), then bad host,
-    then user failure.
+    the user, then preemption (a peer's death often makes the others fail), then an
+    environment that cannot be built, then bad host, then user failure.
     """
     lost = frozenset(lost_slices) | {e.slice_id for e in ends if e.outcome in (TaskOutcome.PREEMPTED, TaskOutcome.LOST)}
     if cancelled:
@@ -103,6 +111,9 @@ def judge_attempt(
     first_preempted = next((e for e in ends if e.outcome in (TaskOutcome.PREEMPTED, TaskOutcome.LOST)), None)
     if lost:
         return AttemptVerdict(AttemptOutcome.PREEMPTED, culprit=first_preempted, lost_slices=lost)
+    unbuildable = next((e for e in ends if e.outcome is TaskOutcome.ENVIRONMENT_FAILED), None)
+    if unbuildable is not None:
+        return AttemptVerdict(AttemptOutcome.ENVIRONMENT_FAILURE, culprit=unbuildable)
     bad = [e for e in ends if e.outcome is TaskOutcome.BAD_HOST]
     if bad:
         return AttemptVerdict(AttemptOutcome.BAD_HOST, culprit=bad[0], bad_slices=frozenset(e.slice_id for e in bad))
@@ -175,6 +186,9 @@ def decide(budget: RetryBudget, verdict: AttemptVerdict) -> Decision:
                     f"(limit {budget.max_bad_hosts}): {verdict.describe()}",
                 )
             return Decision(Action.RETRY, replace_slices=verdict.bad_slices, reason=verdict.describe())
+        case AttemptOutcome.ENVIRONMENT_FAILURE:
+            return Decision(Action.FAIL, reason=f"the job's environment cannot be built (not retried): "
+                                                f"{verdict.describe()}")
         case AttemptOutcome.USER_FAILURE:
             budget.failures += 1
             if budget.failures > budget.max_failures:

@@ -24,6 +24,7 @@ from fray_tpu import channel, naming, tls
 from fray_tpu.bootstrap import BootstrapSpec, fray_tpu_version, render_startup_script
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.decisions import (
+    PREPARE_FAILURE_OUTCOMES,
     Action,
     AttemptVerdict,
     RetryBudget,
@@ -799,6 +800,7 @@ class TpuJobSupervisor(JobSupervisor):
             job_id=self.record.job_id, task_id=slot.label, task_index=slot.index, env=env,
             workspace_digest=self._bundle.digest if self._bundle else "",
             pip_packages=list(self.plan.pip_packages), extras=list(self.plan.extras),
+            python_version=self.plan.python_version, index_url=self.plan.index_url,
         )
         if payload.kind == "callable":
             return channel.AttemptSpec(attempt_id, pickled_callable=payload.pickled, **common)
@@ -829,12 +831,13 @@ class TpuJobSupervisor(JobSupervisor):
 
     def _prepare(self, clients: Sequence[channel.AgentClient], specs: Sequence[channel.AttemptSpec]) -> AttemptVerdict | None:
         problems: dict[int, tuple[TaskOutcome, str]] = {}
+        prepared: list[channel.PrepareResult] = []
 
         def prepare(index: int) -> None:
             try:
-                clients[index].prepare(specs[index])
+                prepared.append(clients[index].prepare(specs[index]))
             except channel.PrepareFailed as error:
-                outcome = TaskOutcome.FAILED if error.kind == "user" else TaskOutcome.BAD_HOST
+                outcome = PREPARE_FAILURE_OUTCOMES.get(error.kind, TaskOutcome.BAD_HOST)
                 problems[index] = (outcome, str(error))
             except channel.AgentUnreachable as error:
                 problems[index] = (TaskOutcome.LOST, str(error))
@@ -842,6 +845,8 @@ class TpuJobSupervisor(JobSupervisor):
                 problems[index] = (TaskOutcome.BAD_HOST, str(error))
 
         in_parallel(prepare, range(len(clients)))
+        if (environments := channel.describe_environments(prepared)) is not None:
+            self.progress(environments)
         if not problems:
             return None
         ends = [TaskEnd(self.slots[i].index, self.slots[i].slice_id, self.slots[i].worker_id, outcome,
