@@ -239,7 +239,8 @@ class AgentAuthError(ChannelError):
 
 
 class PrepareFailed(ChannelError):
-    """Prepare failed; `kind` is "bad-host" (replace the host), "user", "environment" (the job's environment cannot be built: not retried) or "controller"."""
+    """Prepare failed; `kind` is "bad-host" (replace the host), "user", "environment" (the job's
+    environment cannot be built: not retried) or "controller"."""
 
     def __init__(self, message: str, *, address: str, code: str, kind: str):
         super().__init__(message, address=address, code=code)

@@ -62,6 +62,8 @@ def pytest_configure(config):
             # Emulated hosts' uv finds the local stand-ins for its interpreter downloads, and downloads none.
             "FRAY_TPU_PYTHON_DIRS": os.pathsep.join(package_fixtures.stand_in_python_dirs()),
             "FRAY_TPU_PYTHON_DOWNLOADS": "never",
+            # uv is no Python process the guard can watch: one not told an index fails on loopback.
+            "UV_DEFAULT_INDEX": "http://127.0.0.1:9/no-index-configured/simple/",
         }
     )
 

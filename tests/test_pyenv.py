@@ -116,11 +116,11 @@ def _workspace(tmp_path: Path, pyproject: str = PYPROJECT) -> Path:
     return workspace
 
 
-def lock_workspace(workspace: Path, index_url: str, *pins: str) -> None:
+def lock_workspace(workspace: Path, index_url: str, *pins: str, python: str = JOB_PYTHON) -> None:
     """``uv lock`` against the index, holding back the packages named in ``pins`` (name==version)."""
     upgrade = [argument for pin in pins for argument in ("--upgrade-package", pin)]
     result = subprocess.run([UvSettings.from_environ().uv, "lock", "--default-index", index_url,
-                             "--python", JOB_PYTHON, *upgrade], cwd=workspace, capture_output=True, text=True,
+                             "--python", python, *upgrade], cwd=workspace, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "UV_PYTHON_DOWNLOADS": "never",
                                               "PATH": os.pathsep.join([os.environ["FRAY_TPU_PYTHON_DIRS"],
                                                                        os.environ["PATH"]])})
