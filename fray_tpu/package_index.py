@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import html
+import importlib.metadata
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,6 +26,16 @@ from fray_tpu.errors import FrayTpuError
 DOWNLOAD_TIMEOUT_SECONDS = 1800.0
 _STAMP = ".fray-tpu-wheelhouse.json"
 _DIST_SUFFIXES = (".whl", ".tar.gz", ".zip")
+
+
+def cache_dir() -> Path:
+    """Where wheelhouses are kept between runs (``$XDG_CACHE_HOME/fray-tpu/wheelhouse``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fray-tpu" / "wheelhouse"
+
+
+def pinned_like_this_interpreter(*names: str) -> list[str]:
+    """``name==version`` of each package as installed here: a job pickled here loads with them."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in names]
 
 
 class WheelhouseError(FrayTpuError):
