@@ -1,6 +1,7 @@
 import pytest
 
 from fray_tpu.decisions import (
+    PREPARE_FAILURE_OUTCOMES,
     Action,
     AttemptOutcome,
     RetryBudget,
@@ -89,6 +90,19 @@ def test_bad_host_consumes_no_failure_budget_but_is_capped():
     assert decide(budget, verdict).replace_slices == {0}
     assert budget.failures == 0
     assert decide(budget, verdict).action is Action.FAIL
+
+
+def test_an_environment_that_cannot_be_built_fails_at_once_whatever_the_budget():
+    """It wins over a bad host beside it and spends no budget: retrying builds the same failure."""
+    budget = RetryBudget(max_failures=5, max_preemptions=5)
+    ends = [end(1, TaskOutcome.BAD_HOST), end(0, TaskOutcome.ENVIRONMENT_FAILED, tail="error: No solution found")]
+    verdict = judge_attempt(ends, task_count=4)
+    assert verdict.outcome is AttemptOutcome.ENVIRONMENT_FAILURE and verdict.culprit.task_index == 0
+    decision = decide(budget, verdict)
+    assert decision.action is Action.FAIL
+    assert "not retried" in decision.reason and "No solution found" in decision.reason
+    assert (budget.failures, budget.bad_hosts) == (0, 0)
+    assert PREPARE_FAILURE_OUTCOMES["environment"] is TaskOutcome.ENVIRONMENT_FAILED
 
 
 def test_success_and_stop():
