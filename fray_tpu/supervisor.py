@@ -41,6 +41,7 @@ from fray_tpu.multislice import gang_environments
 from fray_tpu.planning import JobPlan
 from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec, node_resource_name
 from fray_tpu.worker import metadata as md
+from fray_tpu.worker.pyenv import check_workspace_lock
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,8 @@ class JobSupervisor(threading.Thread):
     def run(self) -> None:
         status, error = JobStatus.FAILED, "internal error"
         try:
+            if self.plan.is_tpu:
+                check_workspace_lock(self.plan.workspace)  # a stale lock fails here, before any slice
             status, error = self.run_attempts()
         except JobStopped:
             status, error = JobStatus.STOPPED, None

@@ -114,13 +114,18 @@ def test_an_unresolvable_requirement_fails_the_job_at_once_with_the_resolvers_me
     _assert_failed_at_once(env_cluster, info, "six==99.0", "unsatisfiable")
 
 
-def test_a_lock_that_does_not_match_its_pyproject_fails_the_job_at_once(
+def test_a_lock_that_does_not_match_its_pyproject_fails_the_job_before_any_slice(
         env_cluster, fake_gcp, package_index, tmp_path):
+    """The controller checks the lock before provisioning: no attempt, no slice, uv's words."""
     workspace = _locked_workspace(tmp_path, package_index.url)
     (workspace / "pyproject.toml").write_text(PYPROJECT.replace('dependencies = ["six"]',
                                                                 'dependencies = ["six", "tomli"]'))
     info = finish(env_cluster, env_cluster.launch(_request("stale-lock", never_runs, [], workspace)))
-    _assert_failed_at_once(env_cluster, info, "uv.lock` needs to be updated")
+    assert info.status == JobStatus.FAILED
+    assert "uv.lock does not match its pyproject.toml" in info.error_message, info.error_message
+    assert "needs to be updated" in info.error_message, info.error_message
+    assert env_cluster.job_counters(info.job_id).attempts == 0
+    assert fake_gcp.control.counters().get("CreateNode", 0) == 0  # nothing was provisioned
 
 
 def test_a_python_version_that_cannot_be_found_fails_the_job_at_once(emulator_process, fake_gcp, package_index,

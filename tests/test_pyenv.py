@@ -20,7 +20,7 @@ from package_fixtures import LOCKED_SIX, NEWEST_SIX, job_python_version
 from fray_tpu.errors import ConfigError
 from fray_tpu.package_index import LoopbackIndex
 from fray_tpu.worker.pyenv import (EnvironmentBuildError, EnvRequest, PythonEnv, PythonEnvStore, UvSettings,
-                                   resolve_extras)
+                                   check_workspace_lock, resolve_extras)
 
 JOB_PYTHON = job_python_version()
 
@@ -147,14 +147,29 @@ def test_a_locked_workspace_gets_exactly_the_locked_versions_plus_extras_and_pac
     assert _run_in(without_extra, _INSPECT)["versions"]["iniconfig"] is None
 
 
-def test_a_lock_that_does_not_match_its_pyproject_fails_with_uvs_words(store, package_index, tmp_path) -> None:
+def test_a_lock_that_does_not_match_its_pyproject_fails_the_check_with_uvs_words(package_index, tmp_path) -> None:
+    """The controller's check, before anything is provisioned: a current lock passes, a lock
+    older than a dependency added to pyproject.toml fails with uv lock --check's message."""
     workspace = _workspace(tmp_path)
     lock_workspace(workspace, package_index.url)
+    check_workspace_lock(workspace)
+    check_workspace_lock(None)
     (workspace / "pyproject.toml").write_text(PYPROJECT.replace('dependencies = ["six"]', 'dependencies = ["six", "tomli"]'))
-    request = _request(package_index, workspace_dir=workspace)
-    with pytest.raises(EnvironmentBuildError, match=r"uv.lock` needs to be updated, but `--locked` was provided"):
-        store.ensure(request, lambda line: None)
-    assert not store.env_dir(store.digest_for(request)).exists()
+    with pytest.raises(EnvironmentBuildError, match=r"(?s)does not match its pyproject.toml.*run `uv lock`.*"
+                                                    r"needs to be updated"):
+        check_workspace_lock(workspace)
+
+
+def test_a_lock_made_against_one_index_installs_from_a_mirror(store, package_index, tmp_path) -> None:
+    """A lock made against PyPI, a host that reaches only a mirror (an Artifact Registry remote):
+    the mirror serves the same files, so the locked versions install, hashes checked."""
+    workspace = _workspace(tmp_path)
+    lock_workspace(workspace, package_index.url, f"six=={LOCKED_SIX}")
+    with LoopbackIndex(package_index.wheelhouse) as mirror:
+        env = store.ensure(EnvRequest(workspace_dir=workspace, python_version=JOB_PYTHON, index_url=mirror.url),
+                           lambda line: None)
+        assert mirror.requests > 0
+    assert _run_in(env, _INSPECT)["versions"]["six"] == LOCKED_SIX
 
 
 def test_extras_without_a_lock_come_from_the_workspace_pyproject(store, package_index, tmp_path) -> None:

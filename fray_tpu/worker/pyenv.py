@@ -9,8 +9,10 @@ and job asking for the same thing (uv's cache, one per host, makes even a new di
 What goes in:
 
 - a workspace with ``pyproject.toml`` and ``uv.lock`` (Marin's convention, a uv workspace): the
-  lock, exactly (``uv sync --locked``: a lock that does not match its pyproject fails), with the
-  requested ``extras`` of the lock, and ``pip_packages`` installed on top;
+  lock's packages, exactly and with their hashes, with the requested ``extras`` of the lock, and
+  ``pip_packages`` installed on top; the workspace's own members are not installed (the
+  workspace is on ``sys.path``). The controller checks first that the lock matches its
+  pyproject (``check_workspace_lock``);
 - without a lock, ``pip_packages`` plus the workspace's ``extras`` resolved statically from its
   pyproject (the project itself is not installed: the workspace is on ``sys.path`` already);
 - always what the attempt runner needs (cloudpickle), and fray-tpu itself through a ``.pth`` file
@@ -52,6 +54,7 @@ RUNTIME_PTH_NAME = "_fray_tpu_runtime.pth"
 DEFAULT_BUILD_TIMEOUT_SECONDS = 1800.0
 UV_HTTP_TIMEOUT_SECONDS = 60
 VENV_TIMEOUT_SECONDS = 300.0
+LOCK_CHECK_TIMEOUT_SECONDS = 300.0
 OUTPUT_TAIL_LINES = 40
 # What `python -m fray_tpu.worker.runner` imports besides fray_tpu; the controller pickles with it.
 RUNNER_REQUIREMENTS = ("cloudpickle>=3.0,<4",)
@@ -63,6 +66,8 @@ PYTHON_DOWNLOADS_ENV = "FRAY_TPU_PYTHON_DOWNLOADS"
 # uv settings that would send the build somewhere other than the environment it is building.
 _REDIRECTING_VARS = ("UV_PROJECT_ENVIRONMENT", "UV_SYSTEM_PYTHON", "UV_PYTHON", "VIRTUAL_ENV", "UV_TARGET",
                      "UV_PREFIX", "PYTHONPATH", "PYTHONHOME")
+# Index settings of the agent's environment: the lock's check uses the workspace's own instead.
+_INDEX_VARS = ("UV_DEFAULT_INDEX", "UV_INDEX_URL", "UV_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS")
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
 
 
@@ -254,6 +259,24 @@ def _uv_message(tail: Sequence[str]) -> str:
     return "\n".join(tail).strip()
 
 
+def check_workspace_lock(workspace: Path | None, uv: str | None = None, *,
+                         timeout: float = LOCK_CHECK_TIMEOUT_SECONDS) -> None:
+    """On the controller, before anything is provisioned: a workspace with ``pyproject.toml`` and
+    ``uv.lock`` must have a lock that matches its pyproject (``uv lock --check`` with the
+    workspace's own index settings, where the lock was made). Raises with uv's message."""
+    if workspace is None or not EnvRequest(workspace_dir=workspace).locked:
+        return
+    command = [uv or UvSettings.from_environ().uv, "lock", "--check"]
+    env = {key: value for key, value in os.environ.items() if key not in (*_INDEX_VARS, *_REDIRECTING_VARS)}
+    env["UV_NO_PROGRESS"] = "1"
+    code, tail = _run_streaming(command, cwd=Path(workspace), env=env, timeout=timeout, log=lambda line: None)
+    if code != 0:
+        raise EnvironmentBuildError(
+            f"the workspace's uv.lock does not match its pyproject.toml ({workspace}): run `uv lock` there and "
+            f"launch again. uv lock --check said:\n{_uv_message(tail)}"
+        )
+
+
 class PythonEnvStore:
     """The host's environments, one directory per content digest under ``root``, and uv's cache."""
 
@@ -367,6 +390,26 @@ class PythonEnvStore:
         if code != 0:
             raise EnvironmentBuildError(f"uv could not {what} (exit code {code}):\n{_uv_message(tail)}")
 
+    def _install_lock(self, env_dir: Path, env_python: str, request: EnvRequest, index: list[str],
+                      env: Mapping[str, str], log: Callable[[str], None]) -> None:
+        """The lock's packages, exactly, from the job's index.
+
+        Not ``uv sync --locked``: that takes a lock made against PyPI for a stale one as soon as
+        the host installs from a mirror (the index is part of what it compares). The controller
+        checked the lock against its pyproject (``check_workspace_lock``); here it is exported
+        with its hashes and installed without resolving, from whichever index the job names (a
+        mirror must serve the very files the lock recorded)."""
+        workspace = Path(request.workspace_dir)
+        exported = env_dir / "fray-tpu-locked-requirements.txt"
+        extras = [argument for extra in request.extras for argument in ("--extra", extra)]
+        own_settings = {key: value for key, value in env.items() if key not in _INDEX_VARS}
+        self._uv(["export", "--frozen", "--no-dev", "--no-emit-workspace", "--format", "requirements.txt",
+                  "--output-file", str(exported), *extras],
+                 f"export the workspace's uv.lock{f' with extras {list(request.extras)}' if extras else ''}",
+                 cwd=workspace, env=own_settings, log=log)
+        self._uv(["pip", "install", "--python", env_python, "--no-deps", *index, "-r", str(exported)],
+                 "install the packages of the workspace's uv.lock", cwd=workspace, env=env, log=log)
+
     def _build(self, env_dir: Path, request: EnvRequest, log: Callable[[str], None]) -> None:
         if env_dir.exists():
             log(f"removing the unfinished environment {env_dir} left by an interrupted build")
@@ -379,11 +422,7 @@ class PythonEnvStore:
                  f"create a Python {python} environment", cwd=self.root, env=env, log=log)
         env_python = str(env_dir / "bin" / "python")
         if request.locked:
-            extras = [argument for extra in request.extras for argument in ("--extra", extra)]
-            self._uv(["sync", "--locked", "--no-install-workspace", "--no-dev", "--python", env_python,
-                      *index, *extras],
-                     f"install the workspace's uv.lock{f' with extras {list(request.extras)}' if extras else ''}",
-                     cwd=cwd, env=env, log=log)
+            self._install_lock(env_dir, env_python, request, index, env, log)
         requirements = self.requirements(request)
         self._uv(["pip", "install", "--python", env_python, *index, *requirements],
                  f"install {', '.join(requirements)}", cwd=cwd, env=env, log=log)
