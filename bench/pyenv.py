@@ -32,6 +32,7 @@ from pathlib import Path
 
 from benchlib import emit, rounded
 
+from fray_tpu.contract import PYTHON_DOWNLOADS_ENV
 from fray_tpu.package_index import LoopbackIndex, cache_dir, fill_wheelhouse, pinned_like_this_interpreter
 from fray_tpu.worker.pyenv import RUNNER_REQUIREMENTS, EnvRequest, PythonEnvStore, UvSettings
 
@@ -86,7 +87,7 @@ def main() -> int:
     hosts = [root / f"worker-{i}" for i in range(HOSTS)]
     for host in hosts:
         host.mkdir()
-    os.environ.setdefault("FRAY_TPU_PYTHON_DOWNLOADS", "never")
+    os.environ.setdefault(PYTHON_DOWNLOADS_ENV, "never")
     try:
         with LoopbackIndex(wheelhouse) as index:
             slowest = {
