@@ -47,7 +47,6 @@ class PrepareFailureKind(enum.StrEnum):
     """Why the agent refused to prepare an attempt."""
 
     BAD_HOST = "bad-host"  # the machine is at fault: replace it
-    USER = "user"  # the request cannot work (a command that does not exist)
     # The job's Python environment cannot be built (an unresolvable requirement, a stale lock,
     # no such Python): the same on every host and every try, so not retried.
     ENVIRONMENT = "environment"

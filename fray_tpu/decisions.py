@@ -214,7 +214,6 @@ def decide(limits: RetryLimits, counters: JobCounters, verdict: AttemptVerdict) 
 class PrepareProblem(enum.StrEnum):
     """Why preparing one host failed, as the channel reported it."""
 
-    USER = "user"  # the agent says the request cannot work (a missing command)
     ENVIRONMENT = "environment"  # the agent says the job's Python environment cannot be built
     HOST = "host"  # the agent says the machine is at fault
     UNREACHABLE = "unreachable"  # the agent did not answer
@@ -222,12 +221,9 @@ class PrepareProblem(enum.StrEnum):
 
 
 def prepare_outcome(problem: PrepareProblem) -> TaskOutcome:
-    """A user's mistake consumes the failure budget; an environment that cannot be built fails
-    the job at once; an unreachable host counts as lost (its slice is replaced as after a
-    preemption); anything else is the machine's fault."""
+    """An environment that cannot be built fails the job at once; an unreachable host counts as
+    lost (its slice is replaced as after a preemption); anything else is the machine's fault."""
     match problem:
-        case PrepareProblem.USER:
-            return TaskOutcome.FAILED
         case PrepareProblem.ENVIRONMENT:
             return TaskOutcome.ENVIRONMENT_FAILED
         case PrepareProblem.UNREACHABLE:

@@ -41,14 +41,10 @@ class Liveness:
             return {a for a in addresses if now - self._last.get(a, now) > self.deadline}
 
 
-# A Prepare the agent refused, by the kind it names; any other kind is the machine's fault.
-_PROBLEM_OF_KIND = {PrepareFailureKind.USER: PrepareProblem.USER,
-                    PrepareFailureKind.ENVIRONMENT: PrepareProblem.ENVIRONMENT}
-
-
 def classify_prepare_error(error: channel.ChannelError) -> PrepareProblem:
     if isinstance(error, channel.PrepareFailed):
-        return _PROBLEM_OF_KIND.get(error.kind, PrepareProblem.HOST)
+        # Only the job's environment is the job's fault; any other refusal is the machine's.
+        return PrepareProblem.ENVIRONMENT if error.kind == PrepareFailureKind.ENVIRONMENT else PrepareProblem.HOST
     if isinstance(error, channel.AgentUnreachable):
         return PrepareProblem.UNREACHABLE
     return PrepareProblem.CHANNEL

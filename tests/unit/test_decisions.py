@@ -140,7 +140,6 @@ def test_counters_from_a_journal_of_another_version_ignore_unknown_keys():
 @pytest.mark.parametrize(
     ("problem", "outcome"),
     [
-        (PrepareProblem.USER, TaskOutcome.FAILED),
         (PrepareProblem.ENVIRONMENT, TaskOutcome.ENVIRONMENT_FAILED),
         (PrepareProblem.HOST, TaskOutcome.BAD_HOST),
         (PrepareProblem.UNREACHABLE, TaskOutcome.LOST),
@@ -148,6 +147,6 @@ def test_counters_from_a_journal_of_another_version_ignore_unknown_keys():
     ],
 )
 def test_prepare_failure_classification(problem, outcome):
-    """A user's mistake consumes the failure budget, an environment that cannot be built fails the
-    job, an unreachable host is lost, the rest is the host's fault."""
+    """An environment that cannot be built fails the job, an unreachable host is lost, the rest
+    is the host's fault."""
     assert prepare_outcome(problem) is outcome

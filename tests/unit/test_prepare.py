@@ -19,7 +19,6 @@ def _refused(kind: str) -> channel.PrepareFailed:
 @pytest.mark.parametrize(
     ("error", "problem"),
     [
-        (_refused(PrepareFailureKind.USER), PrepareProblem.USER),
         (_refused(PrepareFailureKind.ENVIRONMENT), PrepareProblem.ENVIRONMENT),
         (_refused(PrepareFailureKind.BAD_HOST), PrepareProblem.HOST),
         (_refused(PrepareFailureKind.CONTROLLER), PrepareProblem.HOST),
@@ -29,7 +28,7 @@ def _refused(kind: str) -> channel.PrepareFailed:
     ],
 )
 def test_the_kind_the_agent_names_decides_the_problem(error, problem):
-    """Only the kinds that are the job's own count against it; an unknown kind is the host's."""
+    """Only the environment kind is the job's own; any other kind, an unknown one included, is the host's."""
     assert classify_prepare_error(error) is problem
 
 
