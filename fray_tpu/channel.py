@@ -270,8 +270,10 @@ class AgentClient:
                               timeout=timeout, retries=retries)
         return _agent_info(response)
 
-    def wait_until_up(self, deadline: float) -> AgentInfo:
-        """Describe, retried until it answers or `deadline` (a `time.monotonic()` value) passes."""
+    def wait_until_up(self, deadline: float, give_up: threading.Event | None = None) -> AgentInfo:
+        """Describe, retried until it answers, `deadline` (a `time.monotonic()` value) passes or
+        `give_up` is set (the slice is gone, the job stopped)."""
+        give_up = give_up or threading.Event()
         last_seen = "no answer yet"
         pause = 0.05
         while True:
@@ -287,7 +289,9 @@ class AgentClient:
                 raise
             except ChannelError as error:
                 last_seen = str(error)
-            time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+            if give_up.wait(min(pause, max(deadline - time.monotonic(), 0))):
+                raise AgentUnreachable(f"gave up waiting for the agent at {self.address}; last seen: {last_seen}",
+                                       address=self.address)
             pause = min(pause * 2, 0.25)
 
     def has_bundle(self, digest: str) -> bool:

@@ -8,12 +8,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from fray_tpu import channel
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.contract import PrepareFailureKind
 from fray_tpu.decisions import PrepareProblem, TaskOutcome, prepare_outcome
-from fray_tpu.errors import FrayTpuError
+from fray_tpu.errors import FrayTpuError, ProvisioningError
 from fray_tpu.provisioner import ReadySlice, SliceProvisioner
 from fray_tpu.supervisor.attempt import AttemptRun, in_parallel
 from fray_tpu.supervisor.credentials import JobCredentials
@@ -116,6 +117,33 @@ class TpuGangRun(AttemptRun):
             stream.close()
 
 
+STOP_CHECK_SECONDS = 0.2  # how often waiting for agents looks at the job's stop request
+
+
+def lost_while_booting(provisioner: SliceProvisioner, slices: dict[int, ReadySlice]) -> dict[int, str]:
+    """The slices the cloud reports lost (slice id -> what it said); a zone whose listing fails
+    says nothing (the next look tries again)."""
+    lost: dict[int, str] = {}
+    for slice_id, ready in slices.items():
+        try:
+            observed = provisioner.observe(ready.zone).get(ready.spec.name)
+        except ProvisioningError as error:
+            log.warning("could not observe %s in %s while it boots (%s)", ready.spec.name, ready.zone, error)
+            continue
+        if observed is None or observed.lost:
+            lost[slice_id] = f"{ready.spec.name} {observed.state if observed else 'GONE'} while its agents booted"
+    return lost
+
+
+@dataclass(frozen=True)
+class Connected:
+    """What waiting for the agents found: slices whose agents never answered (a bad host), and
+    slices lost meanwhile (a preemption), each slice id -> why."""
+
+    dead: dict[int, str]
+    lost: dict[int, str]
+
+
 class Gang:
     """The agent clients of a job's slices, kept across attempts while the slice is."""
 
@@ -131,9 +159,11 @@ class Gang:
         """Every host's client in global task order (slice-major)."""
         return [c for s in sorted(self._clients) for c in self._clients[s]]
 
-    def connect(self, slices: Sequence[ReadySlice]) -> dict[int, str]:
-        """Wait for every agent of every slice; returns slices whose agents never answered."""
-        dead: dict[int, str] = {}
+    def connect(self, slices: Sequence[ReadySlice], provisioner: SliceProvisioner, stop: threading.Event) -> Connected:
+        """Wait for every agent of every slice, watching meanwhile the slices (every poll
+        interval) and ``stop``: a slice the cloud reports lost ends the wait at once (the attempt
+        is a preemption; the other slices' clients are kept for the next one), and so does a stop
+        (the caller then sees ``stop`` set)."""
         deadline = time.monotonic() + self.config.boot_deadline
         for slice_id, ready in enumerate(slices):
             if slice_id not in self._clients:
@@ -142,22 +172,53 @@ class Gang:
                                         pinned_cert_pem=self.credentials.tls_material.cert_pem)
                     for ip in ready.endpoints
                 ]
+        give_up = {slice_id: threading.Event() for slice_id in self._clients}
+        waiting = {slice_id: len(clients) for slice_id, clients in self._clients.items()}
         up = dict.fromkeys(self._clients, 0)
-        lock = threading.Lock()
+        dead: dict[int, str] = {}
+        lost: dict[int, str] = {}
+        settled = threading.Condition()
 
         def wait_up(slice_id: int, client: channel.AgentClient) -> None:
             try:
-                client.wait_until_up(deadline)
+                client.wait_until_up(deadline, give_up[slice_id])
+                with settled:
+                    up[slice_id] += 1
+                    count = up[slice_id]
+                self._progress(f"slice-{slice_id}: booting, {count}/{len(self._clients[slice_id])} agents up")
             except (channel.ChannelError, FrayTpuError) as error:
-                dead[slice_id] = str(error)
-                return
-            with lock:
-                up[slice_id] += 1
-                count = up[slice_id]
-            self._progress(f"slice-{slice_id}: booting, {count}/{len(self._clients[slice_id])} agents up")
+                with settled:
+                    dead.setdefault(slice_id, str(error))
+            finally:
+                with settled:
+                    waiting[slice_id] -= 1
+                    settled.notify_all()
 
-        in_parallel(lambda pair: wait_up(*pair), [(s, c) for s, clients in self._clients.items() for c in clients])
-        return dead
+        def watch_slices(done: threading.Event) -> None:
+            while not done.is_set():
+                watched = {s: slices[s] for s, event in give_up.items() if not event.is_set()}
+                for slice_id, why in lost_while_booting(provisioner, watched).items():
+                    with settled:
+                        lost[slice_id] = why
+                        give_up[slice_id].set()
+                        settled.notify_all()
+                done.wait(self.config.poll_interval)
+
+        for slice_id, clients in self._clients.items():
+            for client in clients:
+                threading.Thread(target=wait_up, args=(slice_id, client), daemon=True,
+                                 name=f"wait-up-{client.address}").start()
+        done = threading.Event()
+        threading.Thread(target=watch_slices, args=(done,), daemon=True, name="watch-booting-slices").start()
+        try:
+            with settled:
+                while not (stop.is_set() or lost) and any(waiting[s] for s in waiting):
+                    settled.wait(STOP_CHECK_SECONDS)
+                for event in give_up.values():
+                    event.set()  # a stop or a lost slice (the attempt is a preemption) ends every wait
+                return Connected({s: why for s, why in dead.items() if s not in lost}, dict(lost))
+        finally:
+            done.set()
 
     def upload(self, bundle, slice_of: Callable[[int], int]) -> dict[int, str]:
         """Upload the workspace bundle where it is missing; returns the slices that could not take it."""

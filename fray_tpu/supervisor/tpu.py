@@ -110,11 +110,13 @@ class TpuJobSupervisor(JobSupervisor):
     def _start(self, attempt: int) -> StartedAttempt | AttemptVerdict:
         self.slices.ensure(attempt)
         self.record.set_phase(JobPhase.BOOTING)
-        dead = self.gang.connect(self.slices.slices)
+        connected = self.gang.connect(self.slices.slices, self.context.provisioner, self.stop_requested)
         if self.stop_requested.is_set():
             raise JobStopped
-        if dead:
-            return self._verdict_for_hosts(dead, TaskOutcome.BAD_HOST, "agent never answered")
+        if connected.lost:
+            return self._verdict_for_hosts(connected.lost, TaskOutcome.PREEMPTED, "slice lost")
+        if connected.dead:
+            return self._verdict_for_hosts(connected.dead, TaskOutcome.BAD_HOST, "agent never answered")
         attempt_id = f"{self.record.job_id}-a{attempt}"
         environments = gang_environments([s.endpoints for s in self.slices.slices], self.plan.env,
                                          cluster_spec=self.context.cluster_spec,
@@ -154,9 +156,14 @@ class TpuJobSupervisor(JobSupervisor):
         attempt_id = resume.attempt_id
         self.progress(f"reattaching to attempt {attempt_id}")
         self.record.set_phase(JobPhase.BOOTING)
-        dead = self.gang.connect(self.slices.slices)
-        if dead:
-            return self._verdict_for_hosts(dead, TaskOutcome.LOST, "agent unreachable after the controller restarted")
+        connected = self.gang.connect(self.slices.slices, self.context.provisioner, self.stop_requested)
+        if self.stop_requested.is_set():
+            raise JobStopped
+        if connected.lost:
+            return self._verdict_for_hosts(connected.lost, TaskOutcome.PREEMPTED, "slice lost")
+        if connected.dead:
+            return self._verdict_for_hosts(connected.dead, TaskOutcome.LOST,
+                                           "agent unreachable after the controller restarted")
         clients = self.gang.clients()
         from_seqs = []
         for client in clients:

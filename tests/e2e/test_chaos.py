@@ -321,6 +321,80 @@ def test_late_host_gang_starts_only_when_every_agent_answers(cluster, fake_gcp, 
     assert min(starts.values()) >= released_at, "a task started before every slice's agent answered"
 
 
+# -- a slice lost, or a stop, while agents boot ------------------------------------------------------
+
+BOOT_DEADLINE = 300.0  # far longer than any of these tests may take: nothing may wait it out
+PROMPT_SECONDS = 20.0  # a lost slice or a stop to the job's next step, on a loaded 2-core machine
+
+
+def hold_slice_one_while_slice_zero_boots(control, job_id: str, prefix: str) -> tuple[str, str]:
+    """With ``prefix`` held from before the launch: keep slice 1 CREATING, let slice 0 become
+    READY with its agent up; returns (slice 0's node, slice 1's node)."""
+    nodes = wait_for(lambda: len(found := job_nodes(control, job_id)) == 2 and found, "both slices to be created",
+                     JOB_TIMEOUT)
+    early = next(n["name"] for n in nodes if n["labels"][LABEL_SLICE] == "0")
+    late = next(n["name"] for n in nodes if n["labels"][LABEL_SLICE] == "1")
+    control.hold_creating(late)
+    control.release(prefix)
+    wait_for(lambda: node_state(control, early) == "READY" and any(h["alive"] for h in control.hosts(early)),
+             "slice 0 to be READY with its host up", JOB_TIMEOUT)
+    return early, late
+
+
+def test_slice_lost_while_its_sibling_provisions_is_a_preemption_at_once(fake_gcp, workspace, out_dir):
+    """Slice 0 is preempted while slice 1 is still CREATING. Once slice 1 is READY the gang does
+    not wait boot_deadline for slice 0's agent: the attempt counts as a preemption at once (not
+    a bad host), slice 0 is replaced and the job succeeds on the second attempt."""
+    control = fake_gcp.control
+    cluster = make_cluster(fake_gcp.endpoint, boot_deadline=BOOT_DEADLINE)
+    try:
+        control.hold_creating("fray-lost-early-")
+        job_id = cluster.launch(request("lost-early", quick, out_dir, workspace, slices=2, max_retries_preemption=1))
+        early, late = hold_slice_one_while_slice_zero_boots(control, job_id, "fray-lost-early-")
+        control.preempt_node(early)
+        wait_for(lambda: node_state(control, early) == "PREEMPTED", "slice 0 to be PREEMPTED", JOB_TIMEOUT)
+        released_at = time.monotonic()
+        control.release(late)
+        info = finish(cluster, job_id)
+        seconds = time.monotonic() - released_at
+        assert info.status == JobStatus.SUCCEEDED, info.error_message
+        assert counters_of(cluster, job_id) == (2, 0, 1, 0)
+        assert seconds < PROMPT_SECONDS, f"{seconds:.0f}s from slice 1 READY to the job's end"
+        assert len(wait_files(out_dir, "ran-*.json", 2, "both tasks of the second attempt")) == 2
+    finally:
+        cluster.shutdown(timeout=JOB_TIMEOUT)
+
+
+@pytest.mark.parametrize("how", ["terminate", "shutdown"])
+def test_a_stop_while_an_agent_never_answers_is_prompt(fake_gcp, workspace, out_dir, how):
+    """Slice 0's host is frozen before the gang connects, so its agent never answers; a
+    terminate() (or a shutdown()) while the controller waits for it ends the job STOPPED at
+    once, not after boot_deadline, and deletes both slices."""
+    control = fake_gcp.control
+    cluster = make_cluster(fake_gcp.endpoint, boot_deadline=BOOT_DEADLINE)
+    try:
+        control.hold_creating("fray-frozen-boot-")
+        job_id = cluster.launch(request("frozen-boot", quick, out_dir, workspace, slices=2))
+        early, late = hold_slice_one_while_slice_zero_boots(control, job_id, "fray-frozen-boot-")
+        control.freeze_host(early, 0)
+        control.release(late)
+        wait_for(lambda: cluster.journal().job(job_id).phase == "booting", "the gang to wait for its agents",
+                 JOB_TIMEOUT)
+        stopped_at = time.monotonic()
+        if how == "terminate":
+            cluster.terminate(job_id)
+            info = finish(cluster, job_id)
+            assert info.status == JobStatus.STOPPED, info.error_message
+        else:
+            cluster.shutdown(timeout=JOB_TIMEOUT)
+            assert job_nodes(control, job_id) == []
+        seconds = time.monotonic() - stopped_at
+        assert seconds < PROMPT_SECONDS, f"{how} took {seconds:.0f}s while an agent never answered"
+        assert list(out_dir.iterdir()) == []
+    finally:
+        cluster.shutdown(timeout=JOB_TIMEOUT)
+
+
 # -- hosts misbehave ----------------------------------------------------------------------------------
 
 def test_frozen_host_is_detected_and_treated_as_preemption(cluster, fake_gcp, workspace, out_dir):
