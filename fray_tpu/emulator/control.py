@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.rpc import code_pb2
 
-from fray_tpu.emulator import catalog
+from fray_tpu.emulator import catalog, state
 from fray_tpu.emulator.state import InjectedFailure, Stockout
 
 if TYPE_CHECKING:
@@ -115,11 +115,41 @@ class Control:
 
     def quota_error(self, count: int = 1, zone: str | None = None) -> None:
         """The next ``count`` create calls (in ``zone``, or anywhere) fail on the call itself with
-        RESOURCE_EXHAUSTED (HTTP 429), like an exhausted quota."""
+        429 RESOURCE_EXHAUSTED and a ``QuotaFailure`` naming a per-zone TPU quota."""
+        self.refuse("zone_quota", zone=zone, count=count)
+
+    def refuse(self, kind: str, zone: str | None = None, count: int | None = None) -> None:
+        """Answer calls the way Google refuses them, with its codes, messages and details:
+        ``forbidden_zone`` (403 LOCATION_POLICY_VIOLATED on every call in ``zone``),
+        ``api_disabled`` (403 SERVICE_DISABLED on every call), ``unauthenticated`` (401 on every
+        call), ``permission_denied`` (403 IAM_PERMISSION_DENIED on creates), ``rate_limit`` (429
+        RATE_LIMIT_EXCEEDED, a per-minute QuotaFailure, on creates), ``zone_quota`` /
+        ``region_quota`` (429 with a PerProjectPerZone / PerProjectPerRegion QuotaFailure on
+        creates in ``zone`` or its region). ``count`` calls, or all until ``clear_refusals``."""
+        if kind not in state.REFUSAL_KINDS:
+            raise ValueError(f"unknown refusal kind {kind!r}; kinds: {', '.join(state.REFUSAL_KINDS)}")
         if zone is not None and zone not in catalog.all_zones():
             raise ValueError(f"unknown zone {zone!r}; zones: {', '.join(catalog.all_zones())}")
+        if kind == "forbidden_zone" and zone is None:
+            raise ValueError("refuse('forbidden_zone') needs the zone to forbid")
+        if count is not None and count < 1:
+            raise ValueError(f"count must be >= 1 or None, got {count}")
         with self._world.cond:
-            self._world.quota_failures[zone] = self._world.quota_failures.get(zone, 0) + count
+            self._world.refusals.append(state.Refusal(kind, zone, state.REFUSAL_KINDS[kind], count))
+
+    def clear_refusals(self) -> None:
+        with self._world.cond:
+            self._world.refusals.clear()
+
+    def fail_for(self, method: str, seconds: float, code: int | str = 503) -> None:
+        """Every call of ``method`` fails with ``code`` for the next ``seconds`` (emulator clock):
+        an outage or a storm of errors, however many calls arrive meanwhile."""
+        if method not in catalog.API_METHODS:
+            raise ValueError(f"unknown API method {method!r}; methods: {', '.join(catalog.API_METHODS)}")
+        if seconds <= 0:
+            raise ValueError(f"seconds must be > 0, got {seconds}")
+        with self._world.cond:
+            self._world.storms[method] = (status_code(code), self._world.now() + seconds)
 
     def fail_next(self, method: str, code: int | str = 503, count: int = 1) -> None:
         """The next ``count`` calls of ``method`` (e.g. "ListNodes", "GetOperation") fail with
@@ -270,6 +300,15 @@ class EmulatorControl:
 
     def fail_next(self, method: str, code: int | str = 503, count: int = 1) -> None:
         self._call("fail_next", method=method, code=code, count=count)
+
+    def refuse(self, kind: str, zone: str | None = None, count: int | None = None) -> None:
+        self._call("refuse", kind=kind, zone=zone, count=count)
+
+    def clear_refusals(self) -> None:
+        self._call("clear_refusals")
+
+    def fail_for(self, method: str, seconds: float, code: int | str = 503) -> None:
+        self._call("fail_for", method=method, seconds=seconds, code=code)
 
     def never_finish_operations(self, value: bool = True) -> None:
         self._call("never_finish_operations", value=value)

@@ -20,7 +20,7 @@ from google.cloud.tpu_v2.types import cloud_tpu
 from google.protobuf import empty_pb2, message
 from google.rpc import code_pb2
 
-from fray_tpu.emulator import catalog
+from fray_tpu.emulator import catalog, validation
 from fray_tpu.emulator.render import node_pb, queued_resource_pb
 from fray_tpu.emulator.timings import EmulatorTimings
 from fray_tpu.emulator.validation import (
@@ -43,10 +43,6 @@ MAX_PAGE_SIZE = 1000
 STOCKOUT_MESSAGE = (
     "There is no more capacity in the zone \"{zone}\"; you can try in another zone where Cloud TPU "
     "Nodes are offered (see https://cloud.google.com/tpu/docs/regions) [EID: 0x{eid}]"
-)
-QUOTA_MESSAGE = (
-    "Quota limit 'TPUV2sPreemptiblePodPerProjectPerZoneForTPUAPI' has been exceeded. "
-    "Limit: 0 in zone {zone}."
 )
 _MAX_ADVANCE_PASSES = 16
 MAX_OPERATIONS = 10_000
@@ -149,6 +145,58 @@ class Stockout:
     delay: float | None  # None: timings.stockout_delay
 
 
+CREATE_METHODS = frozenset({"CreateNode", "CreateQueuedResource"})
+
+
+@dataclass
+class Refusal:
+    """A fault that answers calls the way Google refuses them (see ``Control.refuse``)."""
+
+    kind: str
+    zone: str | None  # None: every zone
+    methods: frozenset[str] | None  # None: every method
+    remaining: int | None  # None: until cleared
+
+    def applies(self, method: str, zone: str | None) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        if self.zone is None:
+            return True
+        if zone is None:
+            return False
+        return zone == self.zone or (self.kind == "region_quota" and zone.rsplit("-", 1)[0] == self.zone.rsplit("-", 1)[0])
+
+
+def refusal_error(kind: str, method: str, project: str, zone: str | None) -> ApiError:
+    where = f"projects/{project}/locations/{zone or '-'}"
+    if kind == "forbidden_zone":
+        return validation.location_forbidden(project, zone or "-")
+    if kind == "api_disabled":
+        return validation.api_disabled(project)
+    if kind == "unauthenticated":
+        return validation.unauthenticated()
+    if kind == "permission_denied":
+        verb = "queuedResources" if "Queued" in method else "nodes"
+        return validation.permission_denied(f"tpu.{verb}.create", where)
+    if kind == "rate_limit":
+        return validation.rate_limited(method, str(catalog.project_number(project)))
+    if kind in ("zone_quota", "region_quota"):
+        return validation.resource_quota(zone or "-", per_region=kind == "region_quota")
+    raise ValueError(f"unknown refusal kind {kind!r}; kinds: {', '.join(REFUSAL_KINDS)}")
+
+
+# kind → the methods it refuses (None: every method).
+REFUSAL_KINDS: dict[str, frozenset[str] | None] = {
+    "forbidden_zone": None,
+    "api_disabled": None,
+    "unauthenticated": None,
+    "permission_denied": CREATE_METHODS,
+    "rate_limit": CREATE_METHODS,
+    "zone_quota": CREATE_METHODS,
+    "region_quota": CREATE_METHODS,
+}
+
+
 @dataclass
 class InjectedFailure:
     code: int
@@ -218,7 +266,8 @@ class World:
         self.operations: dict[str, OperationRecord] = {}
         self.counters: dict[str, int] = {}
         self.stockouts: dict[str, Stockout] = {}
-        self.quota_failures: dict[str | None, int] = {}
+        self.refusals: list[Refusal] = []
+        self.storms: dict[str, tuple[int, float]] = {}  # method → (code, until)
         self.injected: dict[str, list[InjectedFailure]] = {}
         self.holds: set[str] = set()
         self.never_finish = False
@@ -237,6 +286,11 @@ class World:
         """Count an API call; return the injected failure it must answer with, if any."""
         with self.cond:
             self.counters[method] = self.counters.get(method, 0) + 1
+            storm = self.storms.get(method)
+            if storm is not None:
+                if self._clock() < storm[1]:
+                    return ApiError(storm[0], f"Injected outage of {method} (emulator fault control)")
+                del self.storms[method]
             queue = self.injected.get(method, [])
             if not queue:
                 return None
@@ -245,6 +299,21 @@ class World:
             if failure.remaining <= 0:
                 queue.pop(0)
             return ApiError(failure.code, f"Injected failure of {method} (emulator fault control)")
+
+    def now(self) -> float:
+        return self._clock()
+
+    def refusal(self, method: str, project: str, zone: str | None) -> ApiError | None:
+        """The refusal fault a call of ``method`` in ``zone`` answers with, if any (counted down)."""
+        with self.cond:
+            for refusal in self.refusals:
+                if refusal.applies(method, zone):
+                    if refusal.remaining is not None:
+                        refusal.remaining -= 1
+                        if refusal.remaining <= 0:
+                            self.refusals.remove(refusal)
+                    return refusal_error(refusal.kind, method, project, zone)
+            return None
 
     def _new_operation(self, location: Location, target: str, verb: str) -> OperationRecord:
         self._forget_old_operations()
@@ -274,19 +343,13 @@ class World:
         config = node.accelerator_config
         config_type = cloud_tpu.AcceleratorConfig.Type(config.type_).name if config.type_ else ""
         accelerator_type = resolve_accelerator_type(node.accelerator_type, config_type, config.topology, location.zone)
-        check_runtime_version(node.runtime_version)
+        check_runtime_version(node.runtime_version, accelerator_type)
         check_labels(dict(node.labels))
         check_metadata(dict(node.metadata))
         name = f"{location.name}/nodes/{node_id}"
         if name in self.nodes:
             raise ApiError(code_pb2.ALREADY_EXISTS, f"Resource '{name}' already exists")
         return name, accelerator_type
-
-    def _consume_quota(self, zone: str) -> None:
-        for key in (zone, None):
-            if self.quota_failures.get(key, 0) > 0:
-                self.quota_failures[key] -= 1
-                raise ApiError(code_pb2.RESOURCE_EXHAUSTED, QUOTA_MESSAGE.format(zone=zone))
 
     def _consume_stockout(self, zone: str) -> tuple[bool, float]:
         stockout = self.stockouts.get(zone)
@@ -324,7 +387,6 @@ class World:
         with self.cond:
             location = parse_location(parent)
             name, accelerator_type = self._validated_node(location, node_id, node, "node_id")
-            self._consume_quota(location.zone)
             stockout, stockout_delay = self._consume_stockout(location.zone)
             now = self._clock()
             due = now + (stockout_delay if stockout else self.timings.create_delay)
@@ -484,7 +546,6 @@ class World:
                     if any(p.node_id == node_id for p in planned):
                         raise invalid(f"node id {node_id!r} appears twice in the queued resource")
                     planned.append(PlannedNode(location, node_id, spec.node, accelerator_type, multislice))
-            self._consume_quota(location.zone)
             stockout, stockout_delay = self._consume_stockout(location.zone)
             now = self._clock()
             record = QueuedRecord(
@@ -772,7 +833,8 @@ class World:
     def clear_faults(self) -> None:
         with self.cond:
             self.stockouts.clear()
-            self.quota_failures.clear()
+            self.refusals.clear()
+            self.storms.clear()
             self.injected.clear()
             self.holds.clear()
             self.never_finish = False
