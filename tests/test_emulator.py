@@ -174,7 +174,7 @@ def test_list_nodes_pages_through_every_node(fake_gcp, tpu_client):
         (V5E_ZONE, "ends-with-", node_spec("v5litepod-8"), exceptions.InvalidArgument, "node_id"),
         (V5E_ZONE, "bad-label", node_spec("v5litepod-8", labels={"Job": "x"}), exceptions.InvalidArgument, "label key"),
         (V5E_ZONE, "bad-value", node_spec("v5litepod-8", labels={"job": "X Y"}), exceptions.InvalidArgument, "label value"),
-        (V4_ZONE, "wrong-zone", node_spec("v5litepod-16"), exceptions.InvalidArgument, "not available in zone"),
+        (V4_ZONE, "wrong-zone", node_spec("v5litepod-16"), exceptions.InvalidArgument, "could not be found in the zonal accelerator configurations"),
         (V5E_ZONE, "bad-type", tpu_v2.Node(accelerator_type="v5e-16", runtime_version="v2-alpha-tpuv5-lite"),
          exceptions.InvalidArgument, "v5litepod-16"),
         (V5E_ZONE, "bad-runtime", node_spec("v5litepod-8", runtime_version="tpu-vm-nope"),

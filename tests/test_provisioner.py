@@ -100,7 +100,7 @@ def test_stockout_in_first_zone_moves_to_the_next(provisioner, client, fake_gcp)
         assert ready.resource_name == node_resource_name(fake_gcp.project, ZONE_B, "stock-a")
         assert len(ready.endpoints) == 1 and ready.endpoints[0].startswith("127.")
         assert progress[0] == f"creating in {ZONE_A}"
-        assert any(ZONE_A in line and "stockout (code 8)" in line for line in progress)
+        assert f"{ZONE_A}: out of capacity; trying the next zone" in progress
         assert f"creating in {ZONE_B}" in progress
         assert progress[-1] == "READY 1/1 endpoints"
         assert node_state(client, node_resource_name(fake_gcp.project, ZONE_A, "stock-a")) == "GONE"
@@ -141,8 +141,8 @@ def test_all_zones_out_raises_capacity_unavailable_naming_each_zone(provisioner,
         with pytest.raises(CapacityUnavailableError) as raised:
             provisioner.acquire(slice_spec("nowhere"), [ZONE_A, ZONE_B], deadline=deadline_in(WAIT))
     message = str(raised.value)
-    assert f"{ZONE_A}: out of capacity (stockout (code 8)" in message
-    assert f"{ZONE_B}: quota exceeded" in message
+    assert f"{ZONE_A}: out of capacity: There is no more capacity in the zone" in message
+    assert f"{ZONE_B}: zone quota TPUV5sLitepodPerProjectPerZoneForTPUAPI" in message
     assert provisioner.list_managed([ZONE_A, ZONE_B]) == []
 
 
