@@ -124,6 +124,8 @@ def classify(code: int, message_text: str, details: Iterable[object] = (), *, ca
         return verdict(CreateAction.NEXT_ZONE, "out of spot capacity")
     if code == code_pb2.INVALID_ARGUMENT and on_operation and PREEMPTED_WHILE_CREATING_PHRASE in text:
         return verdict(CreateAction.NEXT_ZONE, "preempted while creating")
+    if code == code_pb2.DEADLINE_EXCEEDED and on_operation:
+        return verdict(CreateAction.NEXT_ZONE, "queued request expired without capacity")
     if code == code_pb2.ABORTED and on_operation:
         return verdict(CreateAction.NEXT_ZONE, "creation aborted")
     if code == code_pb2.PERMISSION_DENIED:

@@ -764,6 +764,8 @@ class SliceProvisioner:
         outcomes: dict[str, CreateVerdict] = {}
         skipped_regions: dict[str, CreateVerdict] = {}
         for zone in zones:
+            if queue_until is not None and outcomes and time.monotonic() >= queue_until:
+                break  # the queue expired: say so below rather than "deadline"
             self._raise_if_stopped(spec, zone, None, started, deadline if queue_until is None else queue_until, cancel)
             if region_of(zone) in skipped_regions:
                 outcomes[zone] = skipped_regions[region_of(zone)]
@@ -774,16 +776,21 @@ class SliceProvisioner:
                 before_create(zone)
             try:
                 self.create(spec, zone, deadline=deadline, cancel=cancel, queue_until=queue_until)
-                outcome = self._await_ready(spec, zone, started, deadline, create_budget, queue_until, cancel, report)
             except ZoneRefused as refused:
-                outcome = refused.verdict
+                outcome: ReadySlice | CreateVerdict = refused.verdict  # refused: nothing was created
             except BaseException as error:
                 # The POST may have landed before it failed (a timeout): make sure nothing remains.
                 self._cleanup(spec, zone, report, error)
                 raise
-            if isinstance(outcome, ReadySlice):
-                return outcome
-            self._cleanup(spec, zone, report, None)
+            else:
+                try:
+                    outcome = self._await_ready(spec, zone, started, deadline, create_budget, queue_until, cancel, report)
+                except BaseException as error:
+                    self._cleanup(spec, zone, report, error)
+                    raise
+                if isinstance(outcome, ReadySlice):
+                    return outcome
+                self._cleanup(spec, zone, report, None)
             if outcome.action is CreateAction.FATAL:
                 raise CreateRejectedError(
                     f"creating slice {spec.name} ({spec.tpu_type}, {spec.capacity}) in {zone} was refused: "
@@ -833,15 +840,25 @@ class SliceProvisioner:
         last: SliceObservation | None = None
         last_listed = time.monotonic()
         provisioning_since: float | None = None
+        outage_logged: ProvisioningError | None = None
         for _ in range(_MAX_POLLS):
             try:
                 observation = watcher.observations(watcher.snapshot())[spec.name]
             except ProvisioningError as error:
+                if outage_logged is None:
+                    log.warning("listing %s failed (%s); keeping the last observation until it answers", zone, error)
+                    outage_logged = error
                 observation = None
-                log.warning("listing %s failed (%s); keeping the last observation", zone, error)
+            else:
+                if outage_logged is not None:
+                    log.warning("listing %s answers again after %.0fs", zone, time.monotonic() - last_listed)
+                outage_logged = None
             if observation is None:
+                silent = time.monotonic() - last_listed
                 if last is not None:
-                    report(_replace(last, stale_for=time.monotonic() - last_listed).describe())
+                    report(_replace(last, stale_for=silent).describe())
+                else:
+                    report(f"not observed yet (the API has not answered for {silent:.0f}s)")
             else:
                 last_listed = time.monotonic()
                 tracked_operation = watcher.pending_operation(spec.name)
@@ -868,7 +885,8 @@ class SliceProvisioner:
                 if not waiting and provisioning_since is None:
                     provisioning_since = time.monotonic()
             if queue_until is not None and provisioning_since is None:
-                effective = queue_until
+                # Google expires the request at queue_until; a few more polls see it FAILED.
+                effective = queue_until + _EXPIRY_GRACE_POLLS * self.poll_interval
             elif queue_until is not None:
                 effective = provisioning_since + create_budget
             else:
@@ -1047,6 +1065,7 @@ class SliceProvisioner:
 
 
 _MAX_PAGES = 1000
+_EXPIRY_GRACE_POLLS = 10
 # Bounds the wait loops; deadlines end them long before in practice.
 _MAX_POLLS = 10_000_000
 

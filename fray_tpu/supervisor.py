@@ -33,7 +33,7 @@ from fray_tpu.decisions import (
     decide,
     judge_attempt,
 )
-from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
+from fray_tpu.errors import CapacityUnavailableError, CreateRejectedError, FrayTpuError
 from fray_tpu.fray_api import JobStatus
 from fray_tpu.jobs import JobRecord
 from fray_tpu.multislice import gang_environments
@@ -622,6 +622,7 @@ class TpuJobSupervisor(JobSupervisor):
                         cancel=self.stop_requested,
                         on_progress=lambda line: self.progress(f"slice-{slice_id}: {line}"),
                         before_create=before_create,
+                        capacity_deadline=capacity_deadline,
                     )
                 except Exception as error:  # noqa: BLE001 - classified below
                     errors[slice_id] = error
@@ -643,6 +644,9 @@ class TpuJobSupervisor(JobSupervisor):
                 raise JobStopped
             if not errors:
                 return
+            rejected = [e for e in errors.values() if isinstance(e, CreateRejectedError)]
+            if rejected:  # no retry heals it: fail the job now, with Google's words and the fix
+                raise rejected[0]
             rounds += 1
             self.record.counters.capacity_waits += 1
             summary = "; ".join(f"slice-{i}: {e}" for i, e in sorted(errors.items()))

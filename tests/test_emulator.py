@@ -438,16 +438,42 @@ def test_queued_resource_multislice_creates_node_count_nodes(fake_gcp, tpu_clien
     assert list(tpu_client.list_nodes(parent=parent)) == []
 
 
-def test_queued_resource_stockout_fails_and_stays_until_deleted(fake_gcp, tpu_client):
+def test_stocked_out_queued_resource_waits_until_capacity_returns(fake_gcp, tpu_client):
+    """A queued resource in a stocked-out zone stays WAITING_FOR_RESOURCES (it does not fail) while
+    another zone's is granted meanwhile, and is granted once capacity returns."""
     parent = fake_gcp.parent(V5E_ZONE)
-    name = f"{parent}/queuedResources/qr-fail"
+    other_parent = fake_gcp.parent("europe-west4-b")
+    name = f"{parent}/queuedResources/qr-wait"
+    other = f"{other_parent}/queuedResources/qr-other"
     with stocked_out(fake_gcp.control, V5E_ZONE):
         tpu_client.create_queued_resource(
-            parent=parent, queued_resource_id="qr-fail", queued_resource=queued_resource(parent, node_spec("v5litepod-8"), "never")
+            parent=parent, queued_resource_id="qr-wait", queued_resource=queued_resource(parent, node_spec("v5litepod-8"), "waits")
         )
+        tpu_client.create_queued_resource(
+            parent=other_parent, queued_resource_id="qr-other",
+            queued_resource=queued_resource(other_parent, node_spec("v5litepod-8"), "other"),
+        )
+        wait_queued_resource_state(tpu_client, other, "ACTIVE")
+        assert queued_resource_state(tpu_client, name) == "WAITING_FOR_RESOURCES"
+    wait_queued_resource_state(tpu_client, name, "ACTIVE")
+    delete_queued(tpu_client, name, force=True)
+    delete_queued(tpu_client, other, force=True)
+    assert queued_resource_state(tpu_client, name) == "GONE"
+
+
+def test_queued_resource_expires_by_its_queueing_policy_and_stays_until_deleted(fake_gcp, tpu_client):
+    """A waiting queued resource whose valid_until passes is FAILED with the expiry error (not a
+    stockout) and stays listed until deleted."""
+    parent = fake_gcp.parent(V5E_ZONE)
+    name = f"{parent}/queuedResources/qr-expire"
+    request = queued_resource(parent, node_spec("v5litepod-8"), "never")
+    request.queueing_policy = tpu_v2.QueuedResource.QueueingPolicy(valid_until_duration={"seconds": 0, "nanos": 300_000_000})
+    with stocked_out(fake_gcp.control, V5E_ZONE):
+        tpu_client.create_queued_resource(parent=parent, queued_resource_id="qr-expire", queued_resource=request)
         wait_queued_resource_state(tpu_client, name, "FAILED")
     failed = tpu_client.get_queued_resource(name=name)
-    assert failed.state.failed_data.error.code == 8
+    assert failed.state.failed_data.error.code == 4
+    assert "valid_until" in failed.state.failed_data.error.message
     assert [q.name for q in tpu_client.list_queued_resources(parent=parent)] == [name]
     assert node_state(tpu_client, f"{parent}/nodes/never") == "GONE"
     delete_queued(tpu_client, name, force=False)

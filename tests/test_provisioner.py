@@ -291,16 +291,6 @@ def test_error_bursts_on_the_queued_path_are_retried(provisioner, client, fake_g
     assert queued_resource_state(client, queued_resource_name(fake_gcp.project, ZONE_A, "queued-burst")) == "GONE"
 
 
-def test_failed_queued_resource_is_deleted_and_the_next_zone_tried(provisioner, client, fake_gcp):
-    with stocked_out(fake_gcp.control, ZONE_A):
-        ready = provisioner.acquire(slice_spec("queued-fb", queued=True), [ZONE_A, ZONE_B], deadline=deadline_in(WAIT))
-    try:
-        assert ready.zone == ZONE_B
-        assert queued_resource_state(client, queued_resource_name(fake_gcp.project, ZONE_A, "queued-fb")) == "GONE"
-    finally:
-        provisioner.delete("queued-fb", ZONE_B, deadline=deadline_in(WAIT), queued=True)
-
-
 def test_queued_resource_granted_after_the_give_up_leaves_nothing(provisioner, client, fake_gcp):
     qr = queued_resource_name(fake_gcp.project, ZONE_A, "late")
     node = node_resource_name(fake_gcp.project, ZONE_A, "late")

@@ -101,17 +101,20 @@ class Control:
     # -- failures -------------------------------------------------------------------------
 
     def stockout(self, zone: str, count: int | None = None, delay: float | None = None) -> None:
-        """Creates in ``zone`` fail on their operation with code 8 after ``delay`` seconds
-        (default ``timings.stockout_delay``); queued resources there become FAILED. ``count``
-        creates fail, or all until ``clear_stockout`` when None."""
+        """Node creates in ``zone`` fail on their operation with code 8 after ``delay`` seconds
+        (default ``timings.stockout_delay``); ``count`` creates fail, or all until
+        ``clear_stockout`` when None. Queued resources there wait in WAITING_FOR_RESOURCES while
+        the stockout lasts (until cleared, or their queueing policy expires), as real ones do."""
         if zone not in catalog.all_zones():
             raise ValueError(f"unknown zone {zone!r}; zones: {', '.join(catalog.all_zones())}")
         with self._world.cond:
             self._world.stockouts[zone] = Stockout(count, delay)
 
     def clear_stockout(self, zone: str) -> None:
+        """Capacity returns to ``zone``: waiting queued resources there are granted."""
         with self._world.cond:
             self._world.stockouts.pop(zone, None)
+        self._changed_and_pumped()
 
     def quota_error(self, count: int = 1, zone: str | None = None) -> None:
         """The next ``count`` create calls (in ``zone``, or anywhere) fail on the call itself with
@@ -160,6 +163,11 @@ class Control:
             raise ValueError(f"count must be >= 1, got {count}")
         with self._world.cond:
             self._world.injected.setdefault(method, []).append(InjectedFailure(status_code(code), count))
+
+    def end_outage(self, method: str) -> None:
+        """End a ``fail_for`` outage of ``method`` now."""
+        with self._world.cond:
+            self._world.storms.pop(method, None)
 
     def never_finish_operations(self, value: bool = True) -> None:
         """While set, no operation completes (resources still change state)."""
@@ -309,6 +317,9 @@ class EmulatorControl:
 
     def fail_for(self, method: str, seconds: float, code: int | str = 503) -> None:
         self._call("fail_for", method=method, seconds=seconds, code=code)
+
+    def end_outage(self, method: str) -> None:
+        self._call("end_outage", method=method)
 
     def never_finish_operations(self, value: bool = True) -> None:
         self._call("never_finish_operations", value=value)

@@ -44,6 +44,13 @@ STOCKOUT_MESSAGE = (
     "There is no more capacity in the zone \"{zone}\"; you can try in another zone where Cloud TPU "
     "Nodes are offered (see https://cloud.google.com/tpu/docs/regions) [EID: 0x{eid}]"
 )
+# A queued resource whose queueing policy expired before capacity came. The code is our best
+# reading of the API (unverified against a real expiry): the request's deadline passed.
+QR_EXPIRED_CODE = code_pb2.DEADLINE_EXCEEDED
+QR_EXPIRED_MESSAGE = (
+    "Queued resource {name} could not be provisioned before the valid_until time of its queueing "
+    "policy; there was not enough capacity in the zone"
+)
 _MAX_ADVANCE_PASSES = 16
 MAX_OPERATIONS = 10_000
 
@@ -117,7 +124,7 @@ class QueuedRecord:
     state: str
     create_time: float
     due: float | None
-    stockout: bool = False
+    expires_at: float | None = None  # queueing_policy's valid_until (emulator clock)
     state_initiator: str = "USER"
     error: tuple[int, str] | None = None
     node_names: list[str] = field(default_factory=list)
@@ -546,7 +553,6 @@ class World:
                     if any(p.node_id == node_id for p in planned):
                         raise invalid(f"node id {node_id!r} appears twice in the queued resource")
                     planned.append(PlannedNode(location, node_id, spec.node, accelerator_type, multislice))
-            stockout, stockout_delay = self._consume_stockout(location.zone)
             now = self._clock()
             record = QueuedRecord(
                 name=name,
@@ -556,14 +562,23 @@ class World:
                 nodes_to_create=planned,
                 state="WAITING_FOR_RESOURCES",
                 create_time=self._wall(),
-                due=now + (stockout_delay if stockout else self.timings.qr_wait_delay),
-                stockout=stockout,
+                due=now + self.timings.qr_wait_delay,
+                expires_at=self._valid_until(queued.queueing_policy, now),
             )
             self.queued[name] = record
             operation = self._new_operation(location, name, "create")
             self._finish(operation, now + self.timings.operation_lag, response=queued_resource_pb(record))
             self.changed()
             return operation
+
+    def _valid_until(self, policy: message.Message, now: float) -> float | None:
+        """When an unfulfilled queued resource expires: ``valid_until_duration`` from now, or
+        ``valid_until_time`` (wall clock) mapped onto the emulator clock."""
+        if policy.HasField("valid_until_duration"):
+            return now + policy.valid_until_duration.ToTimedelta().total_seconds()
+        if policy.HasField("valid_until_time"):
+            return now + (policy.valid_until_time.ToDatetime().timestamp() - self._wall())
+        return None
 
     def get_queued_resource(self, name: str) -> QueuedRecord:
         with self.cond:
@@ -735,17 +750,17 @@ class World:
         return False
 
     def _advance_queued(self, record: QueuedRecord, now: float) -> bool:
+        if record.state == "WAITING_FOR_RESOURCES" and self._due(record.expires_at, now):
+            # Real queued resources wait for capacity; only their queueing policy ends the wait.
+            record.state = "FAILED"
+            record.state_initiator = "SERVICE"
+            record.due = None
+            record.error = (QR_EXPIRED_CODE, QR_EXPIRED_MESSAGE.format(name=record.name))
+            return True
         if record.state == "WAITING_FOR_RESOURCES" and self._due(record.due, now):
-            if _matches(self.holds, record.name, record.qr_id):
+            if _matches(self.holds, record.name, record.qr_id) or record.location.zone in self.stockouts:
                 return False
-            if record.stockout:
-                record.state = "FAILED"
-                record.state_initiator = "SERVICE"
-                record.due = None
-                message_text = STOCKOUT_MESSAGE.format(zone=record.location.zone, eid=uuid.uuid4().hex[:16])
-                record.error = (code_pb2.RESOURCE_EXHAUSTED, message_text)
-            else:
-                self._provision(record, now)
+            self._provision(record, now)
             return True
         if record.state in ("PROVISIONING", "ACTIVE"):
             nodes = [self.nodes.get(name) for name in record.node_names]
@@ -788,8 +803,11 @@ class World:
                 if node.preempt_kill_at is not None:
                     dues.append(node.preempt_kill_at)
             for queued in self.queued.values():
-                if queued.state == "WAITING_FOR_RESOURCES" and not _matches(self.holds, queued.name, queued.qr_id):
-                    dues.append(queued.due)
+                if queued.state == "WAITING_FOR_RESOURCES":
+                    dues.append(queued.expires_at)
+                    waits = _matches(self.holds, queued.name, queued.qr_id) or queued.location.zone in self.stockouts
+                    if not waits:
+                        dues.append(queued.due)
                 elif queued.state == "DELETING" and not any(n in self.nodes for n in queued.node_names):
                     dues.append(queued.due)
             if not self.never_finish:
