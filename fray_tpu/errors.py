@@ -32,6 +32,11 @@ class CreateRejectedError(ProvisioningError):
     every zone skipped): the job fails now; the message has the API's words and the fix."""
 
 
+class NoUsableZoneError(CreateRejectedError):
+    """Every candidate zone was skipped (forbidden, type not offered there): the message lists
+    each zone with its reason."""
+
+
 class CapacityUnavailableError(ProvisioningError):
     """Every candidate zone is out of capacity (stockout) or quota."""
 

@@ -51,6 +51,7 @@ from fray_tpu.errors import (
     CreateRejectedError,
     CredentialsError,
     DeadlineExceeded,
+    NoUsableZoneError,
     ProvisioningError,
     UnknownTpuTypeError,
 )
@@ -808,7 +809,7 @@ class SliceProvisioner:
             report(f"{zone}: {outcome.reason}; {verb}")
         listing = "; ".join(f"{zone}: {verdict.describe()}" for zone, verdict in outcomes.items())
         if all(verdict.action is CreateAction.SKIP_ZONE for verdict in outcomes.values()):
-            raise CreateRejectedError(
+            raise NoUsableZoneError(
                 f"no zone can take slice {spec.name} ({spec.tpu_type}, {spec.capacity}): {listing}. "
                 "Nothing was left behind; fix the zones or the project, waiting will not help."
             )

@@ -33,10 +33,11 @@ from fray_tpu.decisions import (
     decide,
     judge_attempt,
 )
-from fray_tpu.errors import CapacityUnavailableError, CreateRejectedError, FrayTpuError
+from fray_tpu.errors import CapacityUnavailableError, CreateRejectedError, FrayTpuError, NoUsableZoneError
 from fray_tpu.fray_api import JobStatus
 from fray_tpu.jobs import JobRecord
 from fray_tpu.multislice import gang_environments
+from fray_tpu.placement import group_zone_order
 from fray_tpu.planning import JobPlan
 from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec, node_resource_name
 from fray_tpu.worker import metadata as md
@@ -593,8 +594,12 @@ class TpuJobSupervisor(JobSupervisor):
         )
 
     def ensure_slices(self, attempt: int) -> None:
-        """Acquire every missing slice in parallel; without capacity anywhere, back off and try
-        again until the capacity deadline (no budget is consumed by waiting)."""
+        """Acquire every missing slice, every slice of the attempt in one zone
+        (``placement.group_zone_order``): the slices are acquired in parallel in a zone; if one
+        cannot be had there, the ones this round got there are released and the group tries the
+        next zone. Without capacity anywhere, back off and try again until the capacity deadline
+        (no budget is consumed by waiting). A refusal no retry heals fails the job now, as does
+        every zone being skipped."""
         capacity_deadline = time.monotonic() + self.config.capacity_deadline
         rounds = 0
         while True:
@@ -602,51 +607,37 @@ class TpuJobSupervisor(JobSupervisor):
             if not missing:
                 return
             self.record.set_phase("provisioning")
+            held = [s.zone for s in self.slices if s is not None]
+            if len(self.slices) == 1:
+                groups = [list(self.plan.zones)]  # one slice: the provisioner walks the zones itself
+            else:
+                groups = [[zone] for zone in group_zone_order(self.plan.zones, held)]
             errors: dict[int, Exception] = {}
-
-            def acquire(slice_id: int) -> None:
-                spec = self.slice_spec(slice_id, attempt)
-                zones_tried: list[str] = []
-                self.progress(f"slice-{slice_id}: requested {spec.tpu_type} ({spec.capacity}) as {spec.name}, "
-                              f"zones {', '.join(self.plan.zones)}")
-
-                def before_create(zone: str) -> None:
-                    zones_tried.append(zone)
-                    self._journal_resource(spec, slice_id, attempt, zone)
-
-                try:
-                    ready = self.context.provisioner.acquire(
-                        spec,
-                        self.plan.zones,
-                        deadline=time.monotonic() + self.config.create_deadline,
-                        cancel=self.stop_requested,
-                        on_progress=lambda line: self.progress(f"slice-{slice_id}: {line}"),
-                        before_create=before_create,
-                        capacity_deadline=capacity_deadline,
-                    )
-                except Exception as error:  # noqa: BLE001 - classified below
-                    errors[slice_id] = error
-                    for zone in zones_tried:  # acquire deleted whatever it created
-                        self._journal_resource_state(spec.name, zone, "failed")
+            skipped: dict[str, str] = {}
+            for zones in groups:
+                errors = self._acquire_group(missing, attempt, zones, capacity_deadline)
+                if self.stop_requested.is_set() or any(isinstance(e, CancelledError) for e in errors.values()):
+                    raise JobStopped
+                if not errors:
                     return
-                for zone in zones_tried[:-1]:
-                    self._journal_resource_state(spec.name, zone, "failed")
-                self._journal_resource_state(spec.name, ready.zone, "ready", endpoints=list(ready.endpoints),
-                                             ready_at=time.time())
-                self.slices[slice_id] = ready
-
-            threads = [threading.Thread(target=acquire, args=(i,), daemon=True) for i in missing]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if self.stop_requested.is_set() or any(isinstance(e, CancelledError) for e in errors.values()):
-                raise JobStopped
-            if not errors:
-                return
-            rejected = [e for e in errors.values() if isinstance(e, CreateRejectedError)]
-            if rejected:  # no retry heals it: fail the job now, with Google's words and the fix
-                raise rejected[0]
+                fatal = [e for e in errors.values()
+                         if isinstance(e, CreateRejectedError) and not isinstance(e, NoUsableZoneError)]
+                if fatal:  # no retry heals it: fail the job now, with Google's words and the fix
+                    raise fatal[0]
+                if len(groups) > 1:
+                    for slice_id in missing:  # fail over as a group: give back what this zone gave
+                        if self.slices[slice_id] is not None:
+                            self._release_slice(slice_id, background=True)
+                    no_zone = [e for e in errors.values() if isinstance(e, NoUsableZoneError)]
+                    if no_zone:
+                        skipped[zones[0]] = str(no_zone[0])
+                    self.progress(f"zone {zones[0]} could not take all {len(self.slices)} slices; "
+                                  "the group moves on to the next zone")
+            if skipped and len(skipped) == len(groups):
+                raise NoUsableZoneError("no zone can take this job's slices: " + "; ".join(
+                    f"{zone}: {reason}" for zone, reason in skipped.items()))
+            if len(groups) == 1 and all(isinstance(e, NoUsableZoneError) for e in errors.values()):
+                raise next(iter(errors.values()))
             rounds += 1
             self.record.counters.capacity_waits += 1
             summary = "; ".join(f"slice-{i}: {e}" for i, e in sorted(errors.items()))
@@ -659,6 +650,49 @@ class TpuJobSupervisor(JobSupervisor):
             self.progress(f"{kind}; trying again in {delay:.0f}s: {summary}")
             if self.stop_requested.wait(delay):
                 raise JobStopped
+
+    def _acquire_group(self, missing: list[int], attempt: int, zones: list[str],
+                       capacity_deadline: float) -> dict[int, Exception]:
+        """Acquire the ``missing`` slices in parallel in ``zones``; the errors by slice id."""
+        errors: dict[int, Exception] = {}
+
+        def acquire(slice_id: int) -> None:
+            spec = self.slice_spec(slice_id, attempt)
+            zones_tried: list[str] = []
+            self.progress(f"slice-{slice_id}: requested {spec.tpu_type} ({spec.capacity}) as {spec.name}, "
+                          f"zones {', '.join(zones)}")
+
+            def before_create(zone: str) -> None:
+                zones_tried.append(zone)
+                self._journal_resource(spec, slice_id, attempt, zone)
+
+            try:
+                ready = self.context.provisioner.acquire(
+                    spec,
+                    zones,
+                    deadline=time.monotonic() + self.config.create_deadline,
+                    cancel=self.stop_requested,
+                    on_progress=lambda line: self.progress(f"slice-{slice_id}: {line}"),
+                    before_create=before_create,
+                    capacity_deadline=capacity_deadline,
+                )
+            except Exception as error:  # noqa: BLE001 - classified by the caller
+                errors[slice_id] = error
+                for zone in zones_tried:  # acquire deleted whatever it created
+                    self._journal_resource_state(spec.name, zone, "failed")
+                return
+            for zone in zones_tried[:-1]:
+                self._journal_resource_state(spec.name, zone, "failed")
+            self._journal_resource_state(spec.name, ready.zone, "ready", endpoints=list(ready.endpoints),
+                                         ready_at=time.time())
+            self.slices[slice_id] = ready
+
+        threads = [threading.Thread(target=acquire, args=(i,), daemon=True) for i in missing]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return errors
 
     def connect_agents(self) -> dict[int, str]:
         """Wait for every agent of every slice; returns slices whose agents never answered."""

@@ -28,6 +28,8 @@ from fray_tpu.config import TpuClusterConfig
 from fray_tpu.errors import ConfigError
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 from fray_tpu.naming import LABEL_JOB, LABEL_SLICE, label_value
+from fray_tpu.costs import PriceTable
+from fray_tpu.plan_report import plan_report
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -374,6 +376,27 @@ def test_stockout_in_first_zone_runs_in_the_second(cluster, fake_gcp, workspace,
     counters = cluster.job_counters(job_id)
     assert (counters.attempts, counters.failures, counters.preemptions) == (1, 0, 0)
     assert fake_gcp.control.counters().get("CreateNode") == 2  # europe-west4-b stocked out, then us-west4-a
+
+
+def test_two_slices_fail_over_as_a_group_into_one_zone(cluster, fake_gcp, workspace, out_dir):
+    """us-east5-b stocks out for one create while both slices are placed there: the slice it did
+    get is given back and both slices end up in us-east5-a; the plan says the slices share a zone."""
+    plan = plan_report("v6e-4", 2, ["us-east5"], None, cluster.config, PriceTable.default())
+    assert plan.zones == ("us-east5-b", "us-east5-a")
+    assert "all 2 slices in one zone" in plan.render_text()
+    go = out_dir / "go"
+    fake_gcp.control.stockout("us-east5-b", count=1)
+    job_id = cluster.launch(tpu_request("group", block_until, [str(go)], workspace, tpu_type="v6e-4", slices=2,
+                                        regions=["us-east5"]))
+    wait_all_tasks_running(cluster, job_id)
+    zones = {n["name"].split("/locations/")[1].split("/")[0] for n in job_nodes(fake_gcp.control, job_id)
+             if n["state"] == "READY"}
+    go.write_text("")
+    info = finish(cluster, job_id)
+
+    assert zones == {"us-east5-a"}
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    assert fake_gcp.control.counters().get("CreateNode") == 4  # two in us-east5-b (one stocked out), two in us-east5-a
 
 
 # -- RL shape: two jobs at once -------------------------------------------------------------------------
