@@ -28,3 +28,23 @@ def placement_note(slice_count: int) -> str:
     if slice_count <= 1:
         return "the first zone in order with capacity"
     return f"all {slice_count} slices in one zone (the first in order with capacity for all; failover as a group)"
+
+
+class WorkerOrderMismatch(ValueError):
+    """The agents of a slice do not report one distinct worker number each, 0..n-1."""
+
+
+def worker_order(endpoints: Sequence[str], reported: Sequence[int]) -> list[int]:
+    """The endpoint indexes in worker order, from the worker number each endpoint's agent
+    reported (``reported[i]`` for ``endpoints[i]``). JAX's process 0 and the coordinator are worker
+    0 by ``agent-worker-number``, so an endpoint list out of order is reordered; numbers that are
+    not one each of 0..n-1 refuse the gang."""
+    count = len(endpoints)
+    if sorted(reported) != list(range(count)):
+        pairs = ", ".join(f"{address} says {number}" for address, number in zip(endpoints, reported))
+        raise WorkerOrderMismatch(
+            f"the {count} agents of the slice report worker numbers {list(reported)}, not one each of "
+            f"0..{count - 1} ({pairs}); refusing to start a gang whose process ids would be wrong"
+        )
+    position = {number: index for index, number in enumerate(reported)}
+    return [position[number] for number in range(count)]

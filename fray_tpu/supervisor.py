@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from fray_tpu.errors import CapacityUnavailableError, CreateRejectedError, FrayT
 from fray_tpu.fray_api import JobStatus
 from fray_tpu.jobs import JobRecord
 from fray_tpu.multislice import gang_environments
-from fray_tpu.placement import group_zone_order
+from fray_tpu.placement import WorkerOrderMismatch, group_zone_order, worker_order
 from fray_tpu.planning import JobPlan
 from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec, node_resource_name
 from fray_tpu.worker import metadata as md
@@ -707,21 +708,42 @@ class TpuJobSupervisor(JobSupervisor):
                     for ip in ready.endpoints
                 ]
         up = dict.fromkeys(self._clients, 0)
+        reported: dict[channel.AgentClient, int] = {}
         lock = threading.Lock()
 
         def wait_up(slice_id: int, client: channel.AgentClient) -> None:
             try:
-                client.wait_until_up(deadline)
+                info = client.wait_until_up(deadline)
             except (channel.ChannelError, FrayTpuError) as error:
                 dead[slice_id] = str(error)
                 return
             with lock:
                 up[slice_id] += 1
                 count = up[slice_id]
+                reported[client] = info.worker_number
             self.progress(f"slice-{slice_id}: booting, {count}/{len(self._clients[slice_id])} agents up")
 
         in_parallel(lambda pair: wait_up(*pair), [(s, c) for s, clients in self._clients.items() for c in clients])
+        for slice_id, clients in self._clients.items():
+            if slice_id not in dead:
+                self._order_by_worker_number(slice_id, clients, reported, dead)
         return dead
+
+    def _order_by_worker_number(self, slice_id: int, clients: list[channel.AgentClient],
+                                reported: dict[channel.AgentClient, int], dead: dict[int, str]) -> None:
+        """Put the slice's hosts in the order of each agent's own worker number (JAX's process 0
+        and the coordinator are worker 0), or mark the slice bad when the numbers do not fit."""
+        ready = self.slices[slice_id]
+        try:
+            order = worker_order(ready.endpoints, [reported[c] for c in clients])
+        except WorkerOrderMismatch as error:
+            dead[slice_id] = str(error)
+            return
+        if order != list(range(len(order))):
+            self.progress(f"slice-{slice_id}: the API listed the endpoints out of worker order; "
+                          "ordered by each agent's worker number")
+            self._clients[slice_id] = [clients[i] for i in order]
+            self.slices[slice_id] = dataclasses.replace(ready, endpoints=tuple(ready.endpoints[i] for i in order))
 
     def _journal_resource(self, spec: SliceSpec, slice_id: int, attempt: int, zone: str) -> None:
         if self.journal is None:

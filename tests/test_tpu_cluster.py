@@ -68,6 +68,20 @@ def record_env_and_allgather(out_dir: str) -> None:
     jax.distributed.shutdown()
 
 
+def record_jax_cloud_tpu_detection(out_dir: str) -> None:
+    """What JAX's own GCE TPU cluster detection (the metadata-server path real VMs use, not the
+    emulator's plugin) says on this host, next to what fray-tpu set."""
+    from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster
+
+    write_json(Path(out_dir) / f"detect-{os.environ['FRAY_TASK_INDEX']}.json", {
+        "process_id": GceTpuCluster.get_process_id(),
+        "process_count": GceTpuCluster.get_process_count(),
+        "coordinator": GceTpuCluster.get_coordinator_address(timeout_secs=10, override_coordinator_port="1"),
+        "env": {k: os.environ.get(k) for k in ("FRAY_TASK_INDEX", "FRAY_TASK_COUNT", "FRAY_JAX_COORDINATOR_ADDRESS",
+                                               "FRAY_TPU_WORKER_NUMBER", "FRAY_WORKER_ID")},
+    })
+
+
 def worker_two_raises(out_dir: str) -> None:
     """Worker 2 fails; the rest of the gang would run until stopped (and record that they ran)."""
     index = os.environ["FRAY_TASK_INDEX"]
@@ -397,6 +411,27 @@ def test_two_slices_fail_over_as_a_group_into_one_zone(cluster, fake_gcp, worksp
     assert zones == {"us-east5-a"}
     assert info.status == JobStatus.SUCCEEDED, info.error_message
     assert fake_gcp.control.counters().get("CreateNode") == 4  # two in us-east5-b (one stocked out), two in us-east5-a
+
+
+@pytest.mark.parametrize("slices", [1, 2])
+def test_jax_cloud_tpu_detection_agrees_with_fray_when_endpoints_are_listed_out_of_order(
+        cluster, fake_gcp, workspace, out_dir, slices):
+    """The API lists every node's endpoints in reverse worker order (fault control); fray-tpu
+    orders the hosts by each agent's worker number, so JAX's own metadata-based detection gives
+    every host the process id, process count and coordinator fray-tpu set."""
+    fake_gcp.control.reverse_endpoints(True)
+    job_id = cluster.launch(tpu_request("detect", record_jax_cloud_tpu_detection, [str(out_dir)], workspace,
+                                        slices=slices))
+    info = finish(cluster, job_id)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    found = read_json_files(out_dir, "detect-*.json")
+    assert len(found) == 4 * slices
+    for result in found.values():
+        env = result["env"]
+        assert result["process_id"] == int(env["FRAY_TASK_INDEX"])
+        assert result["process_count"] == int(env["FRAY_TASK_COUNT"]) == 4 * slices
+        assert env["FRAY_WORKER_ID"] == env["FRAY_TPU_WORKER_NUMBER"]
+        assert result["coordinator"].split(":")[0] == env["FRAY_JAX_COORDINATOR_ADDRESS"].split(":")[0]
 
 
 # -- RL shape: two jobs at once -------------------------------------------------------------------------

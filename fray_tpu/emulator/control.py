@@ -11,6 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.cloud import tpu_v2
 from google.rpc import code_pb2
 
 from fray_tpu.emulator import catalog, state
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from fray_tpu.emulator.emulator import Emulator
 
 CONTROL_SERVICE = "fray_tpu.emulator.Control"
+_NODE_HEALTH = tuple(n for n in tpu_v2.Node.Health.__members__ if n != "HEALTH_UNSPECIFIED")
 CONTROL_METHOD = f"/{CONTROL_SERVICE}/Call"
 CONTROL_TIMEOUT_SECONDS = 60.0
 
@@ -76,6 +78,25 @@ class Control:
         quota, until deleted); its queued resource becomes SUSPENDED."""
         self._world.preempt_node(name)
         self._emulator.pump()
+
+    def repair_node(self, name: str, seconds: float) -> None:
+        """A READY node is REPAIRING for ``seconds`` (hosts stay up), then READY again."""
+        if seconds <= 0:
+            raise ValueError(f"seconds must be > 0, got {seconds}")
+        self._world.repair_node(name, seconds)
+        self._emulator.pump()
+
+    def set_node_health(self, name: str, health: str | None) -> None:
+        """Report ``health`` (a Node.Health name such as UNHEALTHY_MAINTENANCE; None: derived)."""
+        if health is not None and health not in _NODE_HEALTH:
+            raise ValueError(f"unknown health {health!r}; one of {', '.join(_NODE_HEALTH)}")
+        self._world.set_node_health(name, health)
+
+    def reverse_endpoints(self, value: bool = True) -> None:
+        """Nodes made READY from now on list their network endpoints in reverse worker order
+        (each host's metadata keeps its true agent-worker-number and endpoint list)."""
+        with self._world.cond:
+            self._world.reverse_endpoints = value
 
     def vanish_node(self, name: str) -> None:
         """The node disappears (NOT_FOUND from now on) and its hosts end."""
@@ -290,6 +311,15 @@ class EmulatorControl:
 
     def vanish_node(self, name: str) -> None:
         self._call("vanish_node", name=name)
+
+    def repair_node(self, name: str, seconds: float) -> None:
+        self._call("repair_node", name=name, seconds=seconds)
+
+    def set_node_health(self, name: str, health: str | None) -> None:
+        self._call("set_node_health", name=name, health=health)
+
+    def reverse_endpoints(self, value: bool = True) -> None:
+        self._call("reverse_endpoints", value=value)
 
     def hold_creating(self, pattern: str) -> None:
         self._call("hold_creating", pattern=pattern)

@@ -101,6 +101,8 @@ class NodeRecord:
     multislice: bool = False
     preempt_kill_at: float | None = None
     agent_port: int = catalog.DEFAULT_AGENT_PORT
+    health: str | None = None  # a fault-set Node.Health name; None: derived from the state
+    endpoint_order: tuple[int, ...] | None = None  # a fault-set order of network_endpoints
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,7 @@ class World:
         self.injected: dict[str, list[InjectedFailure]] = {}
         self.holds: set[str] = set()
         self.never_finish = False
+        self.reverse_endpoints = False  # nodes made READY list their endpoints in reverse worker order
         self._effects: list[Effect] = []
         self.dirty = False
         self.closed = False
@@ -452,6 +455,8 @@ class World:
         record.state = "READY"
         record.due = None
         record.ips = tuple(self._ips.allocate() for _ in range(record.vm_count))
+        if self.reverse_endpoints:
+            record.endpoint_order = tuple(reversed(range(record.vm_count)))
         spec = record.spec
         self._effects.append(
             Effect(
@@ -492,6 +497,24 @@ class World:
             if record.preempt_kill_at is None:
                 self._effects.append(Effect("preempt_flag", record.uid))
                 record.preempt_kill_at = self._clock() + self.timings.preempt_notice
+            self.changed()
+            return record
+
+    def repair_node(self, name: str, seconds: float) -> NodeRecord:
+        """A READY node goes REPAIRING (its VMs stay up) and is READY again after ``seconds``."""
+        with self.cond:
+            record = self._resolve_node(name)
+            if record.state != "READY":
+                raise ValueError(f"node {record.name} is {record.state}; only a READY node can be repaired")
+            record.state = "REPAIRING"
+            record.due = self._clock() + seconds
+            self.changed()
+            return record
+
+    def set_node_health(self, name: str, health: str | None) -> NodeRecord:
+        with self.cond:
+            record = self._resolve_node(name)
+            record.health = health
             self.changed()
             return record
 
@@ -742,6 +765,10 @@ class World:
         if record.state == "DELETING" and self._due(record.due, now):
             del self.nodes[record.name]
             return True
+        if record.state == "REPAIRING" and self._due(record.due, now):
+            record.state = "READY"
+            record.due = None
+            return True
         if self._due(record.preempt_kill_at, now):
             record.preempt_kill_at = None
             record.state = "PREEMPTED"
@@ -798,7 +825,7 @@ class World:
             for node in self.nodes.values():
                 if node.state == "CREATING" and not _matches(self.holds, node.name, node.node_id):
                     dues.append(node.due)
-                elif node.state == "DELETING":
+                elif node.state in ("DELETING", "REPAIRING"):
                     dues.append(node.due)
                 if node.preempt_kill_at is not None:
                     dues.append(node.preempt_kill_at)
@@ -856,4 +883,5 @@ class World:
             self.injected.clear()
             self.holds.clear()
             self.never_finish = False
+            self.reverse_endpoints = False
             self.changed()

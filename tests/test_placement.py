@@ -1,0 +1,30 @@
+"""Placement rules (pure): one zone per gang, hosts in the order of their own worker numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from fray_tpu.placement import WorkerOrderMismatch, group_zone_order, placement_note, worker_order
+
+
+def test_held_slices_pin_the_group_to_their_zone():
+    """Missing slices join the held ones' zone; with none held every allowed zone is tried."""
+    allowed = ["us-east5-b", "us-east5-a"]
+    assert group_zone_order(allowed, []) == allowed
+    assert group_zone_order(allowed, ["us-east5-a", "us-east5-a"]) == ["us-east5-a"]
+    assert group_zone_order(allowed, ["us-east5-a", "us-east5-b"]) == allowed  # split: cannot pin
+    assert "one zone" in placement_note(2) and "one zone" not in placement_note(1)
+
+
+def test_endpoints_out_of_order_are_put_in_worker_order():
+    """Endpoint i's agent reports worker number reported[i]; the result lists endpoints by worker."""
+    assert worker_order(["a", "b", "c"], [0, 1, 2]) == [0, 1, 2]
+    assert worker_order(["a", "b", "c"], [2, 0, 1]) == [1, 2, 0]
+
+
+@pytest.mark.parametrize("reported", [[0, 0, 1], [1, 2, 3], [0, 1]])
+def test_worker_numbers_that_do_not_fit_refuse_the_gang(reported):
+    """Duplicates, gaps or a count mismatch refuse the gang, naming each endpoint's answer."""
+    with pytest.raises(WorkerOrderMismatch, match="refusing to start a gang") as raised:
+        worker_order(["a", "b", "c"], reported)
+    assert "a says" in str(raised.value)
