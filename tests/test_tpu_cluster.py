@@ -68,15 +68,17 @@ def record_env_and_allgather(out_dir: str) -> None:
     jax.distributed.shutdown()
 
 
-def record_jax_cloud_tpu_detection(out_dir: str) -> None:
+def record_jax_cloud_tpu_detection(out_dir: str, resolve_coordinator: bool = True) -> None:
     """What JAX's own GCE TPU cluster detection (the metadata-server path real VMs use, not the
-    emulator's plugin) says on this host, next to what fray-tpu set."""
+    emulator's plugin) says on this host, next to what fray-tpu set. ``resolve_coordinator``
+    False skips the coordinator lookup (emulated hostnames do not resolve)."""
     from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster
 
     write_json(Path(out_dir) / f"detect-{os.environ['FRAY_TASK_INDEX']}.json", {
         "process_id": GceTpuCluster.get_process_id(),
         "process_count": GceTpuCluster.get_process_count(),
-        "coordinator": GceTpuCluster.get_coordinator_address(timeout_secs=10, override_coordinator_port="1"),
+        "coordinator": GceTpuCluster.get_coordinator_address(timeout_secs=10, override_coordinator_port="1")
+        if resolve_coordinator else None,
         "env": {k: os.environ.get(k) for k in ("FRAY_TASK_INDEX", "FRAY_TASK_COUNT", "FRAY_JAX_COORDINATOR_ADDRESS",
                                                "FRAY_TPU_WORKER_NUMBER", "FRAY_WORKER_ID")},
     })
@@ -432,6 +434,20 @@ def test_jax_cloud_tpu_detection_agrees_with_fray_when_endpoints_are_listed_out_
         assert result["process_count"] == int(env["FRAY_TASK_COUNT"]) == 4 * slices
         assert env["FRAY_WORKER_ID"] == env["FRAY_TPU_WORKER_NUMBER"]
         assert result["coordinator"].split(":")[0] == env["FRAY_JAX_COORDINATOR_ADDRESS"].split(":")[0]
+
+
+def test_hostname_only_worker_endpoints_are_handled(cluster, fake_gcp, workspace, out_dir):
+    """Hosts serve the newer hostname-only worker-network-endpoints: agents still find their own
+    address and JAX's detection still gives each host fray-tpu's process id and count."""
+    fake_gcp.control.hostname_endpoints(True)
+    job_id = cluster.launch(tpu_request("hostnames", record_jax_cloud_tpu_detection, [str(out_dir), False], workspace))
+    info = finish(cluster, job_id)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    found = read_json_files(out_dir, "detect-*.json")
+    assert sorted(r["process_id"] for r in found.values()) == [0, 1, 2, 3]
+    for result in found.values():
+        assert result["process_id"] == int(result["env"]["FRAY_TASK_INDEX"])
+        assert result["process_count"] == 4
 
 
 # -- RL shape: two jobs at once -------------------------------------------------------------------------

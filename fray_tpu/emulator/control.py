@@ -92,6 +92,12 @@ class Control:
             raise ValueError(f"unknown health {health!r}; one of {', '.join(_NODE_HEALTH)}")
         self._world.set_node_health(name, health)
 
+    def hostname_endpoints(self, value: bool = True) -> None:
+        """Hosts booted from now on serve ``worker-network-endpoints`` in the newer hostname-only
+        format instead of ``host:uid:ip`` triples."""
+        with self._world.cond:
+            self._world.hostname_endpoints = value
+
     def reverse_endpoints(self, value: bool = True) -> None:
         """Nodes made READY from now on list their network endpoints in reverse worker order
         (each host's metadata keeps its true agent-worker-number and endpoint list)."""
@@ -320,6 +326,9 @@ class EmulatorControl:
 
     def reverse_endpoints(self, value: bool = True) -> None:
         self._call("reverse_endpoints", value=value)
+
+    def hostname_endpoints(self, value: bool = True) -> None:
+        self._call("hostname_endpoints", value=value)
 
     def hold_creating(self, pattern: str) -> None:
         self._call("hold_creating", pattern=pattern)

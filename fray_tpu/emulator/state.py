@@ -71,6 +71,7 @@ class HostBoot:
     agent_port: int
     metadata: dict[str, str]
     labels: dict[str, str]
+    hostname_endpoints: bool = False  # serve worker-network-endpoints in the newer hostname-only format
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,7 @@ class World:
         self.holds: set[str] = set()
         self.never_finish = False
         self.reverse_endpoints = False  # nodes made READY list their endpoints in reverse worker order
+        self.hostname_endpoints = False  # hosts booted serve hostname-only worker-network-endpoints
         self._effects: list[Effect] = []
         self.dirty = False
         self.closed = False
@@ -475,6 +477,7 @@ class World:
                     agent_port=self.agent_port,
                     metadata=dict(spec.metadata),
                     labels=dict(spec.labels),
+                    hostname_endpoints=self.hostname_endpoints,
                 ),
             )
         )
@@ -884,4 +887,5 @@ class World:
             self.holds.clear()
             self.never_finish = False
             self.reverse_endpoints = False
+            self.hostname_endpoints = False
             self.changed()

@@ -8,6 +8,8 @@ retried on connection errors and 5xx answers.
 
 from __future__ import annotations
 
+import ipaddress
+
 import http.client
 import os
 import threading
@@ -117,8 +119,17 @@ class MetadataClient:
 
 
 def endpoint_ips(endpoints: str) -> list[str]:
-    """IPs in worker order from `worker-network-endpoints` (`host:uid:ip,...`)."""
+    """Each worker's address, in worker order, from `worker-network-endpoints`: the IP of the older
+    `host:uid:ip` entries, the hostname itself in the newer hostname-only format."""
     return [entry.rsplit(":", 1)[-1].strip() for entry in endpoints.split(",") if entry.strip()]
+
+
+def is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_preempted(text: str) -> bool:

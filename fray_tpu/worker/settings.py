@@ -114,8 +114,11 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
     except ValueError:
         raise md.MetadataError(f"metadata attribute {md.ATTR_WORKER_NUMBER}={worker_text!r} is not an integer") from None
     endpoints = md.endpoint_ips(client.attribute(md.ATTR_WORKER_ENDPOINTS) or "")
-    if worker_number < len(endpoints):
+    interface = client.get("instance/network-interfaces/0/ip")
+    if worker_number < len(endpoints) and md.is_ip_address(endpoints[worker_number]):
         ip = endpoints[worker_number]
+    elif worker_number < len(endpoints) and interface is not None and interface.text.strip():
+        ip = interface.text.strip()  # hostname-only endpoints: this VM's own interface address
     elif os.environ.get(HOST_IP_ENV):
         ip = os.environ[HOST_IP_ENV]
     else:
