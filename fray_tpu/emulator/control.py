@@ -167,6 +167,14 @@ class Control:
         with self._world.cond:
             self._world.refusals.append(state.Refusal(kind, zone, state.REFUSAL_KINDS[kind], count))
 
+    def withdraw_type(self, zone: str, tpu_type: str) -> None:
+        """``zone`` stops offering ``tpu_type``: it is not listed there, and creates of it answer
+        400 "could not be found in the zonal accelerator configurations"."""
+        if tpu_type not in catalog.accelerator_types_in_zone(zone):
+            raise ValueError(f"{zone} does not offer {tpu_type!r} in the first place")
+        with self._world.cond:
+            self._world.withdrawn.add((zone, tpu_type))
+
     def clear_refusals(self) -> None:
         with self._world.cond:
             self._world.refusals.clear()
@@ -353,6 +361,9 @@ class EmulatorControl:
 
     def clear_refusals(self) -> None:
         self._call("clear_refusals")
+
+    def withdraw_type(self, zone: str, tpu_type: str) -> None:
+        self._call("withdraw_type", zone=zone, tpu_type=tpu_type)
 
     def fail_for(self, method: str, seconds: float, code: int | str = 503) -> None:
         self._call("fail_for", method=method, seconds=seconds, code=code)

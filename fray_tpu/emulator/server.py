@@ -76,7 +76,7 @@ class TpuService:
 
     def list_accelerator_types(self, request):
         location = parse_location(request.parent)
-        names = [f"{location.name}/acceleratorTypes/{t}" for t in catalog.accelerator_types_in_zone(location.zone)]
+        names = [f"{location.name}/acceleratorTypes/{t}" for t in self._world.offered(location.zone)]
         page, token = page_names(names, request.page_size, request.page_token)
         return _pb(cloud_tpu.ListAcceleratorTypesResponse)(
             accelerator_types=[self._accelerator_type(name) for name in page], next_page_token=token
@@ -84,7 +84,7 @@ class TpuService:
 
     def get_accelerator_type(self, request):
         location, type_name = parse_resource_name(request.name, "acceleratorTypes")
-        if type_name not in catalog.accelerator_types_in_zone(location.zone):
+        if type_name not in self._world.offered(location.zone):
             raise not_found(request.name)
         return self._accelerator_type(request.name)
 

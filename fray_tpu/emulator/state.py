@@ -283,6 +283,7 @@ class World:
         self.never_finish = False
         self.reverse_endpoints = False  # nodes made READY list their endpoints in reverse worker order
         self.hostname_endpoints = False  # hosts booted serve hostname-only worker-network-endpoints
+        self.withdrawn: set[tuple[str, str]] = set()  # (zone, accelerator type) no longer offered
         self._effects: list[Effect] = []
         self.dirty = False
         self.closed = False
@@ -314,6 +315,11 @@ class World:
 
     def now(self) -> float:
         return self._clock()
+
+    def offered(self, zone: str) -> tuple[str, ...]:
+        """The accelerator types ``zone`` offers now."""
+        with self.cond:
+            return tuple(t for t in catalog.accelerator_types_in_zone(zone) if (zone, t) not in self.withdrawn)
 
     def refusal(self, method: str, project: str, zone: str | None) -> ApiError | None:
         """The refusal fault a call of ``method`` in ``zone`` answers with, if any (counted down)."""
@@ -355,6 +361,8 @@ class World:
         config = node.accelerator_config
         config_type = cloud_tpu.AcceleratorConfig.Type(config.type_).name if config.type_ else ""
         accelerator_type = resolve_accelerator_type(node.accelerator_type, config_type, config.topology, location.zone)
+        if (location.zone, accelerator_type) in self.withdrawn:
+            raise validation.not_in_zone(accelerator_type, location.zone)
         check_runtime_version(node.runtime_version, accelerator_type)
         check_labels(dict(node.labels))
         check_metadata(dict(node.metadata))
@@ -888,4 +896,5 @@ class World:
             self.never_finish = False
             self.reverse_endpoints = False
             self.hostname_endpoints = False
+            self.withdrawn.clear()
             self.changed()

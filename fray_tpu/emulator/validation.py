@@ -209,11 +209,15 @@ def resolve_accelerator_type(accelerator_type: str, config_type: str, config_top
             + (f"; did you mean {', '.join(hint)}?" if hint else "")
         )
     if zone not in shape.zones:
-        raise invalid(
-            f"Accelerator configuration {accelerator_type!r} could not be found in the zonal accelerator "
-            f"configurations of zone {zone!r}"
-        )
+        raise not_in_zone(accelerator_type, zone)
     return accelerator_type
+
+
+def not_in_zone(accelerator_type: str, zone: str) -> ApiError:
+    return invalid(
+        f"Accelerator configuration {accelerator_type!r} could not be found in the zonal accelerator "
+        f"configurations of zone {zone!r}"
+    )
 
 
 def check_runtime_version(version: str, accelerator_type: str) -> None:
