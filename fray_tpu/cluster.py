@@ -281,7 +281,7 @@ class TpuCluster(Cluster):
     def _controller_context(self) -> ControllerContext:
         with self._lock:
             if self._context is None:
-                from fray_tpu.provisioner import SliceProvisioner, make_tpu_client
+                from fray_tpu.provisioner import RetryPolicy, SliceProvisioner, make_tpu_client
 
                 endpoint = None
                 if self.config.emulate:
@@ -292,6 +292,8 @@ class TpuCluster(Cluster):
                     self.config.project or EMULATED_PROJECT,
                     api_timeout=self.config.api_timeout,
                     poll_interval=self.config.poll_interval,
+                    retry=RetryPolicy(max_seconds=self.config.api_retry_seconds,
+                                      max_backoff=min(RetryPolicy.max_backoff, self.config.api_retry_seconds / 4)),
                 )
                 self._context = ControllerContext(self.config, provisioner, self.controller_id, endpoint)
             return self._context

@@ -30,6 +30,9 @@ state_dir           FRAY_TPU_STATE_DIR           job journal directory
                                                  ($XDG_STATE_HOME/fray-tpu or ~/.local/state/fray-tpu)
 agent_port          FRAY_TPU_AGENT_PORT          port of the agent on each VM (8477)
 api_timeout         FRAY_TPU_API_TIMEOUT         timeout of one Cloud TPU API call (30s)
+api_retry_seconds   FRAY_TPU_API_RETRY_SECONDS   one round of retries of a failing API call; a
+                                                 listing still failing after it keeps the last
+                                                 observation and tries again (60s)
 create_deadline     FRAY_TPU_CREATE_DEADLINE     create call to node READY with endpoints (15m)
 boot_deadline       FRAY_TPU_BOOT_DEADLINE       node READY to every agent answering (15m)
 poll_interval       FRAY_TPU_POLL_INTERVAL       between observations of slices (5s)
@@ -149,6 +152,7 @@ class TpuClusterConfig:
     state_dir: str | None = None
     agent_port: int = DEFAULT_AGENT_PORT
     api_timeout: float = 30.0
+    api_retry_seconds: float = 60.0
     create_deadline: float = 15 * 60.0
     boot_deadline: float = 15 * 60.0
     poll_interval: float = 5.0
@@ -276,6 +280,7 @@ _MAP_FIELDS = ("runtime_versions", "labels")
 _BOOL_FIELDS = ("queued", "external_ips", "emulate")
 _DURATION_FIELDS = (
     "api_timeout",
+    "api_retry_seconds",
     "create_deadline",
     "boot_deadline",
     "poll_interval",

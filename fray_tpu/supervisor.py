@@ -34,7 +34,13 @@ from fray_tpu.decisions import (
     decide,
     judge_attempt,
 )
-from fray_tpu.errors import CapacityUnavailableError, CreateRejectedError, FrayTpuError, NoUsableZoneError
+from fray_tpu.errors import (
+    CapacityUnavailableError,
+    CreateRejectedError,
+    FrayTpuError,
+    NoUsableZoneError,
+    ProvisioningError,
+)
 from fray_tpu.fray_api import JobStatus
 from fray_tpu.jobs import JobRecord
 from fray_tpu.multislice import gang_environments
@@ -502,9 +508,15 @@ class TpuGangRun(AttemptRun):
         in_parallel(cancel, self._clients)
 
     def lost_slices(self) -> set[int]:
+        """Slices observed lost. A zone whose listing fails (an API outage) loses nothing: its
+        slices count as they were, and the next observation looks again."""
         lost = set()
         for slice_id, ready in enumerate(self._slices):
-            observed = self._provisioner.observe(ready.zone).get(ready.spec.name)
+            try:
+                observed = self._provisioner.observe(ready.zone).get(ready.spec.name)
+            except ProvisioningError as error:
+                log.warning("could not observe %s in %s (%s); keeping it", ready.spec.name, ready.zone, error)
+                continue
             if observed is None or observed.lost:
                 lost.add(slice_id)
         return lost

@@ -450,6 +450,29 @@ def test_hostname_only_worker_endpoints_are_handled(cluster, fake_gcp, workspace
         assert result["process_count"] == 4
 
 
+def test_list_storm_longer_than_a_retry_round_neither_deletes_nor_fails_the_job(emulator_process, fake_gcp,
+                                                                               workspace, out_dir):
+    """Every ListNodes answers 503 for 4 s from launch, eight retry rounds of this cluster's 0.5 s
+    (api_retry_seconds): the slice is created once, becomes READY, the job runs and succeeds; the
+    only delete is the one at the end."""
+    storm_cluster = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint,
+                                                poll_interval=0.2, api_retry_seconds=0.5, capacity_deadline=60.0))
+    try:
+        go = out_dir / "go"
+        fake_gcp.control.fail_for("ListNodes", 4.0, 503)
+        job_id = storm_cluster.launch(tpu_request("storm", block_until, [str(go)], workspace))
+        wait_all_tasks_running(storm_cluster, job_id)
+        assert fake_gcp.control.counters().get("DeleteNode", 0) == 0
+        go.write_text("")
+        info = finish(storm_cluster, job_id)
+    finally:
+        storm_cluster.shutdown(timeout=120)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    counters = fake_gcp.control.counters()
+    assert (counters["CreateNode"], counters["DeleteNode"]) == (1, 1)
+    assert counters["ListNodes"] > 8
+
+
 # -- RL shape: two jobs at once -------------------------------------------------------------------------
 
 def test_trainer_and_rollout_run_together_and_wait_names_the_failed_one(cluster, fake_gcp, workspace, out_dir):
