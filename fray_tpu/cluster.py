@@ -23,6 +23,7 @@ reattaches, and without one the agents' lease lapses and every slice deletes its
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,7 @@ class TpuCluster(Cluster):
         self._emulator: subprocess.Popen | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="fray-tpu-controller-"))
         self._zones_used: set[str] = set()
+        self._zone_offers = None  # fray_tpu.zone_offers.ZoneOffers, built with the controller context
         atexit.register(self.shutdown)
         _exit_on_sigterm()
 
@@ -88,6 +90,8 @@ class TpuCluster(Cluster):
     # -- the Fray interface ------------------------------------------------------------------
     def launch(self, request) -> JobId:
         plan = plan_job(request, self.config, self._job_spec_for(request))
+        if plan.is_tpu:
+            plan = self._confirmed_zones(plan)
         journal = self.journal()
         job_id = JobId(naming.new_job_id(plan.name))
         journal.add_job(self._job_row(job_id, plan))
@@ -277,6 +281,24 @@ class TpuCluster(Cluster):
         if tpu_type_of(request.resources.device) is not None:
             self._controller_context()
         return self.config.to_spec()
+
+    def _confirmed_zones(self, plan):
+        """The plan with only the zones the API says offer its type (cached per zone); the
+        table's zones stay when the API cannot say. None left: a clear error before anything."""
+        from fray_tpu.errors import UnknownRegionError
+        from fray_tpu.zone_offers import ZoneOffers
+
+        context = self._controller_context()
+        if self._zone_offers is None:
+            self._zone_offers = ZoneOffers(context.provisioner.client, context.provisioner.project,
+                                           api_timeout=self.config.api_timeout)
+        zones = tuple(self._zone_offers.confirm(plan.tpu_type, plan.zones))
+        if not zones:
+            raise UnknownRegionError(
+                f"none of the zones {', '.join(plan.zones)} offers {plan.tpu_type} for project "
+                f"{context.provisioner.project} (ListAcceleratorTypes); `fray-tpu doctor --type {plan.tpu_type}` "
+                "shows each zone")
+        return dataclasses.replace(plan, zones=zones) if zones != plan.zones else plan
 
     def _controller_context(self) -> ControllerContext:
         with self._lock:

@@ -10,12 +10,14 @@ hosts). Inside them, waits are bounded loops with a deadline, never open-ended.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -145,6 +147,17 @@ def cluster(emulator_process):
     ))
     yield c
     c.shutdown(timeout=120)
+
+
+@contextlib.contextmanager
+def fresh_cluster(emulator_process, **config) -> Iterator[TpuCluster]:
+    """A cluster of its own (the module's shares caches and settings across tests)."""
+    values = dict(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2, capacity_deadline=60.0)
+    c = TpuCluster(TpuClusterConfig(**{**values, **config}))
+    try:
+        yield c
+    finally:
+        c.shutdown(timeout=120)
 
 
 def tpu_request(name: str, fn, args, workspace: str, tpu_type: str = "v5litepod-16", slices: int = 1,
@@ -455,9 +468,7 @@ def test_list_storm_longer_than_a_retry_round_neither_deletes_nor_fails_the_job(
     """Every ListNodes answers 503 for 4 s from launch, eight retry rounds of this cluster's 0.5 s
     (api_retry_seconds): the slice is created once, becomes READY, the job runs and succeeds; the
     only delete is the one at the end."""
-    storm_cluster = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint,
-                                                poll_interval=0.2, api_retry_seconds=0.5, capacity_deadline=60.0))
-    try:
+    with fresh_cluster(emulator_process, api_retry_seconds=0.5) as storm_cluster:
         go = out_dir / "go"
         fake_gcp.control.fail_for("ListNodes", 4.0, 503)
         job_id = storm_cluster.launch(tpu_request("storm", block_until, [str(go)], workspace))
@@ -465,12 +476,26 @@ def test_list_storm_longer_than_a_retry_round_neither_deletes_nor_fails_the_job(
         assert fake_gcp.control.counters().get("DeleteNode", 0) == 0
         go.write_text("")
         info = finish(storm_cluster, job_id)
-    finally:
-        storm_cluster.shutdown(timeout=120)
     assert info.status == JobStatus.SUCCEEDED, info.error_message
     counters = fake_gcp.control.counters()
     assert (counters["CreateNode"], counters["DeleteNode"]) == (1, 1)
     assert counters["ListNodes"] > 8
+
+
+def test_zone_the_api_no_longer_offers_the_type_in_is_not_tried(emulator_process, fake_gcp, workspace, out_dir):
+    """europe-west4-b stops offering v5litepod-16 (ListAcceleratorTypes): the plan drops it, the
+    job runs in us-west4-a with a single create call."""
+    fake_gcp.control.withdraw_type("europe-west4-b", "v5litepod-16")
+    go = out_dir / "go"
+    go.write_text("")
+    with fresh_cluster(emulator_process) as cluster:  # a new controller: nothing cached yet
+        job_id = cluster.launch(tpu_request("offers", block_until, [str(go)], workspace,
+                                            regions=["europe-west4", "us-west4"]))
+        info = finish(cluster, job_id)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    counters = fake_gcp.control.counters()
+    assert counters["CreateNode"] == 1
+    assert counters["ListAcceleratorTypes"] == 2  # each candidate zone asked once
 
 
 # -- RL shape: two jobs at once -------------------------------------------------------------------------
