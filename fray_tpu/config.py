@@ -12,7 +12,8 @@ spec key            environment variable         meaning (default)
 ==================  ===========================  =============================================
 project             FRAY_TPU_PROJECT             GCP project id; required unless emulate=true
                     (else GOOGLE_CLOUD_PROJECT)
-zones (zone)        FRAY_TPU_ZONES               comma list; zones the backend may use (all)
+zones (zone)        FRAY_TPU_ZONES               comma list; zones the backend may use (all the
+                                                 table's, confirmed by ListAcceleratorTypes)
 regions (region)    FRAY_TPU_REGIONS             comma list; regions the backend may use (all)
 capacity            FRAY_TPU_CAPACITY            spot | preemptible | on-demand | reserved (spot)
 queued              FRAY_TPU_QUEUED              create queued resources, not nodes (false)
@@ -33,10 +34,13 @@ api_timeout         FRAY_TPU_API_TIMEOUT         timeout of one Cloud TPU API ca
 api_retry_seconds   FRAY_TPU_API_RETRY_SECONDS   one round of retries of a failing API call; a
                                                  listing still failing after it keeps the last
                                                  observation and tries again (60s)
-create_deadline     FRAY_TPU_CREATE_DEADLINE     create call to node READY with endpoints (15m)
+create_deadline     FRAY_TPU_CREATE_DEADLINE     create call (queued: PROVISIONING) to node
+                                                 READY with endpoints (15m)
 boot_deadline       FRAY_TPU_BOOT_DEADLINE       node READY to every agent answering (15m)
 poll_interval       FRAY_TPU_POLL_INTERVAL       between observations of slices (5s)
-capacity_deadline   FRAY_TPU_CAPACITY_DEADLINE   queued resource waiting for capacity (4h)
+capacity_deadline   FRAY_TPU_CAPACITY_DEADLINE   waiting for capacity: rounds over the zones, and
+                                                 a queued resource in WAITING_FOR_RESOURCES (its
+                                                 queueing policy expires it then too) (4h)
 lease_period        FRAY_TPU_LEASE_PERIOD        agents stop work after this long without the
                                                  controller (60s)
 delete_deadline     FRAY_TPU_DELETE_DEADLINE     delete call to resource gone (10m)
