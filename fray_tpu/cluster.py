@@ -44,6 +44,7 @@ from fray_tpu.fray_api import Cluster, JobId, JobInfo, JobStatus
 from fray_tpu.jobs import JobRecord, JobTable
 from fray_tpu.journal import Journal, JournalLockedError, JobRow, default_state_dir
 from fray_tpu.journals import controller_dir, journal_dirs
+from fray_tpu.placement import multislice_warning
 from fray_tpu.planning import JobPlan, plan_job
 from fray_tpu.supervisor import (
     PROGRESS_PREFIX,
@@ -92,6 +93,9 @@ class TpuCluster(Cluster):
         plan = plan_job(request, self.config, self._job_spec_for(request))
         if plan.is_tpu:
             plan = self._confirmed_zones(plan)
+            warning = multislice_warning(plan.replicas, plan.shape.vm_count)
+            if warning:
+                log.warning("job %s (%d x %s): %s", plan.name, plan.replicas, plan.tpu_type, warning)
         journal = self.journal()
         job_id = JobId(naming.new_job_id(plan.name))
         journal.add_job(self._job_row(job_id, plan))

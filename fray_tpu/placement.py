@@ -23,11 +23,22 @@ def group_zone_order(allowed: Sequence[str], held: Iterable[str]) -> list[str]:
     return list(allowed)
 
 
-def placement_note(slice_count: int) -> str:
-    """The plan's one line on placement."""
+def placement_note(slice_count: int, vms_per_slice: int = 2) -> str:
+    """The plan's one line on placement (with the single-host multislice warning)."""
     if slice_count <= 1:
         return "the first zone in order with capacity"
-    return f"all {slice_count} slices in one zone (the first in order with capacity for all; failover as a group)"
+    note = f"all {slice_count} slices in one zone (the first in order with capacity for all; failover as a group)"
+    warning = multislice_warning(slice_count, vms_per_slice)
+    return f"{note}; WARNING: {warning}" if warning else note
+
+
+def multislice_warning(slice_count: int, vms_per_slice: int) -> str | None:
+    """Why several single-host slices may not form one Megascale job, or None."""
+    if slice_count <= 1 or vms_per_slice > 1:
+        return None
+    return ("several single-host slices: Google documents Multislice for multi-host slices (GKE refuses "
+            "single-host ones), so Megascale over DCN may not work; prefer one multi-host slice of the same "
+            "chip count, or run the slices as independent replicas")
 
 
 class WorkerOrderMismatch(ValueError):

@@ -99,7 +99,7 @@ def plan_report(
         runtime_version=config.runtime_version_for(topology),
         capacity=capacity_class,
         zones=tuple(zones),
-        placement=placement_note(slice_count),
+        placement=placement_note(slice_count, topology.vm_count),
         hourly_usd=total_chips * usd_per_chip_hour,
         usd_per_chip_hour=usd_per_chip_hour,
         peak_bf16_pflops=topology.peak_bf16_tflops * slice_count / 1000.0,

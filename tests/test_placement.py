@@ -28,3 +28,16 @@ def test_worker_numbers_that_do_not_fit_refuse_the_gang(reported):
     with pytest.raises(WorkerOrderMismatch, match="refusing to start a gang") as raised:
         worker_order(["a", "b", "c"], reported)
     assert "a says" in str(raised.value)
+
+
+def test_multislice_of_single_host_slices_is_warned_about_in_the_plan():
+    """Two v5litepod-8 (one VM each) get the warning with its reason; multi-host slices do not."""
+    from fray_tpu.config import TpuClusterConfig
+    from fray_tpu.costs import PriceTable
+    from fray_tpu.plan_report import plan_report
+
+    config = TpuClusterConfig(emulate=True)
+    single = plan_report("v5litepod-8", 2, None, "spot", config, PriceTable.default())
+    assert "WARNING: several single-host slices" in single.render_text()
+    assert "WARNING" not in plan_report("v5litepod-16", 2, None, "spot", config, PriceTable.default()).placement
+    assert "WARNING" not in plan_report("v5litepod-8", 1, None, "spot", config, PriceTable.default()).placement
