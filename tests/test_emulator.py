@@ -179,7 +179,8 @@ def test_list_nodes_pages_through_every_node(fake_gcp, tpu_client):
          exceptions.InvalidArgument, "v5litepod-16"),
         (V5E_ZONE, "bad-runtime", node_spec("v5litepod-8", runtime_version="tpu-vm-nope"),
          exceptions.InvalidArgument, "runtime version"),
-        ("us-nowhere1-z", "no-zone", node_spec("v5litepod-8"), exceptions.NotFound, "us-nowhere1-z"),
+        ("us-nowhere1-z", "no-zone", node_spec("v5litepod-8"), exceptions.PermissionDenied,
+         "us-nowhere1-z is not found or access is unauthorized"),
     ],
 )
 def test_create_node_rejects_invalid_requests(fake_gcp, tpu_client, zone, node_id, node, error, message):

@@ -137,7 +137,8 @@ class Location:
 
 
 def parse_location(parent: str, allow_wildcard: bool = False) -> Location:
-    """``projects/P/locations/ZONE``; an unknown zone is NOT_FOUND like the real API."""
+    """``projects/P/locations/ZONE``; an unknown zone is 403 PERMISSION_DENIED "not found or access
+    is unauthorized", like the real API (it does not say which of the two)."""
     match = _LOCATION.match(parent or "")
     if not match:
         raise invalid(f"Invalid parent {parent!r}: expected 'projects/<project>/locations/<zone>'")
@@ -146,7 +147,7 @@ def parse_location(parent: str, allow_wildcard: bool = False) -> Location:
         return location
     if location.zone not in catalog.all_zones():
         raise ApiError(
-            code_pb2.NOT_FOUND,
+            code_pb2.PERMISSION_DENIED,
             f"Location {location.zone} is not found or access is unauthorized. "
             f"Zones offering TPUs: {', '.join(catalog.all_zones())}",
         )
