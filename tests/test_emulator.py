@@ -580,3 +580,24 @@ def test_emulator_process_prints_endpoint_and_stops_cleanly_on_sigterm(tmp_path)
     assert exit_code == 0
     wait_for(lambda: not pid_alive(hosts[0]["pid"]), "the host to end with the emulator")
     assert not os.path.exists(f"/proc/{process.pid}")
+
+
+def test_repairing_and_maintenance_health_fault_controls(fake_gcp, tpu_client):
+    """A READY node put into REPAIRING reads REPAIRING (hosts still up) and READY again after its
+    repair time; a health fault shows UNHEALTHY_MAINTENANCE until cleared; the endpoint reversal
+    fault lists a new node's endpoints in reverse worker order."""
+    parent = fake_gcp.parent(V5E_ZONE)
+    fake_gcp.control.reverse_endpoints(True)
+    created = create_node(tpu_client, parent, "repaired", node_spec("v5litepod-16"))
+    name = created.name
+    hosts = fake_gcp.control.hosts(name)
+    assert [e.ip_address for e in tpu_client.get_node(name=name).network_endpoints] == [h["ip"] for h in reversed(hosts)]
+    fake_gcp.control.repair_node(name, 0.5)
+    assert node_state(tpu_client, name) == "REPAIRING"
+    assert all(h["metadata_endpoint"] for h in fake_gcp.control.hosts(name))  # the VMs stay up
+    wait_node_state(tpu_client, name, "READY")
+    fake_gcp.control.set_node_health(name, "UNHEALTHY_MAINTENANCE")
+    assert tpu_client.get_node(name=name).health.name == "UNHEALTHY_MAINTENANCE"
+    fake_gcp.control.set_node_health(name, None)
+    assert tpu_client.get_node(name=name).health.name == "HEALTHY"
+    delete_node(tpu_client, name)
