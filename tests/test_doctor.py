@@ -91,3 +91,22 @@ def test_real_project_checks_position_and_delivery(fake_gcp):
     assert {c.name: c for c in elsewhere}["controller position"].status == FAIL
     assert {c.name: c for c in inside}["controller position"].status == OK
     assert no_creates(fake_gcp)
+
+
+def test_controller_position_is_read_from_its_metadata_server(fake_gcp, tpu_client, monkeypatch):
+    """On a (emulated) GCE VM the doctor reads its zone and network from the metadata server."""
+    from fake_gcp import create_node, delete_node, node_spec
+
+    from fray_tpu.doctor import metadata_position
+
+    node = create_node(tpu_client, fake_gcp.parent("us-east5-a"), "controller-vm", node_spec("v6e-4"))
+    try:
+        monkeypatch.setenv("GCE_METADATA_HOST", fake_gcp.control.hosts(node.name)[0]["metadata_endpoint"])
+        position = metadata_position()
+    finally:
+        delete_node(tpu_client, node.name)
+    assert position is not None and position.zone == "us-east5-a"
+    assert position.network.endswith("/networks/default")
+    monkeypatch.delenv("GCE_METADATA_HOST")
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    assert metadata_position() is None  # never probes the real metadata address in tests
