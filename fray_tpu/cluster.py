@@ -299,9 +299,9 @@ class TpuCluster(Cluster):
         zones = tuple(self._zone_offers.confirm(plan.tpu_type, plan.zones))
         if not zones:
             raise UnknownRegionError(
-                f"none of the zones {', '.join(plan.zones)} offers {plan.tpu_type} for project "
-                f"{context.provisioner.project} (ListAcceleratorTypes); `fray-tpu doctor --type {plan.tpu_type}` "
-                "shows each zone")
+                f"no zone can take {plan.tpu_type} for project {context.provisioner.project}: "
+                + "; ".join(f"{zone}: {self._zone_offers.why_not(plan.tpu_type, zone)}" for zone in plan.zones)
+                + f". `fray-tpu doctor --type {plan.tpu_type}` checks each zone.")
         return dataclasses.replace(plan, zones=zones) if zones != plan.zones else plan
 
     def _controller_context(self) -> ControllerContext:

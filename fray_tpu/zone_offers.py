@@ -32,6 +32,7 @@ class ZoneOffers:
         self._clock = clock
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, frozenset[str] | None]] = {}  # zone -> (fetched, types; None: unusable)
+        self._unusable: dict[str, str] = {}  # zone -> why the project cannot use it
 
     def _types_in(self, zone: str) -> frozenset[str] | None:
         """The types ``zone`` offers; None when the zone is not for this project; raises on a
@@ -58,9 +59,16 @@ class ZoneOffers:
                 raise
             log.warning("zone %s is not usable: %s", zone, error.message)
             offered = None
+            with self._lock:
+                self._unusable[zone] = classify_call_error(error).describe()
         with self._lock:
             self._cache[zone] = (self._clock(), offered)
         return offered
+
+    def why_not(self, tpu_type: str, zone: str) -> str:
+        """Why ``zone`` was dropped for ``tpu_type`` by the last ``confirm``."""
+        with self._lock:
+            return self._unusable.get(zone) or f"does not offer {tpu_type} (ListAcceleratorTypes)"
 
     def confirm(self, tpu_type: str, zones: Sequence[str]) -> list[str]:
         """``zones`` (in order) that offer ``tpu_type`` by the API; a zone it cannot answer for

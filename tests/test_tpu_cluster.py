@@ -498,6 +498,33 @@ def test_zone_the_api_no_longer_offers_the_type_in_is_not_tried(emulator_process
     assert counters["ListAcceleratorTypes"] == 2  # each candidate zone asked once
 
 
+def test_no_usable_zone_fails_the_launch_at_once_naming_each_zone(emulator_process, fake_gcp, workspace, out_dir):
+    """One zone forbidden by org policy, the other no longer offering the type: launch raises
+    before anything is created, naming each zone with its reason."""
+    fake_gcp.control.refuse("forbidden_zone", zone="europe-west4-b")
+    fake_gcp.control.withdraw_type("us-west4-a", "v5litepod-16")
+    with fresh_cluster(emulator_process) as cluster, pytest.raises(ConfigError) as raised:
+        cluster.launch(tpu_request("nozone", block_until, [str(out_dir / "go")], workspace,
+                                   regions=["europe-west4", "us-west4"]))
+    message = str(raised.value)
+    assert "europe-west4-b: forbidden by the organization's location policy" in message
+    assert "us-west4-a: does not offer v5litepod-16" in message
+    assert fake_gcp.control.counters().get("CreateNode", 0) == 0
+
+
+def test_fatal_create_refusal_fails_the_job_at_once_with_the_api_message(cluster, fake_gcp, workspace, out_dir):
+    """403 IAM_PERMISSION_DENIED on create: the job fails in its first round (not after the 60 s
+    capacity deadline) with Google's message and the fix; one create call, nothing left."""
+    fake_gcp.control.refuse("permission_denied")
+    started = time.monotonic()
+    job_id = cluster.launch(tpu_request("denied", block_until, [str(out_dir / "go")], workspace))
+    info = finish(cluster, job_id)
+    assert time.monotonic() - started < 30
+    assert info.status == JobStatus.FAILED
+    assert "Permission 'tpu.nodes.create' denied" in info.error_message and "roles/tpu.admin" in info.error_message
+    assert fake_gcp.control.counters()["CreateNode"] == 1
+
+
 # -- RL shape: two jobs at once -------------------------------------------------------------------------
 
 def test_trainer_and_rollout_run_together_and_wait_names_the_failed_one(cluster, fake_gcp, workspace, out_dir):
