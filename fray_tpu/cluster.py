@@ -297,12 +297,24 @@ class TpuCluster(Cluster):
             self._zone_offers = ZoneOffers(context.provisioner.client, context.provisioner.project,
                                            api_timeout=self.config.api_timeout)
         zones = tuple(self._zone_offers.confirm(plan.tpu_type, plan.zones))
+        if not self.config.emulate and not self.config.zones:
+            # A real project may be offered the type in zones of these regions the table lacks.
+            zones += tuple(self._discovered_zones(plan.tpu_type, plan.zones))
         if not zones:
             raise UnknownRegionError(
                 f"no zone can take {plan.tpu_type} for project {context.provisioner.project}: "
                 + "; ".join(f"{zone}: {self._zone_offers.why_not(plan.tpu_type, zone)}" for zone in plan.zones)
                 + f". `fray-tpu doctor --type {plan.tpu_type}` checks each zone.")
         return dataclasses.replace(plan, zones=zones) if zones != plan.zones else plan
+
+    def _discovered_zones(self, tpu_type: str, zones) -> list[str]:
+        from google.api_core import exceptions as api_exceptions
+
+        try:
+            return self._zone_offers.discover(tpu_type, zones)
+        except api_exceptions.GoogleAPICallError as error:
+            log.warning("could not list the project's locations (%s); trying the table's zones only", error)
+            return []
 
     def _controller_context(self) -> ControllerContext:
         with self._lock:

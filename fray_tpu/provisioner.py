@@ -706,6 +706,7 @@ class SliceProvisioner:
         for attempt in range(_MAX_POLLS):
             wait = self.create_limiter.reserve()
             if wait > 0 and (pause.wait(min(wait, max(0.0, end - time.monotonic()))) or time.monotonic() >= end):
+                self._raise_if_cancelled(cancel, what)
                 raise ZoneRefused(CreateVerdict(CreateAction.RATE_LIMITED, "create rate limiter",
                                                 f"{what} found no create slot before its deadline"))
             try:
@@ -721,11 +722,17 @@ class SliceProvisioner:
                 backoff = min(self.retry.max_backoff, self.retry.initial_backoff * 2**attempt)
                 log.info("%s: rate limited (%s); retrying in %.1fs", what, error.message, backoff)
                 if pause.wait(min(backoff, max(0.0, end - time.monotonic()))) or time.monotonic() >= end:
+                    self._raise_if_cancelled(cancel, what)
                     raise ZoneRefused(verdict) from error
                 continue
             watcher.track(spec.name, queued=spec.queued, operation=operation.operation.name, capacity=spec.capacity)
             return
         raise ProvisioningError(f"{what}: gave up after {_MAX_POLLS} attempts")
+
+    @staticmethod
+    def _raise_if_cancelled(cancel: threading.Event | None, what: str) -> None:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError(f"{what} was cancelled before it was sent")
 
     def observe(self, zone: str) -> dict[str, SliceObservation]:
         """Every node in ``zone`` plus every slice this provisioner is creating there, by node id,

@@ -33,6 +33,7 @@ class ZoneOffers:
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, frozenset[str] | None]] = {}  # zone -> (fetched, types; None: unusable)
         self._unusable: dict[str, str] = {}  # zone -> why the project cannot use it
+        self._locations: list[str] | None = None  # every zone the project can see
 
     def _types_in(self, zone: str) -> frozenset[str] | None:
         """The types ``zone`` offers; None when the zone is not for this project; raises on a
@@ -64,6 +65,27 @@ class ZoneOffers:
         with self._lock:
             self._cache[zone] = (self._clock(), offered)
         return offered
+
+    def discover(self, tpu_type: str, zones: Sequence[str]) -> list[str]:
+        """Zones the table lacks, in the regions of ``zones``, that the API says offer
+        ``tpu_type`` (ListLocations, then each zone's types): they go after the table's."""
+        regions = {zone.rsplit("-", 1)[0] for zone in zones}
+        with self._lock:
+            known = self._locations
+        if known is None:
+            listing = self._client.list_locations(
+                request={"name": f"projects/{self._project}"}, timeout=self._timeout, retry=None
+            )
+            known = sorted(location.location_id for location in listing.locations)
+            with self._lock:
+                self._locations = known
+        extra = [z for z in known if z.rsplit("-", 1)[0] in regions and z not in zones]
+        return [zone for zone in self.confirm(tpu_type, extra) if self._offers(zone, tpu_type)]
+
+    def _offers(self, zone: str, tpu_type: str) -> bool:
+        with self._lock:
+            cached = self._cache.get(zone)
+        return cached is not None and cached[1] is not None and tpu_type in cached[1]
 
     def why_not(self, tpu_type: str, zone: str) -> str:
         """Why ``zone`` was dropped for ``tpu_type`` by the last ``confirm``."""

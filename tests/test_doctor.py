@@ -110,3 +110,23 @@ def test_controller_position_is_read_from_its_metadata_server(fake_gcp, tpu_clie
     monkeypatch.delenv("GCE_METADATA_HOST")
     monkeypatch.setenv("NO_GCE_CHECK", "true")
     assert metadata_position() is None  # never probes the real metadata address in tests
+
+
+def test_zone_offers_confirm_and_discover_against_the_api(fake_gcp):
+    """ZoneOffers keeps zones the API says offer a type (one call per zone, cached), drops a
+    withdrawn one, and discovers a zone of the same region the caller's list lacked."""
+    from fray_tpu.zone_offers import ZoneOffers
+
+    fake_gcp.control.withdraw_type("us-east1-d", TYPE)
+    client = make_tpu_client(emulator_endpoint=fake_gcp.endpoint)
+    try:
+        offers = ZoneOffers(client, fake_gcp.project, api_timeout=5.0)
+        assert offers.confirm(TYPE, ["us-east5-b", "us-east1-d"]) == ["us-east5-b"]
+        assert "does not offer" in offers.why_not(TYPE, "us-east1-d")
+        assert offers.discover(TYPE, ["us-east5-b"]) == ["us-east5-a"]  # same region, not in the list
+        assert offers.confirm(TYPE, ["us-east5-b"]) == ["us-east5-b"]
+    finally:
+        client.transport.close()
+    counters = fake_gcp.control.counters()
+    assert counters["ListAcceleratorTypes"] == 3 and counters["ListLocations"] == 1  # cached after that
+    assert no_creates(fake_gcp)
