@@ -192,7 +192,7 @@ def test_queued_resource_that_expires_fails_with_its_real_error(provisioner, fak
     with stocked_out(fake_gcp.control, EAST5_A):
         started = time.monotonic()
         with pytest.raises(CapacityUnavailableError) as raised:
-            provisioner.acquire(spec("qexp", queued=True), [EAST5_A], deadline=started + WAIT,
+            provisioner.acquire(spec("qexp", queued=True), [EAST5_A], deadline=started + 0.5,
                                 capacity_deadline=started + 1.0)
     message = str(raised.value)
     assert "queued request expired without capacity" in message and "valid_until" in message
