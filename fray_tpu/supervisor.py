@@ -955,6 +955,7 @@ class TpuJobSupervisor(JobSupervisor):
             except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
                 log.error("job %s: could not delete slice %s in %s: %s (`fray-tpu gc` will find it by label)",
                           self.record.job_id, ready.spec.name, ready.zone, error)
+                self.progress(f"slice-{slice_id}: NOT DELETED: {error}")
 
         if background:
             thread = threading.Thread(target=delete, daemon=True, name=f"delete-{ready.spec.name}")
