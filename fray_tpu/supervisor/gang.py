@@ -1,5 +1,6 @@
 """The gang: one agent client per host of every slice, and what the supervisor asks of them —
-connect, upload the workspace, prepare, start or resume the attempt, cancel, renew leases.
+connect (hosts in their agents' worker order), upload the workspace, prepare, start or resume the
+attempt, cancel, renew leases.
 Every answer from a host is a sign of life for the liveness deadline."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import channel
@@ -15,10 +16,11 @@ from fray_tpu.config import TpuClusterConfig
 from fray_tpu.contract import PrepareFailureKind
 from fray_tpu.decisions import PrepareProblem, TaskOutcome, prepare_outcome
 from fray_tpu.errors import FrayTpuError, ProvisioningError
+from fray_tpu.placement import WorkerOrderMismatch, worker_order
 from fray_tpu.provisioner import ReadySlice, SliceProvisioner
 from fray_tpu.supervisor.attempt import AttemptRun, in_parallel
 from fray_tpu.supervisor.credentials import JobCredentials
-from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, StreamEnded
+from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, SliceSeen, StreamEnded, lost_slices
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +103,7 @@ class TpuGangRun(AttemptRun):
         in_parallel(cancel, self._clients)
 
     def lost_slices(self) -> set[int]:
-        lost = set()
-        for slice_id, ready in enumerate(self._slices):
-            observed = self._provisioner.observe(ready.zone).get(ready.spec.name)
-            if observed is None or observed.lost:
-                lost.add(slice_id)
-        return lost
+        return lost_slices(observe_slices(self._provisioner, dict(enumerate(self._slices))))
 
     def unresponsive_tasks(self) -> set[int]:
         silent = self._liveness.silent([c.address for c in self._clients])
@@ -120,28 +117,30 @@ class TpuGangRun(AttemptRun):
 STOP_CHECK_SECONDS = 0.2  # how often waiting for agents looks at the job's stop request
 
 
-def lost_while_booting(provisioner: SliceProvisioner, slices: dict[int, ReadySlice]) -> dict[int, str]:
-    """The slices the cloud reports lost (slice id -> what it said); a zone whose listing fails
-    says nothing (the next look tries again)."""
-    lost: dict[int, str] = {}
+def observe_slices(provisioner: SliceProvisioner, slices: Mapping[int, ReadySlice]) -> dict[int, SliceSeen]:
+    """One look at the cloud for each slice; a zone whose listing fails says UNKNOWN."""
+    seen: dict[int, SliceSeen] = {}
     for slice_id, ready in slices.items():
         try:
             observed = provisioner.observe(ready.zone).get(ready.spec.name)
         except ProvisioningError as error:
-            log.warning("could not observe %s in %s while it boots (%s)", ready.spec.name, ready.zone, error)
+            log.warning("could not observe %s in %s (%s); keeping it", ready.spec.name, ready.zone, error)
+            seen[slice_id] = SliceSeen.UNKNOWN
             continue
-        if observed is None or observed.lost:
-            lost[slice_id] = f"{ready.spec.name} {observed.state if observed else 'GONE'} while its agents booted"
-    return lost
+        seen[slice_id] = SliceSeen.LOST if observed is None or observed.lost else SliceSeen.THERE
+    return seen
 
 
 @dataclass(frozen=True)
 class Connected:
-    """What waiting for the agents found: slices whose agents never answered (a bad host), and
-    slices lost meanwhile (a preemption), each slice id -> why."""
+    """What connecting found, each slice id -> why: slices whose agents never answered or do not
+    report one worker number each (``dead``), slices the cloud reported lost meanwhile (``lost``,
+    a preemption); and slices whose endpoints the API listed out of worker order (slice id ->
+    endpoint indexes in worker order)."""
 
     dead: dict[int, str]
     lost: dict[int, str]
+    reordered: dict[int, list[int]]
 
 
 class Gang:
@@ -160,9 +159,10 @@ class Gang:
         return [c for s in sorted(self._clients) for c in self._clients[s]]
 
     def connect(self, slices: Sequence[ReadySlice], provisioner: SliceProvisioner, stop: threading.Event) -> Connected:
-        """Wait for every agent of every slice, watching meanwhile the slices (every poll
-        interval) and ``stop``: a slice the cloud reports lost ends the wait at once (the attempt
-        is a preemption; the other slices' clients are kept for the next one), and so does a stop
+        """Wait for every agent of every slice, and put each slice's hosts in the order of their
+        agents' own worker numbers. Meanwhile the slices are watched (every poll interval) and
+        ``stop`` too: a slice the cloud reports lost ends the wait at once (the attempt is a
+        preemption; the other slices' clients are kept for the next one), and so does a stop
         (the caller then sees ``stop`` set)."""
         deadline = time.monotonic() + self.config.boot_deadline
         for slice_id, ready in enumerate(slices):
@@ -175,16 +175,18 @@ class Gang:
         give_up = {slice_id: threading.Event() for slice_id in self._clients}
         waiting = {slice_id: len(clients) for slice_id, clients in self._clients.items()}
         up = dict.fromkeys(self._clients, 0)
+        reported: dict[channel.AgentClient, int] = {}
         dead: dict[int, str] = {}
         lost: dict[int, str] = {}
         settled = threading.Condition()
 
         def wait_up(slice_id: int, client: channel.AgentClient) -> None:
             try:
-                client.wait_until_up(deadline, give_up[slice_id])
+                info = client.wait_until_up(deadline, give_up[slice_id])
                 with settled:
                     up[slice_id] += 1
                     count = up[slice_id]
+                    reported[client] = info.worker_number
                 self._progress(f"slice-{slice_id}: booting, {count}/{len(self._clients[slice_id])} agents up")
             except (channel.ChannelError, FrayTpuError) as error:
                 with settled:
@@ -196,11 +198,10 @@ class Gang:
 
         def watch_slices(done: threading.Event) -> None:
             while not done.is_set():
-                watched = {s: slices[s] for s, event in give_up.items() if not event.is_set()}
-                for slice_id, why in lost_while_booting(provisioner, watched).items():
+                seen = observe_slices(provisioner, {s: slices[s] for s in self._clients})
+                for slice_id in lost_slices(seen):
                     with settled:
-                        lost[slice_id] = why
-                        give_up[slice_id].set()
+                        lost[slice_id] = f"{slices[slice_id].spec.name} was lost while its agents booted"
                         settled.notify_all()
                 done.wait(self.config.poll_interval)
 
@@ -212,13 +213,29 @@ class Gang:
         threading.Thread(target=watch_slices, args=(done,), daemon=True, name="watch-booting-slices").start()
         try:
             with settled:
-                while not (stop.is_set() or lost) and any(waiting[s] for s in waiting):
+                while not (stop.is_set() or lost) and any(waiting.values()):
                     settled.wait(STOP_CHECK_SECONDS)
                 for event in give_up.values():
                     event.set()  # a stop or a lost slice (the attempt is a preemption) ends every wait
-                return Connected({s: why for s, why in dead.items() if s not in lost}, dict(lost))
+                if stop.is_set() or lost:
+                    return Connected({}, dict(lost), {})
         finally:
             done.set()
+        reordered: dict[int, list[int]] = {}
+        for slice_id, clients in self._clients.items():
+            if slice_id in dead:
+                continue
+            try:
+                order = worker_order(slices[slice_id].endpoints, [reported[c] for c in clients])
+            except WorkerOrderMismatch as error:
+                dead[slice_id] = str(error)
+                continue
+            if order != list(range(len(order))):
+                self._progress(f"slice-{slice_id}: the API listed the endpoints out of worker order; "
+                               "ordered by each agent's worker number")
+                self._clients[slice_id] = [clients[i] for i in order]
+                reordered[slice_id] = order
+        return Connected(dead, {}, reordered)
 
     def upload(self, bundle, slice_of: Callable[[int], int]) -> dict[int, str]:
         """Upload the workspace bundle where it is missing; returns the slices that could not take it."""

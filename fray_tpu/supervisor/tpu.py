@@ -20,7 +20,7 @@ from fray_tpu.state.journal import Journal, JobRow, ResourceRow
 from fray_tpu.multislice import gang_environments
 from fray_tpu.planning import JobPlan
 from fray_tpu.supervisor.credentials import JobCredentials
-from fray_tpu.supervisor.gang import Gang, TpuGangRun
+from fray_tpu.supervisor.gang import Connected, Gang, TpuGangRun
 from fray_tpu.supervisor.job import JobStopped, JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
 from fray_tpu.supervisor.slices import ControllerContext, SliceKeeper
@@ -110,7 +110,7 @@ class TpuJobSupervisor(JobSupervisor):
     def _start(self, attempt: int) -> StartedAttempt | AttemptVerdict:
         self.slices.ensure(attempt)
         self.record.set_phase(JobPhase.BOOTING)
-        connected = self.gang.connect(self.slices.slices, self.context.provisioner, self.stop_requested)
+        connected = self._connect()
         if self.stop_requested.is_set():
             raise JobStopped
         if connected.lost:
@@ -156,7 +156,7 @@ class TpuJobSupervisor(JobSupervisor):
         attempt_id = resume.attempt_id
         self.progress(f"reattaching to attempt {attempt_id}")
         self.record.set_phase(JobPhase.BOOTING)
-        connected = self.gang.connect(self.slices.slices, self.context.provisioner, self.stop_requested)
+        connected = self._connect()
         if self.stop_requested.is_set():
             raise JobStopped
         if connected.lost:
@@ -181,6 +181,14 @@ class TpuJobSupervisor(JobSupervisor):
             raise
         self.record.set_phase(JobPhase.RUNNING)
         return StartedAttempt(run, entry)
+
+    def _connect(self) -> Connected:
+        """Connect the gang, the slices' endpoints put in worker order (JAX's process 0 and the
+        coordinator are worker 0); returns what kept the hosts from forming it."""
+        connected = self.gang.connect(self.slices.slices, self.context.provisioner, self.stop_requested)
+        for slice_id, order in connected.reordered.items():
+            self.slices.reorder(slice_id, order)
+        return connected
 
     def _save_account(self) -> None:
         self.journal.update_job(self.record.job_id, extra=self.account.to_extra())
