@@ -98,6 +98,12 @@ def dirty_then_check(out_dir: str) -> None:
     write_json(Path(out_dir) / "second.json", {"lockfile": lockfile.exists(), "leftover_state": state})
 
 
+def run_until_go(out_dir: str) -> None:
+    write_json(Path(out_dir) / f"running-{os.environ['FRAY_TASK_INDEX']}.json", time.time())
+    if not wait_for_file(os.path.join(out_dir, "go"), HOST_DEADLINE):
+        raise SystemExit("the go file never appeared")
+
+
 def record_start_and_finish(out_dir: str) -> None:
     write_json(Path(out_dir) / f"start-{os.environ['FRAY_TASK_INDEX']}.json", time.time())
 
@@ -232,6 +238,48 @@ def test_operation_that_never_finishes_does_not_block_readiness(cluster, fake_gc
     assert info.status == JobStatus.SUCCEEDED, info.error_message
     assert counters_of(cluster, job_id) == (1, 0, 0, 0)
     assert job_nodes(control, job_id) == []
+
+
+BROWNOUT_SECONDS = 4.0  # eight retry rounds of the cluster's api_retry_seconds below
+
+
+def test_api_brownout_while_the_gang_runs_is_not_a_verdict(fake_gcp, workspace, out_dir):
+    """Every ListNodes answers 503 for eight of the cluster's API retry rounds while a two-slice
+    gang runs: the slices cannot be observed, which is no verdict; the agents answer, so the job
+    keeps running through the brownout and afterwards succeeds on its first attempt, nothing
+    replaced, retried or counted."""
+    control = fake_gcp.control
+    cluster = make_cluster(fake_gcp.endpoint, api_retry_seconds=BROWNOUT_SECONDS / 8)
+    client = fake_gcp.client()
+    try:
+        job_id = cluster.launch(request("brownout", run_until_go, out_dir, workspace, slices=2))
+        wait_files(out_dir, "running-*.json", 2, "both tasks to run")
+        wait_for(lambda: all(t.status == JobStatus.RUNNING for t in cluster.poll(job_id).tasks),
+                 "the job to be running", JOB_TIMEOUT)
+        listed_before = control.counters()["ListNodes"]
+        control.fail_for("ListNodes", BROWNOUT_SECONDS, 503)
+
+        def listing_answers() -> bool:
+            try:
+                client.list_nodes(parent=f"projects/{fake_gcp.project}/locations/us-west4-a", retry=None, timeout=5.0)
+            except Exception:  # noqa: BLE001 - the brownout still runs
+                return False
+            return True
+
+        wait_for(listing_answers, "the brownout to end", JOB_TIMEOUT)
+        assert control.counters()["ListNodes"] > listed_before + 8, "the supervisor did not look during the brownout"
+        info = cluster.poll(job_id)
+        assert info.status == JobStatus.RUNNING, info.error_message
+        assert all(t.status == JobStatus.RUNNING for t in info.tasks)
+        (out_dir / "go").write_text("")
+        info = finish(cluster, job_id)
+        assert info.status == JobStatus.SUCCEEDED, info.error_message
+        assert counters_of(cluster, job_id) == (1, 0, 0, 0)
+        calls = control.counters()
+        assert (calls["CreateNode"], calls["DeleteNode"]) == (2, 2)
+    finally:
+        client.transport.close()
+        cluster.shutdown(timeout=JOB_TIMEOUT)
 
 
 # -- slices lost mid-run ----------------------------------------------------------------------------
