@@ -47,6 +47,9 @@ delete_deadline     FRAY_TPU_DELETE_DEADLINE     delete call to resource gone (1
 liveness_deadline   FRAY_TPU_LIVENESS_DEADLINE   a host of a running gang that answers nothing
                                                  (no event, no lease renewal) this long is lost:
                                                  the gang restarts as after a preemption (30s)
+tls_leaf_validity   FRAY_TPU_TLS_LEAF_VALIDITY   validity of the certificates agents serve; each
+                                                 makes a new one for new connections with a third
+                                                 of it left, open channels untouched (720h)
 python_version      FRAY_TPU_PYTHON_VERSION      Python of the jobs' environments on the hosts,
                                                  ``3.12`` or ``3.12.1`` (the controller's major.minor,
                                                  so that the pickled callable loads)
@@ -172,6 +175,7 @@ class TpuClusterConfig:
     lease_period: float = 60.0
     delete_deadline: float = 10 * 60.0
     liveness_deadline: float = 30.0  # Ray notices a dead node after ~30 s, Iris after 50 s
+    tls_leaf_validity: float = 30 * 86400.0
     python_version: str | None = None
     index_url: str | None = None
 
@@ -306,6 +310,7 @@ _DURATION_FIELDS = (
     "lease_period",
     "delete_deadline",
     "liveness_deadline",
+    "tls_leaf_validity",
 )
 _KEY_ALIASES = {"zone": "zones", "region": "regions"}
 

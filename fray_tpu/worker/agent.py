@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import platform
@@ -406,7 +407,8 @@ def make_server(agent: Agent, settings: AgentSettings) -> grpc.Server:
     worker_pb2_grpc.add_WorkerServicer_to_server(agent, server)
     address = f"{settings.ip}:{settings.port}"
     try:
-        server.add_secure_port(address, tls.server_credentials(settings.tls_cert_pem, settings.tls_key_pem))
+        server.add_secure_port(address, tls.server_credentials(
+            settings.tls_cert_pem, settings.tls_key_pem, datetime.timedelta(seconds=settings.tls_leaf_seconds)))
     except RuntimeError as error:
         raise RuntimeError(f"cannot listen on {address}: {error}; is another agent running there?") from error
     return server

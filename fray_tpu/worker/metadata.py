@@ -24,6 +24,7 @@ from fray_tpu.contract import (  # noqa: F401 - md.ATTR_* is how the agent names
     ATTR_CONTROLLER,
     ATTR_JOB,
     ATTR_LEASE_SECONDS,
+    ATTR_TLS_LEAF_SECONDS,
     ATTR_NODE,
     ATTR_SECRET_SHA256,
     ATTR_SELF_DELETE,

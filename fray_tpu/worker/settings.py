@@ -13,6 +13,7 @@ from fray_tpu.contract import HOST_DIR_ENV, HOST_IP_ENV
 from fray_tpu.worker import metadata as md
 
 DEFAULT_LEASE_SECONDS = 300.0
+DEFAULT_TLS_LEAF_SECONDS = 30 * 86400.0
 PRODUCTION_STATE_DIR = Path("/var/lib/fray-tpu")
 
 
@@ -27,6 +28,7 @@ class AgentSettings:
     tls_cert_pem: bytes
     tls_key_pem: bytes
     lease_seconds: float
+    tls_leaf_seconds: float  # validity of each certificate the agent serves (renewed at a third left)
     self_delete: bool
     api_endpoint: str | None
     job: str
@@ -143,6 +145,8 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
         tls_key_pem=client.required_attribute(md.ATTR_TLS_KEY).encode(),
         lease_seconds=_parse_number(md.ATTR_LEASE_SECONDS, client.attribute(md.ATTR_LEASE_SECONDS),
                                     DEFAULT_LEASE_SECONDS),
+        tls_leaf_seconds=_parse_number(md.ATTR_TLS_LEAF_SECONDS, client.attribute(md.ATTR_TLS_LEAF_SECONDS),
+                                       DEFAULT_TLS_LEAF_SECONDS),
         self_delete=_parse_bool(md.ATTR_SELF_DELETE, client.attribute(md.ATTR_SELF_DELETE), True),
         api_endpoint=(client.attribute(md.ATTR_API_ENDPOINT) or "").strip() or None,
         job=(client.attribute(md.ATTR_JOB) or "").strip(),

@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+import cloudpickle
 import pytest
 from fake_gcp import wait_for
 
@@ -40,6 +41,8 @@ from fray_tpu.fray_api import JobStatus
 from fray_tpu.state.journal import Journal, JournalLockedError
 from fray_tpu.state.journals import journal_dirs
 from fray_tpu.naming import LABEL_JOB, label_value
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tick_until_go runs on the hosts
 
 DRIVER_START_TIMEOUT = 120.0  # interpreter start, imports, provisioning and the gang start
 JOB_TIMEOUT = 120.0
@@ -357,6 +360,70 @@ def test_driver_sigkilled_during_creation_leaves_nothing_behind(fake_gcp, tmp_pa
         restarted.wait_released(job_id, timeout=JOB_TIMEOUT)
         assert job_resources(control, job_id, "nodes") == job_resources(control, job_id, "queued_resources") == []
         assert restarted.job_counters(job_id).preemptions == 0
+    finally:
+        restarted.shutdown(timeout=JOB_TIMEOUT)
+
+
+# -- certificates expire while the job runs -------------------------------------------------------
+
+TLS_LEAF_SECONDS = 2.0  # agents serve certificates this short-lived; renewed with a third left
+
+
+def tick_until_go(out_dir: str) -> None:
+    """Print numbered ticks until ``go`` appears in ``out_dir`` (bounded by HOST_DEADLINE)."""
+    import os
+
+    pause = threading.Event()
+    deadline = time.monotonic() + HOST_DEADLINE
+    tick = 0
+    while not os.path.exists(os.path.join(out_dir, "go")):
+        if time.monotonic() > deadline:
+            raise SystemExit("go never appeared")
+        print(f"tick {tick}", flush=True)
+        tick += 1
+        pause.wait(TICK_SECONDS)
+
+
+def ticks_in(lines) -> list[int]:
+    return [int(m.group(1)) for line in lines if (m := re.search(r"\] tick (\d+)$", line))]
+
+
+def test_connections_after_the_first_certificates_expired_succeed(fake_gcp, tmp_path, workspace):
+    """The agent serves certificates valid 2 s. The controller's open stream keeps delivering
+    output long past their expiry; then a controller that reattaches (new connections to the
+    agent, pinned to the job's authority as before) follows the job to success: the agent
+    renewed its certificate for new connections, and nothing had to be re-pinned."""
+    from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, ResourceConfig
+
+    state_dir, out_dir = tmp_path / "state", tmp_path / "out"
+    out_dir.mkdir()
+    config = TpuClusterConfig(emulate=True, emulator_endpoint=fake_gcp.endpoint, poll_interval=0.2,
+                              lease_period=REATTACH_LEASE_SECONDS, state_dir=str(state_dir),
+                              tls_leaf_validity=TLS_LEAF_SECONDS)
+    first = TpuCluster(config, detach_on_exit=True)
+    try:
+        job_id = first.launch(JobRequest(
+            name="rotating", entrypoint=Entrypoint.from_callable(tick_until_go, args=[str(out_dir)]),
+            resources=ResourceConfig.with_tpu("v5litepod-4"), environment=EnvironmentConfig.create(workspace=workspace)))
+        wait_for(lambda: ticks_in(first.job_output(job_id)), "the first tick", JOB_TIMEOUT)
+        expired_at = time.time() + 3 * TLS_LEAF_SECONDS
+        wait_for(lambda: time.time() > expired_at and len(ticks_in(first.job_output(job_id))) > 3 * TLS_LEAF_SECONDS / TICK_SECONDS,
+                 "output streamed past three certificate validities", JOB_TIMEOUT)
+        assert first.poll(job_id).status == JobStatus.RUNNING
+    finally:
+        first.shutdown(timeout=JOB_TIMEOUT)  # detaches: the job runs on
+    restarted = controller(fake_gcp.endpoint, state_dir)
+    try:
+        assert restarted.poll(job_id).status == JobStatus.RUNNING
+        seen = len(ticks_in(restarted.job_output(job_id)))
+        wait_for(lambda: len(ticks_in(restarted.job_output(job_id))) > seen + 3, "ticks through the reattached controller",
+                 JOB_TIMEOUT)
+        (out_dir / "go").write_text("")
+        info = restarted.wait(job_id, timeout=JOB_TIMEOUT)
+        assert info.status == JobStatus.SUCCEEDED, info.error_message
+        assert restarted.job_counters(job_id).attempts == 1
+        restarted.wait_released(job_id, timeout=JOB_TIMEOUT)
+        assert job_nodes(fake_gcp.control, job_id) == []
     finally:
         restarted.shutdown(timeout=JOB_TIMEOUT)
 

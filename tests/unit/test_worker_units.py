@@ -118,15 +118,55 @@ def test_lease_fires_once_when_not_renewed_and_renewal_revives_it():
         lease.stop()
 
 
-def test_job_tls_material_is_a_pinned_p256_certificate_for_the_agent_name():
+def test_job_tls_material_is_a_p256_authority_whose_leaves_name_the_agent():
+    """The pinned root is a P-256 CA valid at most MAX_VALIDITY; the leaves it signs name the
+    agent, have keys of their own and the requested validity."""
+    import datetime
+
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
 
     material = tls.make_job_tls()
-    cert = x509.load_pem_x509_certificate(material.cert_pem)
-    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey) and cert.public_key().curve.name == "secp256r1"
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    root = x509.load_pem_x509_certificate(material.cert_pem)
+    assert isinstance(root.public_key(), ec.EllipticCurvePublicKey) and root.public_key().curve.name == "secp256r1"
+    assert root.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert root.not_valid_after_utc - root.not_valid_before_utc <= tls.MAX_VALIDITY + tls.CLOCK_SKEW
+    leaf_material = tls.issue_leaf(material, datetime.timedelta(days=2), now=1_000_000.0)
+    leaf = x509.load_pem_x509_certificate(leaf_material.cert_pem)
+    leaf.verify_directly_issued_by(root)
+    assert leaf.public_key() != root.public_key()
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == [tls.AGENT_TLS_NAME]
-    assert cert.not_valid_after_utc - cert.not_valid_before_utc <= tls.MAX_VALIDITY + tls.CLOCK_SKEW
+    assert leaf.not_valid_after_utc.timestamp() == 1_000_000.0 + 2 * 86400
     assert isinstance(tls.server_credentials(material.cert_pem, material.key_pem), grpc.ServerCredentials)
     assert tls.secret_sha256("s") == "043a718774c572bd8a25adbeb1bfcd5c0256ae11cecf9f9c3f925d0e52beaf89"
+
+
+def test_a_leaf_is_renewed_once_a_third_of_its_validity_is_left():
+    """leaf_due: not before two thirds of the validity have passed, always after."""
+    assert not tls.leaf_due(issued_at=0.0, expires_at=30.0, now=19.9)
+    assert tls.leaf_due(issued_at=0.0, expires_at=30.0, now=20.0)
+    assert tls.leaf_due(issued_at=0.0, expires_at=30.0, now=31.0)
+
+
+def test_rotating_leaf_renews_on_the_injected_clock():
+    """A server's leaf stays until due, then the next handshake gets a new one valid from then;
+    a day-31 connection of a job on 30-day leaves meets a leaf issued on day 20, never an
+    expired one."""
+    import datetime
+
+    from cryptography import x509
+
+    day = 86400.0
+    now = [0.0]
+    leaf = tls.RotatingLeaf(tls.make_job_tls(), datetime.timedelta(days=30), clock=lambda: now[0])
+    first = leaf.leaf
+    now[0] = 19 * day
+    assert leaf.renewed() is None and leaf.leaf == first
+    now[0] = 20 * day
+    second = leaf.renewed()
+    assert second is not None and second != first and leaf.renewals == 1
+    now[0] = 31 * day
+    assert leaf.renewed() is None
+    expires = x509.load_pem_x509_certificate(leaf.leaf.cert_pem).not_valid_after_utc.timestamp()
+    assert expires == 50 * day > now[0]
