@@ -325,6 +325,12 @@ class AgentClient:
         request = worker_pb2.RenewLeaseRequest(lease_seconds=seconds)
         return self._call("RenewLease", self._stub.RenewLease, request, timeout=timeout).lease_remaining_seconds
 
+    def hand_over(self, new_secret: str, holder: str, *, timeout: float | None = None) -> list[str]:
+        """Clean the host and make the agent accept only ``new_secret`` (this client's secret
+        stops working); returns the cleaning notes."""
+        request = worker_pb2.HandOverRequest(new_secret_sha256=tls.secret_sha256(new_secret), holder=holder)
+        return list(self._call("HandOver", self._stub.HandOver, request, timeout=timeout).cleanup_notes)
+
     # -- streams --------------------------------------------------------------------------
 
     def start(self, attempt_id: str, **buffer: int) -> EventStream:

@@ -65,6 +65,8 @@ capacity class. ``ready_at`` (node READY) is carried for reports and does not ch
 
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import json
 import math
@@ -238,6 +240,7 @@ class JobCost:
     chip_hours_idle: float
     estimated_usd: float
     by_capacity: dict[str, float]
+    started_warm: int = 0  # slices the job took from the warm pool instead of creating them
 
     def to_dict(self) -> dict[str, Any]:
         """Chip-hours to 4 decimals (0.36 chip-seconds), USD to cents."""
@@ -249,6 +252,7 @@ class JobCost:
             "chip_hours_idle": round(self.chip_hours_idle, 4),
             "estimated_usd": round(self.estimated_usd, 2),
             "by_capacity": {capacity: round(usd, 2) for capacity, usd in sorted(self.by_capacity.items())},
+            "started_warm": self.started_warm,
         }
 
 
@@ -284,16 +288,21 @@ class JobAccount:
     generation: str | None = None
     capacity: str | None = None
     attempts: list[AttemptAccount] = field(default_factory=list)
+    started_warm: list[str] = field(default_factory=list)  # slices taken from the warm pool, not created
 
     def to_extra(self) -> dict[str, Any]:
-        return {"generation": self.generation, "capacity": self.capacity,
-                "attempts": [a.to_dict() for a in self.attempts]}
+        extra = {"generation": self.generation, "capacity": self.capacity,
+                 "attempts": [a.to_dict() for a in self.attempts]}
+        if self.started_warm:
+            extra["started_warm"] = list(self.started_warm)
+        return extra
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> JobAccount:
         extra = extra or {}
         return cls(generation=extra.get("generation"), capacity=extra.get("capacity"),
-                   attempts=[AttemptAccount.from_dict(a) for a in extra.get("attempts", [])])
+                   attempts=[AttemptAccount.from_dict(a) for a in extra.get("attempts", [])],
+                   started_warm=list(extra.get("started_warm", [])))
 
     def open_attempt(self) -> AttemptAccount | None:
         """The attempt that has started and not ended (the one a restarted controller resumes)."""
@@ -340,7 +349,9 @@ def usd_for(chips: int, usd_per_chip_hour: float, seconds: float) -> float:
 def cost_of(extra: Mapping[str, Any] | None, resources: Sequence[Any], now: float,
             prices: PriceTable | None = None) -> JobCost:
     """A job's cost from its journal row's ``extra`` and its resource rows."""
-    return job_cost(JobAccount.from_extra(extra).slice_intervals(resources), now, prices or PriceTable.from_env())
+    account = JobAccount.from_extra(extra)
+    cost = job_cost(account.slice_intervals(resources), now, prices or PriceTable.from_env())
+    return dataclasses.replace(cost, started_warm=len(account.started_warm))
 
 
 # Buckets in the order that decides a moment covered by several windows.

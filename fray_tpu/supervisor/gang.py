@@ -130,15 +130,16 @@ class Gang:
         """Every host's client in global task order (slice-major)."""
         return [c for s in sorted(self._clients) for c in self._clients[s]]
 
-    def connect(self, slices: Sequence[ReadySlice]) -> dict[int, str]:
-        """Wait for every agent of every slice; returns slices whose agents never answered."""
+    def connect(self, slices: Sequence[ReadySlice], cert_of: Callable[[int], bytes]) -> dict[int, str]:
+        """Wait for every agent of every slice (``cert_of``: the certificate a slice's agents
+        present); returns slices whose agents never answered."""
         dead: dict[int, str] = {}
         deadline = time.monotonic() + self.config.boot_deadline
         for slice_id, ready in enumerate(slices):
             if slice_id not in self._clients:
                 self._clients[slice_id] = [
                     channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self.credentials.secret,
-                                        pinned_cert_pem=self.credentials.tls_material.cert_pem)
+                                        pinned_cert_pem=cert_of(slice_id))
                     for ip in ready.endpoints
                 ]
         up = dict.fromkeys(self._clients, 0)

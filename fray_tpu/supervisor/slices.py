@@ -7,10 +7,12 @@ crash left behind by label).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from fray_tpu import contract as md
@@ -25,6 +27,8 @@ from fray_tpu.supervisor.capacity import CapacityWait, GiveUp
 from fray_tpu.supervisor.credentials import JobCredentials
 from fray_tpu.supervisor.job import JobStopped
 from fray_tpu.supervisor.phases import JobPhase
+from fray_tpu.supervisor.pool import WarmPool
+from fray_tpu.supervisor.warm_policy import SliceShape
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ class ControllerContext:
     controller_id: str
     emulator_endpoint: str | None
     cluster_spec: str  # what tasks get as FRAY_CLUSTER_SPEC (the emulator endpoint included)
+    pool: WarmPool | None = None
 
 
 class SliceKeeper:
@@ -53,6 +58,11 @@ class SliceKeeper:
         self.journal = journal
         self.credentials = credentials
         self.slices: list[ReadySlice | None] = [None] * plan.replicas
+        # The certificate each slice's agents present, where it is not this job's own (a slice
+        # taken warm keeps the identity it booted with).
+        self.certs: dict[int, bytes] = {}
+        self.warm_taken: list[str] = []
+        self._warm_zone: str | None = None
         self._stop = stop
         self._progress = progress
         self._set_phase = set_phase
@@ -91,10 +101,47 @@ class SliceKeeper:
             queued=self.plan.queued,
         )
 
+    def shape(self) -> SliceShape:
+        script = render_startup_script(BootstrapSpec(fray_tpu_version=fray_tpu_version()))
+        return SliceShape(
+            tpu_type=self.plan.tpu_type, capacity=self.plan.capacity, runtime_version=self.plan.runtime_version,
+            queued=self.plan.queued, network=self.config.network, subnetwork=self.config.subnetwork,
+            external_ips=self.config.external_ips, service_account=self.config.service_account,
+            image=hashlib.sha256(script.encode()).hexdigest(),
+        )
+
+    def cert_of(self, slice_id: int) -> bytes:
+        return self.certs.get(slice_id, self.credentials.tls_material.cert_pem)
+
+    def _take_warm(self, attempt: int) -> None:
+        """Fill missing slices from the controller's warm pool (one zone; the rest is created there first)."""
+        missing = [i for i, s in enumerate(self.slices) if s is None]
+        pool = self.context.pool
+        if pool is None or not missing:
+            return
+        taken = pool.take(self.shape(), self.plan.zones, len(missing), self.credentials.secret, self.job_id,
+                          self.journal)
+        for slice_id, warm in zip(missing, taken):
+            name = warm.ready.spec.name
+            self.slices[slice_id] = dataclasses.replace(
+                warm.ready, spec=dataclasses.replace(self.spec(slice_id, attempt), name=name))
+            self.certs[slice_id] = warm.cert_pem
+            self.credentials.store_slice_cert(self.journal, self.job_id, name, warm.cert_pem)
+            now = time.time()
+            self.journal.update_resource(name, warm.ready.zone, job_id=self.job_id, attempt=attempt, slice_id=slice_id,
+                                         state=ResourceState.READY, created=now, ready_at=now)
+            self.warm_taken.append(name)
+            self._warm_zone = warm.ready.zone
+            self._progress(f"slice-{slice_id}: took warm slice {name} in {warm.ready.zone}")
+
     def restore(self, slices: dict[int, tuple[str, int, str, list[str]]]) -> None:
         """Take back the ready slices an earlier controller held (slice id -> name, attempt, zone, endpoints)."""
         for slice_id, (name, attempt, zone, endpoints) in slices.items():
             spec = self.spec(slice_id, attempt)
+            warm_cert = self.credentials.load_slice_cert(self.journal, self.job_id, name)
+            if warm_cert is not None:
+                spec = dataclasses.replace(spec, name=name)
+                self.certs[slice_id] = warm_cert
             if spec.name != name:
                 raise FrayTpuError(f"journal slice {name} does not match job {self.job_id} (expected {spec.name}): "
                                    f"was the journal written by another fray-tpu version?")
@@ -109,12 +156,15 @@ class SliceKeeper:
         """Acquire every missing slice in parallel; without capacity anywhere, back off and try
         again until the capacity deadline (no budget is consumed by waiting)."""
         wait = CapacityWait(self.config.capacity_deadline, self.plan.tpu_type, self.plan.zones, time.monotonic)
+        self._take_warm(attempt)
         while True:
             missing = [i for i, s in enumerate(self.slices) if s is None]
             if not missing:
                 return
             self._set_phase(JobPhase.PROVISIONING)
             zones = wait.zones()
+            if self._warm_zone in zones:  # the gang's warm slices are there
+                zones = [self._warm_zone, *(z for z in zones if z != self._warm_zone)]
             errors: dict[int, Exception] = {}
             stocked_out: set[str] = set()
             threads = [threading.Thread(target=self._acquire, args=(i, attempt, zones, errors, stocked_out), daemon=True)
@@ -184,6 +234,7 @@ class SliceKeeper:
         """Forget the slice and delete it in the background (``release_all`` waits for deletions)."""
         ready = self.slices[slice_id]
         self.slices[slice_id] = None
+        self.certs.pop(slice_id, None)
         if ready is None:
             return
         thread = threading.Thread(target=self._delete, args=(slice_id, ready), daemon=True,
@@ -203,8 +254,21 @@ class SliceKeeper:
             log.error("job %s: could not delete slice %s in %s: %s (`fray-tpu gc` will find it by label)",
                       self.job_id, ready.spec.name, ready.zone, error)
 
-    def release_all(self) -> None:
-        for slice_id in range(len(self.slices)):
+    def release_all(self, lost: Collection[int] = (), keep_warm: bool = False) -> None:
+        """Offer each healthy slice to the warm pool (``keep_warm``: the job ended without being
+        torn down by its controller), delete the others."""
+        pool = self.context.pool
+        for slice_id, ready in enumerate(self.slices):
+            if ready is None:
+                continue
+            if keep_warm and pool is not None:
+                why_not = pool.offer(ready, self.shape(), self.cert_of(slice_id), self.credentials.secret, self.journal,
+                                     lost_in_last_attempt=slice_id in lost)
+                if why_not is None:
+                    self.slices[slice_id] = None
+                    self._progress(f"slice-{slice_id}: {ready.spec.name} kept warm for the next job of its shape")
+                    continue
+                self._progress(f"slice-{slice_id}: not kept warm: {why_not}")
             self.release(slice_id)
         for thread in self._deletions:
             thread.join(self.config.delete_deadline + 60)

@@ -71,6 +71,7 @@ class TpuJobSupervisor(JobSupervisor):
                                   count_capacity_wait=self._count_capacity_wait)
         self.gang = Gang(self.config, self.credentials, self.progress)
         self._bundle = None
+        self._last_lost: frozenset[int] = frozenset()  # slices the last verdict lost or found bad
 
     def _count_capacity_wait(self) -> None:
         self.record.counters.capacity_waits += 1
@@ -96,6 +97,7 @@ class TpuJobSupervisor(JobSupervisor):
         verdict = None
         try:
             verdict = self.follow(started.run)
+            self._last_lost = verdict.lost_slices | verdict.bad_slices
             return verdict
         finally:
             started.run.close()
@@ -105,7 +107,10 @@ class TpuJobSupervisor(JobSupervisor):
     def _start(self, attempt: int) -> StartedAttempt | AttemptVerdict:
         self.slices.ensure(attempt)
         self.record.set_phase(JobPhase.BOOTING)
-        dead = self.gang.connect(self.slices.slices)
+        if self.slices.warm_taken and not self.account.started_warm:
+            self.account.started_warm = list(self.slices.warm_taken)
+            self._save_account()
+        dead = self.gang.connect(self.slices.slices, self.slices.cert_of)
         if self.stop_requested.is_set():
             raise JobStopped
         if dead:
@@ -149,7 +154,7 @@ class TpuJobSupervisor(JobSupervisor):
         attempt_id = resume.attempt_id
         self.progress(f"reattaching to attempt {attempt_id}")
         self.record.set_phase(JobPhase.BOOTING)
-        dead = self.gang.connect(self.slices.slices)
+        dead = self.gang.connect(self.slices.slices, self.slices.cert_of)
         if dead:
             return self._verdict_for_hosts(dead, TaskOutcome.LOST, "agent unreachable after the controller restarted")
         clients = self.gang.clients()
@@ -235,5 +240,5 @@ class TpuJobSupervisor(JobSupervisor):
         self.gang.stop_leases()
         for slice_id in range(len(self.slices.slices)):
             self.gang.drop(slice_id)
-        self.slices.release_all()
+        self.slices.release_all(self._last_lost, keep_warm=True)
         self.journal.delete_secrets(self.record.job_id)

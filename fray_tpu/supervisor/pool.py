@@ -1,0 +1,265 @@
+"""The controller's warm pool: healthy slices of finished jobs, cleaned and kept for
+``keep_warm`` for the next job of the same shape (decisions in ``warm_policy``).
+
+Warm slices stay owned. The pool holds each under a secret of its own (in memory only), so
+the finished job's secret stops working the moment its slice goes warm, and the next job's
+secret works only once the pool hands the slice over to it: a slice never accepts two holders'
+secrets, and a dead controller's warm slices are unreachable by anyone — their lease lapses and
+they delete themselves like any slice. While a slice is warm the pool renews its agents' lease,
+watches it with the same signals as a running slice (the node's state, agents answering), and
+deletes it on expiry, on loss, and at shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fray_tpu import channel, tls
+from fray_tpu.config import TpuClusterConfig
+from fray_tpu.provisioner import ReadySlice, SliceProvisioner
+from fray_tpu.state.journal import Journal, ResourceState
+from fray_tpu.supervisor.attempt import in_parallel
+from fray_tpu.supervisor.warm_policy import (
+    SliceHealth,
+    SliceShape,
+    WarmSlice,
+    choose,
+    expired,
+    idle_seconds,
+    keep_reason,
+    next_expiry_in,
+)
+
+log = logging.getLogger(__name__)
+POOL_HOLDER = "warm-pool"
+
+
+@dataclass
+class PooledSlice:
+    ready: ReadySlice
+    cert_pem: bytes  # the certificate its agents present; whoever holds the slice pins it
+    warm: WarmSlice
+    journal: Journal
+    clients: list[channel.AgentClient]  # dialled with the pool's secret
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+@dataclass(frozen=True)
+class TakenSlice:
+    ready: ReadySlice
+    cert_pem: bytes
+
+
+class WarmPool:
+    def __init__(self, config: TpuClusterConfig, provisioner: SliceProvisioner,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self._provisioner = provisioner
+        self._clock = clock
+        self._secret = tls.make_secret()
+        self._slices: dict[str, PooledSlice] = {}
+        self._lock = threading.Lock()
+        self._open = True
+        self._wake = threading.Event()
+        self._deletions: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
+
+    # -- a finished job's slices come in ---------------------------------------------------------
+
+    def offer(self, ready: ReadySlice, shape: SliceShape, cert_pem: bytes, job_secret: str, journal: Journal,
+              lost_in_last_attempt: bool) -> str | None:
+        """Keep the slice warm (returns None) or say why not (the caller deletes it). The job's
+        agents are handed over to the pool's secret here: cleaned, and deaf to the job's secret."""
+        node_lost = self._lost(ready)
+        health = SliceHealth(lost_in_last_attempt, node_lost, agents_answered=0, hosts=len(ready.endpoints),
+                             any_preempted_flag=False)
+        if keep_reason(health, self.config.keep_warm, self._open) is None:
+            health = self._hand_over_to_pool(ready, cert_pem, job_secret, health)
+        reason = keep_reason(health, self.config.keep_warm, self._open)
+        if reason is not None:
+            return reason
+        clients = self._clients(ready, cert_pem, self._secret)
+        pooled = PooledSlice(ready, cert_pem, WarmSlice(ready.spec.name, ready.zone, shape, self._clock()), journal,
+                             clients)
+        journal.update_resource(ready.spec.name, ready.zone, state=ResourceState.WARM)
+        with self._lock:
+            if not self._open:
+                pooled.close()
+                return "the controller is shutting down"
+            self._slices[ready.spec.name] = pooled
+            self._ensure_thread()
+        self._wake.set()
+        log.info("slice %s in %s is warm for %.0fs", ready.spec.name, ready.zone, self.config.keep_warm)
+        return None
+
+    def _hand_over_to_pool(self, ready: ReadySlice, cert_pem: bytes, job_secret: str,
+                           health: SliceHealth) -> SliceHealth:
+        clients = self._clients(ready, cert_pem, job_secret)
+        answered, preempted = [], []
+
+        def hand_over(client: channel.AgentClient) -> None:
+            try:
+                if client.describe(retries=1).preempted:
+                    preempted.append(client.address)
+                    return
+                client.hand_over(self._secret, POOL_HOLDER)
+                answered.append(client.address)
+            except channel.ChannelError as error:
+                log.info("slice %s not kept warm: %s", ready.spec.name, error)
+
+        try:
+            in_parallel(hand_over, clients)
+        finally:
+            for client in clients:
+                client.close()
+        return SliceHealth(health.lost_in_last_attempt, health.node_lost, len(answered), health.hosts, bool(preempted))
+
+    # -- a new job takes warm slices --------------------------------------------------------------
+
+    def take(self, shape: SliceShape, zones: Sequence[str], count: int, job_secret: str, holder: str,
+             journal: Journal) -> list[TakenSlice]:
+        """Up to ``count`` warm slices of ``shape`` in one of ``zones``, handed over to the job's
+        secret. A slice that fails the hand-over (preempted, agent gone) is deleted, not given."""
+        with self._lock:
+            candidates = [p.warm for p in self._slices.values() if p.journal is journal]
+            chosen = [self._slices.pop(w.name) for w in choose(candidates, shape, zones, count)]
+        taken = []
+        for pooled in chosen:
+            if self._lost(pooled.ready) or not self._hand_over(pooled, job_secret, holder):
+                self._delete(pooled, "it was lost while warm")
+                continue
+            pooled.close()
+            log.info("slice %s taken warm by %s after %.1fs idle", pooled.ready.spec.name, holder,
+                     idle_seconds(pooled.warm, self._clock()))
+            taken.append(TakenSlice(pooled.ready, pooled.cert_pem))
+        return taken
+
+    def _hand_over(self, pooled: PooledSlice, job_secret: str, holder: str) -> bool:
+        failed: list[str] = []
+
+        def hand_over(client: channel.AgentClient) -> None:
+            try:
+                if client.describe(retries=1).preempted:
+                    failed.append(f"{client.address} reports preempted")
+                    return
+                client.hand_over(job_secret, holder)
+            except channel.ChannelError as error:
+                failed.append(str(error))
+
+        in_parallel(hand_over, pooled.clients)
+        for why in failed:
+            log.info("warm slice %s: %s", pooled.ready.spec.name, why)
+        return not failed
+
+    # -- what `fray-tpu slices` and tests see ---------------------------------------------------------
+
+    def warm_slices(self) -> list[dict]:
+        now = self._clock()
+        with self._lock:
+            return [{"name": p.ready.spec.name, "zone": p.ready.zone, "tpu_type": p.warm.shape.tpu_type,
+                     "idle_seconds": idle_seconds(p.warm, now),
+                     "expires_in_seconds": max(0.0, self.config.keep_warm - idle_seconds(p.warm, now))}
+                    for p in self._slices.values()]
+
+    # -- upkeep ------------------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._upkeep, daemon=True, name="warm-pool")
+            self._thread.start()
+
+    def _upkeep(self) -> None:
+        """Renew leases, drop lost slices, delete expired ones, until the pool is empty or closed."""
+        interval = min(self.config.lease_period, self.config.liveness_deadline) / 3
+        while True:
+            with self._lock:
+                if not self._open or not self._slices:
+                    self._thread = None
+                    return
+                pooled = list(self._slices.values())
+            now = self._clock()
+            for p in pooled:
+                if expired(p.warm, now, self.config.keep_warm):
+                    self._evict(p, f"idle for {self.config.keep_warm:.0f}s (keep_warm)")
+                elif self._lost(p.ready):
+                    self._evict(p, "the cloud reports it lost")
+                elif not self._renew(p):
+                    self._evict(p, "an agent stopped answering")
+            with self._lock:
+                wait = next_expiry_in([p.warm for p in self._slices.values()], self._clock(), self.config.keep_warm)
+            self._wake.wait(interval if wait is None else min(interval, wait))
+            self._wake.clear()
+
+    def _renew(self, pooled: PooledSlice) -> bool:
+        failures = []
+
+        def renew(client: channel.AgentClient) -> None:
+            try:
+                client.renew_lease(self.config.lease_period, timeout=self.config.liveness_deadline / 3)
+            except channel.ChannelError as error:
+                failures.append(error)
+
+        in_parallel(renew, pooled.clients)
+        return not failures
+
+    def _evict(self, pooled: PooledSlice, why: str) -> None:
+        with self._lock:
+            if self._slices.get(pooled.ready.spec.name) is not pooled:
+                return  # taken meanwhile
+            del self._slices[pooled.ready.spec.name]
+        self._delete(pooled, why)
+
+    def _delete(self, pooled: PooledSlice, why: str) -> None:
+        pooled.close()
+        thread = threading.Thread(target=self._delete_now, args=(pooled, why), daemon=True,
+                                  name=f"delete-warm-{pooled.ready.spec.name}")
+        thread.start()
+        with self._lock:
+            self._deletions = [t for t in self._deletions if t.is_alive()] + [thread]
+
+    def _delete_now(self, pooled: PooledSlice, why: str) -> None:
+        ready = pooled.ready
+        log.info("deleting warm slice %s in %s: %s", ready.spec.name, ready.zone, why)
+        try:
+            pooled.journal.update_resource(ready.spec.name, ready.zone, state=ResourceState.DELETING)
+            self._provisioner.delete(ready.spec.name, ready.zone, deadline=time.monotonic() + self.config.delete_deadline,
+                                     queued=ready.spec.queued)
+            pooled.journal.update_resource(ready.spec.name, ready.zone, state=ResourceState.DELETED,
+                                           deleted_at=time.time())
+        except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
+            log.error("could not delete warm slice %s in %s: %s (`fray-tpu gc` will find it)", ready.spec.name,
+                      ready.zone, error)
+
+    def _lost(self, ready: ReadySlice) -> bool:
+        try:
+            observed = self._provisioner.observe(ready.zone).get(ready.spec.name)
+        except Exception as error:  # noqa: BLE001 - an API outage is no verdict: the agents decide
+            log.info("observing %s: %s", ready.spec.name, error)
+            return False
+        return observed is None or observed.lost
+
+    def _clients(self, ready: ReadySlice, cert_pem: bytes, secret: str) -> list[channel.AgentClient]:
+        return [channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=secret, pinned_cert_pem=cert_pem)
+                for ip in ready.endpoints]
+
+    def close(self, timeout: float) -> None:
+        """Delete every warm slice (verified) and refuse new ones: the exit policy."""
+        with self._lock:
+            self._open = False
+            pooled = list(self._slices.values())
+            self._slices.clear()
+        self._wake.set()
+        for p in pooled:
+            self._delete(p, "the controller is shutting down")
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            deletions = list(self._deletions)
+        for thread in deletions:
+            thread.join(max(0.0, deadline - time.monotonic()))
