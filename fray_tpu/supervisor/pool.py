@@ -77,12 +77,14 @@ class WarmPool:
               lost_in_last_attempt: bool) -> str | None:
         """Keep the slice warm (returns None) or say why not (the caller deletes it). The job's
         agents are handed over to the pool's secret here: cleaned, and deaf to the job's secret."""
-        node_lost = self._lost(ready)
-        health = SliceHealth(lost_in_last_attempt, node_lost, agents_answered=0, hosts=len(ready.endpoints),
+        # Before asking the agents, what the job and the cloud know (all hosts assumed answering).
+        hosts = len(ready.endpoints)
+        health = SliceHealth(lost_in_last_attempt, self._lost(ready), agents_answered=hosts, hosts=hosts,
                              any_preempted_flag=False)
-        if keep_reason(health, self.config.keep_warm, self._open) is None:
-            health = self._hand_over_to_pool(ready, cert_pem, job_secret, health)
         reason = keep_reason(health, self.config.keep_warm, self._open)
+        if reason is None:
+            health = self._hand_over_to_pool(ready, cert_pem, job_secret, health)
+            reason = keep_reason(health, self.config.keep_warm, self._open)
         if reason is not None:
             return reason
         clients = self._clients(ready, cert_pem, self._secret)
@@ -107,6 +109,7 @@ class WarmPool:
         def hand_over(client: channel.AgentClient) -> None:
             try:
                 if client.describe(retries=1).preempted:
+                    log.info("slice %s not kept warm: %s reports preempted", ready.spec.name, client.address)
                     preempted.append(client.address)
                     return
                 client.hand_over(self._secret, POOL_HOLDER)
