@@ -310,9 +310,18 @@ def _write_archive(root: Path, entries: list[_Entry], out) -> tuple[str, int]:
 
 
 def _prune_cache(cache_dir: Path) -> None:
+    """Keep the newest archives and records. Other processes pack into the same cache at the
+    same time: their temporary files (dot-names) are theirs, and any file may vanish meanwhile."""
     for pattern, keep in ((f"*{ARCHIVE_SUFFIX}", CACHE_KEEP_ARCHIVES), ("*.json", 4 * CACHE_KEEP_ARCHIVES)):
-        newest_first = sorted(cache_dir.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
-        for stale in newest_first[keep:]:
+        ages = []
+        for path in cache_dir.glob(pattern):
+            if path.name.startswith("."):
+                continue
+            try:
+                ages.append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                continue
+        for _, stale in sorted(ages, reverse=True)[keep:]:
             stale.unlink(missing_ok=True)
 
 
