@@ -175,6 +175,12 @@ class TpuCluster(Cluster):
             return []
         return self._context.pool.warm_slices()
 
+    def pool_waste(self):
+        """Idle chip-hours and estimated USD of this controller's warm pool (no job pays them)."""
+        from fray_tpu.costs import pool_waste
+
+        return pool_waste(self.journal().warm_periods(), time.time())
+
     def live_slices(self) -> list:
         """Every slice (node or queued resource) this controller created that still exists."""
         if self._context is None:

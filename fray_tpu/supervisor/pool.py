@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from fray_tpu import channel, tls
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.provisioner import ReadySlice, SliceProvisioner
-from fray_tpu.state.journal import Journal, ResourceState
+from fray_tpu.state.journal import Journal, ResourceState, WarmPeriod
 from fray_tpu.supervisor.attempt import in_parallel
 from fray_tpu.supervisor.warm_policy import (
     SliceHealth,
@@ -36,6 +36,7 @@ from fray_tpu.supervisor.warm_policy import (
 
 log = logging.getLogger(__name__)
 POOL_HOLDER = "warm-pool"
+POOL_JOB_ID = "warm-pool"  # the journal's job id of a slice the pool holds between jobs
 
 
 @dataclass
@@ -74,7 +75,7 @@ class WarmPool:
     # -- a finished job's slices come in ---------------------------------------------------------
 
     def offer(self, ready: ReadySlice, shape: SliceShape, cert_pem: bytes, job_secret: str, journal: Journal,
-              lost_in_last_attempt: bool) -> str | None:
+              lost_in_last_attempt: bool, chips: int, released_by: str) -> str | None:
         """Keep the slice warm (returns None) or say why not (the caller deletes it). The job's
         agents are handed over to the pool's secret here: cleaned, and deaf to the job's secret."""
         # Before asking the agents, what the job and the cloud know (all hosts assumed answering).
@@ -90,11 +91,14 @@ class WarmPool:
         clients = self._clients(ready, cert_pem, self._secret)
         pooled = PooledSlice(ready, cert_pem, WarmSlice(ready.spec.name, ready.zone, shape, self._clock()), journal,
                              clients)
-        journal.update_resource(ready.spec.name, ready.zone, state=ResourceState.WARM)
         with self._lock:
             if not self._open:
                 pooled.close()
                 return "the controller is shutting down"
+            # The pool holds it from now on: its idle time is the pool's, not the job's.
+            journal.update_resource(ready.spec.name, ready.zone, job_id=POOL_JOB_ID, state=ResourceState.WARM)
+            journal.open_warm_period(WarmPeriod(ready.spec.name, ready.zone, time.time(), None, shape.tpu_type, chips,
+                                                shape.capacity, released_by))
             self._slices[ready.spec.name] = pooled
             self._ensure_thread()
         self._wake.set()
@@ -139,6 +143,7 @@ class WarmPool:
                 self._delete(pooled, "it was lost while warm")
                 continue
             pooled.close()
+            pooled.journal.close_warm_period(pooled.ready.spec.name, pooled.ready.zone, time.time())
             log.info("slice %s taken warm by %s after %.1fs idle", pooled.ready.spec.name, holder,
                      idle_seconds(pooled.warm, self._clock()))
             taken.append(TakenSlice(pooled.ready, pooled.cert_pem))
@@ -188,29 +193,32 @@ class WarmPool:
                     return
                 pooled = list(self._slices.values())
             now = self._clock()
+            silent = self._renew(pooled)
             for p in pooled:
                 if expired(p.warm, now, self.config.keep_warm):
                     self._evict(p, f"idle for {self.config.keep_warm:.0f}s (keep_warm)")
                 elif self._lost(p.ready):
                     self._evict(p, "the cloud reports it lost")
-                elif not self._renew(p):
+                elif p.ready.spec.name in silent:
                     self._evict(p, "an agent stopped answering")
             with self._lock:
                 wait = next_expiry_in([p.warm for p in self._slices.values()], self._clock(), self.config.keep_warm)
             self._wake.wait(interval if wait is None else min(interval, wait))
             self._wake.clear()
 
-    def _renew(self, pooled: PooledSlice) -> bool:
-        failures = []
+    def _renew(self, pooled: Sequence[PooledSlice]) -> set[str]:
+        """Renew every warm agent's lease at once; returns the slices with an agent that did not answer."""
+        silent: set[str] = set()
 
-        def renew(client: channel.AgentClient) -> None:
+        def renew(pair: tuple[PooledSlice, channel.AgentClient]) -> None:
             try:
-                client.renew_lease(self.config.lease_period, timeout=self.config.liveness_deadline / 3)
+                pair[1].renew_lease(self.config.lease_period, timeout=self.config.liveness_deadline / 3)
             except channel.ChannelError as error:
-                failures.append(error)
+                log.info("warm slice %s: %s", pair[0].ready.spec.name, error)
+                silent.add(pair[0].ready.spec.name)
 
-        in_parallel(renew, pooled.clients)
-        return not failures
+        in_parallel(renew, [(p, c) for p in pooled for c in p.clients])
+        return silent
 
     def _evict(self, pooled: PooledSlice, why: str) -> None:
         with self._lock:
@@ -236,6 +244,7 @@ class WarmPool:
                                      queued=ready.spec.queued)
             pooled.journal.update_resource(ready.spec.name, ready.zone, state=ResourceState.DELETED,
                                            deleted_at=time.time())
+            pooled.journal.close_warm_period(ready.spec.name, ready.zone, time.time())
         except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
             log.error("could not delete warm slice %s in %s: %s (`fray-tpu gc` will find it)", ready.spec.name,
                       ready.zone, error)

@@ -62,6 +62,7 @@ class SliceKeeper:
         # taken warm keeps the identity it booted with).
         self.certs: dict[int, bytes] = {}
         self.warm_taken: list[str] = []
+        self.handed_over: list[ResourceRow] = []  # this job's rows of the slices it left to the warm pool
         self._warm_zone: str | None = None
         self._stop = stop
         self._progress = progress
@@ -262,9 +263,11 @@ class SliceKeeper:
             if ready is None:
                 continue
             if keep_warm and pool is not None:
+                row = next(r for r in self.journal.resources(job_id=self.job_id) if r.name == ready.spec.name)
                 why_not = pool.offer(ready, self.shape(), self.cert_of(slice_id), self.credentials.secret, self.journal,
-                                     lost_in_last_attempt=slice_id in lost)
+                                     lost_in_last_attempt=slice_id in lost, chips=row.chips, released_by=self.job_id)
                 if why_not is None:
+                    self.handed_over.append(dataclasses.replace(row, deleted_at=time.time()))
                     self.slices[slice_id] = None
                     self._progress(f"slice-{slice_id}: {ready.spec.name} kept warm for the next job of its shape")
                     continue

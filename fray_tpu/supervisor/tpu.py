@@ -241,4 +241,7 @@ class TpuJobSupervisor(JobSupervisor):
         for slice_id in range(len(self.slices.slices)):
             self.gang.drop(slice_id)
         self.slices.release_all(self._last_lost, keep_warm=True)
+        if self.slices.handed_over:
+            self.account.handed_over.extend(self.slices.handed_over)
+            self._save_account()
         self.journal.delete_secrets(self.record.job_id)

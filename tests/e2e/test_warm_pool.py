@@ -31,7 +31,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 JOB_TIMEOUT = 120.0
 HOST_DEADLINE = 90.0
-SHORT_LEASE_SECONDS = 3.0
+SHORT_LEASE_SECONDS = 8.0  # long enough for two CLI calls between the kill and the lapse
+CLI_TIMEOUT = 60.0
 SELF_DELETE_DEADLINE = 60.0
 
 
@@ -98,6 +99,14 @@ def process_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def cli(*args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "FRAY_CLUSTER_SPEC"}
+    done = subprocess.run([sys.executable, "-m", "fray_tpu.ops.cli", *args], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT, env=env)
+    assert done.returncode in (0, 1), done.stderr
+    return json.loads(done.stdout)
 
 
 def warm_names(cluster: TpuCluster) -> list[str]:
@@ -171,14 +180,22 @@ def test_a_job_of_another_shape_creates_its_own_slice(clusters, fake_gcp, worksp
 # -- leaving the pool ----------------------------------------------------------------------------
 
 def test_keep_warm_expiry_deletes_the_slice(clusters, fake_gcp, workspace):
-    """An idle warm slice is deleted (one delete call) once keep_warm has passed."""
+    """An idle warm slice is deleted (one delete call) once keep_warm has passed; its idle time
+    is the pool's waste, not the job's cost."""
     cluster = clusters(keep_warm=2.0)
+    launched = time.time()
     job = cluster.launch(request("brief", succeed, [], workspace))
     assert run_to_end(cluster, job).status == JobStatus.SUCCEEDED
+    released = time.time()
     assert len(warm_names(cluster)) == 1
     wait_for(lambda: not nodes(fake_gcp.control, **{LABEL_JOB: job}), "the warm slice to be deleted on expiry", 30)
     assert warm_names(cluster) == []
     assert fake_gcp.control.counters()["DeleteNode"] == 1
+    wait_for(lambda: cluster.pool_waste().slices_warm_now == 0, "the warm period to be closed", 30)
+    waste = cluster.pool_waste()
+    assert 4 * 2.0 / 3600 <= waste.chip_hours_idle < 4 * 30.0 / 3600  # 4 chips idle for keep_warm (2 s) and a bit
+    # The job pays until it handed the slice over, not for the pool's idle time after.
+    assert cluster.job_cost(job).chip_hours_provisioned <= 4 * (released - launched) / 3600
 
 
 def test_keep_warm_zero_deletes_at_the_end_of_the_job(clusters, fake_gcp, workspace):
@@ -235,8 +252,8 @@ while not cluster.warm_slices():
         raise SystemExit(f"no warm slice after 120s: {cluster.poll(job)}")
     time.sleep(0.1)
 name = cluster.warm_slices()[0]["name"]
-# Idle for three lease periods: only the pool's renewals keep the slice alive that long.
-held_until = time.monotonic() + 3 * args["lease_period"]
+# Idle for 1.5 lease periods: only the pool's renewals keep the slice alive that long.
+held_until = time.monotonic() + 1.5 * args["lease_period"]
 while time.monotonic() < held_until:
     if [w["name"] for w in cluster.warm_slices()] != [name]:
         raise SystemExit(f"warm slice {name} left the pool while its controller lived")
@@ -261,13 +278,20 @@ def test_a_sigkilled_controllers_warm_slice_deletes_itself(fake_gcp, workspace, 
         assert line.startswith("HELD "), (tmp_path / "driver.stderr").read_text()[-3000:]
         name = line.split()[1]
         assert any(n["name"].endswith("/" + name) for n in fake_gcp.control.leaks()["nodes"])
+        spec = f"tpu?emulate=true&emulator_endpoint={fake_gcp.endpoint}&state_dir={tmp_path / 'state'}"
+        [shown] = [s for s in cli("slices", "--json", "--spec", spec)["slices"] if s["name"] == name]
+        assert shown["job"] == "(warm pool)" and shown["warm_idle_seconds"] > 0 and shown["warm_idle_usd"] > 0
+        assert cli("gc", "--json", "--spec", spec)["orphans"] == []  # its controller lives: owned
         driver.send_signal(signal.SIGKILL)
         driver.wait(30)
+        killed_at = time.monotonic()
+        orphans = cli("gc", "--json", "--spec", spec)["orphans"]
+        assert [o["name"] for o in orphans] == [name]  # no one can reach it now
     finally:
         if driver.poll() is None:
             driver.kill()
             driver.wait(30)
-    killed_at = time.monotonic()
     wait_for(lambda: not any(n["name"].endswith("/" + name) for n in fake_gcp.control.leaks()["nodes"]),
              f"warm slice {name} to delete itself after the lease lapsed", SELF_DELETE_DEADLINE)
-    assert time.monotonic() - killed_at >= SHORT_LEASE_SECONDS
+    # The pool renewed the lease at most a third of a period before the kill.
+    assert time.monotonic() - killed_at >= SHORT_LEASE_SECONDS * 2 / 3
