@@ -16,7 +16,10 @@ sys.path.insert(0, str(NETGUARD_DIR))
 
 import loopback_guard  # noqa: E402
 
-pytest_plugins = ["fake_gcp.fixtures"]
+pytest.register_assert_rewrite("package_fixtures")
+import package_fixtures  # noqa: E402
+
+pytest_plugins = ["fake_gcp.fixtures", "package_fixtures"]
 
 _netguard_log = Path(tempfile.mkdtemp(prefix="fray-tpu-netguard-")) / "violations.log"
 
@@ -39,6 +42,8 @@ def _start_fake_metadata() -> str:
 
 
 def pytest_configure(config):
+    # The one download of a session, from the real registry, before the guard goes up (cached).
+    package_fixtures.fill_test_wheelhouse()
     loopback_guard.install()
     metadata = _start_fake_metadata()
     os.environ.update(
@@ -54,6 +59,11 @@ def pytest_configure(config):
             # No ambient credentials: code under test must inject its own.
             "GOOGLE_APPLICATION_CREDENTIALS": "",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(NETGUARD_DIR), os.environ.get("PYTHONPATH")])),
+            # Emulated hosts' uv finds the local stand-ins for its interpreter downloads, and downloads none.
+            "FRAY_TPU_PYTHON_DIRS": os.pathsep.join(package_fixtures.stand_in_python_dirs()),
+            "FRAY_TPU_PYTHON_DOWNLOADS": "never",
+            # uv is no Python process the guard can watch: one not told an index fails on loopback.
+            "UV_DEFAULT_INDEX": "http://127.0.0.1:9/no-index-configured/simple/",
         }
     )
 
