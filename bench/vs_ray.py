@@ -395,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     calls = max(args.calls, 200)
 
     sys.path.insert(0, str(BENCH_DIR))
-    from launch import measure_floor  # bench/launch.py's bare-process floor
+    import cloudpickle
+    import launch  # bench/launch.py's bare-process floor
+
+    cloudpickle.register_pickle_by_value(launch)  # its host function reaches the runners by value
+    measure_floor = launch.measure_floor
 
     floor_dir = directory / "floor"
     floor_dir.mkdir()

@@ -110,3 +110,17 @@ AGENT_STATE_DIR_ENV = "FRAY_TPU_AGENT_STATE_DIR"
 UV_ENV = "FRAY_TPU_UV"
 PYTHON_DIRS_ENV = "FRAY_TPU_PYTHON_DIRS"
 PYTHON_DOWNLOADS_ENV = "FRAY_TPU_PYTHON_DOWNLOADS"
+
+
+# The backend a cluster spec (``FRAY_CLUSTER_SPEC``, ``prefix?key=value&...``) names. Here, not in
+# ``backend``, because the interpreter-startup hook of every task process reads it and must stay cheap.
+TPU_SPEC_PREFIX = "tpu"
+
+
+def spec_prefix(spec: str) -> str:
+    """The backend a spec string ``prefix?key=value&...`` names, lower-cased."""
+    return spec.split("?", 1)[0].strip().lower()
+
+
+def is_tpu_spec(spec: str) -> bool:
+    return spec_prefix(spec) == TPU_SPEC_PREFIX
