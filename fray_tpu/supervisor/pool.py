@@ -23,6 +23,7 @@ from fray_tpu.config import TpuClusterConfig
 from fray_tpu.provisioner import ReadySlice, SliceProvisioner
 from fray_tpu.state.journal import Journal, ResourceState, WarmPeriod
 from fray_tpu.supervisor.attempt import in_parallel
+from fray_tpu.supervisor.gang import LEASE_RENEWAL_THREADS
 from fray_tpu.supervisor.warm_policy import (
     SliceHealth,
     SliceShape,
@@ -217,7 +218,7 @@ class WarmPool:
                 log.info("warm slice %s: %s", pair[0].ready.spec.name, error)
                 silent.add(pair[0].ready.spec.name)
 
-        in_parallel(renew, [(p, c) for p in pooled for c in p.clients])
+        in_parallel(renew, [(p, c) for p in pooled for c in p.clients], max_threads=LEASE_RENEWAL_THREADS)
         return silent
 
     def _evict(self, pooled: PooledSlice, why: str) -> None:
