@@ -260,6 +260,12 @@ class AgentsUp(logging.Handler):
                 last[m.group(1)] = at
         return max(last.values()) if len(last) == slices else None
 
+    def first(self, job_id: str, pattern: str, after: float) -> float | None:
+        return next((at for at, line in self.lines if at >= after and job_id in line and re.search(pattern, line)), None)
+
+    def matching(self, pattern: str) -> list[str]:
+        return [line for _, line in self.lines if re.search(pattern, line)]
+
 
 def stamps_of(out: Path, attempt_prefix: str) -> list[float]:
     return [float(p.read_text()) for p in out.glob(f"{attempt_prefix}*") if p.read_text()]
@@ -312,7 +318,11 @@ def run_gang(args) -> int:
         running_at = all_running(f"{job}-a1", f"all {hosts} hosts running")
         result["launch_to_all_running_s"] = round(running_at - began, 2)
         up = agents_up.all_up_at(job, count, began)
+        start_sent = agents_up.first(job, r"attempt 1: starting on", began)
         result["agents_up_to_all_running_s"] = round(running_at - up, 2) if up else None
+        if up and start_sent:  # upload + prepare on every host, then start -> user code everywhere
+            result["gang_start_breakdown_s"] = {"upload_and_prepare": round(start_sent - up, 2),
+                                                "start_to_all_running": round(running_at - start_sent, 2)}
 
         threading.Event().wait(2 * args.poll_interval)
         calls_before, cpu_before = emulator.control.counters(), cpu_seconds_of_self()
@@ -351,6 +361,7 @@ def run_gang(args) -> int:
         running_at = all_running(f"{second}-a1", f"all {hosts} hosts of the second job running")
         result["warm_launch_to_all_running_s"] = round(running_at - began, 2)
         result["warm_creates"] = emulator.control.counters().get("CreateNode", 0) - creates_before
+        result["not_kept_warm"] = agents_up.matching("not kept warm")[:4]
     except TimeoutError as error:
         result["error"] = str(error)
     finally:

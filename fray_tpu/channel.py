@@ -229,6 +229,10 @@ class AgentClient:
     def close(self) -> None:
         self._channel.close()
 
+    def use_secret(self, secret: str) -> None:
+        """Present ``secret`` from now on, on the same connection (after a hand-over)."""
+        self._metadata = ((AUTH_METADATA_KEY, f"Bearer {secret}"),)
+
     def __enter__(self) -> AgentClient:
         return self
 

@@ -198,6 +198,14 @@ class Gang:
         in_parallel(prepare, range(len(clients)))
         return prepared, problems
 
+    def take_clients(self, slice_id: int) -> list[channel.AgentClient]:
+        """The slice's connected clients, now the caller's (the warm pool's) to close."""
+        return self._clients.pop(slice_id, [])
+
+    def adopt(self, slice_id: int, clients: list[channel.AgentClient]) -> None:
+        """Connected clients of a slice taken warm (already presenting this job's secret)."""
+        self._clients[slice_id] = clients
+
     def drop(self, slice_id: int) -> None:
         for client in self._clients.pop(slice_id, []):
             client.close()

@@ -57,6 +57,7 @@ class PooledSlice:
 class TakenSlice:
     ready: ReadySlice
     cert_pem: bytes
+    clients: list[channel.AgentClient]  # connected, presenting the taking job's secret
 
 
 class WarmPool:
@@ -75,21 +76,30 @@ class WarmPool:
 
     # -- a finished job's slices come in ---------------------------------------------------------
 
-    def offer(self, ready: ReadySlice, shape: SliceShape, cert_pem: bytes, job_secret: str, journal: Journal,
-              lost_in_last_attempt: bool, chips: int, released_by: str) -> str | None:
-        """Keep the slice warm (returns None) or say why not (the caller deletes it). The job's
-        agents are handed over to the pool's secret here: cleaned, and deaf to the job's secret."""
+    def offer(self, ready: ReadySlice, shape: SliceShape, cert_pem: bytes, clients: list[channel.AgentClient],
+              journal: Journal, lost_in_last_attempt: bool, chips: int, released_by: str) -> str | None:
+        """Keep the slice warm (returns None) or say why not (the caller deletes it). ``clients``:
+        the job's connections to the slice's agents (the pool's from now on; their connections
+        are reused, so a large slice costs no new TLS handshakes). The agents are handed over to
+        the pool's secret here: cleaned, and deaf to the job's secret."""
+        if len(clients) != len(ready.endpoints):
+            for client in clients:
+                client.close()
+            return "the job never connected to all of its agents"
         # Before asking the agents, what the job and the cloud know (all hosts assumed answering).
         hosts = len(ready.endpoints)
         health = SliceHealth(lost_in_last_attempt, self._lost(ready), agents_answered=hosts, hosts=hosts,
                              any_preempted_flag=False)
         reason = keep_reason(health, self.config.keep_warm, self._open)
         if reason is None:
-            health = self._hand_over_to_pool(ready, cert_pem, job_secret, health)
+            health = self._hand_over_to_pool(ready, clients, health)
             reason = keep_reason(health, self.config.keep_warm, self._open)
         if reason is not None:
+            for client in clients:
+                client.close()
             return reason
-        clients = self._clients(ready, cert_pem, self._secret)
+        for client in clients:
+            client.use_secret(self._secret)
         pooled = PooledSlice(ready, cert_pem, WarmSlice(ready.spec.name, ready.zone, shape, self._clock()), journal,
                              clients)
         with self._lock:
@@ -106,9 +116,8 @@ class WarmPool:
         log.info("slice %s in %s is warm for %.0fs", ready.spec.name, ready.zone, self.config.keep_warm)
         return None
 
-    def _hand_over_to_pool(self, ready: ReadySlice, cert_pem: bytes, job_secret: str,
+    def _hand_over_to_pool(self, ready: ReadySlice, clients: list[channel.AgentClient],
                            health: SliceHealth) -> SliceHealth:
-        clients = self._clients(ready, cert_pem, job_secret)
         answered, preempted = [], []
 
         def hand_over(client: channel.AgentClient) -> None:
@@ -122,11 +131,7 @@ class WarmPool:
             except channel.ChannelError as error:
                 log.info("slice %s not kept warm: %s", ready.spec.name, error)
 
-        try:
-            in_parallel(hand_over, clients)
-        finally:
-            for client in clients:
-                client.close()
+        in_parallel(hand_over, clients)
         return SliceHealth(health.lost_in_last_attempt, health.node_lost, len(answered), health.hosts, bool(preempted))
 
     # -- a new job takes warm slices --------------------------------------------------------------
@@ -143,11 +148,12 @@ class WarmPool:
             if self._lost(pooled.ready) or not self._hand_over(pooled, job_secret, holder):
                 self._delete(pooled, "it was lost while warm")
                 continue
-            pooled.close()
+            for client in pooled.clients:
+                client.use_secret(job_secret)
             pooled.journal.close_warm_period(pooled.ready.spec.name, pooled.ready.zone, time.time())
             log.info("slice %s taken warm by %s after %.1fs idle", pooled.ready.spec.name, holder,
                      idle_seconds(pooled.warm, self._clock()))
-            taken.append(TakenSlice(pooled.ready, pooled.cert_pem))
+            taken.append(TakenSlice(pooled.ready, pooled.cert_pem, pooled.clients))
         return taken
 
     def _hand_over(self, pooled: PooledSlice, job_secret: str, holder: str) -> bool:
@@ -257,10 +263,6 @@ class WarmPool:
             log.info("observing %s: %s", ready.spec.name, error)
             return False
         return observed is None or observed.lost
-
-    def _clients(self, ready: ReadySlice, cert_pem: bytes, secret: str) -> list[channel.AgentClient]:
-        return [channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=secret, pinned_cert_pem=cert_pem)
-                for ip in ready.endpoints]
 
     def close(self, timeout: float) -> None:
         """Delete every warm slice (verified) and refuse new ones: the exit policy."""

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from fray_tpu import channel, naming, tls
 from fray_tpu import contract as md
-from fray_tpu import naming, tls
 from fray_tpu.bootstrap import BootstrapSpec, fray_tpu_version, render_startup_script
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
@@ -62,6 +62,7 @@ class SliceKeeper:
         # taken warm keeps the identity it booted with).
         self.certs: dict[int, bytes] = {}
         self.warm_taken: list[str] = []
+        self.warm_clients: dict[int, list[channel.AgentClient]] = {}  # connections that came with warm slices
         self.handed_over: list[ResourceRow] = []  # this job's rows of the slices it left to the warm pool
         self._warm_zone: str | None = None
         self._stop = stop
@@ -127,6 +128,7 @@ class SliceKeeper:
             self.slices[slice_id] = dataclasses.replace(
                 warm.ready, spec=dataclasses.replace(self.spec(slice_id, attempt), name=name))
             self.certs[slice_id] = warm.cert_pem
+            self.warm_clients[slice_id] = warm.clients
             self.credentials.store_slice_cert(self.journal, self.job_id, name, warm.cert_pem)
             now = time.time()
             self.journal.update_resource(name, warm.ready.zone, job_id=self.job_id, attempt=attempt, slice_id=slice_id,
@@ -255,16 +257,17 @@ class SliceKeeper:
             log.error("job %s: could not delete slice %s in %s: %s (`fray-tpu gc` will find it by label)",
                       self.job_id, ready.spec.name, ready.zone, error)
 
-    def release_all(self, lost: Collection[int] = (), keep_warm: bool = False) -> None:
-        """Offer each healthy slice to the warm pool (``keep_warm``: the job ended without being
-        torn down by its controller), delete the others."""
+    def release_all(self, lost: Collection[int] = (),
+                    clients_of: Callable[[int], list[channel.AgentClient]] | None = None) -> None:
+        """With ``clients_of`` (the job's connections to each slice's agents), offer each slice
+        to the warm pool (which decides whether it is healthy enough); delete the others."""
         pool = self.context.pool
         for slice_id, ready in enumerate(self.slices):
             if ready is None:
                 continue
-            if keep_warm and pool is not None:
+            if clients_of is not None and pool is not None:
                 row = next(r for r in self.journal.resources(job_id=self.job_id) if r.name == ready.spec.name)
-                why_not = pool.offer(ready, self.shape(), self.cert_of(slice_id), self.credentials.secret, self.journal,
+                why_not = pool.offer(ready, self.shape(), self.cert_of(slice_id), clients_of(slice_id), self.journal,
                                      lost_in_last_attempt=slice_id in lost, chips=row.chips, released_by=self.job_id)
                 if why_not is None:
                     self.handed_over.append(dataclasses.replace(row, deleted_at=time.time()))

@@ -113,6 +113,9 @@ class TpuJobSupervisor(JobSupervisor):
         if self.slices.warm_taken and not self.account.started_warm:
             self.account.started_warm = list(self.slices.warm_taken)
             self._save_account()
+        for slice_id, clients in self.slices.warm_clients.items():
+            self.gang.adopt(slice_id, clients)
+        self.slices.warm_clients.clear()
         dead = self.gang.connect(self.slices.slices, self.slices.cert_of)
         if self.stop_requested.is_set():
             raise JobStopped
@@ -242,9 +245,12 @@ class TpuJobSupervisor(JobSupervisor):
 
     def release_everything(self) -> None:
         self.gang.stop_leases()
+        for clients in self.slices.warm_clients.values():  # taken warm, never adopted (stopped before)
+            for client in clients:
+                client.close()
+        self.slices.release_all(self._last_lost, clients_of=self.gang.take_clients)
         for slice_id in range(len(self.slices.slices)):
             self.gang.drop(slice_id)
-        self.slices.release_all(self._last_lost, keep_warm=True)
         if self.slices.handed_over:
             self.account.handed_over.extend(self.slices.handed_over)
             self._save_account()
