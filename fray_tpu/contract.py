@@ -111,6 +111,15 @@ UV_ENV = "FRAY_TPU_UV"
 PYTHON_DIRS_ENV = "FRAY_TPU_PYTHON_DIRS"
 PYTHON_DOWNLOADS_ENV = "FRAY_TPU_PYTHON_DOWNLOADS"
 
+# -- the Cloud TPU API's refusals -----------------------------------------------------------
+# ErrorInfo reasons Google sends (googleapis.com domain): the emulator answers with them, the
+# controller's cloud_errors sorts creates by them.
+REASON_LOCATION_POLICY = "LOCATION_POLICY_VIOLATED"
+REASON_SERVICE_DISABLED = "SERVICE_DISABLED"
+REASON_IAM_PERMISSION_DENIED = "IAM_PERMISSION_DENIED"
+REASON_RATE_LIMIT = "RATE_LIMIT_EXCEEDED"
+REASON_QUOTA = "RESOURCE_QUOTA_EXCEEDED"
+REASON_ACCESS_TOKEN = "ACCESS_TOKEN_TYPE_UNSUPPORTED"
 
 # The backend a cluster spec (``FRAY_CLUSTER_SPEC``, ``prefix?key=value&...``) names. Here, not in
 # ``backend``, because the interpreter-startup hook of every task process reads it and must stay cheap.

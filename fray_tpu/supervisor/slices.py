@@ -1,5 +1,6 @@
-"""A TPU job's slices: acquired in parallel (journaled before each create), waited for with the
-capacity policy, restored from the journal after a controller restart, and released.
+"""A TPU job's slices: acquired in parallel, every slice of an attempt in one zone (journaled
+before each create), waited for with the capacity policy, restored from the journal after a
+controller restart, and released.
 
 Every slice this keeper creates is deleted by ``release_all`` (``fray-tpu gc`` finds anything a
 crash left behind by label).
@@ -21,6 +22,7 @@ from fray_tpu.bootstrap import BootstrapSpec, fray_tpu_version, render_startup_s
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
 from fray_tpu.state.journal import Journal, ResourceRow, ResourceState
+from fray_tpu.placement import FailNow, GroupPlacement, Placed
 from fray_tpu.planning import JobPlan
 from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec, node_resource_name
 from fray_tpu.supervisor.capacity import CapacityWait, GiveUp
@@ -64,7 +66,6 @@ class SliceKeeper:
         self.warm_taken: list[str] = []
         self.warm_clients: dict[int, list[channel.AgentClient]] = {}  # connections that came with warm slices
         self.handed_over: list[ResourceRow] = []  # this job's rows of the slices it left to the warm pool
-        self._warm_zone: str | None = None
         self._stop = stop
         self._progress = progress
         self._set_phase = set_phase
@@ -134,7 +135,6 @@ class SliceKeeper:
             self.journal.update_resource(name, warm.ready.zone, job_id=self.job_id, attempt=attempt, slice_id=slice_id,
                                          state=ResourceState.READY, created=now, ready_at=now)
             self.warm_taken.append(name)
-            self._warm_zone = warm.ready.zone
             self._progress(f"slice-{slice_id}: took warm slice {name} in {warm.ready.zone}")
 
     def restore(self, slices: dict[int, tuple[str, int, str, list[str]]]) -> None:
@@ -151,13 +151,23 @@ class SliceKeeper:
             self.slices[slice_id] = ReadySlice(spec, zone, node_resource_name(self.context.provisioner.project, zone, name),
                                                tuple(endpoints))
 
+    def reorder(self, slice_id: int, order: list[int]) -> None:
+        """Put the slice's endpoints in worker order (``order``: endpoint indexes), here and in the journal."""
+        ready = self.slices[slice_id]
+        endpoints = tuple(ready.endpoints[i] for i in order)
+        self.slices[slice_id] = dataclasses.replace(ready, endpoints=endpoints)
+        self.journal.update_resource(ready.spec.name, ready.zone, endpoints=list(endpoints))
+
     @property
     def complete(self) -> bool:
         return all(self.slices)
 
     def ensure(self, attempt: int) -> None:
-        """Acquire every missing slice in parallel; without capacity anywhere, back off and try
-        again until the capacity deadline (no budget is consumed by waiting)."""
+        """Acquire every missing slice, every slice of the attempt in one zone
+        (``placement.GroupPlacement``): in parallel in a zone; when one cannot be had there, what
+        the zone gave is released and the group tries the next zone. Without capacity anywhere,
+        back off and try again until the capacity deadline (no budget is consumed by waiting). A
+        refusal no retry heals fails the job now, as does every zone being skipped."""
         wait = CapacityWait(self.config.capacity_deadline, self.plan.tpu_type, self.plan.zones, time.monotonic)
         self._take_warm(attempt)
         while True:
@@ -165,35 +175,50 @@ class SliceKeeper:
             if not missing:
                 return
             self._set_phase(JobPhase.PROVISIONING)
-            zones = wait.zones()
-            if self._warm_zone in zones:  # the gang's warm slices are there
-                zones = [self._warm_zone, *(z for z in zones if z != self._warm_zone)]
-            errors: dict[int, Exception] = {}
+            # Slices taken warm hold the gang to their zone, like any slice already held.
+            placement = GroupPlacement(wait.zones(), [s.zone for s in self.slices if s is not None], len(self.slices))
             stocked_out: set[str] = set()
-            threads = [threading.Thread(target=self._acquire, args=(i, attempt, zones, errors, stocked_out), daemon=True)
-                       for i in missing]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if self._stop.is_set() or any(isinstance(e, CancelledError) for e in errors.values()):
-                raise JobStopped
-            if not errors:
+            while (zones := placement.next_group()) is not None:
+                errors = self._acquire_group(missing, attempt, zones, wait.deadline, stocked_out)
+                if self._stop.is_set() or any(isinstance(e, CancelledError) for e in errors.values()):
+                    raise JobStopped
+                give_back = placement.after_group(errors)
+                if give_back is not None:
+                    for slice_id in missing:
+                        self.release(slice_id)
+                    self._progress(give_back.message)
+            outcome = placement.outcome()
+            if isinstance(outcome, Placed):
                 return
+            if isinstance(outcome, FailNow):
+                raise outcome.error
             self._count_capacity_wait()
-            step = wait.after_failed_round(errors, sorted(stocked_out))
+            step = wait.after_failed_round(outcome.errors, sorted(stocked_out))
             if isinstance(step, GiveUp):
                 raise CapacityUnavailableError(step.message)
             self._progress(step.message)
             if self._stop.wait(step.delay):
                 raise JobStopped
 
-    def _acquire(self, slice_id: int, attempt: int, zones: list[str], errors: dict[int, Exception],
-                 stocked_out: set[str]) -> None:
+    def _acquire_group(self, missing: list[int], attempt: int, zones: list[str], capacity_deadline: float,
+                       stocked_out: set[str]) -> dict[int, Exception]:
+        """Acquire the ``missing`` slices in parallel in ``zones``; the errors by slice id."""
+        errors: dict[int, Exception] = {}
+        threads = [threading.Thread(target=self._acquire, args=(i, attempt, zones, capacity_deadline, errors, stocked_out),
+                                    daemon=True)
+                   for i in missing]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return errors
+
+    def _acquire(self, slice_id: int, attempt: int, zones: list[str], capacity_deadline: float,
+                 errors: dict[int, Exception], stocked_out: set[str]) -> None:
         spec = self.spec(slice_id, attempt)
         zones_tried: list[str] = []
         self._progress(f"slice-{slice_id}: requested {spec.tpu_type} ({spec.capacity}) as {spec.name}, "
-                       f"zones {', '.join(self.plan.zones)}")
+                       f"zones {', '.join(zones)}")
 
         def before_create(zone: str) -> None:
             zones_tried.append(zone)
@@ -206,10 +231,11 @@ class SliceKeeper:
                 cancel=self._stop,
                 on_progress=lambda line: self._progress(f"slice-{slice_id}: {line}"),
                 before_create=before_create,
+                capacity_deadline=capacity_deadline,
             )
-        except Exception as error:  # noqa: BLE001 - classified by the capacity policy
+        except Exception as error:  # noqa: BLE001 - classified by the placement and capacity policies
             errors[slice_id] = error
-            # acquire moves on to the next zone only on stockout or quota.
+            # acquire moves on to the next zone only when a zone cannot take the slice.
             stocked_out.update(zones_tried if isinstance(error, CapacityUnavailableError) else zones_tried[:-1])
             for zone in zones_tried:  # acquire deleted whatever it created
                 self.journal.update_resource(spec.name, zone, state=ResourceState.FAILED)
@@ -256,6 +282,7 @@ class SliceKeeper:
         except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
             log.error("job %s: could not delete slice %s in %s: %s (`fray-tpu gc` will find it by label)",
                       self.job_id, ready.spec.name, ready.zone, error)
+            self._progress(f"slice-{slice_id}: NOT DELETED: {error}")
 
     def release_all(self, lost: Collection[int] = (),
                     clients_of: Callable[[int], list[channel.AgentClient]] | None = None) -> None:
