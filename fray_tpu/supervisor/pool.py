@@ -220,7 +220,7 @@ class WarmPool:
         def renew(pair: tuple[PooledSlice, channel.AgentClient]) -> None:
             try:
                 pair[1].renew_lease(self.config.lease_period, timeout=self.config.liveness_deadline / 3)
-            except channel.ChannelError as error:
+            except Exception as error:  # noqa: BLE001 - a closed channel (taken, shut down) or a dead host
                 log.info("warm slice %s: %s", pair[0].ready.spec.name, error)
                 silent.add(pair[0].ready.spec.name)
 
