@@ -50,6 +50,9 @@ liveness_deadline   FRAY_TPU_LIVENESS_DEADLINE   a host of a running gang that a
 tls_leaf_validity   FRAY_TPU_TLS_LEAF_VALIDITY   validity of the certificates agents serve; each
                                                  makes a new one for new connections with a third
                                                  of it left, open channels untouched (720h)
+keep_warm           FRAY_TPU_KEEP_WARM           how long a finished job's healthy slices stay
+                                                 warm for the next job of the same shape; 0
+                                                 turns the warm pool off (5m)
 python_version      FRAY_TPU_PYTHON_VERSION      Python of the jobs' environments on the hosts,
                                                  ``3.12`` or ``3.12.1`` (the controller's major.minor,
                                                  so that the pickled callable loads)
@@ -85,6 +88,11 @@ ENV_PREFIX = "FRAY_TPU_"
 CAPACITY_CLASSES = ("spot", "preemptible", "on-demand", "reserved")
 _CAPACITY_ALIASES = {"on_demand": "on-demand", "ondemand": "on-demand", "standard": "on-demand"}
 DEFAULT_AGENT_PORT = 8477
+# Ski rental: an idle slice kept for as long as a cold start takes (create + boot + agent: 2-5
+# minutes on Cloud TPU for the usual slices) wastes at most one cold start's worth, and saves a
+# whole cold start whenever the next job of the shape comes within that time (RL relaunches,
+# pipeline steps).
+DEFAULT_KEEP_WARM_SECONDS = 300.0
 # The project id used against the emulator when the config names none (it accepts any).
 EMULATED_PROJECT = "fray-tpu-emulated"
 
@@ -176,6 +184,7 @@ class TpuClusterConfig:
     delete_deadline: float = 10 * 60.0
     liveness_deadline: float = 30.0  # Ray notices a dead node after ~30 s, Iris after 50 s
     tls_leaf_validity: float = 30 * 86400.0
+    keep_warm: float = DEFAULT_KEEP_WARM_SECONDS
     python_version: str | None = None
     index_url: str | None = None
 
@@ -271,8 +280,10 @@ class TpuClusterConfig:
         self.labels = validate_extra_labels(self.labels)
         if not 0 < self.agent_port < 65536:
             raise ConfigError(f"agent_port must be in 1..65535, got {self.agent_port}")
+        if self.keep_warm < 0:
+            raise ConfigError(f"keep_warm must be 0 (no warm pool) or a positive duration, got {self.keep_warm!r}")
         for name in _DURATION_FIELDS:
-            if getattr(self, name) <= 0:
+            if name != "keep_warm" and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive duration, got {getattr(self, name)!r}")
         if self.emulator_endpoint is not None:
             if not self.emulate:
@@ -311,6 +322,7 @@ _DURATION_FIELDS = (
     "delete_deadline",
     "liveness_deadline",
     "tls_leaf_validity",
+    "keep_warm",
 )
 _KEY_ALIASES = {"zone": "zones", "region": "regions"}
 

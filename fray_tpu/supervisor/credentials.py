@@ -11,6 +11,7 @@ from fray_tpu.state.journal import Journal
 SECRET_NAME = "channel-secret"
 TLS_CERT_NAME = "tls-cert"
 TLS_KEY_NAME = "tls-key"
+SLICE_CERT_PREFIX = "tls-cert-of-"
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,17 @@ class JobCredentials:
         journal.store_secret(job_id, SECRET_NAME, self.secret.encode())
         journal.store_secret(job_id, TLS_CERT_NAME, self.tls_material.cert_pem)
         journal.store_secret(job_id, TLS_KEY_NAME, self.tls_material.key_pem)
+
+    def store_slice_cert(self, journal: Journal, job_id: str, slice_name: str, cert_pem: bytes) -> None:
+        """The certificate of a slice taken warm (its agents keep the identity they booted with)."""
+        journal.store_secret(job_id, SLICE_CERT_PREFIX + slice_name, cert_pem)
+
+    @staticmethod
+    def load_slice_cert(journal: Journal, job_id: str, slice_name: str) -> bytes | None:
+        try:
+            return journal.load_secret(job_id, SLICE_CERT_PREFIX + slice_name)
+        except KeyError:
+            return None
 
     @classmethod
     def load(cls, journal: Journal, job_id: str) -> JobCredentials:

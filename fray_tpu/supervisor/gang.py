@@ -23,6 +23,10 @@ from fray_tpu.supervisor.credentials import JobCredentials
 from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, SliceSeen, StreamEnded, lost_slices
 
 log = logging.getLogger(__name__)
+# Renewals are short calls (timeout: the renewal interval): 64 threads renew 256 hosts in 4
+# rounds instead of starting 256 threads every interval; a frozen host delays only the few
+# hosts that share its thread, by one timeout each.
+LEASE_RENEWAL_THREADS = 64
 
 
 class Liveness:
@@ -158,18 +162,20 @@ class Gang:
         """Every host's client in global task order (slice-major)."""
         return [c for s in sorted(self._clients) for c in self._clients[s]]
 
-    def connect(self, slices: Sequence[ReadySlice], provisioner: SliceProvisioner, stop: threading.Event) -> Connected:
-        """Wait for every agent of every slice, and put each slice's hosts in the order of their
-        agents' own worker numbers. Meanwhile the slices are watched (every poll interval) and
-        ``stop`` too: a slice the cloud reports lost ends the wait at once (the attempt is a
-        preemption; the other slices' clients are kept for the next one), and so does a stop
-        (the caller then sees ``stop`` set)."""
+    def connect(self, slices: Sequence[ReadySlice], cert_of: Callable[[int], bytes], provisioner: SliceProvisioner,
+                stop: threading.Event) -> Connected:
+        """Wait for every agent of every slice (``cert_of``: the certificate a slice's agents
+        present), and put each slice's hosts in the order of their agents' own worker numbers.
+        Meanwhile the slices are watched (every poll interval) and ``stop`` too: a slice the
+        cloud reports lost ends the wait at once (the attempt is a preemption; the other slices'
+        clients are kept for the next one), and so does a stop (the caller then sees ``stop``
+        set)."""
         deadline = time.monotonic() + self.config.boot_deadline
         for slice_id, ready in enumerate(slices):
             if slice_id not in self._clients:
                 self._clients[slice_id] = [
                     channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self.credentials.secret,
-                                        pinned_cert_pem=self.credentials.tls_material.cert_pem)
+                                        pinned_cert_pem=cert_of(slice_id))
                     for ip in ready.endpoints
                 ]
         give_up = {slice_id: threading.Event() for slice_id in self._clients}
@@ -187,7 +193,10 @@ class Gang:
                     up[slice_id] += 1
                     count = up[slice_id]
                     reported[client] = info.worker_number
-                self._progress(f"slice-{slice_id}: booting, {count}/{len(self._clients[slice_id])} agents up")
+                total = len(self._clients[slice_id])
+                # A line per quarter of the slice, not per host (each is a journal write).
+                if count == total or count % max(1, total // 4) == 0:
+                    self._progress(f"slice-{slice_id}: booting, {count}/{total} agents up")
             except (channel.ChannelError, FrayTpuError) as error:
                 with settled:
                     dead.setdefault(slice_id, str(error))
@@ -268,6 +277,14 @@ class Gang:
         in_parallel(prepare, range(len(clients)))
         return prepared, problems
 
+    def take_clients(self, slice_id: int) -> list[channel.AgentClient]:
+        """The slice's connected clients, now the caller's (the warm pool's) to close."""
+        return self._clients.pop(slice_id, [])
+
+    def adopt(self, slice_id: int, clients: list[channel.AgentClient]) -> None:
+        """Connected clients of a slice taken warm (already presenting this job's secret)."""
+        self._clients[slice_id] = clients
+
     def drop(self, slice_id: int) -> None:
         for client in self._clients.pop(slice_id, []):
             client.close()
@@ -292,4 +309,5 @@ class Gang:
                 log.debug("lease renewal on %s: %s", client.address, error)
 
         while not self._lease_stop.wait(interval):
-            in_parallel(renew, [c for clients in list(self._clients.values()) for c in clients])
+            in_parallel(renew, [c for clients in list(self._clients.values()) for c in clients],
+                        max_threads=LEASE_RENEWAL_THREADS)

@@ -9,14 +9,15 @@ crash left behind by label).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from fray_tpu import channel, naming, tls
 from fray_tpu import contract as md
-from fray_tpu import naming, tls
 from fray_tpu.bootstrap import BootstrapSpec, fray_tpu_version, render_startup_script
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
@@ -29,6 +30,8 @@ from fray_tpu.supervisor.capacity import CapacityWait, GiveUp
 from fray_tpu.supervisor.credentials import JobCredentials
 from fray_tpu.supervisor.job import JobStopped
 from fray_tpu.supervisor.phases import JobPhase
+from fray_tpu.supervisor.pool import WarmPool
+from fray_tpu.supervisor.warm_policy import SliceShape
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class ControllerContext:
     controller_id: str
     emulator_endpoint: str | None
     cluster_spec: str  # what tasks get as FRAY_CLUSTER_SPEC (the emulator endpoint included)
+    pool: WarmPool | None = None
 
 
 class SliceKeeper:
@@ -57,6 +61,12 @@ class SliceKeeper:
         self.journal = journal
         self.credentials = credentials
         self.slices: list[ReadySlice | None] = [None] * plan.replicas
+        # The certificate each slice's agents present, where it is not this job's own (a slice
+        # taken warm keeps the identity it booted with).
+        self.certs: dict[int, bytes] = {}
+        self.warm_taken: list[str] = []
+        self.warm_clients: dict[int, list[channel.AgentClient]] = {}  # connections that came with warm slices
+        self.handed_over: list[ResourceRow] = []  # this job's rows of the slices it left to the warm pool
         self._stop = stop
         self._progress = progress
         self._set_phase = set_phase
@@ -96,10 +106,47 @@ class SliceKeeper:
             queued=self.plan.queued,
         )
 
+    def shape(self) -> SliceShape:
+        script = render_startup_script(BootstrapSpec(fray_tpu_version=fray_tpu_version()))
+        return SliceShape(
+            tpu_type=self.plan.tpu_type, capacity=self.plan.capacity, runtime_version=self.plan.runtime_version,
+            queued=self.plan.queued, network=self.config.network, subnetwork=self.config.subnetwork,
+            external_ips=self.config.external_ips, service_account=self.config.service_account,
+            image=hashlib.sha256(script.encode()).hexdigest(),
+        )
+
+    def cert_of(self, slice_id: int) -> bytes:
+        return self.certs.get(slice_id, self.credentials.tls_material.cert_pem)
+
+    def _take_warm(self, attempt: int) -> None:
+        """Fill missing slices from the controller's warm pool (one zone; the rest is created there first)."""
+        missing = [i for i, s in enumerate(self.slices) if s is None]
+        pool = self.context.pool
+        if pool is None or not missing:
+            return
+        taken = pool.take(self.shape(), self.plan.zones, len(missing), self.credentials.secret, self.job_id,
+                          self.journal)
+        for slice_id, warm in zip(missing, taken):
+            name = warm.ready.spec.name
+            self.slices[slice_id] = dataclasses.replace(
+                warm.ready, spec=dataclasses.replace(self.spec(slice_id, attempt), name=name))
+            self.certs[slice_id] = warm.cert_pem
+            self.warm_clients[slice_id] = warm.clients
+            self.credentials.store_slice_cert(self.journal, self.job_id, name, warm.cert_pem)
+            now = time.time()
+            self.journal.update_resource(name, warm.ready.zone, job_id=self.job_id, attempt=attempt, slice_id=slice_id,
+                                         state=ResourceState.READY, created=now, ready_at=now)
+            self.warm_taken.append(name)
+            self._progress(f"slice-{slice_id}: took warm slice {name} in {warm.ready.zone}")
+
     def restore(self, slices: dict[int, tuple[str, int, str, list[str]]]) -> None:
         """Take back the ready slices an earlier controller held (slice id -> name, attempt, zone, endpoints)."""
         for slice_id, (name, attempt, zone, endpoints) in slices.items():
             spec = self.spec(slice_id, attempt)
+            warm_cert = self.credentials.load_slice_cert(self.journal, self.job_id, name)
+            if warm_cert is not None:
+                spec = dataclasses.replace(spec, name=name)
+                self.certs[slice_id] = warm_cert
             if spec.name != name:
                 raise FrayTpuError(f"journal slice {name} does not match job {self.job_id} (expected {spec.name}): "
                                    f"was the journal written by another fray-tpu version?")
@@ -124,11 +171,13 @@ class SliceKeeper:
         back off and try again until the capacity deadline (no budget is consumed by waiting). A
         refusal no retry heals fails the job now, as does every zone being skipped."""
         wait = CapacityWait(self.config.capacity_deadline, self.plan.tpu_type, self.plan.zones, time.monotonic)
+        self._take_warm(attempt)
         while True:
             missing = [i for i, s in enumerate(self.slices) if s is None]
             if not missing:
                 return
             self._set_phase(JobPhase.PROVISIONING)
+            # Slices taken warm hold the gang to their zone, like any slice already held.
             placement = GroupPlacement(wait.zones(), [s.zone for s in self.slices if s is not None], len(self.slices))
             stocked_out: set[str] = set()
             while (zones := placement.next_group()) is not None:
@@ -216,6 +265,7 @@ class SliceKeeper:
         """Forget the slice and delete it in the background (``release_all`` waits for deletions)."""
         ready = self.slices[slice_id]
         self.slices[slice_id] = None
+        self.certs.pop(slice_id, None)
         if ready is None:
             return
         thread = threading.Thread(target=self._delete, args=(slice_id, ready), daemon=True,
@@ -248,8 +298,24 @@ class SliceKeeper:
         in_parallel(lambda row: self._delete_resource(row.slice_id, row.name, row.zone, queued=row.kind == "queued"),
                     list(rows))
 
-    def release_all(self) -> None:
-        for slice_id in range(len(self.slices)):
+    def release_all(self, lost: Collection[int] = (),
+                    clients_of: Callable[[int], list[channel.AgentClient]] | None = None) -> None:
+        """With ``clients_of`` (the job's connections to each slice's agents), offer each slice
+        to the warm pool (which decides whether it is healthy enough); delete the others."""
+        pool = self.context.pool
+        for slice_id, ready in enumerate(self.slices):
+            if ready is None:
+                continue
+            if clients_of is not None and pool is not None:
+                row = next(r for r in self.journal.resources(job_id=self.job_id) if r.name == ready.spec.name)
+                why_not = pool.offer(ready, self.shape(), self.cert_of(slice_id), clients_of(slice_id), self.journal,
+                                     lost_in_last_attempt=slice_id in lost, chips=row.chips, released_by=self.job_id)
+                if why_not is None:
+                    self.handed_over.append(dataclasses.replace(row, deleted_at=time.time()))
+                    self.slices[slice_id] = None
+                    self._progress(f"slice-{slice_id}: {ready.spec.name} kept warm for the next job of its shape")
+                    continue
+                self._progress(f"slice-{slice_id}: not kept warm: {why_not}")
             self.release(slice_id)
         for thread in self._deletions:
             thread.join(self.config.delete_deadline + 60)
