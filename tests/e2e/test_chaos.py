@@ -400,7 +400,8 @@ def test_slice_lost_while_its_sibling_provisions_is_a_preemption_at_once(fake_gc
         job_id = cluster.launch(request("lost-early", quick, out_dir, workspace, slices=2, max_retries_preemption=1))
         early, late = hold_slice_one_while_slice_zero_boots(control, job_id, "fray-lost-early-")
         control.preempt_node(early)
-        wait_for(lambda: node_state(control, early) == "PREEMPTED", "slice 0 to be PREEMPTED", JOB_TIMEOUT)
+        wait_for(lambda: node_state(control, early) == "PREEMPTED" and not any(h["alive"] for h in control.hosts(early)),
+                 "slice 0 to be PREEMPTED, its host gone", JOB_TIMEOUT)
         released_at = time.monotonic()
         control.release(late)
         info = finish(cluster, job_id)
