@@ -24,8 +24,6 @@ ATTR_TPU_ENV = "tpu-env"
 # Attributes the fray-tpu controller writes into the node's metadata.
 ATTR_STARTUP_SCRIPT = "startup-script"
 ATTR_SECRET_SHA256 = "fray-tpu-secret-sha256"
-ATTR_TLS_CERT = "fray-tpu-tls-cert"
-ATTR_TLS_KEY = "fray-tpu-tls-key"
 ATTR_NODE = "fray-tpu-node"
 ATTR_API_ENDPOINT = "fray-tpu-api-endpoint"
 ATTR_AGENT_PORT = "fray-tpu-agent-port"
@@ -101,6 +99,31 @@ class MetadataClient:
             return response.status, response.read(), response.getheader("ETag")
         finally:
             connection.close()
+
+    def put_guest_attribute(self, namespace: str, key: str, value: str) -> None:
+        """Publish ``namespace/key`` for the controller (the TPU API's GetGuestAttributes)."""
+        url = f"{_BASE}instance/guest-attributes/{quote(namespace)}/{quote(key)}"
+        last_problem = "no request made"
+        for attempt in range(self.attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            connection = http.client.HTTPConnection(self.host, timeout=self.timeout)
+            try:
+                connection.request("PUT", url, body=value.encode(), headers={"Metadata-Flavor": "Google"})
+                response = connection.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException) as e:
+                last_problem = f"{type(e).__name__}: {e}"
+                continue
+            finally:
+                connection.close()
+            if response.status == 200:
+                return
+            last_problem = f"HTTP {response.status}"
+            if response.status < 500:
+                break
+        raise MetadataError(f"metadata server {self.host} did not store guest attribute {namespace}/{key} "
+                            f"after {self.attempts} tries (last: {last_problem})")
 
     def attribute(self, name: str) -> str | None:
         value = self.get(f"instance/attributes/{name}")

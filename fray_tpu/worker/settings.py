@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fray_tpu.worker import metadata as md
+from fray_tpu.worker.identity import host_tls
 
 DEFAULT_LEASE_SECONDS = 300.0
 EMULATED_ENV = "FRAY_TPU_EMULATED_HOST"
@@ -128,6 +129,8 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
     if len(secret_sha256) != 64 or any(c not in "0123456789abcdef" for c in secret_sha256):
         raise md.MetadataError(f"metadata attribute {md.ATTR_SECRET_SHA256} is not a hex SHA-256")
     host_dir = Path(os.environ.get(HOST_DIR_ENV) or os.getcwd()) if emulated else Path("/")
+    state_dir = state_dir or default_state_dir(emulated)
+    material = host_tls(state_dir)
     return AgentSettings(
         worker_number=worker_number,
         ip=ip,
@@ -135,15 +138,15 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
         accelerator_type=client.attribute(md.ATTR_ACCELERATOR_TYPE) or "",
         node_name=node_name.strip(),
         secret_sha256=secret_sha256,
-        tls_cert_pem=client.required_attribute(md.ATTR_TLS_CERT).encode(),
-        tls_key_pem=client.required_attribute(md.ATTR_TLS_KEY).encode(),
+        tls_cert_pem=material.cert_pem,
+        tls_key_pem=material.key_pem,
         lease_seconds=_parse_number(md.ATTR_LEASE_SECONDS, client.attribute(md.ATTR_LEASE_SECONDS),
                                     DEFAULT_LEASE_SECONDS),
         self_delete=_parse_bool(md.ATTR_SELF_DELETE, client.attribute(md.ATTR_SELF_DELETE), True),
         api_endpoint=(client.attribute(md.ATTR_API_ENDPOINT) or "").strip() or None,
         job=(client.attribute(md.ATTR_JOB) or "").strip(),
         controller=(client.attribute(md.ATTR_CONTROLLER) or "").strip(),
-        state_dir=state_dir or default_state_dir(emulated),
+        state_dir=state_dir,
         host_dir=host_dir,
         emulated=emulated,
     )
