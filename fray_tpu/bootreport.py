@@ -12,11 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fray_tpu.bootstrap import ATTR_FAILED, ATTR_PHASES
+from fray_tpu.bootstrap import ATTR_FAILED, ATTR_PHASES, ATTR_SELF_DELETE_REFUSED, ATTR_SERVING, ATTR_TLS_CERT
 
-ATTR_TLS_CERT = "tls-cert"  # fray_tpu.worker.identity publishes these three
-ATTR_SERVING = "agent-serving"
-ATTR_SELF_DELETE_REFUSED = "self-delete-refused"
 BOOT_PHASES = ("started", "interpreter", "bundle", "deps", "service", "serving")
 
 

@@ -39,7 +39,11 @@ HEALTHY_RUN_SECONDS = 60
 GUEST_NAMESPACE = "fray-tpu"
 ATTR_PHASES = "boot-phases"   # "name=epoch_ms name=epoch_ms ..." in order
 ATTR_FAILED = "boot-failed"   # "phase: reason"
-ATTR_AGENT_EXIT = "agent-exit"  # the last agent exit: "code N after Ss (run R): log tail"
+ATTR_AGENT_EXIT = "agent-exit"  # the last agent exit: "code N: log tail"
+# Published by the agent (fray_tpu.worker.identity):
+ATTR_TLS_CERT = "tls-cert"  # its certificate, which the controller pins
+ATTR_SERVING = "agent-serving"  # epoch milliseconds when this run began serving
+ATTR_SELF_DELETE_REFUSED = "self-delete-refused"
 DOWNLOAD_ATTEMPTS = 5
 
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

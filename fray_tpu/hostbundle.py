@@ -49,6 +49,9 @@ PIP_DOWNLOAD_TIMEOUT_SECONDS = 600.0
 STORAGE_TIMEOUT_SECONDS = 120.0
 STORAGE_ATTEMPTS = 4
 MIN_HOST_PYTHON = (3, 10)
+# A directory of wheels to build bundles from instead of the package index (`prefetch` fills it;
+# the test suite, which may reach nothing but loopback, builds from it).
+WHEELHOUSE_ENV = "FRAY_TPU_HOST_WHEELHOUSE"
 # Runtime versions whose image ships Python 3.8 (Ubuntu 20.04); every other current one is 3.10.
 _PY38_RUNTIME = re.compile(r"^tpu-vm-")
 _PACKAGE_SKIP = re.compile(r"(__pycache__|\.pyc$|\.pyo$)")
@@ -116,7 +119,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "fray-tpu" / "host-bundles"
 
 
-def _download_wheels(target: HostTarget, requirements: list[str], dest: Path) -> None:
+def _download_wheels(target: HostTarget, requirements: list[str], dest: Path,
+                     wheelhouse: str | None = None) -> None:
     platforms = [target.platform]
     if target.platform.startswith("manylinux_2_") and target.platform.endswith("_x86_64"):
         glibc = int(target.platform.split("_")[2])
@@ -127,6 +131,9 @@ def _download_wheels(target: HostTarget, requirements: list[str], dest: Path) ->
                "--abi", target.abi, "--abi", "abi3", "--abi", "none", "--dest", str(dest)]
     for platform in platforms:
         command += ["--platform", platform]
+    wheelhouse = wheelhouse if wheelhouse is not None else os.environ.get(WHEELHOUSE_ENV)
+    if wheelhouse:
+        command += ["--no-index", "--find-links", wheelhouse]
     try:
         result = subprocess.run(command + requirements, capture_output=True, text=True,
                                 timeout=PIP_DOWNLOAD_TIMEOUT_SECONDS)
@@ -134,8 +141,9 @@ def _download_wheels(target: HostTarget, requirements: list[str], dest: Path) ->
         raise FrayTpuError(f"downloading the host bundle's wheels took over {PIP_DOWNLOAD_TIMEOUT_SECONDS:.0f}s") from None
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
-        raise ConfigError(f"cannot build the host bundle for Python {target.python} on {target.platform}: "
-                          f"pip download failed: {tail}")
+        source = f"the wheelhouse {wheelhouse} ({WHEELHOUSE_ENV})" if wheelhouse else "the package index"
+        raise ConfigError(f"cannot build the host bundle for Python {target.python} on {target.platform} from "
+                          f"{source}: pip download failed: {tail}")
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -223,3 +231,21 @@ class BundleStorage:
             self._request("POST", f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o?{query}",
                           bundle.path.read_bytes())
         return f"gs://{self.bucket}/{bundle.object_name}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fray_tpu.hostbundle prefetch DIR [--python 3.10]``: fill a wheelhouse."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fray_tpu.hostbundle")
+    parser.add_argument("command", choices=["prefetch"])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--python", action="append", help=f"VM Python versions (default {DEFAULT_PYTHON})")
+    args = parser.parse_args(argv)
+    for python in args.python or [DEFAULT_PYTHON]:
+        _download_wheels(HostTarget(python), agent_requirements(), args.directory, wheelhouse="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -194,14 +194,7 @@ class SliceProvisionerProtocol(Protocol):
 
     def create(self, spec: SliceSpec, zone: str) -> None: ...
 
-    def guest_attributes(self, zone: str, name: str, namespace: str) -> list[dict[str, str]]:
-        """Every worker's guest attributes under ``namespace/``, one entry per worker in worker
-        order (the v2 API's answer has no worker ids): one API call."""
-        request = tpu_v2.GetGuestAttributesRequest(name=node_resource_name(self.project, zone, name),
-                                                   query_path=f"{namespace}/")
-        response = self._call(self.client.get_guest_attributes, request, what=f"reading guest attributes of {name}")
-        return [{item.key: item.value for item in entry.query_value.items if item.namespace == namespace}
-                for entry in response.guest_attributes]
+    def guest_attributes(self, zone: str, name: str, namespace: str) -> list[dict[str, str]]: ...
 
     def observe(self, zone: str) -> dict[str, SliceObservation]: ...
 
@@ -664,6 +657,15 @@ class SliceProvisioner:
                 raise CapacityUnavailableError(f"quota exceeded in {zone}: {error.message}") from error
             raise ProvisioningError(f"{what} was refused: {error}") from error
         watcher.track(spec.name, queued=spec.queued, operation=operation.operation.name)
+
+    def guest_attributes(self, zone: str, name: str, namespace: str) -> list[dict[str, str]]:
+        """Every worker's guest attributes under ``namespace/``, one entry per worker in worker
+        order (the v2 API's answer has no worker ids): one API call."""
+        request = tpu_v2.GetGuestAttributesRequest(name=node_resource_name(self.project, zone, name),
+                                                   query_path=f"{namespace}/")
+        response = self._call(self.client.get_guest_attributes, request, what=f"reading guest attributes of {name}")
+        return [{item.key: item.value for item in entry.query_value.items if item.namespace == namespace}
+                for entry in response.guest_attributes]
 
     def observe(self, zone: str) -> dict[str, SliceObservation]:
         """Every node in ``zone`` plus every slice this provisioner is creating there, by node id,

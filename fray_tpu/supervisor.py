@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fray_tpu import channel, naming, tls
-from fray_tpu.bootstrap import BootstrapSpec, fray_tpu_version, render_startup_script
+from fray_tpu.bootstrap import GUEST_NAMESPACE
+from fray_tpu.hostboot import bootstrapper_for, watch_boot
+from fray_tpu.worker.runner import CONTROLLER_PYTHON_ENV
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.decisions import (
     Action,
@@ -417,8 +419,6 @@ class ControllerContext:
 
 
 SECRET_NAME = "channel-secret"
-TLS_CERT_NAME = "tls-cert"
-TLS_KEY_NAME = "tls-key"
 
 
 @dataclass
@@ -430,7 +430,6 @@ class ResumeState:
     slices: dict[int, tuple[str, int, str, list[str]]]  # slice id -> (name, attempt, zone, endpoints)
     counters: dict[str, int]
     secret: str
-    tls_material: tls.TlsMaterial
     extra: dict
 
     @classmethod
@@ -446,8 +445,6 @@ class ResumeState:
             counters=dict(row.counters),
             extra=dict(row.extra),
             secret=journal.load_secret(row.job_id, SECRET_NAME).decode(),
-            tls_material=tls.TlsMaterial(cert_pem=journal.load_secret(row.job_id, TLS_CERT_NAME),
-                                         key_pem=journal.load_secret(row.job_id, TLS_KEY_NAME)),
         )
 
 
@@ -530,14 +527,10 @@ class TpuJobSupervisor(JobSupervisor):
         self.accounting = {"generation": plan.shape.generation, "capacity": plan.capacity, "attempts": []}
         if resume is None:
             self._secret = tls.make_secret()
-            self._tls = tls.make_job_tls()
             if self.journal is not None:
                 self.journal.store_secret(record.job_id, SECRET_NAME, self._secret.encode())
-                self.journal.store_secret(record.job_id, TLS_CERT_NAME, self._tls.cert_pem)
-                self.journal.store_secret(record.job_id, TLS_KEY_NAME, self._tls.key_pem)
         else:
             self._secret = resume.secret
-            self._tls = resume.tls_material
             for slice_id, (name, attempt, zone, endpoints) in resume.slices.items():
                 spec = self.slice_spec(slice_id, attempt)
                 if spec.name != name:
@@ -555,6 +548,7 @@ class TpuJobSupervisor(JobSupervisor):
         self._clients: dict[int, list[channel.AgentClient]] = {}
         self._deletions: list[threading.Thread] = []
         self._bundle = None
+        self._startup_script: str | None = None
         self.liveness = Liveness(self.config.liveness_deadline)
         self._lease_stop = threading.Event()
         self._lease_thread = threading.Thread(target=self._renew_leases, daemon=True, name=f"lease-{record.job_id}")
@@ -565,10 +559,8 @@ class TpuJobSupervisor(JobSupervisor):
         job_id = self.record.job_id
         name = naming.slice_name(self.plan.name, job_id, attempt, slice_id)
         metadata = {
-            md.ATTR_STARTUP_SCRIPT: render_startup_script(BootstrapSpec(fray_tpu_version=fray_tpu_version())),
+            md.ATTR_STARTUP_SCRIPT: self._startup_script or "",
             md.ATTR_SECRET_SHA256: tls.secret_sha256(self._secret),
-            md.ATTR_TLS_CERT: self._tls.cert_pem.decode(),
-            md.ATTR_TLS_KEY: self._tls.key_pem.decode(),
             md.ATTR_NODE: name,
             md.ATTR_AGENT_PORT: str(self.config.agent_port),
             md.ATTR_LEASE_SECONDS: str(self.config.lease_period),
@@ -595,6 +587,10 @@ class TpuJobSupervisor(JobSupervisor):
     def ensure_slices(self, attempt: int) -> None:
         """Acquire every missing slice in parallel; without capacity anywhere, back off and try
         again until the capacity deadline (no budget is consumed by waiting)."""
+        if self._startup_script is None:
+            # Before anything is provisioned: a bundle that cannot be built fails the job here.
+            bootstrapper = bootstrapper_for(self.config, self.context.emulator_endpoint)
+            self._startup_script = bootstrapper.startup_script(self.plan.runtime_version)
         capacity_deadline = time.monotonic() + self.config.capacity_deadline
         rounds = 0
         while True:
@@ -661,12 +657,17 @@ class TpuJobSupervisor(JobSupervisor):
         self.record.set_phase("booting")
         dead: dict[int, str] = {}
         deadline = time.monotonic() + self.config.boot_deadline
-        for slice_id, ready in enumerate(self.slices):
-            if slice_id not in self._clients:
+        booting = {s: len(ready.endpoints) for s, ready in enumerate(self.slices) if s not in self._clients}
+        if booting:
+            boot = watch_boot(self._read_boot_reports, booting, deadline=deadline, poll_interval=self.poll_interval,
+                              stop=self.stop_requested, progress=self.progress)
+            if boot.dead or self.stop_requested.is_set():
+                return boot.dead
+            for slice_id in booting:
                 self._clients[slice_id] = [
                     channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self._secret,
-                                        pinned_cert_pem=self._tls.cert_pem)
-                    for ip in ready.endpoints
+                                        pinned_cert_pem=boot.certs[(slice_id, worker)])
+                    for worker, ip in enumerate(self.slices[slice_id].endpoints)
                 ]
         up = dict.fromkeys(self._clients, 0)
         lock = threading.Lock()
@@ -684,6 +685,10 @@ class TpuJobSupervisor(JobSupervisor):
 
         in_parallel(lambda pair: wait_up(*pair), [(s, c) for s, clients in self._clients.items() for c in clients])
         return dead
+
+    def _read_boot_reports(self, slice_id: int) -> list[dict[str, str]]:
+        ready = self.slices[slice_id]
+        return self.context.provisioner.guest_attributes(ready.zone, ready.spec.name, GUEST_NAMESPACE)
 
     def _journal_resource(self, spec: SliceSpec, slice_id: int, attempt: int, zone: str) -> None:
         if self.journal is None:
@@ -786,6 +791,7 @@ class TpuJobSupervisor(JobSupervisor):
 
     def _user_env(self) -> dict[str, str]:
         env = dict(self.plan.env)
+        env[CONTROLLER_PYTHON_ENV] = "%d.%d" % sys.version_info[:2]
         if self.context.emulator_endpoint:
             # Emulated hosts have no TPU: JAX runs on the CPU and finds its peers through the plugin.
             env.setdefault("JAX_PLATFORMS", "cpu")

@@ -54,6 +54,7 @@ PROFILES = {
     for profile in (
         ImageProfile("ubuntu-22.04", "3.10", "current TPU runtime images (tpu-ubuntu2204-base, v2-alpha-*): Python 3.10"),
         ImageProfile("ubuntu-20.04", "3.8", "older tpu-vm-* runtime images: Python 3.8"),
+        ImageProfile("ubuntu-24.04", "3.12", "a custom image with Ubuntu 24.04's Python 3.12"),
         ImageProfile("no-python3", None, "an image without python3"),
         ImageProfile(INHERIT_CONTROLLER, None, "edge tests only: the emulator's own environment and interpreter"),
     )

@@ -13,12 +13,15 @@ import time
 from pathlib import Path
 
 from fray_tpu import tls
-from fray_tpu.bootstrap import GUEST_NAMESPACE, SERVING_MARKER
+from fray_tpu.bootstrap import (
+    ATTR_SELF_DELETE_REFUSED,
+    ATTR_SERVING,
+    ATTR_TLS_CERT,
+    GUEST_NAMESPACE,
+    SERVING_MARKER,
+)
 from fray_tpu.worker import metadata as md
 
-ATTR_TLS_CERT = "tls-cert"
-ATTR_SERVING = "agent-serving"  # epoch milliseconds when this run began serving
-ATTR_SELF_DELETE_REFUSED = "self-delete-refused"
 KEY_FILE = "agent-key.pem"
 CERT_FILE = "agent-cert.pem"
 

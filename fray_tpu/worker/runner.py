@@ -37,11 +37,27 @@ def wait_for_go() -> bool:
     return go == GO_BYTE
 
 
+# The controller's Python ("3.11"): functions pickled by value carry code objects of that version.
+CONTROLLER_PYTHON_ENV = "FRAY_TPU_CONTROLLER_PYTHON"
+
+
 def run_callable(payload_file: str) -> int:
     import cloudpickle
 
     with open(payload_file, "rb") as f:
-        fn, args, kwargs = cloudpickle.load(f)
+        try:
+            fn, args, kwargs = cloudpickle.load(f)
+        except Exception as error:
+            here = "%d.%d" % sys.version_info[:2]
+            there = os.environ.get(CONTROLLER_PYTHON_ENV)
+            if there and there != here:
+                raise RuntimeError(
+                    f"cannot unpickle the job's callable: it was pickled by Python {there} on the controller and "
+                    f"this host runs Python {here} ({sys.executable}); functions pickled by value do not cross "
+                    f"Python versions. Define the function in a module of the job's workspace (pickled by "
+                    f"reference), or run the controller on Python {here}. ({type(error).__name__}: {error})"
+                ) from error
+            raise
     if not wait_for_go():
         return 143
     fn(*args, **kwargs)
