@@ -37,6 +37,15 @@ def main(out_dir):
                    "virtual_env": os.environ.get("VIRTUAL_ENV"), "path": os.environ.get("PATH"),
                    "slice": os.environ["FRAY_SLICE_ID"], "worker": os.environ["FRAY_WORKER_ID"],
                    "controller_state_dir": os.environ.get("FRAY_TPU_STATE_DIR")}, f)
+
+
+def wait_for_go(out_dir):
+    """Runs until the test writes out_dir/go (at most a minute), then reports like main."""
+    import time
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(out_dir, "go")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    main(out_dir)
 '''
 
 
@@ -63,7 +72,7 @@ def stdlib_job(workspace, monkeypatch):
     sys.modules.pop("stdlib_job", None)
     import stdlib_job
 
-    yield stdlib_job.main
+    yield stdlib_job
     sys.modules.pop("stdlib_job", None)
 
 
@@ -90,7 +99,8 @@ def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job
     """Every host of 2 × v5litepod-16 starts from a clean environment with the image's Python
     3.10, installs the agent from the bundle (one upload, one download per VM, no index), runs a
     standard-library callable, and the job's output shows the bootstrap phases per slice."""
-    job_id = cluster.launch(request("faithful", stdlib_job, [str(out_dir)], workspace, slices=2))
+    before = fake_gcp.control.storage_counters()
+    job_id = cluster.launch(request("faithful", stdlib_job.main, [str(out_dir)], workspace, slices=2))
     info = finish(cluster, job_id)
     assert info.status == JobStatus.SUCCEEDED, info.error_message
 
@@ -106,21 +116,25 @@ def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job
         (line,) = [p for p in phases if p.startswith(f"slice-{slice_id}:")]
         for phase in ("started", "interpreter", "bundle", "deps", "service", "serving"):
             assert f"{phase} +" in line, line
-    counters = fake_gcp.control.storage_counters()
-    assert counters["uploads"] <= 1 and counters["downloads"] >= 8, counters
+    after = fake_gcp.control.storage_counters()
+    assert after["uploads"] - before["uploads"] <= 1, (before, after)
+    assert after["downloads"] - before["downloads"] == 8, (before, after)
 
 
 def test_no_node_metadata_holds_a_private_key_or_the_job_secret(cluster, fake_gcp, tpu_client, workspace, out_dir,
                                                                  stdlib_job):
     """Node metadata, read through the API while the job runs, has no private key and no secret;
     the agents' certificates come from guest attributes."""
-    job_id = cluster.launch(request("nosecret", stdlib_job, [str(out_dir)], workspace))
-    nodes = wait_for(lambda: [n for n in tpu_client.list_nodes(parent=f"projects/{fake_gcp.project}/locations/-")
-                              if n.metadata], "the job's node", JOB_TIMEOUT)
+    job_id = cluster.launch(request("nosecret", stdlib_job.wait_for_go, [str(out_dir)], workspace))
+    names = wait_for(lambda: [n["name"] for n in fake_gcp.control.leaks()["nodes"] if n["state"] == "READY"],
+                     "the job's node to be READY", JOB_TIMEOUT)
+    nodes = [tpu_client.get_node(name=name) for name in names]
+    assert nodes[0].metadata["startup-script"]
     secret = cluster.journal().load_secret(job_id, "channel-secret").decode()
     for node in nodes:
         for key, value in node.metadata.items():
             assert "PRIVATE KEY" not in value and secret not in value, key
+    (out_dir / "go").write_text("")
     assert finish(cluster, job_id).status == JobStatus.SUCCEEDED
 
 
@@ -143,7 +157,7 @@ def test_an_image_without_python3_fails_the_job_naming_the_image_to_use(cluster,
                                                                          stdlib_job, image):
     """No python3 on the image: a configuration error naming the phase and the runtime to use."""
     image("no-python3")
-    job_id = cluster.launch(request("nopython", stdlib_job, [str(out_dir)], workspace))
+    job_id = cluster.launch(request("nopython", stdlib_job.main, [str(out_dir)], workspace))
     _assert_fast_config_failure(cluster, fake_gcp, job_id, "phase interpreter", "no python3",
                                 "runtime_version=tpu-ubuntu2204-base")
 
@@ -165,7 +179,7 @@ def test_a_tampered_bundle_is_refused_on_every_host(cluster, fake_gcp, workspace
     urllib.request.urlopen(urllib.request.Request(upload, data=bytes(data), headers=headers, method="POST"),
                            timeout=30).read()
     try:
-        job_id = cluster.launch(request("tampered", stdlib_job, [str(out_dir)], workspace))
+        job_id = cluster.launch(request("tampered", stdlib_job.main, [str(out_dir)], workspace))
         _assert_fast_config_failure(cluster, fake_gcp, job_id, "phase bundle", "SHA-256 mismatch")
     finally:
         data[len(data) // 2] ^= 0xFF
@@ -178,7 +192,7 @@ def test_a_dependency_missing_for_the_vms_python_fails_in_the_deps_phase(cluster
     """The image's Python (3.12) is not the bundle's (3.10): compiled wheels do not install, the
     error says so and names the setting that fixes it."""
     image("ubuntu-24.04")
-    job_id = cluster.launch(request("wrongpython", stdlib_job, [str(out_dir)], workspace))
+    job_id = cluster.launch(request("wrongpython", stdlib_job.main, [str(out_dir)], workspace))
     _assert_fast_config_failure(cluster, fake_gcp, job_id, "phase deps", "Python 3.10", "set host_python=3.12")
 
 
@@ -193,7 +207,7 @@ def test_an_agent_crashing_at_start_fails_the_job_with_its_log(emulator_process,
     cluster = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint,
                                           poll_interval=POLL, agent_port=port, capacity_deadline=60.0))
     try:
-        job_id = cluster.launch(request("crash", stdlib_job, [str(out_dir)], workspace))
+        job_id = cluster.launch(request("crash", stdlib_job.main, [str(out_dir)], workspace))
         _assert_fast_config_failure(cluster, fake_gcp, job_id, "phase agent", "before serving", "cannot start")
     finally:
         cluster.shutdown(timeout=120)
@@ -204,7 +218,7 @@ def test_a_38_image_is_refused_before_provisioning_naming_the_runtime_to_use(clu
                                                                               stdlib_job):
     """tpu-vm-* runtimes boot Python 3.8 images: refused before anything is created."""
     cluster.config.runtime_versions["v5e"] = "tpu-vm-base"
-    job_id = cluster.launch(request("py38", stdlib_job, [str(out_dir)], workspace))
+    job_id = cluster.launch(request("py38", stdlib_job.main, [str(out_dir)], workspace))
     info = finish(cluster, job_id)
     assert info.status == JobStatus.FAILED
     assert "Python 3.8" in info.error_message and "runtime_version=tpu-ubuntu2204-base" in info.error_message
