@@ -188,7 +188,13 @@ BUNDLE_DIR=$STATE_DIR/bundles/$BUNDLE_SHA256
 SITE=$BUNDLE_DIR/site
 UV=$BUNDLE_DIR/bin/uv
 
-if [ -f "$BUNDLE_DIR/.installed" ]; then
+if [ "${FRAY_TPU_EMULATOR_INHERITED:-}" = 1 ] && "$PYTHON" -c 'import sys, fray_tpu; sys.exit(fray_tpu.__version__ != sys.argv[1])' "$FRAY_TPU_VERSION" 2>/dev/null; then
+  # The emulator's inherit-controller image (edge tests only): the controller's own interpreter.
+  SITE=""
+  UV=$(command -v uv || true)
+  phase bundle "not used: the inherit-controller image runs the emulator's own fray-tpu"
+  phase deps "inherited"
+elif [ -f "$BUNDLE_DIR/.installed" ]; then
   phase bundle "installed already in $BUNDLE_DIR (not fetched again)"
   phase deps "installed already"
 else
@@ -217,7 +223,7 @@ ENV_FILE=$STATE_DIR/__ENV_FILE_NAME__
   umask 077
   {
     printf '__AGENT_STATE_DIR_ENV__=%q\n' "$STATE_DIR"
-    printf 'PYTHONPATH=%q\n' "$SITE"
+    [ -n "$SITE" ] && printf 'PYTHONPATH=%q\n' "$SITE"
     printf '__AGENT_UV_ENV__=%q\n' "$UV"
     printf 'PYTHONUNBUFFERED=1\n'
     printf 'GCE_METADATA_HOST=%q\n' "$METADATA"

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Job callables here are pickled by value by the controller's Python (see inherit_controller_image).
+pytestmark = pytest.mark.usefixtures("inherit_controller_image")
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -6,6 +6,8 @@ job fast with the host, the phase and the reason, leaving nothing behind."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import sys
 import time
@@ -223,3 +225,44 @@ def test_a_38_image_is_refused_before_provisioning_naming_the_runtime_to_use(clu
     assert info.status == JobStatus.FAILED
     assert "Python 3.8" in info.error_message and "runtime_version=tpu-ubuntu2204-base" in info.error_message
     assert fake_gcp.control.counters().get("CreateNode", 0) == 0
+
+
+def _serving_pid(host: dict) -> int | None:
+    marker = Path(host["workdir"]) / "fray-tpu-agent" / "agent.serving"
+    try:
+        return int(marker.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def test_a_rebooted_host_and_a_crashed_agent_come_back_and_the_job_finishes(cluster, fake_gcp, workspace, out_dir,
+                                                                             stdlib_job):
+    """The startup-script exited 0 and the agent runs on as its own service; a reboot runs the
+    script again and reuses the installed bundle (no second download); a killed agent is
+    restarted; the job then succeeds on the same slice."""
+    before = fake_gcp.control.storage_counters()
+    job_id = cluster.launch(request("reboot", stdlib_job.wait_for_go, [str(out_dir)], workspace))
+    wait_for(lambda: all(t.status == JobStatus.RUNNING for t in cluster.poll(job_id).tasks),
+             "every task to run", JOB_TIMEOUT)
+    (node,) = [n["name"] for n in fake_gcp.control.leaks()["nodes"]]
+    hosts = fake_gcp.control.hosts(node)
+    assert all(h["exit_code"] == 0 for h in hosts), hosts  # the startup-script is done
+
+    first = _serving_pid(hosts[1])
+    fake_gcp.control.reboot_host(node, 1)
+    wait_for(lambda: (pid := _serving_pid(hosts[1])) and pid != first, "the rebooted host's agent to serve", 60)
+    rebooted_log = fake_gcp.control.host_log(node, 1)
+    assert rebooted_log.count("phase bundle: fetched") == 1 and "phase bundle: installed already" in rebooted_log
+
+    crashed = _serving_pid(hosts[2])
+    os.kill(crashed, signal.SIGKILL)
+    wait_for(lambda: (pid := _serving_pid(hosts[2])) and pid != crashed, "the crashed agent to serve again", 60)
+
+    (out_dir / "go").write_text("")
+    info = finish(cluster, job_id)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    after = fake_gcp.control.storage_counters()
+    # The supervisor treats the rebooted host's lost attempt as a preemption and replaces the
+    # slice: one download per VM of each incarnation, none for the reboot itself.
+    incarnations = sum("READY 4/4 endpoints" in line for line in progress_lines(cluster, job_id))
+    assert after["downloads"] - before["downloads"] == 4 * incarnations, (before, after, incarnations)

@@ -33,6 +33,8 @@ from pathlib import Path
 DEFAULT_PROFILE = "ubuntu-22.04"
 INHERIT_CONTROLLER = "inherit-controller"
 HOST_SITE_ENV = "FRAY_TPU_EMULATOR_HOST_SITE"
+# Set on inherit-controller hosts: the startup-script may then use the inherited fray-tpu.
+INHERITED_ENV = "FRAY_TPU_EMULATOR_INHERITED"
 # What systemd gives a service (and so Google's startup-script runner): the image's directory
 # stands for all of these.
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -146,6 +148,7 @@ def script_environment(bin_dir: Path | None, host_env: dict[str, str]) -> dict[s
     if bin_dir is None:
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join(filter(None, [os.path.dirname(sys.executable), env.get("PATH")]))
+        env[INHERITED_ENV] = "1"
     else:
         env = {"PATH": str(bin_dir), "LANG": "C.UTF-8", "HOME": host_env["FRAY_TPU_HOST_DIR"]}
     env.update(host_env)

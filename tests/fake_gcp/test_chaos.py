@@ -31,6 +31,9 @@ from fray_tpu.naming import LABEL_JOB, LABEL_SLICE, label_value
 from .host_jobs import wait_for_file, write_json
 from .scenarios import wait_for
 
+# Job callables here are pickled by value by the controller's Python (see inherit_controller_image).
+pytestmark = pytest.mark.usefixtures("inherit_controller_image")
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 JOB_TIMEOUT = 120.0
