@@ -292,8 +292,10 @@ def test_a_tpu_job_end_to_end_never_exposes_its_secret(emulator_process, fake_gc
         # A probe with a wrong secret is rejected by the job's real agent and logged without it.
         [host] = fake_gcp.control.hosts(node["name"])
         probe_secret = "probe-" + tls.make_secret()
+        guest = tpu_client.get_guest_attributes(request={"name": node["name"], "query_path": "fray-tpu/tls-cert"})
+        cert = guest.guest_attributes[0].query_value.items[0].value.encode()
         probe = AgentClient(f"{host['ip']}:{attributes[md.ATTR_AGENT_PORT]}", secret=probe_secret,
-                            pinned_cert_pem=attributes[md.ATTR_TLS_CERT].encode(), timeout=10)
+                            pinned_cert_pem=cert, timeout=10)
         try:
             with pytest.raises(AgentAuthError) as rejected:
                 probe.describe(retries=0)
