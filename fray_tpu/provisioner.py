@@ -232,6 +232,11 @@ def queued_resource_name(project: str, zone: str, name: str) -> str:
     return f"{zone_parent(project, zone)}/queuedResources/{name}"
 
 
+# Every node carries this network tag: firewall rules for the agent port (controller → VMs) and
+# the JAX/Megascale ports (VM ↔ VM) target it (README, "Ports and firewall").
+NETWORK_TAG = "fray-tpu"
+
+
 def node_request(spec: SliceSpec) -> tpu_v2.Node:
     """The ``Node`` body of a CreateNode (or of a queued resource's node spec) for ``spec``."""
     node = tpu_v2.Node(
@@ -239,6 +244,7 @@ def node_request(spec: SliceSpec) -> tpu_v2.Node:
         runtime_version=spec.runtime_version,
         labels=dict(spec.labels),
         metadata=dict(spec.metadata),
+        tags=[NETWORK_TAG],
         network_config=tpu_v2.NetworkConfig(
             network=spec.network or "",
             subnetwork=spec.subnetwork or "",

@@ -125,13 +125,14 @@ def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job
 
 def test_no_node_metadata_holds_a_private_key_or_the_job_secret(cluster, fake_gcp, tpu_client, workspace, out_dir,
                                                                  stdlib_job):
-    """Node metadata, read through the API while the job runs, has no private key and no secret;
-    the agents' certificates come from guest attributes."""
+    """Node metadata, read through the API while the job runs, has no private key and no secret
+    (the agents' certificates come from guest attributes); nodes carry the network tag."""
     job_id = cluster.launch(request("nosecret", stdlib_job.wait_for_go, [str(out_dir)], workspace))
     names = wait_for(lambda: [n["name"] for n in fake_gcp.control.leaks()["nodes"] if n["state"] == "READY"],
                      "the job's node to be READY", JOB_TIMEOUT)
     nodes = [tpu_client.get_node(name=name) for name in names]
     assert nodes[0].metadata["startup-script"]
+    assert all(list(node.tags) == ["fray-tpu"] for node in nodes)  # what firewall rules target
     secret = cluster.journal().load_secret(job_id, "channel-secret").decode()
     for node in nodes:
         for key, value in node.metadata.items():
