@@ -29,6 +29,8 @@ from fray_tpu.config import resolve_zones
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+# Job callables here are pickled by value by the controller's Python (see inherit_controller_image).
+pytestmark = pytest.mark.usefixtures("inherit_controller_image")
 
 CLI_TIMEOUT = 120.0
 JOB_TIMEOUT = 120.0

@@ -303,7 +303,7 @@ def test_a_tpu_job_end_to_end_never_exposes_its_secret(emulator_process, fake_gc
         finally:
             probe.close()
         captured.append(str(rejected.value))
-        host_log = wait_for(lambda: "rejected" in (text := fake_gcp.control.host_log(node["name"], 0)) and text,
+        host_log = wait_for(lambda: "rejected" in (text := fake_gcp.control.agent_log(node["name"], 0)) and text,
                             "the rejected probe in the host log", EVENT_TIMEOUT)
         assert probe_secret not in host_log
 
@@ -313,7 +313,7 @@ def test_a_tpu_job_end_to_end_never_exposes_its_secret(emulator_process, fake_gc
         captured.append(repr(cluster.poll(job_id)))
         go_file.write_text("go")
         info = cluster.wait(job_id, timeout=JOB_TIMEOUT)
-        captured.append(fake_gcp.control.host_log(node["name"], 0))
+        captured.append(fake_gcp.control.agent_log(node["name"], 0))
         cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
         assert info.status == JobStatus.SUCCEEDED, info
         assert cluster.job_counters(job_id).failures == 1

@@ -174,6 +174,9 @@ class Control:
     def host_log(self, node: str, worker: int) -> str:
         return self._hosts.log(self._uid(node), worker)
 
+    def agent_log(self, node: str, worker: int) -> str:
+        return self._hosts.agent_log(self._uid(node), worker)
+
     def reboot_host(self, node: str, worker: int) -> None:
         """Reboot one VM: its processes end, its disk and guest attributes stay, the startup-script runs again."""
         self._hosts.reboot(self._uid(node), worker)
@@ -313,6 +316,9 @@ class EmulatorControl:
 
     def host_log(self, node: str, worker: int) -> str:
         return self._call("host_log", node=node, worker=worker)
+
+    def agent_log(self, node: str, worker: int) -> str:
+        return self._call("agent_log", node=node, worker=worker)
 
     def reboot_host(self, node: str, worker: int) -> None:
         self._call("reboot_host", node=node, worker=worker)

@@ -308,6 +308,13 @@ class HostRuntime:
         path = self._host(uid, worker).workdir / STARTUP_LOG_FILE
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def agent_log(self, uid: int, worker: int) -> str:
+        """The agent service's own log on the VM (not the serial console)."""
+        from fray_tpu.bootstrap import AGENT_LOG_NAME, EMULATED_STATE_SUBDIR
+
+        path = self._host(uid, worker).workdir / EMULATED_STATE_SUBDIR / AGENT_LOG_NAME
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def guest_attributes(self, uid: int) -> list[dict[str, dict[str, str]]]:
         return [host.metadata.guest_attributes() for host in self._node_hosts(uid)]
 
