@@ -525,6 +525,7 @@ class TpuJobSupervisor(JobSupervisor):
         self.resume = resume
         self.slices: list[ReadySlice | None] = [None] * plan.replicas
         self.accounting = {"generation": plan.shape.generation, "capacity": plan.capacity, "attempts": []}
+        self._startup_script: str | None = None  # rendered (bundle built and staged) before provisioning
         if resume is None:
             self._secret = tls.make_secret()
             if self.journal is not None:
@@ -548,7 +549,6 @@ class TpuJobSupervisor(JobSupervisor):
         self._clients: dict[int, list[channel.AgentClient]] = {}
         self._deletions: list[threading.Thread] = []
         self._bundle = None
-        self._startup_script: str | None = None
         self.liveness = Liveness(self.config.liveness_deadline)
         self._lease_stop = threading.Event()
         self._lease_thread = threading.Thread(target=self._renew_leases, daemon=True, name=f"lease-{record.job_id}")
