@@ -2,7 +2,8 @@
 
 It finds the image's ``python3``, fetches the host bundle (``fray_tpu.hostbundle``) from Cloud
 Storage with the VM's own service-account token, verifies its SHA-256 against the hash the
-controller pinned here, installs it with the bundle's own ``uv`` (no package index), writes the
+controller pinned here, unpacks it (its dependencies are installed already, for this Python and
+platform; no package index is ever asked), writes the
 agent's settings, starts the agent as its own service and exits 0. On a VM with systemd the
 service is a unit (restart on crash, the whole control group stopped at shutdown, the agent's
 stop-for-good exit code :data:`AGENT_EXIT_STOP` honoured, output to its own log); without
@@ -124,17 +125,6 @@ print(last, file=sys.stderr)
 sys.exit(1)
 """
 
-# Unpacks uv's binary from its wheel (uv then installs everything else).
-_UV_PY = r"""
-import glob, os, sys, zipfile
-(wheel,) = glob.glob(os.path.join(sys.argv[1], "uv-*.whl"))
-with zipfile.ZipFile(wheel) as z:
-    (member,) = [m for m in z.namelist() if m.endswith(".data/scripts/uv")]
-    with z.open(member) as src, open(sys.argv[2], "wb") as out:
-        out.write(src.read())
-os.chmod(sys.argv[2], 0o755)
-"""
-
 _TEMPLATE = r"""#!/bin/bash
 # fray-tpu startup script (fray-tpu __VERSION_COMMENT__): fetch and verify the host bundle, install
 # it, start the agent as a service, exit. Rendered by fray_tpu.bootstrap.
@@ -205,14 +195,10 @@ else
   [ "$GOT" = "$BUNDLE_SHA256" ] || fail bundle "SHA-256 mismatch for $BUNDLE_URL: expected $BUNDLE_SHA256 (pinned by the controller), got $GOT; the object was changed after it was staged, refusing to run it"
   tar -xzf "$ARCHIVE" -C "$BUNDLE_DIR.partial" && rm -f "$ARCHIVE" || fail bundle "cannot unpack $BUNDLE_URL"
   phase bundle "fetched $BUNDLE_URL, SHA-256 verified"
-  OUT=$("$PYTHON" -c "$UV_PY" "$BUNDLE_DIR.partial/wheels" "$BUNDLE_DIR.partial/bin/uv" 2>&1) \
-    || fail deps "cannot unpack uv from the bundle: $OUT"
-  OUT=$(UV_OFFLINE=1 UV_NO_CACHE=1 "$BUNDLE_DIR.partial/bin/uv" pip install --quiet --offline --no-index \
-        --find-links "$BUNDLE_DIR.partial/wheels" --target "$BUNDLE_DIR.partial/site" --python "$(command -v "$PYTHON")" \
-        -r "$BUNDLE_DIR.partial/requirements.txt" 2>&1) \
-    || fail deps "$(printf '%s' "$OUT" | tail -n 4 | tr '\n' ' ')(the bundle has wheels for Python $BUNDLE_PYTHON on $BUNDLE_PLATFORM; this VM's $PYTHON is $VM_PYTHON: set host_python=$VM_PYTHON)"
-  cp -R "$BUNDLE_DIR.partial/src/fray_tpu" "$BUNDLE_DIR.partial/site/" || fail deps "cannot install the agent's code"
-  rm -rf "$BUNDLE_DIR.partial/wheels" "$BUNDLE_DIR.partial/src"
+  # The controller installed the dependencies for this Python and platform (uv --target): they
+  # load only on that interpreter version.
+  [ "$VM_PYTHON" = "$BUNDLE_PYTHON" ] \
+    || fail deps "the bundle's compiled dependencies (grpcio, protobuf, cryptography) are for Python $BUNDLE_PYTHON on $BUNDLE_PLATFORM; this VM's $PYTHON is $VM_PYTHON: set host_python=$VM_PYTHON, or use a runtime whose image has Python $BUNDLE_PYTHON (tpu-ubuntu2204-base)"
   touch "$BUNDLE_DIR.partial/.installed" && rm -rf "$BUNDLE_DIR" && mv "$BUNDLE_DIR.partial" "$BUNDLE_DIR" \
     || fail deps "cannot move the installed bundle into $BUNDLE_DIR"
   phase deps "installed into $SITE"
@@ -326,5 +312,5 @@ def render_startup_script(spec: BootstrapSpec) -> str:
     }
     pattern = re.compile("|".join(re.escape(token) for token in sorted(replacements, key=len, reverse=True)))
     script = pattern.sub(lambda match: replacements[match.group(0)], _TEMPLATE)
-    prelude = f"FETCH_PY={q(_FETCH_PY)}\nUV_PY={q(_UV_PY)}\n"
+    prelude = f"FETCH_PY={q(_FETCH_PY)}\n"
     return script.replace("set -u\n", "set -u\n" + prelude, 1)

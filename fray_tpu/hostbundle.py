@@ -1,11 +1,12 @@
 """The host bundle: everything a TPU VM needs to run the agent, with no package index.
 
-One deterministic ``.tar.gz`` per (fray-tpu source, VM Python, VM platform): the controller's own
-``fray_tpu`` package (so the agent is exactly the controller's version, published nowhere), wheels
-of its dependencies for the VM's Python and platform (downloaded by the controller, which can
-reach an index, with ``pip download --only-binary=:all:``), and ``uv``'s wheel (a static binary:
-it installs the wheels on the VM and builds job environments there). The bundle is built once and
-cached under ``$XDG_CACHE_HOME/fray-tpu/host-bundles/``; its SHA-256 names it.
+One deterministic ``.tar.gz`` per (fray-tpu source, VM Python, VM platform): a ``site/`` tree
+with the controller's own ``fray_tpu`` package (exactly the controller's version, published
+nowhere) and its dependencies installed for the VM's Python and platform (wheels fetched by the
+controller, which can reach an index, with ``pip download --only-binary=:all:``, then installed
+with ``uv pip install --target --python-version --python-platform``), and ``bin/uv`` (a static
+binary, for the agent's job environments). The VM only verifies and unpacks it. The bundle is
+built once and cached under ``$XDG_CACHE_HOME/fray-tpu/host-bundles/``; its SHA-256 names it.
 
 It travels through Cloud Storage: the controller uploads it once per version (skipped when the
 content-addressed object exists) and pins its hash in node metadata; every VM downloads it over
@@ -35,6 +36,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,26 +148,54 @@ def _download_wheels(target: HostTarget, requirements: list[str], dest: Path,
                           f"{source}: pip download failed: {tail}")
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
-    info.mode = 0o644
+    info.mode = mode
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_bundle(path: Path, target: HostTarget, requirements: list[str], wheels: Path) -> None:
-    root = Path(fray_tpu.__file__).parent
+def _uv_binary(wheels: Path, dest: Path) -> Path:
+    """uv's static binary, from its wheel."""
+    (wheel,) = wheels.glob("uv-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        (member,) = [m for m in archive.namelist() if m.endswith(".data/scripts/uv")]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(archive.read(member))
+    dest.chmod(0o755)
+    return dest
+
+
+def _install_site(target: HostTarget, requirements: list[str], wheels: Path, uv: Path, site: Path) -> None:
+    """Install the wheels into ``site`` for the VM's Python and platform (uv installs for another
+    interpreter version and platform than the one it runs with): the VM only unpacks it."""
+    tag = target.platform  # manylinux_2_35_x86_64 -> x86_64-manylinux_2_35
+    machine = "x86_64" if tag.endswith("x86_64") else tag.rsplit("_", 1)[-1]
+    uv_platform = f"{machine}-{tag[: -len(machine) - 1]}"
+    command = [str(uv), "pip", "install", "--quiet", "--offline", "--no-index", "--find-links", str(wheels),
+               "--target", str(site), "--python-version", target.python, "--python-platform", uv_platform,
+               "--python", sys.executable, "-r", "-"]
+    result = subprocess.run(command, input="\n".join(requirements), capture_output=True, text=True,
+                            timeout=PIP_DOWNLOAD_TIMEOUT_SECONDS, env={**os.environ, "UV_NO_CACHE": "1"})
+    if result.returncode != 0:
+        raise ConfigError(f"cannot install the host bundle's wheels for Python {target.python} on {target.platform}: "
+                          f"{result.stderr.strip()[-600:]}")
+    shutil.copytree(Path(fray_tpu.__file__).parent, site / "fray_tpu",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"))
+
+
+def _write_bundle(path: Path, target: HostTarget, requirements: list[str], root: Path) -> None:
     manifest = {"fray_tpu_version": fray_tpu.__version__, "python": target.python, "platform": target.platform,
                 "requirements": requirements}
-    # Deterministic: sorted members, no times or owners, so equal content gives an equal hash.
+    # Sorted members without times or owners; the hash names whatever this build produced (uv's
+    # install records vary between builds, so two builds of one source may differ).
     with open(path, "wb") as raw:
-        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz, \
+                tarfile.open(fileobj=gz, mode="w") as tar:
             _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
-            _add_bytes(tar, "requirements.txt", ("\n".join(requirements) + "\n").encode())
-            for file in _package_files():
-                _add_bytes(tar, f"src/fray_tpu/{file.relative_to(root)}", file.read_bytes())
-            for wheel in sorted(wheels.glob("*.whl")):
-                _add_bytes(tar, f"wheels/{wheel.name}", wheel.read_bytes())
+            for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+                mode = 0o755 if os.access(file, os.X_OK) else 0o644
+                _add_bytes(tar, str(file.relative_to(root)), file.read_bytes(), mode)
 
 
 def build_host_bundle(target: HostTarget | None = None, cache_dir: Path | None = None) -> HostBundle:
@@ -179,10 +209,12 @@ def build_host_bundle(target: HostTarget | None = None, cache_dir: Path | None =
         bundle, digest_file = cache / "bundle.tar.gz", cache / "bundle.sha256"
         if not (bundle.exists() and digest_file.exists()):
             with tempfile.TemporaryDirectory(dir=cache) as scratch:
-                wheels = Path(scratch) / "wheels"
+                wheels, contents = Path(scratch) / "wheels", Path(scratch) / "contents"
                 _download_wheels(target, requirements, wheels)
+                uv = _uv_binary(wheels, contents / "bin" / "uv")
+                _install_site(target, requirements, wheels, uv, contents / "site")
                 partial = Path(scratch) / "bundle.tar.gz"
-                _write_bundle(partial, target, requirements, wheels)
+                _write_bundle(partial, target, requirements, contents)
                 digest = hashlib.sha256(partial.read_bytes()).hexdigest()
                 shutil.move(partial, bundle)
                 digest_file.write_text(digest)
