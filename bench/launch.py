@@ -40,7 +40,6 @@ import argparse
 import logging
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -57,7 +56,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from fake_gcp.process import EmulatorProcess  # noqa: E402
 
-from benchlib import emit, rounded, stamps, until  # noqa: E402
+from benchlib import emit, load_host_jobs, rounded, stamps, until  # noqa: E402
 from fray_tpu.cluster import TpuCluster  # noqa: E402
 from fray_tpu.config import TpuClusterConfig  # noqa: E402
 from fray_tpu.emulator import EmulatorTimings  # noqa: E402
@@ -66,6 +65,7 @@ from fray_tpu.supervisor import EMULATOR_JAX_PLUGIN  # noqa: E402
 from fray_tpu.worker.runner import PRELOAD_ENV  # noqa: E402
 
 TPU_TYPE = "v5litepod-16"
+jobs = None  # bench/host_jobs.py, imported from the workspace by main()
 HOSTS = 4
 POLL_INTERVAL = 0.05  # the controller's poll of operations and slice state (emulator only)
 WAIT_POLL_SECONDS = 0.01
@@ -133,21 +133,6 @@ class ProgressClock:
                 if created >= after and message.startswith(f"job {job_id}: ") and re.search(pattern, message):
                     return created
         return None
-
-
-# -- functions that run on the hosts: bench/launch_host_jobs.py, imported from the workspace ----
-
-jobs = None
-
-
-def load_host_jobs(workspace: Path) -> None:
-    """Copy the job functions into the workspace and import them from there (by reference)."""
-    global jobs
-    shutil.copy(Path(__file__).with_name("launch_host_jobs.py"), workspace)
-    sys.path.insert(0, str(workspace))
-    import launch_host_jobs
-
-    jobs = launch_host_jobs
 
 
 # -- the metrics ----------------------------------------------------------------------------------
@@ -319,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     workspace = directory / "workspace"
     workspace.mkdir()
     (workspace / "README").write_text("the launch benchmark's workspace\n")
-    load_host_jobs(workspace)
+    global jobs
+    jobs = load_host_jobs(workspace)
     clock = ProgressClock()
 
     # The machine may be shared: floor samples are interleaved with the cluster measurements so

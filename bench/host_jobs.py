@@ -1,6 +1,7 @@
-"""The launch benchmark's job functions. The benchmark copies this file into the job's workspace
-and imports it from there, so the functions are pickled by reference and load on the hosts'
-own Python (the emulator's default image runs Python 3.10, this controller 3.11)."""
+"""The benchmarks' job functions. A benchmark copies this file into its job's workspace and
+imports it from there (``benchlib.load_host_jobs``), so fray-tpu pickles the functions by
+reference and they load on the hosts' own Python (the emulator's default image runs Python 3.10,
+this controller 3.11). Ray, whose workers do not see the workspace, pickles them by value.""" 
 
 from __future__ import annotations
 
@@ -62,3 +63,31 @@ def block_then_record(out_dir: str, marker: str) -> None:
     while time.monotonic() < deadline and not pause.wait(0.05):
         pass
     raise SystemExit("never preempted")
+
+
+def gang_member(out_dir: str, tag: str, index: int | None = None) -> int:
+    """Record when this process started running user code, then a tiny computation."""
+    started = time.time()
+    if index is None:
+        index = int(os.environ["FRAY_TASK_INDEX"])
+    path = Path(out_dir) / f"{tag}-{index}"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(repr(started))
+    os.replace(partial, path)
+    return index + sum(i * i for i in range(10_000)) % 7
+
+
+def fail_once_then_run(out_dir: str) -> None:
+    """Attempt 1: task 0 stamps ``raise`` and raises at once. Every attempt's tasks stamp their
+    start as ``start-ATTEMPT_ID``."""
+    attempt_id = os.environ["FRAY_TPU_ATTEMPT_ID"]
+    gang_member(out_dir, f"start-{attempt_id}")
+    if os.environ["FRAY_TASK_INDEX"] != "0":
+        return
+    try:
+        with open(Path(out_dir) / "failed-once", "x"):
+            pass
+    except FileExistsError:
+        return
+    (Path(out_dir) / "raise").write_text(repr(time.time()))
+    raise RuntimeError("first attempt fails on purpose (warm-attempt benchmark)")
