@@ -42,7 +42,6 @@ class BootstrapFailed(ConfigError):
 class BootResult:
     certs: dict[tuple[int, int], bytes]  # (slice, worker) -> the certificate that agent published
     dead: dict[int, str]  # slice id -> why its hosts never served (bad host, deadline)
-    timings: dict[int, str]  # slice id -> "started +0.0s, ..., serving +3.2s"
 
 
 class HostBootstrapper:
@@ -127,27 +126,22 @@ def watch_boot(read: Callable[[int], list[dict[str, str]]], hosts_per_slice: dic
     (or never finishes) is returned in ``dead``.
     """
     expected = sum(hosts_per_slice.values())
-    announced: dict[tuple[int, int], int] = {}
     while True:
         try:
             reports = read_reports(read, sorted(hosts_per_slice))
         except FrayTpuError as error:
             log.info("reading guest attributes failed: %s", error)
             reports = []
-        for report in reports:
-            if len(report.phases) > announced.get((report.slice_id, report.worker), 0):
-                announced[(report.slice_id, report.worker)] = len(report.phases)
         verdict = judge_boot(reports, expected)
         if verdict.config_error:
             raise BootstrapFailed(verdict.config_error)
-        timings = {s: phase_timings([r for r in reports if r.slice_id == s]) for s in hosts_per_slice}
         if verdict.all_serving:
-            for slice_id, line in sorted(timings.items()):
+            for slice_id in sorted(hosts_per_slice):
+                line = phase_timings([r for r in reports if r.slice_id == slice_id])
                 progress(f"slice-{slice_id}: bootstrap phases (slowest host): {line}")
-            certs = {(r.slice_id, r.worker): r.cert_pem.encode() for r in reports}
-            return BootResult(certs, {}, timings)
+            return BootResult({(r.slice_id, r.worker): r.cert_pem.encode() for r in reports}, {})
         if verdict.bad_hosts:
-            return BootResult({}, verdict.bad_hosts, timings)
+            return BootResult({}, verdict.bad_hosts)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             behind = [r for r in reports if not r.serving]
@@ -155,6 +149,6 @@ def watch_boot(read: Callable[[int], list[dict[str, str]]], hosts_per_slice: dic
             dead = {r.slice_id: f"no agent serving after boot_deadline; last phase per host: {last}" for r in behind}
             missing = [s for s, n in hosts_per_slice.items() if sum(r.slice_id == s for r in reports) < n]
             dead.update({s: "no agent serving after boot_deadline; some hosts published nothing" for s in missing})
-            return BootResult({}, dead, timings)
+            return BootResult({}, dead)
         if stop.wait(min(poll_interval, remaining)):
-            return BootResult({}, {}, timings)
+            return BootResult({}, {})

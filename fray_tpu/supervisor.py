@@ -661,7 +661,9 @@ class TpuJobSupervisor(JobSupervisor):
         if booting:
             boot = watch_boot(self._read_boot_reports, booting, deadline=deadline, poll_interval=self.poll_interval,
                               stop=self.stop_requested, progress=self.progress)
-            if boot.dead or self.stop_requested.is_set():
+            if self.stop_requested.is_set():
+                raise JobStopped
+            if boot.dead:
                 return boot.dead
             for slice_id in booting:
                 self._clients[slice_id] = [
