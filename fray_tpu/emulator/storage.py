@@ -21,7 +21,6 @@ EMULATED_BUCKET = "fray-tpu-emulated-staging"
 _OBJECT = re.compile(r"^/(?:download/)?storage/v1/b/([^/]+)/o/(.+)$")
 _UPLOAD = re.compile(r"^/upload/storage/v1/b/([^/]+)/o$")
 _BUCKET = re.compile(r"^/storage/v1/b/([^/]+)$")
-CHUNK = 1 << 20
 
 
 def _error(code: int, message: str) -> bytes:
@@ -119,9 +118,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(size))
         self.end_headers()
+        self.wfile.flush()
         with open(entry["path"], "rb") as f:
-            while chunk := f.read(CHUNK):
-                self.wfile.write(chunk)
+            self.connection.sendfile(f)  # in the kernel: 256 VMs' downloads do not hold the GIL
         with self.server.lock:
             self.server.counters["downloads"] += 1
             self.server.counters["bytes_downloaded"] += size
