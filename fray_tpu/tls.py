@@ -1,8 +1,9 @@
-"""Per-job TLS material for the task channel, and the per-job secret.
+"""TLS material for the task channel, and the per-job secret.
 
-The controller makes one self-signed certificate per job (EC P-256, SAN DNS `fray-tpu-agent`,
-short validity), writes cert and key into the node metadata, and pins that exact certificate
-when it dials: only an agent holding the job's key can answer, whatever its IP.
+Each agent makes its own self-signed certificate on its VM (EC P-256, SAN DNS `fray-tpu-agent`;
+``fray_tpu.worker.identity``) and publishes it as a guest attribute; the controller pins that
+exact certificate when it dials that host: only the agent holding the key, which never left its
+VM, can answer, whatever its IP. No key is ever in node metadata.
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
-"""A job's channel secret and TLS identity: made once per job, kept as journal secrets (mode
-0600, outside the database) so a restarted controller can talk to the same agents."""
+"""A job's channel secret: made once per job, kept as a journal secret (mode 0600, outside the
+database) so a restarted controller can talk to the same agents. Node metadata carries only
+its hash.
+
+The channel's TLS identity is not the job's: every agent makes its own key on its VM and
+publishes its certificate as a guest attribute, which the gang pins per host when it connects
+(``fray_tpu.hostboot``)."""
 
 from __future__ import annotations
 
@@ -9,26 +14,19 @@ from fray_tpu import tls
 from fray_tpu.state.journal import Journal
 
 SECRET_NAME = "channel-secret"
-TLS_CERT_NAME = "tls-cert"
-TLS_KEY_NAME = "tls-key"
 
 
 @dataclass(frozen=True)
 class JobCredentials:
     secret: str
-    tls_material: tls.TlsMaterial
 
     @classmethod
     def make(cls) -> JobCredentials:
-        return cls(tls.make_secret(), tls.make_job_tls())
+        return cls(tls.make_secret())
 
     def store(self, journal: Journal, job_id: str) -> None:
         journal.store_secret(job_id, SECRET_NAME, self.secret.encode())
-        journal.store_secret(job_id, TLS_CERT_NAME, self.tls_material.cert_pem)
-        journal.store_secret(job_id, TLS_KEY_NAME, self.tls_material.key_pem)
 
     @classmethod
     def load(cls, journal: Journal, job_id: str) -> JobCredentials:
-        return cls(journal.load_secret(job_id, SECRET_NAME).decode(),
-                   tls.TlsMaterial(cert_pem=journal.load_secret(job_id, TLS_CERT_NAME),
-                                   key_pem=journal.load_secret(job_id, TLS_KEY_NAME)))
+        return cls(journal.load_secret(job_id, SECRET_NAME).decode())

@@ -14,9 +14,11 @@ from fray_tpu.config import TpuClusterConfig
 from fray_tpu.contract import PrepareFailureKind
 from fray_tpu.decisions import PrepareProblem, TaskOutcome, prepare_outcome
 from fray_tpu.errors import FrayTpuError
+from fray_tpu.hostboot import watch_boot
 from fray_tpu.provisioner import ReadySlice, SliceProvisioner
 from fray_tpu.supervisor.attempt import AttemptRun, in_parallel
 from fray_tpu.supervisor.credentials import JobCredentials
+from fray_tpu.supervisor.job import JobStopped
 from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, StreamEnded
 
 log = logging.getLogger(__name__)
@@ -130,17 +132,28 @@ class Gang:
         """Every host's client in global task order (slice-major)."""
         return [c for s in sorted(self._clients) for c in self._clients[s]]
 
-    def connect(self, slices: Sequence[ReadySlice]) -> dict[int, str]:
-        """Wait for every agent of every slice; returns slices whose agents never answered."""
-        dead: dict[int, str] = {}
+    def connect(self, slices: Sequence[ReadySlice], guest_attributes: Callable[[int], list[dict[str, str]]],
+                stop: threading.Event) -> dict[int, str]:
+        """Watch the new slices boot (their guest attributes, ``guest_attributes(slice_id)``),
+        dial every agent pinned to the certificate it published, and wait until each answers;
+        returns the slices whose hosts never served. Raises ``hostboot.BootstrapFailed`` when
+        the bootstrap failed on every host, ``JobStopped`` when stopped meanwhile."""
         deadline = time.monotonic() + self.config.boot_deadline
-        for slice_id, ready in enumerate(slices):
-            if slice_id not in self._clients:
+        booting = {s: len(ready.endpoints) for s, ready in enumerate(slices) if s not in self._clients}
+        if booting:
+            boot = watch_boot(guest_attributes, booting, deadline=deadline, poll_interval=self.config.poll_interval,
+                              stop=stop, progress=self._progress)
+            if stop.is_set():
+                raise JobStopped
+            if boot.dead:
+                return boot.dead
+            for slice_id in booting:
                 self._clients[slice_id] = [
                     channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self.credentials.secret,
-                                        pinned_cert_pem=self.credentials.tls_material.cert_pem)
-                    for ip in ready.endpoints
+                                        pinned_cert_pem=boot.certs[(slice_id, worker)])
+                    for worker, ip in enumerate(slices[slice_id].endpoints)
                 ]
+        dead: dict[int, str] = {}
         up = dict.fromkeys(self._clients, 0)
         lock = threading.Lock()
 

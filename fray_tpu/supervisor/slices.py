@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from fray_tpu import contract as md
 from fray_tpu import naming, tls
-from fray_tpu.bootstrap import BootstrapSpec, fray_tpu_version, render_startup_script
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
+from fray_tpu.hostboot import bootstrapper_for
 from fray_tpu.state.journal import Journal, ResourceRow, ResourceState
 from fray_tpu.planning import JobPlan
 from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec, node_resource_name
@@ -58,15 +58,15 @@ class SliceKeeper:
         self._set_phase = set_phase
         self._count_capacity_wait = count_capacity_wait
         self._deletions: list[threading.Thread] = []
+        # Rendered (its host bundle built and staged) by the first ensure(), before anything is
+        # provisioned; restore() only checks names, which do not depend on it.
+        self._startup_script: str | None = None
 
     def spec(self, slice_id: int, attempt: int) -> SliceSpec:
         name = naming.slice_name(self.plan.name, self.job_id, attempt, slice_id)
-        secret, identity = self.credentials.secret, self.credentials.tls_material
         metadata = {
-            md.ATTR_STARTUP_SCRIPT: render_startup_script(BootstrapSpec(fray_tpu_version=fray_tpu_version())),
-            md.ATTR_SECRET_SHA256: tls.secret_sha256(secret),
-            md.ATTR_TLS_CERT: identity.cert_pem.decode(),
-            md.ATTR_TLS_KEY: identity.key_pem.decode(),
+            md.ATTR_STARTUP_SCRIPT: self._startup_script or "",
+            md.ATTR_SECRET_SHA256: tls.secret_sha256(self.credentials.secret),
             md.ATTR_NODE: name,
             md.ATTR_AGENT_PORT: str(self.config.agent_port),
             md.ATTR_LEASE_SECONDS: str(self.config.lease_period),
@@ -105,9 +105,19 @@ class SliceKeeper:
     def complete(self) -> bool:
         return all(self.slices)
 
+    def guest_attributes(self, slice_id: int) -> list[dict[str, str]]:
+        """What every worker of a held slice published (its boot phases, its agent's
+        certificate), in worker order: one GetGuestAttributes call."""
+        ready = self.slices[slice_id]
+        return self.context.provisioner.guest_attributes(ready.zone, ready.spec.name, md.GUEST_NAMESPACE)
+
     def ensure(self, attempt: int) -> None:
         """Acquire every missing slice in parallel; without capacity anywhere, back off and try
         again until the capacity deadline (no budget is consumed by waiting)."""
+        if self._startup_script is None:
+            # Before anything is provisioned: a bundle that cannot be built fails the job here.
+            bootstrapper = bootstrapper_for(self.config, self.context.emulator_endpoint)
+            self._startup_script = bootstrapper.startup_script(self.plan.runtime_version)
         wait = CapacityWait(self.config.capacity_deadline, self.plan.tpu_type, self.plan.zones, time.monotonic)
         while True:
             missing = [i for i, s in enumerate(self.slices) if s is None]

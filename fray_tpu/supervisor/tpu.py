@@ -7,6 +7,7 @@ earlier controller started (``_resume``), then following it like any other.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ class TpuJobSupervisor(JobSupervisor):
     def _start(self, attempt: int) -> StartedAttempt | AttemptVerdict:
         self.slices.ensure(attempt)
         self.record.set_phase(JobPhase.BOOTING)
-        dead = self.gang.connect(self.slices.slices)
+        dead = self.gang.connect(self.slices.slices, self.slices.guest_attributes, self.stop_requested)
         if self.stop_requested.is_set():
             raise JobStopped
         if dead:
@@ -113,7 +114,8 @@ class TpuJobSupervisor(JobSupervisor):
         attempt_id = f"{self.record.job_id}-a{attempt}"
         environments = gang_environments([s.endpoints for s in self.slices.slices], self.plan.env,
                                          cluster_spec=self.context.cluster_spec,
-                                         emulated=bool(self.context.emulator_endpoint))
+                                         emulated=bool(self.context.emulator_endpoint),
+                                         controller_python="%d.%d" % sys.version_info[:2])
         unreachable = self._upload_workspace()
         if unreachable:
             return self._verdict_for_hosts(unreachable, TaskOutcome.LOST, "workspace upload failed")
@@ -149,7 +151,7 @@ class TpuJobSupervisor(JobSupervisor):
         attempt_id = resume.attempt_id
         self.progress(f"reattaching to attempt {attempt_id}")
         self.record.set_phase(JobPhase.BOOTING)
-        dead = self.gang.connect(self.slices.slices)
+        dead = self.gang.connect(self.slices.slices, self.slices.guest_attributes, self.stop_requested)
         if dead:
             return self._verdict_for_hosts(dead, TaskOutcome.LOST, "agent unreachable after the controller restarted")
         clients = self.gang.clients()

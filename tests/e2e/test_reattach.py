@@ -39,6 +39,9 @@ from fray_tpu.state.journal import Journal, JournalLockedError
 from fray_tpu.state.journals import journal_dirs
 from fray_tpu.naming import LABEL_JOB, label_value
 
+# Job callables here are pickled by value by the controller's Python (see inherit_controller_image).
+pytestmark = pytest.mark.usefixtures("inherit_controller_image")
+
 DRIVER_START_TIMEOUT = 120.0  # interpreter start, imports, provisioning and the gang start
 JOB_TIMEOUT = 120.0
 HOST_DEADLINE = 150.0  # how long a job ticks without its go file before giving up on its own
@@ -63,6 +66,7 @@ import time
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
+
 
 
 def tick_until(go_file, progress_file, tick_seconds, deadline_seconds):
@@ -301,7 +305,7 @@ def test_sigkilled_driver_without_restart_slices_delete_themselves(fake_gcp, tmp
         wait_for(gone, f"node {node['name']} to delete itself after the lease lapsed", SELF_DELETE_DEADLINE)
     except Exception as error:
         raise AssertionError(f"{error}\nhost log of worker 0:\n"
-                             f"{fake_gcp.control.host_log(node['name'], 0)[-3000:]}") from None
+                             f"{fake_gcp.control.agent_log(node['name'], 0)[-3000:]}") from None
     assert time.monotonic() - killed_at < SELF_DELETE_DEADLINE
     assert driver.ticks("orphan") >= 0  # the job did run before its driver died
 
