@@ -5,6 +5,11 @@ point ``FRAY_CLUSTER_SPEC`` at a real project (``tpu?project=...&zone=...``) to 
 Every host calls ``jax.distributed.initialize()`` with no arguments, prints its process id and
 its slice's ``MEGASCALE_*``, and joins one global collective that only adds up if all 8
 processes took part. The driver then checks that no slice is left alive.
+
+The job gets JAX from its own environment, built with uv on every host. On the emulator (the
+default spec), the driver serves a wheelhouse on loopback as the package index: filled once
+with ``pip download`` (kept under ``~/.cache/fray-tpu/wheelhouse``), so a second run downloads
+nothing. With a spec of your own, the hosts install from its ``index_url`` (uv's default: PyPI).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import time
 
 SLICES = 2
 TPU_TYPE = "v5litepod-16"
+DEFAULT_SPEC = "tpu?emulate=true&poll_interval=0.5"
+# What the job imports, at the controller's versions (the callable is pickled here).
+JOB_PACKAGES = ("jax", "jaxlib")
 
 
 def multislice_main(expected_processes: int) -> None:
@@ -38,9 +46,26 @@ def multislice_main(expected_processes: int) -> None:
 
 
 def main() -> int:
-    # force: run by `fray-tpu demo`, whose logging is already configured (at WARNING).
+    # force: `fray-tpu demo` configured logging at WARNING already; the demo shows its progress lines.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-    os.environ.setdefault("FRAY_CLUSTER_SPEC", "tpu?emulate=true&poll_interval=0.5")
+    from fray_tpu.package_index import LoopbackIndex, cache_dir, fill_wheelhouse, pinned_like_this_interpreter
+
+    packages = pinned_like_this_interpreter(*JOB_PACKAGES)
+    index = None
+    if "FRAY_CLUSTER_SPEC" not in os.environ:
+        wheelhouse = fill_wheelhouse(cache_dir() / "demo", [*packages, *pinned_like_this_interpreter("cloudpickle")])
+        index = LoopbackIndex(wheelhouse)
+        os.environ["FRAY_CLUSTER_SPEC"] = f"{DEFAULT_SPEC}&index_url={index.url}"
+        # Emulated hosts find the interpreter locally: nothing is downloaded but from the index.
+        os.environ.setdefault("FRAY_TPU_PYTHON_DOWNLOADS", "never")
+    try:
+        return run(packages)
+    finally:
+        if index is not None:
+            index.close()
+
+
+def run(packages: list[str]) -> int:
     from fray_tpu import current_cluster
     from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, ResourceConfig
     from fray_tpu.topology import get_tpu_topology
@@ -52,7 +77,8 @@ def main() -> int:
         name="multislice-demo",
         entrypoint=Entrypoint.from_callable(multislice_main, args=(processes,)),
         resources=ResourceConfig.with_tpu(TPU_TYPE, slice_count=SLICES),
-        environment=EnvironmentConfig.create(workspace=os.path.dirname(os.path.abspath(__file__))),
+        environment=EnvironmentConfig.create(workspace=os.path.dirname(os.path.abspath(__file__)),
+                                             pip_packages=packages),
     ))
     info = cluster.monitor(job_id)
     cluster.wait_released(job_id)

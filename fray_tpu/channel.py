@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from fray_tpu.attempt_events import (  # noqa: F401 - channel.LogBatch etc. are 
     LogBatch,
     PreemptionNotice,
 )
-from fray_tpu.contract import AUTH_METADATA_KEY, FAILURE_KIND_KEY, PrepareFailureKind
+from fray_tpu.contract import AUTH_METADATA_KEY, BASE_ENV_DIGEST, FAILURE_KIND_KEY, PrepareFailureKind
 from fray_tpu.errors import DeadlineExceeded, FrayTpuError
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
 
@@ -89,6 +89,8 @@ class AttemptSpec:
     workspace_digest: str = ""
     pip_packages: list[str] = field(default_factory=list)
     extras: list[str] = field(default_factory=list)
+    python_version: str = ""
+    index_url: str = ""
 
     @staticmethod
     def for_callable(attempt_id: str, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None,
@@ -104,7 +106,7 @@ class AttemptSpec:
         message = worker_pb2.AttemptSpec(
             attempt_id=self.attempt_id, job_id=self.job_id, task_id=self.task_id, task_index=self.task_index,
             env=self.env, workspace_digest=self.workspace_digest, pip_packages=self.pip_packages,
-            extras=self.extras,
+            extras=self.extras, python_version=self.python_version, index_url=self.index_url,
         )
         if self.pickled_callable is not None:
             message.callable.pickled = self.pickled_callable
@@ -121,6 +123,26 @@ class PrepareResult:
     env_reused: bool
     python: str
     cleanup_notes: list[str]
+    env_digest: str = ""
+    env_build_seconds: float = 0.0
+
+
+def describe_environments(results: Sequence[PrepareResult]) -> str | None:
+    """One progress line on the job environments a gang's Prepares found or built, or None when
+    every host runs on its agent's interpreter."""
+    own = [r for r in results if r.env_digest and r.env_digest != BASE_ENV_DIGEST]
+    built = [r for r in own if not r.env_reused]
+    reused = [r for r in own if r.env_reused]
+    if not own:
+        return None
+    parts = []
+    if built:
+        seconds = [r.env_build_seconds for r in built]
+        parts.append(f"built on {len(built)} host(s) in {max(seconds):.1f}s (slowest), {min(seconds):.1f}s (fastest)")
+    if reused:
+        parts.append(f"reused the cached environment on {len(reused)} host(s)")
+    digests = sorted({r.env_digest[:12] for r in own})
+    return f"Python environment {', '.join(digests)}: {'; '.join(parts)}"
 
 
 @dataclass(frozen=True)
@@ -313,6 +335,7 @@ class AgentClient:
         return PrepareResult(
             attempt_id=response.attempt_id, prepare_seconds=response.prepare_seconds,
             env_reused=response.env_reused, python=response.python, cleanup_notes=list(response.cleanup_notes),
+            env_digest=response.env_digest, env_build_seconds=response.env_build_seconds,
         )
 
     def cancel(self, attempt_id: str, grace: float) -> bool:

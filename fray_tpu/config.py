@@ -44,6 +44,12 @@ delete_deadline     FRAY_TPU_DELETE_DEADLINE     delete call to resource gone (1
 liveness_deadline   FRAY_TPU_LIVENESS_DEADLINE   a host of a running gang that answers nothing
                                                  (no event, no lease renewal) this long is lost:
                                                  the gang restarts as after a preemption (30s)
+python_version      FRAY_TPU_PYTHON_VERSION      Python of the jobs' environments on the hosts,
+                                                 ``3.12`` or ``3.12.1`` (the controller's major.minor,
+                                                 so that the pickled callable loads)
+index_url           FRAY_TPU_INDEX_URL           package index the hosts install from, a PEP 503
+                                                 simple index such as an Artifact Registry PyPI
+                                                 remote (uv's default, PyPI)
 ==================  ===========================  =============================================
 
 Booleans accept true/false/1/0/yes/no/on/off; durations a number of seconds or a number with
@@ -58,6 +64,7 @@ import dataclasses
 import difflib
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +89,8 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _ZONE = re.compile(r"^[a-z]+-[a-z]+\d+-[a-z0-9]+$")
 _REGION = re.compile(r"^[a-z]+-[a-z]+\d+$")
 _ENDPOINT = re.compile(r"^[^\s:/]+:\d{1,5}$")
+_PYTHON_VERSION = re.compile(r"^3\.\d{1,2}(\.\d{1,3})?$")
+_INDEX_URL = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 
 # Google Cloud regions (public list), to name the closest real region for a misspelt one.
 GCP_REGIONS = (
@@ -161,6 +170,8 @@ class TpuClusterConfig:
     lease_period: float = 60.0
     delete_deadline: float = 10 * 60.0
     liveness_deadline: float = 30.0  # Ray notices a dead node after ~30 s, Iris after 50 s
+    python_version: str | None = None
+    index_url: str | None = None
 
     def __post_init__(self) -> None:
         self.zones = [z.strip().lower() for z in self.zones if z.strip()]
@@ -181,6 +192,10 @@ class TpuClusterConfig:
         """The runtime version for a type name or an already looked-up ``TpuTopology``."""
         t = tpu_type if isinstance(tpu_type, topology.TpuTopology) else topology.get_tpu_topology(tpu_type)
         return self.runtime_versions.get(t.generation, t.runtime_version)
+
+    def job_python_version(self) -> str:
+        """The Python the jobs' environments use: as configured, else the controller's major.minor."""
+        return self.python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
 
     # ---- spec strings and the environment ------------------------------------------------
 
@@ -263,6 +278,13 @@ class TpuClusterConfig:
                 raise ConfigError(f"emulator_endpoint={self.emulator_endpoint!r} is set but emulate=false: add emulate=true")
             if not _ENDPOINT.match(self.emulator_endpoint):
                 raise ConfigError(f"emulator_endpoint must be host:port, got {self.emulator_endpoint!r}")
+        if self.python_version is not None and not _PYTHON_VERSION.match(self.python_version):
+            raise ConfigError(f"python_version={self.python_version!r} is not a Python version such as 3.12 or 3.12.1")
+        if self.index_url is not None and not _INDEX_URL.match(self.index_url):
+            raise ConfigError(
+                f"index_url={self.index_url!r} is not an http(s) URL of a simple package index, such as "
+                f"https://us-python.pkg.dev/my-project/pypi-remote/simple/"
+            )
         if self.project is not None and (not self.project or re.search(r"[\s/]", self.project)):
             raise ConfigError(f"project {self.project!r} is not a GCP project id")
         if not self.emulate and not self.project:

@@ -50,12 +50,18 @@ AUTH_METADATA_KEY = "authorization"
 FAILURE_KIND_KEY = "fray-tpu-failure-kind"
 
 
+# PrepareResponse.env_digest of an attempt that runs on the agent's own interpreter.
+BASE_ENV_DIGEST = "base"
+
+
 class PrepareFailureKind(str, enum.Enum):
     """Why the agent refused to prepare an attempt. (Not ``enum.StrEnum``: the agent runs on
     the images' Python 3.10, which lacks it.)"""
 
     BAD_HOST = "bad-host"  # the machine is at fault: replace it
-    USER = "user"  # the request cannot work (a package that does not install)
+    # The job's Python environment cannot be built (an unresolvable requirement, a stale lock,
+    # no such Python): the same on every host and every try, so not retried.
+    ENVIRONMENT = "environment"
     CONTROLLER = "controller"  # the controller sent something this agent cannot run
 
     def __str__(self) -> str:
@@ -117,8 +123,12 @@ EMULATED_HOST_ENV = "FRAY_TPU_EMULATED_HOST"
 HOST_DIR_ENV = "FRAY_TPU_HOST_DIR"
 HOST_IP_ENV = "FRAY_TPU_HOST_IP"
 AGENT_STATE_DIR_ENV = "FRAY_TPU_AGENT_STATE_DIR"
-# The host bundle's uv binary, for the agent's job environments (the bootstrap sets it).
+# How a host runs uv: its path (the host bundle's, set by the bootstrap), extra directories
+# searched for interpreters (the emulator's stand-ins for uv's downloads), "never" to forbid
+# interpreter downloads.
 UV_ENV = "FRAY_TPU_UV"
+PYTHON_DIRS_ENV = "FRAY_TPU_PYTHON_DIRS"
+PYTHON_DOWNLOADS_ENV = "FRAY_TPU_PYTHON_DOWNLOADS"
 # Set on the emulator's inherit-controller hosts (edge tests only): the startup-script may use
 # the fray-tpu the host inherited from the emulator instead of the host bundle.
 EMULATOR_INHERITED_ENV = "FRAY_TPU_EMULATOR_INHERITED"

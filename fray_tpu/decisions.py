@@ -12,6 +12,9 @@ applies the returned decision. Retry policy, in one place:
 - A **bad host** (TPU init signatures in stderr) is the machine's fault, not the user's: it
   consumes neither budget, the slice holding it is replaced, and a separate cap
   (``MAX_BAD_HOST_REPLACEMENTS``) stops a job that keeps landing on broken hardware.
+- A job **environment that cannot be built** (an unresolvable requirement, a stale lock, a
+  Python uv cannot find) is the job's fault and the same on every host and every try: the job
+  fails at once, with the resolver's message.
 - **No capacity anywhere** is not an attempt at all: provisioning keeps trying with backoff
   until the capacity deadline, consuming no budget.
 """
@@ -28,6 +31,9 @@ MAX_BAD_HOST_REPLACEMENTS = 5
 class TaskOutcome(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    # The job's environment cannot be built (unresolvable requirement, stale lock, no such
+    # Python): the job's fault, and the same on every host and every try.
+    ENVIRONMENT_FAILED = "environment_failed"
     BAD_HOST = "bad_host"
     PREEMPTED = "preempted"
     LOST = "lost"  # the agent stopped answering without reporting an exit
@@ -37,6 +43,7 @@ class TaskOutcome(enum.StrEnum):
 class AttemptOutcome(enum.StrEnum):
     SUCCEEDED = "succeeded"
     USER_FAILURE = "user_failure"
+    ENVIRONMENT_FAILURE = "environment_failure"
     PREEMPTED = "preempted"
     BAD_HOST = "bad_host"
     CANCELLED = "cancelled"
@@ -94,8 +101,8 @@ def judge_attempt(
 
     ``ends`` are the task ends in the order they were observed (the first failure is the
     culprit; later failures are usually the gang being stopped). Precedence: cancellation by
-    the user, then preemption (a peer's death often makes the others fail), then bad host,
-    then user failure.
+    the user, then preemption (a peer's death often makes the others fail), then an
+    environment that cannot be built, then bad host, then user failure.
     """
     lost = frozenset(lost_slices) | {e.slice_id for e in ends if e.outcome in (TaskOutcome.PREEMPTED, TaskOutcome.LOST)}
     if cancelled:
@@ -103,6 +110,9 @@ def judge_attempt(
     first_preempted = next((e for e in ends if e.outcome in (TaskOutcome.PREEMPTED, TaskOutcome.LOST)), None)
     if lost:
         return AttemptVerdict(AttemptOutcome.PREEMPTED, culprit=first_preempted, lost_slices=lost)
+    unbuildable = next((e for e in ends if e.outcome is TaskOutcome.ENVIRONMENT_FAILED), None)
+    if unbuildable is not None:
+        return AttemptVerdict(AttemptOutcome.ENVIRONMENT_FAILURE, culprit=unbuildable)
     bad = [e for e in ends if e.outcome is TaskOutcome.BAD_HOST]
     if bad:
         return AttemptVerdict(AttemptOutcome.BAD_HOST, culprit=bad[0], bad_slices=frozenset(e.slice_id for e in bad))
@@ -186,6 +196,9 @@ def decide(limits: RetryLimits, counters: JobCounters, verdict: AttemptVerdict) 
                     f"(limit {limits.max_bad_hosts}): {verdict.describe()}",
                 )
             return Decision(Action.RETRY, replace_slices=verdict.bad_slices, reason=verdict.describe())
+        case AttemptOutcome.ENVIRONMENT_FAILURE:
+            return Decision(Action.FAIL, reason=f"the job's environment cannot be built (not retried): "
+                                                f"{verdict.describe()}")
         case AttemptOutcome.USER_FAILURE:
             counters.failures += 1
             if counters.failures > limits.max_failures:
@@ -201,18 +214,18 @@ def decide(limits: RetryLimits, counters: JobCounters, verdict: AttemptVerdict) 
 class PrepareProblem(enum.StrEnum):
     """Why preparing one host failed, as the channel reported it."""
 
-    USER = "user"  # the agent says the request cannot work (bad package, missing command)
+    ENVIRONMENT = "environment"  # the agent says the job's Python environment cannot be built
     HOST = "host"  # the agent says the machine is at fault
     UNREACHABLE = "unreachable"  # the agent did not answer
     CHANNEL = "channel"  # any other channel error
 
 
 def prepare_outcome(problem: PrepareProblem) -> TaskOutcome:
-    """A user's mistake consumes the failure budget; an unreachable host counts as lost (its
-    slice is replaced as after a preemption); anything else is the machine's fault."""
+    """An environment that cannot be built fails the job at once; an unreachable host counts as
+    lost (its slice is replaced as after a preemption); anything else is the machine's fault."""
     match problem:
-        case PrepareProblem.USER:
-            return TaskOutcome.FAILED
+        case PrepareProblem.ENVIRONMENT:
+            return TaskOutcome.ENVIRONMENT_FAILED
         case PrepareProblem.UNREACHABLE:
             return TaskOutcome.LOST
     return TaskOutcome.BAD_HOST

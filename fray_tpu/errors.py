@@ -33,3 +33,7 @@ class CapacityUnavailableError(ProvisioningError):
 
 class DeadlineExceeded(FrayTpuError, TimeoutError):
     """A wait ran past its deadline; the message says what was waited for."""
+
+
+class EnvironmentBuildError(FrayTpuError):
+    """uv could not build (or check) the job's environment; the message carries uv's own words."""

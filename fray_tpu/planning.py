@@ -60,6 +60,9 @@ class JobPlan:
     runtime_version: str = ""
     queued: bool = False
     labels: Mapping[str, str] = field(default_factory=dict)
+    # The hosts' job environment: built with uv on this Python, from this index ("" = uv's default).
+    python_version: str = ""
+    index_url: str = ""
 
     @property
     def is_tpu(self) -> bool:
@@ -279,6 +282,8 @@ def plan_job(request: Any, config: TpuClusterConfig) -> JobPlan:
         extras=tuple(getattr(environment, "extras", None) or ()),
         max_failures=request.max_retries_failure,
         max_preemptions=request.max_retries_preemption,
+        python_version=config.job_python_version(),
+        index_url=config.index_url or "",
     )
     tpu_type = fray_api.tpu_type_of(resources.device)
     if tpu_type is None:

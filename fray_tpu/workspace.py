@@ -9,6 +9,9 @@ Left out: whatever `.gitignore` files (and `.git/info/exclude`) exclude, includi
 workspace's ancestors up to the root of the git work tree it is in, version-control
 directories, virtual environments (any directory holding `pyvenv.cfg`), tool caches and
 compiled Python files. Symlinks are kept when relative and inside the tree, skipped otherwise.
+
+A workspace that is a uv project with a lockfile is checked before anything is provisioned
+(``check_workspace_lock``): a stale lock is the job's error, not every host's.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fray_tpu.errors import ConfigError
+from fray_tpu.errors import ConfigError, EnvironmentBuildError
 from fray_tpu.gitignore import IgnoreMatcher, IgnoreRule, parse_gitignore
+from fray_tpu.uv_command import INDEX_VARS, REDIRECTING_VARS, find_uv, is_locked_workspace, run_streaming, uv_message
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 ARCHIVE_SUFFIX = ".tar.gz"
@@ -58,6 +62,7 @@ RACY_MTIME_SECONDS = 2.0
 # How far up from the workspace to look for the git work tree that contains it.
 MAX_REPOSITORY_DEPTH = 64
 _GZIP_LEVEL = 1
+LOCK_CHECK_TIMEOUT_SECONDS = 300.0
 
 
 class WorkspaceTooLargeError(ConfigError):
@@ -310,9 +315,18 @@ def _write_archive(root: Path, entries: list[_Entry], out) -> tuple[str, int]:
 
 
 def _prune_cache(cache_dir: Path) -> None:
+    """Keep the newest archives and records. Other processes pack into the same cache at the
+    same time: their temporary files (dot-names) are theirs, and any file may vanish meanwhile."""
     for pattern, keep in ((f"*{ARCHIVE_SUFFIX}", CACHE_KEEP_ARCHIVES), ("*.json", 4 * CACHE_KEEP_ARCHIVES)):
-        newest_first = sorted(cache_dir.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
-        for stale in newest_first[keep:]:
+        ages = []
+        for path in cache_dir.glob(pattern):
+            if path.name.startswith("."):
+                continue
+            try:
+                ages.append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                continue
+        for _, stale in sorted(ages, reverse=True)[keep:]:
             stale.unlink(missing_ok=True)
 
 
@@ -393,3 +407,21 @@ def pack_workspace(root: Path, *, cache_dir: Path | None = None, max_bytes: int 
         os.replace(record_tmp, cache_dir / f"{signature}.json")
     _prune_cache(cache_dir)
     return bundle
+
+
+def check_workspace_lock(workspace: Path | None, uv: str | None = None, *,
+                         timeout: float = LOCK_CHECK_TIMEOUT_SECONDS) -> None:
+    """Before anything is provisioned: a workspace with ``pyproject.toml`` and ``uv.lock`` must
+    have a lock that matches its pyproject (``uv lock --check`` with the workspace's own index
+    settings, where the lock was made). Raises with uv's message."""
+    if not is_locked_workspace(workspace):
+        return
+    command = [uv or find_uv(), "lock", "--check"]
+    env = {key: value for key, value in os.environ.items() if key not in (*INDEX_VARS, *REDIRECTING_VARS)}
+    env["UV_NO_PROGRESS"] = "1"
+    code, tail = run_streaming(command, cwd=Path(workspace), env=env, timeout=timeout, log=lambda line: None)
+    if code != 0:
+        raise EnvironmentBuildError(
+            f"the workspace's uv.lock does not match its pyproject.toml ({workspace}): run `uv lock` there and "
+            f"launch again. uv lock --check said:\n{uv_message(tail)}"
+        )

@@ -16,7 +16,10 @@ sys.path.insert(0, str(NETGUARD_DIR))
 
 import loopback_guard  # noqa: E402
 
-pytest_plugins = ["fake_gcp.fixtures"]
+pytest.register_assert_rewrite("package_fixtures")
+import package_fixtures  # noqa: E402
+
+pytest_plugins = ["fake_gcp.fixtures", "package_fixtures"]
 
 _netguard_log = Path(tempfile.mkdtemp(prefix="fray-tpu-netguard-")) / "violations.log"
 
@@ -53,6 +56,8 @@ def _host_site() -> str:
 
 
 def pytest_configure(config):
+    # The one download of a session, from the real registry, before the guard goes up (cached).
+    package_fixtures.fill_test_wheelhouse()
     loopback_guard.install()
     metadata = _start_fake_metadata()
     os.environ.update(
@@ -71,6 +76,11 @@ def pytest_configure(config):
             "FRAY_TPU_EMULATOR_HOST_SITE": _host_site(),
             # Host bundles are built from the wheels ./dev setup fetched (no index in tests).
             "FRAY_TPU_HOST_WHEELHOUSE": str(Path(__file__).parent.parent / ".venv" / "host-wheels"),
+            # Emulated hosts' uv finds the local stand-ins for its interpreter downloads, and downloads none.
+            "FRAY_TPU_PYTHON_DIRS": os.pathsep.join(package_fixtures.stand_in_python_dirs()),
+            "FRAY_TPU_PYTHON_DOWNLOADS": "never",
+            # uv is no Python process the guard can watch: one not told an index fails on loopback.
+            "UV_DEFAULT_INDEX": "http://127.0.0.1:9/no-index-configured/simple/",
         }
     )
 

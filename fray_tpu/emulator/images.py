@@ -42,6 +42,11 @@ _SYSTEM_BIN_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
 # Not on a TPU image's PATH as this machine has them: interpreters, package managers, systemd.
 _EXCLUDED_TOOL = re.compile(r"^(python|pip|pydoc|idle|2to3|pyenv|uv$|uvx$|systemctl$|systemd|conda|virtualenv)")
 VENV_TIMEOUT_SECONDS = 120.0
+# The hosts have no egress: a package index they were not told of is a closed loopback port
+# (uv and pip fail at once, as they would after a timeout on a real VM).
+NO_EGRESS_INDEX = "http://127.0.0.1:9/no-egress/simple/"
+# The oldest interpreter that stands in for uv's Python downloads (what jobs run on).
+OLDEST_STAND_IN = (3, 11)
 
 
 @dataclass(frozen=True)
@@ -141,15 +146,34 @@ class ImageStore:
             shutil.copy(module, site / module.name)
 
 
+def python_stand_ins() -> list[str]:
+    """The bin directories of this machine's pyenv interpreters (3.11 and newer) that stand in
+    for the interpreters uv would download for a job's Python."""
+    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    found = []
+    for version in sorted(root.glob("3.*")) if root.is_dir() else ():
+        parts = version.name.split(".")
+        if (len(parts) == 3 and all(p.isdigit() for p in parts) and (int(parts[0]), int(parts[1])) >= OLDEST_STAND_IN
+                and (version / "bin").is_dir()):
+            found.append(str(version / "bin"))
+    return found
+
+
 def script_environment(bin_dir: Path | None, host_env: dict[str, str]) -> dict[str, str]:
     """The startup-script's environment: systemd's (``bin_dir`` stands for its PATH) plus what
     the emulator needs to place the VM (``host_env``: metadata server, host directory, token).
-    ``bin_dir`` None inherits the emulator's environment (the ``inherit-controller`` mode)."""
+    ``bin_dir`` None inherits the emulator's environment (the ``inherit-controller`` mode).
+
+    A faithful host reaches no package index, and uv on it downloads no interpreter: it finds
+    the stand-ins (the emulator's ``FRAY_TPU_PYTHON_DIRS`` when set, else ``python_stand_ins``)."""
     if bin_dir is None:
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join(filter(None, [os.path.dirname(sys.executable), env.get("PATH")]))
         env[contract.EMULATOR_INHERITED_ENV] = "1"
     else:
-        env = {"PATH": str(bin_dir), "LANG": "C.UTF-8", "HOME": host_env[contract.HOST_DIR_ENV]}
+        env = {"PATH": str(bin_dir), "LANG": "C.UTF-8", "HOME": host_env[contract.HOST_DIR_ENV],
+               contract.PYTHON_DIRS_ENV: os.environ.get(contract.PYTHON_DIRS_ENV) or os.pathsep.join(python_stand_ins()),
+               contract.PYTHON_DOWNLOADS_ENV: "never",
+               "UV_DEFAULT_INDEX": NO_EGRESS_INDEX, "PIP_INDEX_URL": NO_EGRESS_INDEX}
     env.update(host_env)
     return env

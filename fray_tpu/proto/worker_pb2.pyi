@@ -144,7 +144,7 @@ class BinaryPayload(_message.Message):
     def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AttemptSpec(_message.Message):
-    __slots__ = ("attempt_id", "job_id", "task_id", "task_index", "callable", "binary", "env", "workspace_digest", "pip_packages", "extras")
+    __slots__ = ("attempt_id", "job_id", "task_id", "task_index", "callable", "binary", "env", "workspace_digest", "pip_packages", "extras", "python_version", "index_url")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,8 @@ class AttemptSpec(_message.Message):
     WORKSPACE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PIP_PACKAGES_FIELD_NUMBER: _ClassVar[int]
     EXTRAS_FIELD_NUMBER: _ClassVar[int]
+    PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_URL_FIELD_NUMBER: _ClassVar[int]
     attempt_id: str
     job_id: str
     task_id: str
@@ -172,21 +174,27 @@ class AttemptSpec(_message.Message):
     workspace_digest: str
     pip_packages: _containers.RepeatedScalarFieldContainer[str]
     extras: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, attempt_id: _Optional[str] = ..., job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_index: _Optional[int] = ..., callable: _Optional[_Union[CallablePayload, _Mapping]] = ..., binary: _Optional[_Union[BinaryPayload, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., workspace_digest: _Optional[str] = ..., pip_packages: _Optional[_Iterable[str]] = ..., extras: _Optional[_Iterable[str]] = ...) -> None: ...
+    python_version: str
+    index_url: str
+    def __init__(self, attempt_id: _Optional[str] = ..., job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_index: _Optional[int] = ..., callable: _Optional[_Union[CallablePayload, _Mapping]] = ..., binary: _Optional[_Union[BinaryPayload, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., workspace_digest: _Optional[str] = ..., pip_packages: _Optional[_Iterable[str]] = ..., extras: _Optional[_Iterable[str]] = ..., python_version: _Optional[str] = ..., index_url: _Optional[str] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("attempt_id", "prepare_seconds", "env_reused", "python", "cleanup_notes")
+    __slots__ = ("attempt_id", "prepare_seconds", "env_reused", "python", "cleanup_notes", "env_digest", "env_build_seconds")
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PREPARE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENV_REUSED_FIELD_NUMBER: _ClassVar[int]
     PYTHON_FIELD_NUMBER: _ClassVar[int]
     CLEANUP_NOTES_FIELD_NUMBER: _ClassVar[int]
+    ENV_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ENV_BUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     attempt_id: str
     prepare_seconds: float
     env_reused: bool
     python: str
     cleanup_notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, attempt_id: _Optional[str] = ..., prepare_seconds: _Optional[float] = ..., env_reused: _Optional[bool] = ..., python: _Optional[str] = ..., cleanup_notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    env_digest: str
+    env_build_seconds: float
+    def __init__(self, attempt_id: _Optional[str] = ..., prepare_seconds: _Optional[float] = ..., env_reused: _Optional[bool] = ..., python: _Optional[str] = ..., cleanup_notes: _Optional[_Iterable[str]] = ..., env_digest: _Optional[str] = ..., env_build_seconds: _Optional[float] = ...) -> None: ...
 
 class StartRequest(_message.Message):
     __slots__ = ("attempt_id",)

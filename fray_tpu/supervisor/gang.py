@@ -45,7 +45,8 @@ class Liveness:
 
 def classify_prepare_error(error: channel.ChannelError) -> PrepareProblem:
     if isinstance(error, channel.PrepareFailed):
-        return PrepareProblem.USER if error.kind == PrepareFailureKind.USER else PrepareProblem.HOST
+        # Only the job's environment is the job's fault; any other refusal is the machine's.
+        return PrepareProblem.ENVIRONMENT if error.kind == PrepareFailureKind.ENVIRONMENT else PrepareProblem.HOST
     if isinstance(error, channel.AgentUnreachable):
         return PrepareProblem.UNREACHABLE
     return PrepareProblem.CHANNEL
@@ -185,19 +186,22 @@ class Gang:
         in_parallel(upload, range(len(clients)))
         return failed
 
-    def prepare(self, specs: Sequence[channel.AttemptSpec]) -> dict[int, tuple[TaskOutcome, str]]:
-        """Prepare every host; returns how each task whose host could not be prepared ended."""
+    def prepare(self, specs: Sequence[channel.AttemptSpec]
+                ) -> tuple[list[channel.PrepareResult], dict[int, tuple[TaskOutcome, str]]]:
+        """Prepare every host; returns what the prepared hosts answered, and how each task whose
+        host could not be prepared ended."""
         clients = self.clients()
+        prepared: list[channel.PrepareResult] = []
         problems: dict[int, tuple[TaskOutcome, str]] = {}
 
         def prepare(index: int) -> None:
             try:
-                clients[index].prepare(specs[index])
+                prepared.append(clients[index].prepare(specs[index]))
             except channel.ChannelError as error:
                 problems[index] = (prepare_outcome(classify_prepare_error(error)), str(error))
 
         in_parallel(prepare, range(len(clients)))
-        return problems
+        return prepared, problems
 
     def drop(self, slice_id: int) -> None:
         for client in self._clients.pop(slice_id, []):

@@ -25,6 +25,7 @@ from fray_tpu.supervisor.gang import Gang, TpuGangRun
 from fray_tpu.supervisor.job import JobStopped, JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
 from fray_tpu.supervisor.slices import ControllerContext, SliceKeeper
+from fray_tpu.workspace import check_workspace_lock, pack_workspace
 from fray_tpu.multislice import TaskSlot
 
 
@@ -78,6 +79,8 @@ class TpuJobSupervisor(JobSupervisor):
 
     def setup(self) -> None:
         if self.resume is None:
+            # A stale lock fails the job here, before any slice; a reattached job passed this at launch.
+            check_workspace_lock(self.plan.workspace)
             self.credentials.store(self.journal, self.record.job_id)
         else:
             self.slices.restore(self.resume.slices)
@@ -189,6 +192,7 @@ class TpuJobSupervisor(JobSupervisor):
             job_id=self.record.job_id, task_id=slot.label, task_index=slot.index, env=env,
             workspace_digest=self._bundle.digest if self._bundle else "",
             pip_packages=list(self.plan.pip_packages), extras=list(self.plan.extras),
+            python_version=self.plan.python_version, index_url=self.plan.index_url,
         )
         if payload.kind == "callable":
             return channel.AttemptSpec(attempt_id, pickled_callable=payload.pickled, **common)
@@ -200,8 +204,6 @@ class TpuJobSupervisor(JobSupervisor):
         if self.plan.workspace is None:
             return {}
         if self._bundle is None or not self._bundle.path.exists():
-            from fray_tpu.workspace import pack_workspace
-
             # Packed once per job; packed again only if the cache dropped the archive meanwhile.
             self._bundle = pack_workspace(self.plan.workspace)
             self.progress(f"workspace {self.plan.workspace}: {self._bundle.file_count} files, "
@@ -209,7 +211,9 @@ class TpuJobSupervisor(JobSupervisor):
         return self.gang.upload(self._bundle, lambda index: self.slots[index].slice_id)
 
     def _prepare(self, specs: Sequence[channel.AttemptSpec]) -> AttemptVerdict | None:
-        problems = self.gang.prepare(specs)
+        prepared, problems = self.gang.prepare(specs)
+        if (environments := channel.describe_environments(prepared)) is not None:
+            self.progress(environments)
         if not problems:
             return None
         ends = [TaskEnd(self.slots[i].index, self.slots[i].slice_id, self.slots[i].worker_id, outcome,

@@ -18,7 +18,8 @@ from pathlib import Path
 import grpc
 
 from fray_tpu import contract, tls
-from fray_tpu.contract import FAILURE_KIND_KEY, PrepareFailureKind
+from fray_tpu.contract import BASE_ENV_DIGEST, FAILURE_KIND_KEY, PrepareFailureKind
+from fray_tpu.errors import ConfigError, EnvironmentBuildError
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
 from fray_tpu.worker import cleanup
 from fray_tpu.worker.attempt import Attempt, LaunchPlan
@@ -186,7 +187,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         for note in notes:
             LOG.info("attempt %s: %s", spec.attempt_id, note)
         workspace = self._workspace(spec)
-        python, env_vars, env_reused = self._python_env(spec, workspace)
+        python, env_vars, env_reused, env_digest, env_build_seconds = self._python_env(spec, workspace)
         attempt_dir = self._attempts_dir / spec.attempt_id
         shutil.rmtree(attempt_dir, ignore_errors=True)
         attempt_dir.mkdir(parents=True)
@@ -207,7 +208,8 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         slot.attempt.prespawn()
         return worker_pb2.PrepareResponse(
             attempt_id=spec.attempt_id, prepare_seconds=time.monotonic() - began,
-            env_reused=env_reused, python=python, cleanup_notes=notes,
+            env_reused=env_reused, python=python, cleanup_notes=notes, env_digest=env_digest,
+            env_build_seconds=env_build_seconds,
         )
 
     def _workspace(self, spec: worker_pb2.AttemptSpec) -> Path | None:
@@ -220,22 +222,27 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         except BundleError as error:
             raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.CONTROLLER, str(error)) from error
 
-    def _python_env(self, spec: worker_pb2.AttemptSpec, workspace: Path | None) -> tuple[str, dict[str, str], bool]:
-        if not spec.pip_packages and not spec.extras:
-            return sys.executable, {}, True
-        if self._pyenvs is None:
-            from fray_tpu.worker.pyenv import PythonEnvStore
+    def _python_env(self, spec: worker_pb2.AttemptSpec, workspace: Path | None):
+        from fray_tpu.worker.pyenv import EnvRequest, PythonEnvStore, UvSettings, needs_own_env
 
-            self._pyenvs = PythonEnvStore(self.settings.state_dir / "envs")
+        request = EnvRequest(pip_packages=tuple(spec.pip_packages), extras=tuple(spec.extras), workspace_dir=workspace,
+                             python_version=spec.python_version, index_url=spec.index_url)
         try:
-            env = self._pyenvs.ensure(list(spec.pip_packages), list(spec.extras), workspace,
-                                      lambda line: LOG.info("attempt %s env: %s", spec.attempt_id, line))
-        except Exception as error:  # noqa: BLE001 - pip's failures are the request's to fix
-            raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.USER,
-                                f"python environment for {list(spec.pip_packages)} extras "
-                                f"{list(spec.extras)} failed: {error}") from error
+            if not needs_own_env(request):
+                return sys.executable, {}, True, BASE_ENV_DIGEST, 0.0
+            if self._pyenvs is None:
+                self._pyenvs = PythonEnvStore(self.settings.state_dir / "pyenvs", UvSettings.from_environ())
+            env = self._pyenvs.ensure(request, lambda line: LOG.info("attempt %s env: %s", spec.attempt_id, line))
+        except (EnvironmentBuildError, ConfigError) as error:
+            # The request's to fix (an unresolvable requirement, a stale lock, a Python uv cannot
+            # find): building it again anywhere gives the same answer.
+            raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.ENVIRONMENT,
+                                f"the job's Python environment (Python {request.python_version or 'of the agent'}, "
+                                f"pip_packages {list(spec.pip_packages)}, extras {list(spec.extras)}"
+                                f"{', uv.lock of the workspace' if request.locked else ''}) could not be built: "
+                                f"{error}") from error
         self._counters["envs_reused" if env.reused else "envs_created"] += 1
-        return env.python, dict(env.env_vars), env.reused
+        return env.python, dict(env.env_vars), env.reused, env.digest, env.build_seconds
 
     def _attempt_env(self, spec: worker_pb2.AttemptSpec, env_vars: dict[str, str],
                      workspace: Path | None) -> dict[str, str]:

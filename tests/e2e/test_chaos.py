@@ -31,8 +31,6 @@ from fray_tpu.naming import LABEL_JOB, LABEL_SLICE, label_value
 from fake_gcp.host_jobs import wait_for_file, write_json
 from fake_gcp.scenarios import wait_for
 
-# Job callables here are pickled by value by the controller's Python (see inherit_controller_image).
-pytestmark = pytest.mark.usefixtures("inherit_controller_image")
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -29,8 +29,6 @@ from fray_tpu.config import resolve_zones
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-# Job callables here are pickled by value by the controller's Python (see inherit_controller_image).
-pytestmark = pytest.mark.usefixtures("inherit_controller_image")
 
 CLI_TIMEOUT = 120.0
 JOB_TIMEOUT = 120.0
@@ -95,14 +93,12 @@ def finished_job(emulator_process, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cli-finished")
     spec = spec_for(emulator_process.endpoint, root / "state")
     cluster = TpuCluster.from_spec(spec)
-    emulator_process.control.set_image("inherit-controller")  # as inherit_controller_image, for the module
     try:
         job_id = cluster.launch(request("greet", greet, make_workspace(root / "workspace")))
         info = cluster.wait(job_id, timeout=JOB_TIMEOUT)
         cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
     finally:
         cluster.shutdown(timeout=JOB_TIMEOUT)
-        emulator_process.control.set_image(None)
     assert info.status == JobStatus.SUCCEEDED
     return {"spec": spec, "state_dir": str(root / "state"), "job_id": job_id}
 

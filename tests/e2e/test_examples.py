@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-# Job callables here are pickled by value by the controller's Python (see inherit_controller_image).
-pytestmark = pytest.mark.usefixtures("inherit_controller_image")
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 EXAMPLES = REPOSITORY / "examples"

@@ -39,8 +39,6 @@ from fray_tpu.state.journal import Journal, JournalLockedError
 from fray_tpu.state.journals import journal_dirs
 from fray_tpu.naming import LABEL_JOB, label_value
 
-# Job callables here are pickled by value by the controller's Python (see inherit_controller_image).
-pytestmark = pytest.mark.usefixtures("inherit_controller_image")
 
 DRIVER_START_TIMEOUT = 120.0  # interpreter start, imports, provisioning and the gang start
 JOB_TIMEOUT = 120.0

@@ -257,7 +257,6 @@ def files_outside_secrets(state_dir: Path) -> dict[str, bytes]:
             if p.is_file() and SECRETS_DIRNAME not in p.relative_to(state_dir).parts}
 
 
-@pytest.mark.usefixtures("inherit_controller_image")  # its callable is pickled by value
 def test_a_tpu_job_end_to_end_never_exposes_its_secret(emulator_process, fake_gcp, tpu_client, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     state_dir = tmp_path / "state"

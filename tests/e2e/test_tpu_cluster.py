@@ -29,8 +29,6 @@ from fray_tpu.errors import ConfigError
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 from fray_tpu.naming import LABEL_JOB, LABEL_SLICE, label_value
 
-# Job callables here are pickled by value by the controller's Python (see inherit_controller_image).
-pytestmark = pytest.mark.usefixtures("inherit_controller_image")
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -291,11 +291,11 @@ def build_wheel(directory: Path, name: str, version: str, files: dict[str, str])
     return wheel
 
 
-def test_pip_packages_are_installed_for_the_attempt_and_the_environment_is_reused(tmp_path):
+def test_pip_packages_are_installed_for_the_attempt_and_the_environment_is_reused(tmp_path, package_index):
     marker = uuid.uuid4().hex
     wheel = build_wheel(tmp_path, "fraytest_channel_pkg", "1.0",
                         {"fraytest_channel_pkg/__init__.py": f"MARKER = {marker!r}\n"})
-    test_slice = make_slice(tmp_path / "hosts", 1, extra_env={"PIP_NO_INDEX": "1"})
+    test_slice = make_slice(tmp_path / "hosts", 1)
     try:
         [client] = test_slice.wait_until_up()
 
@@ -308,7 +308,8 @@ def test_pip_packages_are_installed_for_the_attempt_and_the_environment_is_reuse
         for run in range(2):
             attempt_id = f"attempt-pip-{run}"
             prepared = client.prepare(AttemptSpec.for_callable(attempt_id, imports_the_package,
-                                                                pip_packages=[str(wheel)]))
+                                                                pip_packages=[str(wheel)],
+                                                                index_url=package_index.url))
             events = collect(client.start(attempt_id), EVENT_TIMEOUT)
             assert events[-1].code == 0, events[-1].stderr_tail
             results.append((prepared.env_reused, [line for e in events if hasattr(e, "lines") for line in e.lines]))
@@ -320,7 +321,7 @@ def test_pip_packages_are_installed_for_the_attempt_and_the_environment_is_reuse
         # it; the attempt is cancelled as soon as it is prepared and never runs.
         other = build_wheel(tmp_path, "fraytest_channel_other", "1.0", {"fraytest_channel_other/__init__.py": ""})
         spec = AttemptSpec.for_callable("attempt-pip-cancelled", imports_the_package,
-                                        pip_packages=[str(wheel), str(other)])
+                                        pip_packages=[str(wheel), str(other)], index_url=package_index.url)
         preparing = threading.Thread(target=client.prepare, args=(spec,))
         preparing.start()
 

@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+from package_fixtures import PYPROJECT, lock_workspace, uv_workspace
 
+from fray_tpu.errors import EnvironmentBuildError
 from fray_tpu.gitignore import IgnoreMatcher, parse_gitignore
-from fray_tpu.workspace import WorkspaceTooLargeError, pack_workspace
+from fray_tpu.workspace import WorkspaceTooLargeError, check_workspace_lock, pack_workspace
 
 PAST = time.time() - 3600
 
@@ -229,3 +231,16 @@ def test_gitignore_files_above_the_workspace_inside_its_repository_apply(tmp_pat
     files = {name for name, member in _members(bundle).items() if member.isfile()}
     # `/notes.txt` is anchored to the repository root, so exp/notes.txt stays.
     assert files == {".gitignore", "train.py", "keep.ckpt", "notes.txt"}
+
+
+def test_a_lock_that_does_not_match_its_pyproject_fails_the_check_with_uvs_words(package_index, tmp_path) -> None:
+    """The controller's check, before anything is provisioned: no workspace and a current lock
+    pass, a lock older than a dependency added to pyproject.toml fails with uv lock --check's message."""
+    workspace = uv_workspace(tmp_path)
+    lock_workspace(workspace, package_index.url)
+    check_workspace_lock(workspace)
+    check_workspace_lock(None)
+    (workspace / "pyproject.toml").write_text(PYPROJECT.replace('dependencies = ["six"]', 'dependencies = ["six", "tomli"]'))
+    with pytest.raises(EnvironmentBuildError, match=r"(?s)does not match its pyproject.toml.*run `uv lock`.*"
+                                                    r"needs to be updated"):
+        check_workspace_lock(workspace)

@@ -60,17 +60,6 @@ def fake_gcp(emulator_process: EmulatorProcess) -> Iterator[FakeGcp]:
 
 
 @pytest.fixture
-def inherit_controller_image(fake_gcp: FakeGcp) -> Iterator[None]:
-    """Hosts boot the emulator's ``inherit-controller`` image (its environment and interpreter),
-    not the faithful default: only for suites whose job callables are pickled by value by this
-    Python 3.11 process, which the default image's 3.10 cannot load, until job environments
-    bring the controller's Python to the hosts."""
-    fake_gcp.control.set_image("inherit-controller")
-    yield
-    fake_gcp.control.set_image(None)
-
-
-@pytest.fixture
 def emulator_control(fake_gcp: FakeGcp) -> EmulatorControl:
     return fake_gcp.control
 

@@ -1,5 +1,7 @@
 """TpuClusterConfig from spec strings and the environment, its validation, and zone resolution."""
 
+import sys
+
 import pytest
 
 from fray_tpu.config import (
@@ -46,8 +48,10 @@ def test_round_trip_through_to_spec():
     original = TpuClusterConfig.from_spec(
         "tpu?project=p&regions=us-central2,europe-west4&capacity=reserved&reservation=res-1&queued=true"
         "&labels=team:ml&runtime_versions=v4:a,v6e:b&emulate=true&emulator_endpoint=127.0.0.1:4567"
-        "&state_dir=/tmp/x y&api_timeout=2.5&boot_deadline=1h"
+        "&state_dir=/tmp/x y&api_timeout=2.5&boot_deadline=1h&python_version=3.12"
+        "&index_url=https://us-python.pkg.dev/p/pypi-remote/simple/"
     )
+    assert original.index_url == "https://us-python.pkg.dev/p/pypi-remote/simple/"
     spec = original.to_spec()
     assert spec.startswith("tpu?")
     assert TpuClusterConfig.from_spec(spec) == original
@@ -109,11 +113,21 @@ def test_from_env():
         ("tpu?emulate=true&emulator_endpoint=nowhere", "host:port"),
         ("tpu?emulate=true&emulate=false", "given twice"),
         ("local?x=1", "must start with 'tpu\\?'"),
+        ("tpu?emulate=true&python_version=py3", "python_version='py3' is not a Python version such as 3.12"),
+        ("tpu?emulate=true&index_url=pypi.org/simple", "index_url='pypi.org/simple' is not an http"),
     ],
 )
 def test_invalid_specs_are_explained(spec, match):
     with pytest.raises(ConfigError, match=match):
         TpuClusterConfig.from_spec(spec)
+
+
+def test_the_jobs_python_defaults_to_the_controllers_and_index_url_comes_from_the_environment():
+    assert TpuClusterConfig(emulate=True).job_python_version() == "%d.%d" % sys.version_info[:2]
+    assert TpuClusterConfig(emulate=True, python_version="3.13").job_python_version() == "3.13"
+    c = TpuClusterConfig.from_env({"FRAY_TPU_EMULATE": "1", "FRAY_TPU_INDEX_URL": "http://127.0.0.1:3141/simple/",
+                                   "FRAY_TPU_PYTHON_VERSION": "3.12.1"})
+    assert (c.index_url, c.python_version) == ("http://127.0.0.1:3141/simple/", "3.12.1")
 
 
 def test_production_without_project_says_how_to_set_it():

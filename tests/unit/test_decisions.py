@@ -98,6 +98,18 @@ def test_bad_host_consumes_no_failure_budget_but_is_capped():
     assert decide(limits, counters, verdict).action is Action.FAIL
 
 
+def test_an_environment_that_cannot_be_built_fails_at_once_whatever_the_budget():
+    """It wins over a bad host beside it and spends no budget: retrying builds the same failure."""
+    limits, counters = RetryLimits(max_failures=5, max_preemptions=5), JobCounters()
+    ends = [end(1, TaskOutcome.BAD_HOST), end(0, TaskOutcome.ENVIRONMENT_FAILED, tail="error: No solution found")]
+    verdict = judge_attempt(ends, task_count=4)
+    assert verdict.outcome is AttemptOutcome.ENVIRONMENT_FAILURE and verdict.culprit.task_index == 0
+    decision = decide(limits, counters, verdict)
+    assert decision.action is Action.FAIL
+    assert "not retried" in decision.reason and "No solution found" in decision.reason
+    assert (counters.failures, counters.preemptions, counters.bad_hosts) == (0, 0, 0)
+
+
 def test_success_and_stop():
     limits, counters = RetryLimits(max_failures=0, max_preemptions=0), JobCounters()
     assert decide(limits, counters, judge_attempt(ok(4), task_count=4)).action is Action.SUCCEED
@@ -128,12 +140,13 @@ def test_counters_from_a_journal_of_another_version_ignore_unknown_keys():
 @pytest.mark.parametrize(
     ("problem", "outcome"),
     [
-        (PrepareProblem.USER, TaskOutcome.FAILED),
+        (PrepareProblem.ENVIRONMENT, TaskOutcome.ENVIRONMENT_FAILED),
         (PrepareProblem.HOST, TaskOutcome.BAD_HOST),
         (PrepareProblem.UNREACHABLE, TaskOutcome.LOST),
         (PrepareProblem.CHANNEL, TaskOutcome.BAD_HOST),
     ],
 )
 def test_prepare_failure_classification(problem, outcome):
-    """A user's mistake consumes the failure budget, an unreachable host is lost, the rest is the host's fault."""
+    """An environment that cannot be built fails the job, an unreachable host is lost, the rest
+    is the host's fault."""
     assert prepare_outcome(problem) is outcome

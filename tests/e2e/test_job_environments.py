@@ -1,0 +1,147 @@
+"""Job environments end to end on the Cloud TPU emulator: every host builds the job's environment
+with uv from the loopback index, later jobs reuse it, and an environment that cannot be built
+fails the job at once with uv's words (issue 11). The ``fake_gcp`` fixture fails any test that
+leaves a node or queued resource alive.
+
+The job's Python here is the controller's (the default: a pickled callable only loads on the
+major.minor that pickled it); tests/edges/test_pyenv.py covers a Python other than the agent's.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from fake_gcp.host_jobs import write_json
+from package_fixtures import LOCKED_SIX, NEWEST_SIX, PYPROJECT, lock_workspace, uv_workspace
+from test_tpu_cluster import JOB_TIMEOUT, finish, read_json_files, tpu_request
+
+from fray_tpu.cluster import TpuCluster
+from fray_tpu.config import TpuClusterConfig
+from fray_tpu.fray_api import EnvironmentConfig, JobStatus
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+HOSTS = 4  # one v5litepod-16
+
+
+def report_environment_second_time(out_dir: str) -> None:
+    """Task 0 fails the first attempt (so the gang runs twice); then each task reports what its
+    environment holds."""
+    import six
+
+    marker = Path(out_dir) / "tried"
+    if os.environ["FRAY_TASK_INDEX"] == "0" and not marker.exists():
+        marker.write_text("")
+        raise SystemExit(1)
+
+    write_json(Path(out_dir) / f"host-{os.environ['FRAY_TASK_INDEX']}.json",
+               {"python": sys.executable, "six": six.__version__, "prefix": sys.prefix,
+                "version": "%d.%d" % sys.version_info[:2]})
+
+
+def never_runs() -> None:
+    raise SystemExit("the environment was supposed to fail before the job ran")
+
+
+@pytest.fixture
+def env_cluster(emulator_process, package_index):
+    c = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2,
+                                    lease_period=30.0, index_url=package_index.url))
+    yield c
+    c.shutdown(timeout=120)
+
+
+def _locked_workspace(tmp_path: Path, index_url: str) -> Path:
+    """A workspace locked for the controller's Python (the job's default), six held back."""
+    workspace = uv_workspace(tmp_path)
+    lock_workspace(workspace, index_url, f"six=={LOCKED_SIX}", python="%d.%d" % sys.version_info[:2])
+    return workspace
+
+
+def _request(name: str, fn, args, workspace: Path, **environment):
+    """A one-slice request; a budget of 3 failures shows that an environment failure spends none."""
+    request = tpu_request(name, fn, args, str(workspace), max_retries_failure=3)
+    request.environment = EnvironmentConfig.create(workspace=str(workspace), **environment)
+    return request
+
+
+def _environment_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "Python environment" in r.getMessage()]
+
+
+def test_every_host_builds_the_locked_environment_and_the_next_attempt_reuses_it(
+        env_cluster, fake_gcp, package_index, tmp_path, out_dir, caplog):
+    """Four hosts run the job in a uv environment with six at the locked 1.16.0 (the index's
+    newest is 1.17.0). The first attempt fails on purpose; the progress lines say the environment
+    was built on four hosts for it and reused on the same four hosts for the second attempt."""
+    workspace = _locked_workspace(tmp_path, package_index.url)
+    with caplog.at_level(logging.INFO, logger="fray_tpu"):
+        info = finish(env_cluster, env_cluster.launch(_request("locked-env", report_environment_second_time,
+                                                               [str(out_dir)], workspace)))
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    assert env_cluster.job_counters(info.job_id).attempts == 2
+    reports = read_json_files(out_dir, "host-*.json")
+    assert len(reports) == HOSTS
+    assert {r["six"] for r in reports.values()} == {LOCKED_SIX} != {NEWEST_SIX}
+    assert all(r["prefix"] != sys.prefix and "pyenvs" in r["prefix"] for r in reports.values())
+    lines = _environment_lines(caplog)
+    assert len(lines) == 2, lines
+    assert f"built on {HOSTS} host(s)" in lines[0] and "reused" not in lines[0], lines
+    assert f"reused the cached environment on {HOSTS} host(s)" in lines[1] and "built" not in lines[1], lines
+
+
+def _assert_failed_at_once(cluster: TpuCluster, info, *needles: str) -> None:
+    assert info.status == JobStatus.FAILED
+    assert "not retried" in info.error_message, info.error_message
+    for needle in needles:
+        assert needle in info.error_message, info.error_message
+    assert cluster.job_counters(info.job_id).attempts == 1
+
+
+def test_an_unresolvable_requirement_fails_the_job_at_once_with_the_resolvers_message(
+        env_cluster, fake_gcp, workspace):
+    info = finish(env_cluster, env_cluster.launch(_request("unresolvable", never_runs, [], Path(workspace),
+                                                           pip_packages=["six==99.0"])))
+    _assert_failed_at_once(env_cluster, info, "six==99.0", "unsatisfiable")
+
+
+def test_a_lock_that_does_not_match_its_pyproject_fails_the_job_before_any_slice(
+        env_cluster, fake_gcp, package_index, tmp_path):
+    """The controller checks the lock before provisioning: no attempt, no slice, uv's words."""
+    workspace = _locked_workspace(tmp_path, package_index.url)
+    (workspace / "pyproject.toml").write_text(PYPROJECT.replace('dependencies = ["six"]',
+                                                                'dependencies = ["six", "tomli"]'))
+    info = finish(env_cluster, env_cluster.launch(_request("stale-lock", never_runs, [], workspace)))
+    assert info.status == JobStatus.FAILED
+    assert "uv.lock does not match its pyproject.toml" in info.error_message, info.error_message
+    assert "needs to be updated" in info.error_message, info.error_message
+    assert env_cluster.job_counters(info.job_id).attempts == 0
+    assert fake_gcp.control.counters().get("CreateNode", 0) == 0  # nothing was provisioned
+
+
+def test_a_python_version_that_cannot_be_found_fails_the_job_at_once(emulator_process, fake_gcp, package_index,
+                                                                      workspace):
+    cluster = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint,
+                                          poll_interval=0.2, lease_period=30.0, index_url=package_index.url,
+                                          python_version="3.15"))
+    try:
+        info = finish(cluster, cluster.launch(_request("no-such-python", never_runs, [], Path(workspace))))
+        _assert_failed_at_once(cluster, info, "No interpreter found for Python 3.15")
+    finally:
+        cluster.shutdown(timeout=JOB_TIMEOUT)
+
+
+def test_cloudpickle_of_the_controller_is_what_the_environment_gets():
+    """The runner's requirement admits the controller's cloudpickle, so what it pickles loads."""
+    from packaging.requirements import Requirement
+
+    from fray_tpu.worker.pyenv import RUNNER_REQUIREMENTS
+
+    [requirement] = [Requirement(r) for r in RUNNER_REQUIREMENTS if r.startswith("cloudpickle")]
+    assert requirement.specifier.contains(importlib.metadata.version("cloudpickle"))
