@@ -282,6 +282,9 @@ class PythonEnvStore:
             env_vars={
                 "VIRTUAL_ENV": str(env_dir),
                 "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
+                # Not the agent's import path (on a VM the host bundle's packages, built for the
+                # agent's Python): the environment has what it needs through its .pth.
+                "PYTHONPATH": "",
             },
             digest=digest,
             reused=reused,

@@ -100,7 +100,8 @@ def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job
         cluster, fake_gcp, workspace, out_dir, stdlib_job):
     """Every host of 2 × v5litepod-16 starts from a clean environment with the image's Python
     3.10, installs the agent from the bundle (one upload, one download per VM, no index), runs a
-    standard-library callable, and the job's output shows the bootstrap phases per slice."""
+    standard-library callable on the controller's Python (an environment uv builds on each host
+    with no index), and the job's output shows the bootstrap phases per slice."""
     before = fake_gcp.control.storage_counters()
     job_id = cluster.launch(request("faithful", stdlib_job.main, [str(out_dir)], workspace, slices=2))
     info = finish(cluster, job_id)
@@ -109,9 +110,10 @@ def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job
     tasks = [json.loads(p.read_text()) for p in sorted(out_dir.glob("task-*.json"))]
     assert len(tasks) == 8
     for task in tasks:
-        assert task["version"] == [3, 10]
-        assert "/images/ubuntu-22.04/bin/" in task["executable"]
-        assert task["virtual_env"] is None and task["controller_state_dir"] is None
+        # The job runs on the controller's Python, in an environment uv built on the host.
+        assert task["version"] == list(sys.version_info[:2])
+        assert "/fray-tpu-agent/" in task["executable"] and "/envs/" in task["executable"]
+        assert task["controller_state_dir"] is None
         assert ".venv" not in (task["path"] or "")
     phases = [line for line in progress_lines(cluster, job_id) if "bootstrap phases" in line]
     for slice_id in (0, 1):

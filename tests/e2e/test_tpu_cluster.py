@@ -203,6 +203,7 @@ def test_single_slice_succeeds_with_tagged_output(cluster, fake_gcp, workspace, 
 
 # -- multislice: env on every host and one JAX group of all 8 processes ------------------------------
 
+@pytest.mark.usefixtures("inherit_controller_image")  # JAX on the hosts: see the fixture
 def test_multislice_env_and_global_jax_collective(cluster, fake_gcp, workspace, out_dir):
     job_id = cluster.launch(tpu_request("multi-jax", record_env_and_allgather, [str(out_dir)], workspace, slices=2))
     info = finish(cluster, job_id)
