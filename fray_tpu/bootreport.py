@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fray_tpu.contract import (
+    GUEST_AGENT_ADDRESS,
     GUEST_AGENT_SERVING,
     GUEST_BOOT_FAILED,
     GUEST_BOOT_PHASES,
@@ -31,6 +32,7 @@ class HostBootReport:
     failure: str | None  # "phase: reason"
     cert_pem: str | None
     self_delete_refused: str | None = None
+    address: str | None = None  # where the agent serves
 
     @property
     def host(self) -> str:
@@ -64,7 +66,8 @@ def parse_host_report(slice_id: int, worker: int, attributes: Mapping[str, str])
         phases.append(("serving", int(serving)))
     failure = (attributes.get(GUEST_BOOT_FAILED) or "").strip() or None
     return HostBootReport(slice_id, worker, tuple(phases), failure, attributes.get(GUEST_TLS_CERT) or None,
-                          (attributes.get(GUEST_SELF_DELETE_REFUSED) or "").strip() or None)
+                          (attributes.get(GUEST_SELF_DELETE_REFUSED) or "").strip() or None,
+                          (attributes.get(GUEST_AGENT_ADDRESS) or "").strip() or None)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,17 @@ def judge_boot(reports: Sequence[HostBootReport], expected_hosts: int) -> BootVe
         if any(other.reached(report.failed_phase or "") for other in reports if not other.failure):
             bad.setdefault(report.slice_id, f"{report.host}: bootstrap failed in phase {report.failure}")
     return BootVerdict(None, bad, False)
+
+
+def pinned_certificates(reports: Sequence[HostBootReport], endpoints: Sequence[str]) -> list[bytes] | str:
+    """Each endpoint's certificate, from the agent that published that address (the API's
+    endpoint order need not be the guest attributes' worker order); or why one is missing."""
+    by_address = {r.address: r.cert_pem.encode() for r in reports if r.serving and r.address}
+    missing = [ip for ip in endpoints if ip not in by_address]
+    if missing:
+        return (f"no agent published a certificate for {', '.join(missing)} "
+                f"(agents serve at {', '.join(sorted(by_address)) or 'no address'})")
+    return [by_address[ip] for ip in endpoints]
 
 
 def phase_timings(reports: Sequence[HostBootReport]) -> str:

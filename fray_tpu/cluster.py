@@ -39,11 +39,12 @@ from pathlib import Path
 
 from fray_tpu import naming
 from fray_tpu.config import EMULATED_PROJECT, TpuClusterConfig
-from fray_tpu.errors import DeadlineExceeded
+from fray_tpu.errors import DeadlineExceeded, UnknownRegionError
 from fray_tpu.fray_api import Cluster, JobId, JobInfo, JobStatus
 from fray_tpu.supervisor.records import JobRecord, JobTable
 from fray_tpu.state.journal import Journal, JournalLockedError, JobRow, default_state_dir
 from fray_tpu.state.journals import controller_dir, journal_dirs
+from fray_tpu.placement import multislice_warning
 from fray_tpu.planning import JobPlan, plan_job
 from fray_tpu.supervisor.job import JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
@@ -77,6 +78,7 @@ class TpuCluster(Cluster):
         self._emulator: subprocess.Popen | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="fray-tpu-controller-"))
         self._zones_used: set[str] = set()
+        self._zone_offers = None  # fray_tpu.zone_offers.ZoneOffers, built with the controller context
         atexit.register(self.shutdown)
         _exit_on_sigterm()
 
@@ -87,6 +89,11 @@ class TpuCluster(Cluster):
     # -- the Fray interface ------------------------------------------------------------------
     def launch(self, request) -> JobId:
         plan = plan_job(request, self.config)
+        if plan.is_tpu:
+            plan = self._confirmed_zones(plan)
+            warning = multislice_warning(plan.replicas, plan.shape.vm_count)
+            if warning:
+                log.warning("job %s (%d x %s): %s", plan.name, plan.replicas, plan.tpu_type, warning)
         journal = self.journal()
         job_id = JobId(naming.new_job_id(plan.name))
         journal.add_job(self._job_row(job_id, plan))
@@ -282,10 +289,39 @@ class TpuCluster(Cluster):
         with self._lock:
             return self._context.cluster_spec if self._context is not None else self.config.to_spec()
 
+    def _confirmed_zones(self, plan: JobPlan) -> JobPlan:
+        """The plan with only the zones the API says offer its type (cached per zone); the
+        table's zones stay when the API cannot say. None left: a clear error before anything."""
+        from fray_tpu.zone_offers import ZoneOffers
+
+        context = self._controller_context()
+        if self._zone_offers is None:
+            self._zone_offers = ZoneOffers(context.provisioner.client, context.provisioner.project,
+                                           api_timeout=self.config.api_timeout)
+        zones = tuple(self._zone_offers.confirm(plan.tpu_type, plan.zones))
+        if not self.config.emulate and not self.config.zones:
+            # A real project may be offered the type in zones of these regions the table lacks.
+            zones += tuple(self._discovered_zones(plan.tpu_type, plan.zones))
+        if not zones:
+            raise UnknownRegionError(
+                f"no zone can take {plan.tpu_type} for project {context.provisioner.project}: "
+                + "; ".join(f"{zone}: {self._zone_offers.why_not(plan.tpu_type, zone)}" for zone in plan.zones)
+                + f". `fray-tpu doctor --type {plan.tpu_type}` checks each zone.")
+        return dataclasses.replace(plan, zones=zones) if zones != plan.zones else plan
+
+    def _discovered_zones(self, tpu_type: str, zones) -> list[str]:
+        from google.api_core import exceptions as api_exceptions
+
+        try:
+            return self._zone_offers.discover(tpu_type, zones)
+        except api_exceptions.GoogleAPICallError as error:
+            log.warning("could not list the project's locations (%s); trying the table's zones only", error)
+            return []
+
     def _controller_context(self) -> ControllerContext:
         with self._lock:
             if self._context is None:
-                from fray_tpu.provisioner import SliceProvisioner
+                from fray_tpu.provisioner import RetryPolicy, SliceProvisioner
                 from fray_tpu.tpu_client import make_tpu_client
 
                 endpoint = None
@@ -298,6 +334,8 @@ class TpuCluster(Cluster):
                     self.config.project or EMULATED_PROJECT,
                     api_timeout=self.config.api_timeout,
                     poll_interval=self.config.poll_interval,
+                    retry=RetryPolicy(max_seconds=self.config.api_retry_seconds,
+                                      max_backoff=min(RetryPolicy.max_backoff, self.config.api_retry_seconds / 4)),
                 )
                 self._context = ControllerContext(self.config, provisioner, self.controller_id, endpoint,
                                                   self.config.to_spec())

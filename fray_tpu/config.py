@@ -12,7 +12,8 @@ spec key            environment variable         meaning (default)
 ==================  ===========================  =============================================
 project             FRAY_TPU_PROJECT             GCP project id; required unless emulate=true
                     (else GOOGLE_CLOUD_PROJECT)
-zones (zone)        FRAY_TPU_ZONES               comma list; zones the backend may use (all)
+zones (zone)        FRAY_TPU_ZONES               comma list; zones the backend may use (all the
+                                                 table's, confirmed by ListAcceleratorTypes)
 regions (region)    FRAY_TPU_REGIONS             comma list; regions the backend may use (all)
 capacity            FRAY_TPU_CAPACITY            spot | preemptible | on-demand | reserved (spot)
 queued              FRAY_TPU_QUEUED              create queued resources, not nodes (false)
@@ -34,10 +35,16 @@ state_dir           FRAY_TPU_STATE_DIR           job journal directory
                                                  ($XDG_STATE_HOME/fray-tpu or ~/.local/state/fray-tpu)
 agent_port          FRAY_TPU_AGENT_PORT          port of the agent on each VM (8477)
 api_timeout         FRAY_TPU_API_TIMEOUT         timeout of one Cloud TPU API call (30s)
-create_deadline     FRAY_TPU_CREATE_DEADLINE     create call to node READY with endpoints (15m)
+api_retry_seconds   FRAY_TPU_API_RETRY_SECONDS   one round of retries of a failing API call; a
+                                                 listing still failing after it keeps the last
+                                                 observation and tries again (60s)
+create_deadline     FRAY_TPU_CREATE_DEADLINE     create call (queued: PROVISIONING) to node
+                                                 READY with endpoints (15m)
 boot_deadline       FRAY_TPU_BOOT_DEADLINE       node READY to every agent answering (15m)
 poll_interval       FRAY_TPU_POLL_INTERVAL       between observations of slices (5s)
-capacity_deadline   FRAY_TPU_CAPACITY_DEADLINE   queued resource waiting for capacity (4h)
+capacity_deadline   FRAY_TPU_CAPACITY_DEADLINE   waiting for capacity: rounds over the zones, and
+                                                 a queued resource in WAITING_FOR_RESOURCES (its
+                                                 queueing policy expires it then too) (4h)
 lease_period        FRAY_TPU_LEASE_PERIOD        agents stop work after this long without the
                                                  controller (60s)
 delete_deadline     FRAY_TPU_DELETE_DEADLINE     delete call to resource gone (10m)
@@ -163,6 +170,7 @@ class TpuClusterConfig:
     state_dir: str | None = None
     agent_port: int = DEFAULT_AGENT_PORT
     api_timeout: float = 30.0
+    api_retry_seconds: float = 60.0
     create_deadline: float = 15 * 60.0
     boot_deadline: float = 15 * 60.0
     poll_interval: float = 5.0
@@ -301,6 +309,7 @@ _MAP_FIELDS = ("runtime_versions", "labels")
 _BOOL_FIELDS = ("queued", "external_ips", "emulate")
 _DURATION_FIELDS = (
     "api_timeout",
+    "api_retry_seconds",
     "create_deadline",
     "boot_deadline",
     "poll_interval",
@@ -445,7 +454,7 @@ def _zones_for(tpu_type: str, entries: list[str], source: str) -> list[str]:
         name = str(entry).strip().lower()
         if not _is_real_location(name):
             raise UnknownRegionError(_unknown_location_message(name, entry, tpu_type, generation, source))
-        zones.extend(z for z in offered if (z == name or z.rsplit("-", 1)[0] == name) and z not in zones)
+        zones.extend(z for z in offered if (z == name or topology.region_of(z) == name) and z not in zones)
     if not zones:
         raise UnknownRegionError(
             f"{', '.join(repr(e) for e in entries)} in {source} {'offers' if len(entries) == 1 else 'offer'} no "
@@ -462,19 +471,19 @@ def configured_zones(config: TpuClusterConfig) -> list[str]:
     """Every zone the config's zones and regions name, for any generation (every zone fray-tpu
     knows when it names none), sorted."""
     known = _all_table_zones()
-    chosen = set(config.zones) | {z for z in known if z.rsplit("-", 1)[0] in config.regions}
+    chosen = set(config.zones) | {z for z in known if topology.region_of(z) in config.regions}
     return sorted(chosen or known)
 
 
 def _is_real_location(name: str) -> bool:
     if name in GCP_REGIONS or name in _all_table_zones():
         return True
-    return bool(_ZONE.match(name)) and name.rsplit("-", 1)[0] in GCP_REGIONS
+    return bool(_ZONE.match(name)) and topology.region_of(name) in GCP_REGIONS
 
 
 def _offering(tpu_type: str, generation: str) -> str:
     zones = topology.GENERATION_ZONES[generation]
-    regions = sorted({z.rsplit("-", 1)[0] for z in zones})
+    regions = sorted({topology.region_of(z) for z in zones})
     return f"{generation} ({tpu_type}) is offered in regions {', '.join(regions)} (zones {', '.join(zones)})"
 
 

@@ -41,6 +41,9 @@ GUEST_AGENT_EXIT = "agent-exit"  # the last agent exit: "code N: log tail"
 # Published by the agent (fray_tpu.worker.identity):
 GUEST_TLS_CERT = "tls-cert"  # its certificate, made on the VM, which the controller pins
 GUEST_AGENT_SERVING = "agent-serving"  # epoch milliseconds when this run began serving
+# The address the agent serves on: the controller pins each endpoint to the certificate of the
+# agent at that address (the API may list endpoints out of worker order).
+GUEST_AGENT_ADDRESS = "agent-address"
 GUEST_SELF_DELETE_REFUSED = "self-delete-refused"  # why the TPU API refused the lease self-delete
 
 # -- the task channel --------------------------------------------------------------------
@@ -138,3 +141,13 @@ EMULATED_STATE_SUBDIR = "fray-tpu-agent"
 # writes (its pid) once it serves, which the service's exit hook reads.
 AGENT_LOG_NAME = "agent.log"
 AGENT_SERVING_MARKER = "agent.serving"
+
+# -- the Cloud TPU API's refusals -----------------------------------------------------------
+# ErrorInfo reasons Google sends (googleapis.com domain): the emulator answers with them, the
+# controller's cloud_errors sorts creates by them.
+REASON_LOCATION_POLICY = "LOCATION_POLICY_VIOLATED"
+REASON_SERVICE_DISABLED = "SERVICE_DISABLED"
+REASON_IAM_PERMISSION_DENIED = "IAM_PERMISSION_DENIED"
+REASON_RATE_LIMIT = "RATE_LIMIT_EXCEEDED"
+REASON_QUOTA = "RESOURCE_QUOTA_EXCEEDED"
+REASON_ACCESS_TOKEN = "ACCESS_TOKEN_TYPE_UNSUPPORTED"

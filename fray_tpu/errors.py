@@ -27,6 +27,16 @@ class ProvisioningError(FrayTpuError):
     """A slice could not be created or did not become ready."""
 
 
+class CreateRejectedError(ProvisioningError):
+    """Google refused a create in a way no retry heals (permission, API disabled, bad request, or
+    every zone skipped): the job fails now; the message has the API's words and the fix."""
+
+
+class NoUsableZoneError(CreateRejectedError):
+    """Every candidate zone was skipped (forbidden, type not offered there): the message lists
+    each zone with its reason."""
+
+
 class CapacityUnavailableError(ProvisioningError):
     """Every candidate zone is out of capacity (stockout) or quota."""
 

@@ -40,7 +40,7 @@ class BootstrapFailed(ConfigError):
 
 @dataclass
 class BootResult:
-    certs: dict[tuple[int, int], bytes]  # (slice, worker) -> the certificate that agent published
+    reports: list[HostBootReport]  # every host's, once every agent serves
     dead: dict[int, str]  # slice id -> why its hosts never served (bad host, deadline)
 
 
@@ -139,9 +139,9 @@ def watch_boot(read: Callable[[int], list[dict[str, str]]], hosts_per_slice: dic
             for slice_id in sorted(hosts_per_slice):
                 line = phase_timings([r for r in reports if r.slice_id == slice_id])
                 progress(f"slice-{slice_id}: bootstrap phases (slowest host): {line}")
-            return BootResult({(r.slice_id, r.worker): r.cert_pem.encode() for r in reports}, {})
+            return BootResult(reports, {})
         if verdict.bad_hosts:
-            return BootResult({}, verdict.bad_hosts)
+            return BootResult([], verdict.bad_hosts)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             behind = [r for r in reports if not r.serving]
@@ -149,6 +149,6 @@ def watch_boot(read: Callable[[int], list[dict[str, str]]], hosts_per_slice: dic
             dead = {r.slice_id: f"no agent serving after boot_deadline; last phase per host: {last}" for r in behind}
             missing = [s for s, n in hosts_per_slice.items() if sum(r.slice_id == s for r in reports) < n]
             dead.update({s: "no agent serving after boot_deadline; some hosts published nothing" for s in missing})
-            return BootResult({}, dead)
+            return BootResult([], dead)
         if stop.wait(min(poll_interval, remaining)):
-            return BootResult({}, {})
+            return BootResult([], {})

@@ -2,8 +2,13 @@
 
 The rules this module is built on (see ../shared/tpu-facts.md):
 
-- Stockouts arrive on the create *operation* (code 8), quota errors on the create POST. Either
-  moves the slice on to the next candidate zone.
+- Stockouts arrive on the create *operation* (code 8), quota and policy errors on the create
+  POST. ``cloud_errors`` sorts each by status, ``ErrorInfo.reason`` and ``QuotaFailure``: next
+  zone (no capacity), skip the zone or region (with the reason), retry the same zone later (a
+  per-minute rate limit), or fail the job now (nothing a retry fixes).
+- Creates go through one rate limiter per provisioner (one per controller and project).
+- An API outage never deletes a slice: while listings fail, the last observation is kept (stale)
+  and the wait goes on until the caller's deadline.
 - Readiness is the node READY with every worker endpoint. The create operation is never waited
   on: it can finish long after the VMs booted. It is only peeked at for errors.
 - Preempted nodes and failed queued resources are not deleted by Google, and a queued resource
@@ -24,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -34,13 +40,16 @@ from google.rpc import code_pb2
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from fray_tpu import naming
+from fray_tpu.cloud_errors import CreateAction, CreateRateLimiter, CreateVerdict, classify, classify_call_error
 from fray_tpu.errors import (
     CapacityUnavailableError,
+    CreateRejectedError,
     DeadlineExceeded,
+    NoUsableZoneError,
     ProvisioningError,
     UnknownTpuTypeError,
 )
-from fray_tpu.topology import get_tpu_topology
+from fray_tpu.topology import get_tpu_topology, region_of
 from fray_tpu.tpu_client import CLOUD_PLATFORM_SCOPE, make_tpu_client  # noqa: F401 - the one TPU client
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,14 @@ T = TypeVar("T")
 
 class CancelledError(ProvisioningError):
     """``acquire`` was cancelled by its caller; what it created has been deleted."""
+
+
+class ZoneRefused(ProvisioningError):
+    """A create was refused in one zone; ``verdict`` says what to do about it."""
+
+    def __init__(self, verdict: CreateVerdict):
+        super().__init__(verdict.describe())
+        self.verdict = verdict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +126,8 @@ class SliceObservation:
     error: str | None  # create-operation (or queued-resource) error text, if any
     queued_state: str | None  # queued resource state when created via one
     expected_endpoints: int | None = None  # workers of the accelerator type, when known
+    verdict: CreateVerdict | None = None  # what the create error means, when creation failed
+    stale_for: float = 0.0  # seconds since the listing this comes from last succeeded (API outage)
 
     @property
     def lost(self) -> bool:
@@ -122,11 +141,13 @@ class SliceObservation:
 
     @property
     def stockout(self) -> bool:
-        """Creation failed for lack of capacity in the zone (operation code 8 or queued resource FAILED)."""
-        return self.state == CREATE_FAILED and (self.error or "").startswith(_STOCKOUT_PREFIX)
+        """Creation failed for lack of capacity in the zone (the next zone may have it)."""
+        return self.state == CREATE_FAILED and self.verdict is not None and self.verdict.action is CreateAction.NEXT_ZONE
 
     def describe(self) -> str:
         """One readable line: ``READY 4/4 endpoints``, ``CREATING``, ``queued WAITING_FOR_RESOURCES``."""
+        if self.stale_for > 0:
+            return f"{_replace(self, stale_for=0.0).describe()} (stale: the API has not answered for {self.stale_for:.0f}s)"
         if self.state == "CREATING" and self.queued_state and self.queued_state != "ACTIVE":
             return f"queued {self.queued_state}"
         if self.state == "READY":
@@ -224,8 +245,6 @@ def queued_resource_request(spec: SliceSpec, project: str, zone: str) -> tpu_v2.
 # ---------------------------------------------------------------------------------------------
 # Error classification (pure)
 
-_STOCKOUT_PREFIX = "stockout"
-
 _TRANSIENT = (
     api_exceptions.TooManyRequests,  # includes ResourceExhausted
     api_exceptions.ServiceUnavailable,
@@ -241,10 +260,14 @@ def is_transient(error: BaseException) -> bool:
 
 
 def operation_error_text(code: int, message: str) -> str:
-    """``stockout (code 8): …`` for capacity errors so callers can tell them apart."""
-    if code == code_pb2.RESOURCE_EXHAUSTED:
-        return f"{_STOCKOUT_PREFIX} (code {code}): {message}"
+    """``RESOURCE_EXHAUSTED (code 8): …``: the operation's error as the API gave it."""
     return f"{code_pb2.Code.Name(code) if code in code_pb2.Code.values() else code} (code {code}): {message}"
+
+
+def operation_verdict(status, capacity: str) -> tuple[str, CreateVerdict]:
+    """The text and verdict of a create operation's (or a FAILED queued resource's) error."""
+    verdict = classify(status.code, status.message, status.details, capacity=capacity, on_operation=True)
+    return f"{verdict.reason}: {operation_error_text(status.code, status.message)}", verdict
 
 
 def _expected_workers(accelerator_type: str) -> int | None:
@@ -271,6 +294,8 @@ class _Tracked:
     since: float  # monotonic time it was tracked
     operation: str | None = None  # create operation, peeked at for errors only
     operation_error: str | None = None
+    operation_verdict: CreateVerdict | None = None
+    capacity: str = ""
     operation_done: bool = False
     seen: bool = False  # listed at least once (as a node or a queued resource)
     deleting: bool = False
@@ -305,9 +330,11 @@ class _ZoneWatcher:
         self._snapshot: _Snapshot | None = None
         self._extra_cursor = 0
 
-    def track(self, name: str, *, queued: bool, operation: str | None) -> None:
+    def track(self, name: str, *, queued: bool, operation: str | None, capacity: str = "") -> None:
         with self._lock:
-            self._tracked[name] = _Tracked(name=name, queued=queued, since=time.monotonic(), operation=operation)
+            self._tracked[name] = _Tracked(
+                name=name, queued=queued, since=time.monotonic(), operation=operation, capacity=capacity
+            )
 
     def mark_deleting(self, name: str, *, queued: bool) -> None:
         with self._lock:
@@ -364,12 +391,14 @@ class _ZoneWatcher:
         operation = self._provisioner._peek_operation(operation_name)
         if operation is None or not operation.done:
             return
-        error = operation_error_text(operation.error.code, operation.error.message) if operation.HasField("error") else None
         with self._lock:
             for tracked in self._tracked.values():
                 if tracked.operation == operation_name:
                     tracked.operation_done = True
-                    tracked.operation_error = error
+                    if operation.HasField("error"):
+                        tracked.operation_error, tracked.operation_verdict = operation_verdict(
+                            operation.error, tracked.capacity
+                        )
 
     def observations(self, snapshot: _Snapshot) -> dict[str, SliceObservation]:
         """Every listed node, plus every tracked slice the listing does not show (CREATING while
@@ -383,13 +412,15 @@ class _ZoneWatcher:
             observation = _node_observation(node, self.zone, qr)
             entry = tracked.get(name)
             if entry is not None and entry.operation_error and observation.state != "READY":
-                observation = _replace(observation, state=CREATE_FAILED, error=entry.operation_error)
+                observation = _replace(
+                    observation, state=CREATE_FAILED, error=entry.operation_error, verdict=entry.operation_verdict
+                )
             result[name] = observation
         for name, entry in tracked.items():
             if name in result:
                 continue
             qr = snapshot.queued.get(name)
-            state, error = _absent_state(entry, qr, snapshot)
+            state, error, verdict = _absent_state(entry, qr, snapshot)
             result[name] = SliceObservation(
                 name=name,
                 zone=self.zone,
@@ -400,6 +431,7 @@ class _ZoneWatcher:
                 labels=_queued_labels(qr) if qr is not None else {},
                 error=error,
                 queued_state=_qr_state_name(qr) if qr is not None else None,
+                verdict=verdict,
             )
         return result
 
@@ -419,31 +451,35 @@ def _queued_labels(qr: tpu_v2.QueuedResource) -> dict[str, str]:
     return {}
 
 
-def _qr_error(qr: tpu_v2.QueuedResource) -> str:
-    error = qr.state.failed_data.error
-    return f"{_STOCKOUT_PREFIX} (queued resource FAILED, code {error.code}): {error.message or 'no reason given'}"
+def _qr_error(qr: tpu_v2.QueuedResource, capacity: str = "") -> tuple[str, CreateVerdict]:
+    """A FAILED queued resource named by its real error (a bad request, or its queueing policy
+    expired), with the verdict on it."""
+    text, verdict = operation_verdict(qr.state.failed_data.error, capacity)
+    return f"queued resource FAILED, {text}", verdict
 
 
-def _absent_state(entry: _Tracked, qr: tpu_v2.QueuedResource | None, snapshot: _Snapshot) -> tuple[str, str | None]:
-    """The state of a tracked slice whose node is not listed."""
+def _absent_state(
+    entry: _Tracked, qr: tpu_v2.QueuedResource | None, snapshot: _Snapshot
+) -> tuple[str, str | None, CreateVerdict | None]:
+    """The state of a tracked slice whose node is not listed (with the create error's verdict)."""
     if entry.operation_error:
-        return CREATE_FAILED, entry.operation_error
+        return CREATE_FAILED, entry.operation_error, entry.operation_verdict
     if qr is not None:
         state = _qr_state_name(qr)
         if state == "FAILED":
-            return CREATE_FAILED, _qr_error(qr)
+            return CREATE_FAILED, *_qr_error(qr, entry.capacity)
         if state in ("SUSPENDING", "SUSPENDED"):
-            return GONE, f"queued resource {state}"
+            return GONE, f"queued resource {state}", None
         if state == "DELETING":
-            return "DELETING", None
+            return "DELETING", None, None
         if state == "ACTIVE" and entry.seen and snapshot.taken_at > snapshot.queued_taken_at:
-            return GONE, None  # granted, its node was listed, and now it is not
-        return CREATING, None
+            return GONE, None, None  # granted, its node was listed, and now it is not
+        return CREATING, None, None
     if entry.seen:
-        return GONE, None
+        return GONE, None, None
     if entry.operation_done and not entry.queued and snapshot.taken_at > entry.since:
-        return GONE, None  # created fine, yet absent from a listing made after the POST
-    return CREATING, None
+        return GONE, None, None  # created fine, yet absent from a listing made after the POST
+    return CREATING, None, None
 
 
 def _replace(observation: SliceObservation, **changes) -> SliceObservation:
@@ -482,10 +518,12 @@ class SliceProvisioner:
         retry: RetryPolicy = RetryPolicy(),
         cleanup_timeout: float = 600.0,
         list_page_size: int = 0,
+        creates_per_minute: float = 45.0,
     ):
         """``cleanup_timeout``: how long ``acquire`` keeps trying to delete what it created when it
         gives up (its own deadline has usually passed by then). ``list_page_size`` 0 lets the
-        server choose."""
+        server choose. ``creates_per_minute``: this provisioner's create calls, all jobs together
+        (Google allows about 91 per minute per project; stay well below)."""
         self.client = client
         self.project = project
         self.api_timeout = api_timeout
@@ -493,15 +531,16 @@ class SliceProvisioner:
         self.retry = retry
         self.cleanup_timeout = cleanup_timeout
         self.list_page_size = list_page_size
+        self.create_limiter = CreateRateLimiter(creates_per_minute)
         self._watchers: dict[str, _ZoneWatcher] = {}
         self._watchers_lock = threading.Lock()
 
     # -- API calls (each with timeout=, retry=None, and our own retry policy)
 
-    def _call(self, method: Callable[..., T], request, *, what: str, quota_is_final: bool = False) -> T:
+    def _call(self, method: Callable[..., T], request, *, what: str, is_create: bool = False) -> T:
         def retryable(error: BaseException) -> bool:
-            if quota_is_final and _is_quota_refusal(error):
-                return False
+            if is_create and isinstance(error, api_exceptions.TooManyRequests):
+                return False  # quota or rate limit: create() decides by the error's details
             return is_transient(error)
 
         retrying = Retrying(
@@ -570,34 +609,69 @@ class SliceProvisioner:
 
     # -- verbs
 
-    def create(self, spec: SliceSpec, zone: str) -> None:
+    def create(
+        self,
+        spec: SliceSpec,
+        zone: str,
+        *,
+        deadline: float | None = None,
+        cancel: threading.Event | None = None,
+        queue_until: float | None = None,
+    ) -> None:
         """POST the node (or queued resource). Returns once the API accepted it; never waits for
-        the operation. A quota refusal raises CapacityUnavailableError at once (no in-zone retry).
-        A name that already exists is adopted: names are unique per attempt, so it is ours (a
-        retried POST whose first try landed)."""
+        the operation. Every POST takes a slot of the create rate limiter first. A per-minute rate
+        limit is waited out and retried in the same zone until ``deadline``; any other refusal
+        raises ``ZoneRefused`` with Google's verdict (next zone, skip, fatal). A name that already
+        exists is adopted: names are unique per attempt, so it is ours (a retried POST whose first
+        try landed). ``queue_until`` (monotonic) becomes a queued resource's queueing policy, so
+        Google expires the request when the caller stops waiting."""
         parent = zone_parent(self.project, zone)
         if spec.queued:
+            resource = queued_resource_request(spec, self.project, zone)
+            if queue_until is not None:
+                resource.queueing_policy = tpu_v2.QueuedResource.QueueingPolicy(
+                    valid_until_duration=timedelta(seconds=max(1.0, queue_until - time.monotonic()))
+                )
             request = tpu_v2.CreateQueuedResourceRequest(
-                parent=parent,
-                queued_resource_id=spec.name,
-                queued_resource=queued_resource_request(spec, self.project, zone),
+                parent=parent, queued_resource_id=spec.name, queued_resource=resource
             )
             method, what = self.client.create_queued_resource, f"CreateQueuedResource {spec.name} in {zone}"
         else:
             request = tpu_v2.CreateNodeRequest(parent=parent, node_id=spec.name, node=node_request(spec))
             method, what = self.client.create_node, f"CreateNode {spec.name} in {zone}"
         watcher = self._watcher(zone)
-        try:
-            operation = self._call(method, request, what=what, quota_is_final=True)
-        except api_exceptions.AlreadyExists:
-            log.info("%s: already exists; adopting it", what)
-            watcher.track(spec.name, queued=spec.queued, operation=None)
+        pause = cancel if cancel is not None else threading.Event()
+        end = deadline if deadline is not None else time.monotonic() + self.retry.max_seconds
+        for attempt in range(_MAX_POLLS):
+            wait = self.create_limiter.reserve()
+            if wait > 0 and (pause.wait(min(wait, max(0.0, end - time.monotonic()))) or time.monotonic() >= end):
+                self._raise_if_cancelled(cancel, what)
+                raise ZoneRefused(CreateVerdict(CreateAction.RATE_LIMITED, "create rate limiter",
+                                                f"{what} found no create slot before its deadline"))
+            try:
+                operation = self._call(method, request, what=what, is_create=True)
+            except api_exceptions.AlreadyExists:
+                log.info("%s: already exists; adopting it", what)
+                watcher.track(spec.name, queued=spec.queued, operation=None, capacity=spec.capacity)
+                return
+            except api_exceptions.GoogleAPICallError as error:
+                verdict = classify_call_error(error, capacity=spec.capacity)
+                if verdict.action is not CreateAction.RATE_LIMITED:
+                    raise ZoneRefused(verdict) from error
+                backoff = min(self.retry.max_backoff, self.retry.initial_backoff * 2**attempt)
+                log.info("%s: rate limited (%s); retrying in %.1fs", what, error.message, backoff)
+                if pause.wait(min(backoff, max(0.0, end - time.monotonic()))) or time.monotonic() >= end:
+                    self._raise_if_cancelled(cancel, what)
+                    raise ZoneRefused(verdict) from error
+                continue
+            watcher.track(spec.name, queued=spec.queued, operation=operation.operation.name, capacity=spec.capacity)
             return
-        except api_exceptions.GoogleAPICallError as error:
-            if _is_quota_refusal(error):
-                raise CapacityUnavailableError(f"quota exceeded in {zone}: {error.message}") from error
-            raise ProvisioningError(f"{what} was refused: {error}") from error
-        watcher.track(spec.name, queued=spec.queued, operation=operation.operation.name)
+        raise ProvisioningError(f"{what}: gave up after {_MAX_POLLS} attempts")
+
+    @staticmethod
+    def _raise_if_cancelled(cancel: threading.Event | None, what: str) -> None:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError(f"{what} was cancelled before it was sent")
 
     def guest_attributes(self, zone: str, name: str, namespace: str) -> list[dict[str, str]]:
         """Every worker's guest attributes under ``namespace/``, one entry per worker in worker
@@ -623,10 +697,17 @@ class SliceProvisioner:
         cancel: threading.Event | None = None,
         on_progress: Callable[[str], None] | None = None,
         before_create: Callable[[str], None] | None = None,
+        capacity_deadline: float | None = None,
     ) -> ReadySlice:
         """Create ``spec`` in the first of ``zones`` with capacity and wait until it is READY with
-        every worker endpoint. Stockout or quota moves on to the next zone; anything else (the
+        every worker endpoint. No capacity moves on to the next zone; a zone (or region) that is
+        not for this project is skipped with its reason; a refusal no retry heals raises
+        ``CreateRejectedError`` at once, as does every zone being skipped. Anything else (the
         deadline, ``cancel``, any error) deletes what was created, verified, and raises.
+
+        A queued resource waiting for capacity (WAITING_FOR_RESOURCES) waits until
+        ``capacity_deadline`` (its queueing policy expires then too); ``deadline - now`` is the
+        create budget, applied from the moment it is PROVISIONING.
 
         ``before_create(zone)`` runs before each create call, so a journal can record the
         resource before it exists."""
@@ -634,35 +715,62 @@ class SliceProvisioner:
             raise ValueError(f"acquire({spec.name!r}) needs at least one zone")
         report = _ProgressReporter(on_progress)
         started = time.monotonic()
-        unavailable: dict[str, str] = {}
+        create_budget = deadline - started
+        queue_until = max(capacity_deadline, deadline) if spec.queued and capacity_deadline is not None else None
+        outcomes: dict[str, CreateVerdict] = {}
+        skipped_regions: dict[str, CreateVerdict] = {}
         for zone in zones:
-            self._raise_if_stopped(spec, zone, None, started, deadline, cancel)
+            if queue_until is not None and outcomes and time.monotonic() >= queue_until:
+                break  # the queue expired: say so below rather than "deadline"
+            self._raise_if_stopped(spec, zone, None, started, deadline if queue_until is None else queue_until, cancel)
+            if region_of(zone) in skipped_regions:
+                outcomes[zone] = skipped_regions[region_of(zone)]
+                report(f"{zone}: skipped ({outcomes[zone].reason} in its region)")
+                continue
             report(f"creating in {zone}")
             if before_create is not None:
                 before_create(zone)
             try:
-                self.create(spec, zone)
-            except CapacityUnavailableError as error:
-                unavailable[zone] = str(error)
-                report(f"{zone}: {error}; trying the next zone")
-                continue
+                self.create(spec, zone, deadline=deadline, cancel=cancel, queue_until=queue_until)
+            except ZoneRefused as refused:
+                outcome: ReadySlice | CreateVerdict = refused.verdict  # refused: nothing was created
             except BaseException as error:
                 # The POST may have landed before it failed (a timeout): make sure nothing remains.
                 self._cleanup(spec, zone, report, error)
                 raise
-            try:
-                outcome = self._await_ready(spec, zone, started, deadline, cancel, report)
-            except BaseException as error:
-                self._cleanup(spec, zone, report, error)
-                raise
-            if isinstance(outcome, ReadySlice):
-                return outcome
-            unavailable[zone] = outcome
-            report(f"{zone}: {outcome}; trying the next zone")
-            self._cleanup(spec, zone, report, None)
+            else:
+                try:
+                    outcome = self._await_ready(spec, zone, started, deadline, create_budget, queue_until, cancel, report)
+                except BaseException as error:
+                    self._cleanup(spec, zone, report, error)
+                    raise
+                if isinstance(outcome, ReadySlice):
+                    return outcome
+                self._cleanup(spec, zone, report, None)
+            if outcome.action is CreateAction.FATAL:
+                raise CreateRejectedError(
+                    f"creating slice {spec.name} ({spec.tpu_type}, {spec.capacity}) in {zone} was refused: "
+                    f"{outcome.describe()}. No retry can fix this; nothing was left behind."
+                )
+            if outcome.action in (CreateAction.RATE_LIMITED, CreateAction.TRANSIENT):
+                raise ProvisioningError(
+                    f"creating slice {spec.name} in {zone} was still refused at its deadline: {outcome.describe()}; "
+                    "nothing was left behind"
+                )
+            outcomes[zone] = outcome
+            if outcome.action is CreateAction.SKIP_REGION:
+                skipped_regions[region_of(zone)] = outcome
+            verb = "trying the next zone" if outcome.action is CreateAction.NEXT_ZONE else "skipping it"
+            report(f"{zone}: {outcome.reason}; {verb}")
+        listing = "; ".join(f"{zone}: {verdict.describe()}" for zone, verdict in outcomes.items())
+        if all(verdict.action is CreateAction.SKIP_ZONE for verdict in outcomes.values()):
+            raise NoUsableZoneError(
+                f"no zone can take slice {spec.name} ({spec.tpu_type}, {spec.capacity}): {listing}. "
+                "Nothing was left behind; fix the zones or the project, waiting will not help."
+            )
         raise CapacityUnavailableError(
             f"no capacity for slice {spec.name} ({spec.tpu_type}, {spec.capacity}) in any of its zones: "
-            + "; ".join(f"{zone}: {reason}" for zone, reason in unavailable.items())
+            + listing
             + ". Nothing was left behind; retry later or add zones."
         )
 
@@ -672,36 +780,75 @@ class SliceProvisioner:
         zone: str,
         started: float,
         deadline: float,
+        create_budget: float,
+        queue_until: float | None,
         cancel: threading.Event | None,
         report: _ProgressReporter,
-    ) -> ReadySlice | str:
-        """The ready slice, or why the zone cannot have it (stockout, lost while provisioning)."""
+    ) -> ReadySlice | CreateVerdict:
+        """The ready slice, or Google's verdict on why the zone cannot have it.
+
+        While listings fail (an API outage) the last observation is kept, marked stale, and the
+        wait goes on: only the deadline, a cancel or a terminal state ends it. A queued resource
+        not yet granted waits until ``queue_until``; the create budget runs from PROVISIONING."""
         watcher = self._watcher(zone)
         pause = cancel if cancel is not None else threading.Event()
         peeked_after_gone = False
         last: SliceObservation | None = None
+        last_listed = time.monotonic()
+        provisioning_since: float | None = None
+        outage_logged: ProvisioningError | None = None
         for _ in range(_MAX_POLLS):
-            observation = watcher.observations(watcher.snapshot())[spec.name]
-            tracked_operation = watcher.pending_operation(spec.name)
-            if observation.state == GONE and tracked_operation and not peeked_after_gone:
-                # It vanished: a failed create operation says why (stockout deletes the node).
-                peeked_after_gone = True
-                watcher.peek_operation(tracked_operation)
-                continue
-            last = observation
-            report(observation.describe())
-            if observation.ready:
-                return ReadySlice(spec, zone, observation.resource_name, observation.endpoints)
-            if observation.state == CREATE_FAILED:
-                if observation.stockout:
-                    return f"out of capacity ({observation.error})"
-                raise ProvisioningError(f"creating {observation.resource_name} failed: {observation.error}")
-            if observation.lost:
-                return f"slice {observation.state} before it became ready" + (
-                    f" ({observation.error})" if observation.error else ""
-                )
-            self._raise_if_stopped(spec, zone, observation, started, deadline, cancel)
-            pause.wait(max(0.0, min(self.poll_interval, deadline - time.monotonic())))
+            try:
+                observation = watcher.observations(watcher.snapshot())[spec.name]
+            except ProvisioningError as error:
+                if outage_logged is None:
+                    log.warning("listing %s failed (%s); keeping the last observation until it answers", zone, error)
+                    outage_logged = error
+                observation = None
+            else:
+                if outage_logged is not None:
+                    log.warning("listing %s answers again after %.0fs", zone, time.monotonic() - last_listed)
+                outage_logged = None
+            if observation is None:
+                silent = time.monotonic() - last_listed
+                if last is not None:
+                    report(_replace(last, stale_for=silent).describe())
+                else:
+                    report(f"not observed yet (the API has not answered for {silent:.0f}s)")
+            else:
+                last_listed = time.monotonic()
+                tracked_operation = watcher.pending_operation(spec.name)
+                if observation.state == GONE and tracked_operation and not peeked_after_gone:
+                    # It vanished: a failed create operation says why (stockout deletes the node).
+                    peeked_after_gone = True
+                    watcher.peek_operation(tracked_operation)
+                    continue
+                last = observation
+                report(observation.describe())
+                if observation.ready:
+                    return ReadySlice(spec, zone, observation.resource_name, observation.endpoints)
+                if observation.state == CREATE_FAILED:
+                    return observation.verdict or CreateVerdict(
+                        CreateAction.FATAL, "create failed", observation.error or "no reason given"
+                    )
+                if observation.lost:
+                    return CreateVerdict(
+                        CreateAction.NEXT_ZONE,
+                        f"slice {observation.state} before it became ready",
+                        observation.error or observation.state,
+                    )
+                waiting = spec.queued and observation.queued_state in (None, "CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES")
+                if not waiting and provisioning_since is None:
+                    provisioning_since = time.monotonic()
+            if queue_until is not None and provisioning_since is None:
+                # Google expires the request at queue_until; a few more polls see it FAILED.
+                effective = queue_until + _EXPIRY_GRACE_POLLS * self.poll_interval
+            elif queue_until is not None:
+                effective = provisioning_since + create_budget
+            else:
+                effective = deadline
+            self._raise_if_stopped(spec, zone, last, started, effective, cancel)
+            pause.wait(max(0.0, min(self.poll_interval, effective - time.monotonic())))
         raise ProvisioningError(f"gave up watching {spec.name} in {zone} after {_MAX_POLLS} polls; last: {last}")
 
     def _raise_if_stopped(
@@ -738,49 +885,72 @@ class SliceProvisioner:
         once a listing made after the request shows it gone. Idempotent: NotFound is success.
 
         A CREATING node can be deleted (the real API and the emulator both accept it; the
-        emulator aborts its create operation). If the API refuses for now (FAILED_PRECONDITION),
-        the request is repeated each few polls until the node is gone or ``deadline`` passes, as
-        is a request for a resource that is still listed and not DELETING.
+        emulator aborts its create operation). A refusal for now (FAILED_PRECONDITION, 409
+        ABORTED "unable to queue the operation" while another operation runs) and transient
+        failures that outlast one retry round are retried until ``deadline``, as is a request for
+        a resource that is still listed and not DELETING. At the deadline the error (and the log)
+        names what is left and the exact command that deletes it.
         """
         watcher = self._watcher(zone)
         watcher.mark_deleting(name, queued=queued)
         issued_at = time.monotonic()
-        self._issue_delete(name, zone, queued=queued, node=not queued)
+        accepted = self._issue_delete(name, zone, queued=queued, node=not queued)
+        node = qr = None
+        confirmed = False
         for _ in range(_MAX_POLLS):
             time.sleep(max(0.0, min(self.poll_interval, deadline - time.monotonic())))
-            snapshot = watcher.snapshot()
-            node = snapshot.nodes.get(name)
-            qr = snapshot.queued.get(name) if queued else None
-            current = snapshot.taken_at > issued_at and (not queued or snapshot.queued_taken_at > issued_at)
-            if node is None and qr is None and current:
-                watcher.untrack(name)
-                return
+            try:
+                snapshot = watcher.snapshot()
+            except ProvisioningError as error:
+                log.warning("listing %s while deleting %s failed (%s); will look again", zone, name, error)
+                snapshot = None
+            if snapshot is not None:
+                node = snapshot.nodes.get(name)
+                qr = snapshot.queued.get(name) if queued else None
+                current = snapshot.taken_at > issued_at and (not queued or snapshot.queued_taken_at > issued_at)
+                if node is None and qr is None and current and accepted:
+                    watcher.untrack(name)
+                    return
+                confirmed = True
             if time.monotonic() >= deadline:
-                if node is not None:
-                    state = _enum_name(node.state)
-                elif qr is not None:
-                    state = f"queued resource {_qr_state_name(qr)}"
-                else:
-                    state = "not yet confirmed gone"
-                raise DeadlineExceeded(
-                    f"{node_resource_name(self.project, zone, name)} was still present ({state}) at the "
-                    "deadline of its deletion; delete it by hand (gcloud compute tpus "
-                    f"{'queued-resources' if queued else 'tpu-vm'} delete {name} --zone {zone}) "
-                    "or run fray-tpu gc"
-                )
-            reissue = time.monotonic() - issued_at >= self._reissue_interval
+                raise self._deletion_left_behind(name, zone, queued, node, qr, confirmed)
+            interval = self._reissue_interval if accepted else 2 * self.poll_interval
             qr_pending = qr is not None and _qr_state_name(qr) != "DELETING"
             node_pending = node is not None and _enum_name(node.state) != "DELETING" and (not queued or qr is None)
-            if reissue and (qr_pending or node_pending):
+            if time.monotonic() - issued_at >= interval and (qr_pending or node_pending or not accepted):
                 issued_at = time.monotonic()
-                self._issue_delete(name, zone, queued=qr_pending, node=node_pending)
+                accepted = self._issue_delete(
+                    name, zone, queued=qr_pending or (queued and not accepted), node=node_pending or (not queued and not accepted)
+                )
         raise ProvisioningError(f"gave up verifying the deletion of {name} in {zone} after {_MAX_POLLS} polls")
+
+    def _deletion_left_behind(self, name, zone, queued, node, qr, confirmed) -> DeadlineExceeded:
+        """The loud error of a deletion that did not finish: what is left and how to delete it."""
+        if node is not None:
+            state = _enum_name(node.state)
+        elif qr is not None:
+            state = f"queued resource {_qr_state_name(qr)}"
+        else:
+            state = "not yet confirmed gone" if confirmed else "unknown: the API did not answer"
+        if queued:
+            command = f"gcloud compute tpus queued-resources delete {name} --zone={zone} --project={self.project} --force --quiet"
+            resource = queued_resource_name(self.project, zone, name)
+        else:
+            command = f"gcloud compute tpus tpu-vm delete {name} --zone={zone} --project={self.project} --quiet"
+            resource = node_resource_name(self.project, zone, name)
+        message = (
+            f"{resource} may still exist ({state}) at the deadline of its deletion and may be billed: "
+            f"delete it with `{command}` (or run `fray-tpu gc`)"
+        )
+        log.error("LEFT BEHIND: %s", message)
+        return DeadlineExceeded(message)
 
     @property
     def _reissue_interval(self) -> float:
         return max(4 * self.poll_interval, 1.0)
 
-    def _issue_delete(self, name: str, zone: str, *, queued: bool, node: bool) -> None:
+    def _issue_delete(self, name: str, zone: str, *, queued: bool, node: bool) -> bool:
+        """Send the delete request(s); False when one was refused for now (to be sent again)."""
         requests = []
         if queued:
             requests.append(
@@ -798,13 +968,19 @@ class SliceProvisioner:
                     f"DeleteNode {name} in {zone}",
                 )
             )
+        accepted = True
         for method, request, what in requests:
             try:
                 self._call(method, request, what=what)
             except api_exceptions.NotFound:
                 pass  # already gone: deleting is idempotent
-            except api_exceptions.FailedPrecondition as error:
+            except (api_exceptions.FailedPrecondition, api_exceptions.Aborted) as error:
                 log.info("%s refused for now (%s); will retry", what, error.message)
+                accepted = False
+            except ProvisioningError as error:  # transient failures outlasted one retry round
+                log.warning("%s: %s; will retry until the deletion deadline", what, error)
+                accepted = False
+        return accepted
 
     def list_managed(self, zones: Sequence[str], labels: Mapping[str, str] = {}) -> list[SliceObservation]:  # noqa: B006
         """Every node and queued resource in ``zones`` that carries fray-tpu's labels and every
@@ -822,6 +998,7 @@ class SliceProvisioner:
                 if name in nodes or not _is_managed(qr_labels, labels):
                     continue
                 state = _qr_state_name(qr)
+                error, verdict = _qr_error(qr) if state == "FAILED" else (None, None)
                 found.append(
                     SliceObservation(
                         name=name,
@@ -831,8 +1008,9 @@ class SliceProvisioner:
                         health=None,
                         endpoints=(),
                         labels=qr_labels,
-                        error=_qr_error(qr) if state == "FAILED" else None,
+                        error=error,
                         queued_state=state,
+                        verdict=verdict,
                     )
                 )
         return found
@@ -843,14 +1021,9 @@ class SliceProvisioner:
 
 
 _MAX_PAGES = 1000
+_EXPIRY_GRACE_POLLS = 10
 # Bounds the wait loops; deadlines end them long before in practice.
 _MAX_POLLS = 10_000_000
-
-
-def _is_quota_refusal(error: BaseException) -> bool:
-    """A create POST refused for quota. RESOURCE_EXHAUSTED also means plain rate limiting (429),
-    which is worth retrying in the zone; the quota refusal names a quota."""
-    return isinstance(error, api_exceptions.TooManyRequests) and "quota" in str(error).lower()
 
 
 def _is_managed(resource_labels: Mapping[str, str], wanted: Mapping[str, str]) -> bool:

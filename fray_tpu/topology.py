@@ -175,6 +175,11 @@ def get_tpu_topology(name: str) -> TpuTopology:
     return topology
 
 
+def region_of(zone: str) -> str:
+    """``us-east5`` for ``us-east5-a``."""
+    return zone.rsplit("-", 1)[0]
+
+
 def generation_of(name: str) -> str:
     """``"v4"``, ``"v5e"``, ``"v5p"`` or ``"v6e"`` for a known accelerator type."""
     return get_tpu_topology(name).generation

@@ -27,6 +27,14 @@ _EXTRA_RUNTIME_VERSIONS = (
     "v2-alpha-tpuv6e",
 )
 
+# Runtime versions built for one generation only; the rest (base images) are accepted for any.
+_GENERATION_RUNTIME_VERSIONS: dict[str, tuple[str, ...]] = {
+    "v4": ("tpu-vm-v4-base", "tpu-vm-v4-pt-2.0"),
+    "v5e": ("v2-alpha-tpuv5-lite", "v2-tpuv5-litepod"),
+    "v5p": ("v2-alpha-tpuv5",),
+    "v6e": ("v2-alpha-tpuv6e",),
+}
+
 DEFAULT_AGENT_PORT = 8477
 
 # Every API method the emulator serves (and counts), by its gRPC method name.
@@ -61,6 +69,19 @@ def all_zones() -> tuple[str, ...]:
 @cache
 def runtime_versions() -> tuple[str, ...]:
     return tuple(sorted(set(RUNTIME_VERSIONS.values()) | set(_EXTRA_RUNTIME_VERSIONS)))
+
+
+def runtime_fits(version: str, accelerator_type: str) -> bool:
+    """A generation-specific runtime version only boots its own generation."""
+    shape = lookup_accelerator_type(accelerator_type)
+    if shape is None:
+        return True
+    owner = next((g for g, versions in _GENERATION_RUNTIME_VERSIONS.items() if version in versions), None)
+    return owner is None or owner == shape.generation
+
+
+def runtime_versions_for(accelerator_type: str) -> tuple[str, ...]:
+    return tuple(v for v in runtime_versions() if runtime_fits(v, accelerator_type))
 
 
 @cache

@@ -11,15 +11,17 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.cloud import tpu_v2
 from google.rpc import code_pb2
 
-from fray_tpu.emulator import catalog
+from fray_tpu.emulator import catalog, state
 from fray_tpu.emulator.state import InjectedFailure, Stockout
 
 if TYPE_CHECKING:
     from fray_tpu.emulator.emulator import Emulator
 
 CONTROL_SERVICE = "fray_tpu.emulator.Control"
+_NODE_HEALTH = tuple(n for n in tpu_v2.Node.Health.__members__ if n != "HEALTH_UNSPECIFIED")
 CONTROL_METHOD = f"/{CONTROL_SERVICE}/Call"
 CONTROL_TIMEOUT_SECONDS = 60.0
 
@@ -77,6 +79,31 @@ class Control:
         self._world.preempt_node(name)
         self._emulator.pump()
 
+    def repair_node(self, name: str, seconds: float) -> None:
+        """A READY node is REPAIRING for ``seconds`` (hosts stay up), then READY again."""
+        if seconds <= 0:
+            raise ValueError(f"seconds must be > 0, got {seconds}")
+        self._world.repair_node(name, seconds)
+        self._emulator.pump()
+
+    def set_node_health(self, name: str, health: str | None) -> None:
+        """Report ``health`` (a Node.Health name such as UNHEALTHY_MAINTENANCE; None: derived)."""
+        if health is not None and health not in _NODE_HEALTH:
+            raise ValueError(f"unknown health {health!r}; one of {', '.join(_NODE_HEALTH)}")
+        self._world.set_node_health(name, health)
+
+    def hostname_endpoints(self, value: bool = True) -> None:
+        """Hosts booted from now on serve ``worker-network-endpoints`` in the newer hostname-only
+        format instead of ``host:uid:ip`` triples."""
+        with self._world.cond:
+            self._world.hostname_endpoints = value
+
+    def reverse_endpoints(self, value: bool = True) -> None:
+        """Nodes made READY from now on list their network endpoints in reverse worker order
+        (each host's metadata keeps its true agent-worker-number and endpoint list)."""
+        with self._world.cond:
+            self._world.reverse_endpoints = value
+
     def vanish_node(self, name: str) -> None:
         """The node disappears (NOT_FOUND from now on) and its hosts end."""
         self._world.vanish_node(name)
@@ -101,25 +128,66 @@ class Control:
     # -- failures -------------------------------------------------------------------------
 
     def stockout(self, zone: str, count: int | None = None, delay: float | None = None) -> None:
-        """Creates in ``zone`` fail on their operation with code 8 after ``delay`` seconds
-        (default ``timings.stockout_delay``); queued resources there become FAILED. ``count``
-        creates fail, or all until ``clear_stockout`` when None."""
+        """Node creates in ``zone`` fail on their operation with code 8 after ``delay`` seconds
+        (default ``timings.stockout_delay``); ``count`` creates fail, or all until
+        ``clear_stockout`` when None. Queued resources there wait in WAITING_FOR_RESOURCES while
+        the stockout lasts (until cleared, or their queueing policy expires), as real ones do."""
         if zone not in catalog.all_zones():
             raise ValueError(f"unknown zone {zone!r}; zones: {', '.join(catalog.all_zones())}")
         with self._world.cond:
             self._world.stockouts[zone] = Stockout(count, delay)
 
     def clear_stockout(self, zone: str) -> None:
+        """Capacity returns to ``zone``: waiting queued resources there are granted."""
         with self._world.cond:
             self._world.stockouts.pop(zone, None)
+        self._changed_and_pumped()
 
     def quota_error(self, count: int = 1, zone: str | None = None) -> None:
         """The next ``count`` create calls (in ``zone``, or anywhere) fail on the call itself with
-        RESOURCE_EXHAUSTED (HTTP 429), like an exhausted quota."""
+        429 RESOURCE_EXHAUSTED and a ``QuotaFailure`` naming a per-zone TPU quota."""
+        self.refuse("zone_quota", zone=zone, count=count)
+
+    def refuse(self, kind: str, zone: str | None = None, count: int | None = None) -> None:
+        """Answer calls the way Google refuses them, with its codes, messages and details:
+        ``forbidden_zone`` (403 LOCATION_POLICY_VIOLATED on every call in ``zone``),
+        ``api_disabled`` (403 SERVICE_DISABLED on every call), ``unauthenticated`` (401 on every
+        call), ``permission_denied`` (403 IAM_PERMISSION_DENIED on creates), ``rate_limit`` (429
+        RATE_LIMIT_EXCEEDED, a per-minute QuotaFailure, on creates), ``zone_quota`` /
+        ``region_quota`` (429 with a PerProjectPerZone / PerProjectPerRegion QuotaFailure on
+        creates in ``zone`` or its region). ``count`` calls, or all until ``clear_refusals``."""
+        if kind not in state.REFUSAL_KINDS:
+            raise ValueError(f"unknown refusal kind {kind!r}; kinds: {', '.join(state.REFUSAL_KINDS)}")
         if zone is not None and zone not in catalog.all_zones():
             raise ValueError(f"unknown zone {zone!r}; zones: {', '.join(catalog.all_zones())}")
+        if kind == "forbidden_zone" and zone is None:
+            raise ValueError("refuse('forbidden_zone') needs the zone to forbid")
+        if count is not None and count < 1:
+            raise ValueError(f"count must be >= 1 or None, got {count}")
         with self._world.cond:
-            self._world.quota_failures[zone] = self._world.quota_failures.get(zone, 0) + count
+            self._world.refusals.append(state.Refusal(kind, zone, state.REFUSAL_KINDS[kind], count))
+
+    def withdraw_type(self, zone: str, tpu_type: str) -> None:
+        """``zone`` stops offering ``tpu_type``: it is not listed there, and creates of it answer
+        400 "could not be found in the zonal accelerator configurations"."""
+        if tpu_type not in catalog.accelerator_types_in_zone(zone):
+            raise ValueError(f"{zone} does not offer {tpu_type!r} in the first place")
+        with self._world.cond:
+            self._world.withdrawn.add((zone, tpu_type))
+
+    def clear_refusals(self) -> None:
+        with self._world.cond:
+            self._world.refusals.clear()
+
+    def fail_for(self, method: str, seconds: float, code: int | str = 503) -> None:
+        """Every call of ``method`` fails with ``code`` for the next ``seconds`` (emulator clock):
+        an outage or a storm of errors, however many calls arrive meanwhile."""
+        if method not in catalog.API_METHODS:
+            raise ValueError(f"unknown API method {method!r}; methods: {', '.join(catalog.API_METHODS)}")
+        if seconds <= 0:
+            raise ValueError(f"seconds must be > 0, got {seconds}")
+        with self._world.cond:
+            self._world.storms[method] = (status_code(code), self._world.now() + seconds)
 
     def fail_next(self, method: str, code: int | str = 503, count: int = 1) -> None:
         """The next ``count`` calls of ``method`` (e.g. "ListNodes", "GetOperation") fail with
@@ -130,6 +198,11 @@ class Control:
             raise ValueError(f"count must be >= 1, got {count}")
         with self._world.cond:
             self._world.injected.setdefault(method, []).append(InjectedFailure(status_code(code), count))
+
+    def end_outage(self, method: str) -> None:
+        """End a ``fail_for`` outage of ``method`` now."""
+        with self._world.cond:
+            self._world.storms.pop(method, None)
 
     def never_finish_operations(self, value: bool = True) -> None:
         """While set, no operation completes (resources still change state)."""
@@ -272,6 +345,18 @@ class EmulatorControl:
     def vanish_node(self, name: str) -> None:
         self._call("vanish_node", name=name)
 
+    def repair_node(self, name: str, seconds: float) -> None:
+        self._call("repair_node", name=name, seconds=seconds)
+
+    def set_node_health(self, name: str, health: str | None) -> None:
+        self._call("set_node_health", name=name, health=health)
+
+    def reverse_endpoints(self, value: bool = True) -> None:
+        self._call("reverse_endpoints", value=value)
+
+    def hostname_endpoints(self, value: bool = True) -> None:
+        self._call("hostname_endpoints", value=value)
+
     def hold_creating(self, pattern: str) -> None:
         self._call("hold_creating", pattern=pattern)
 
@@ -289,6 +374,21 @@ class EmulatorControl:
 
     def fail_next(self, method: str, code: int | str = 503, count: int = 1) -> None:
         self._call("fail_next", method=method, code=code, count=count)
+
+    def refuse(self, kind: str, zone: str | None = None, count: int | None = None) -> None:
+        self._call("refuse", kind=kind, zone=zone, count=count)
+
+    def clear_refusals(self) -> None:
+        self._call("clear_refusals")
+
+    def withdraw_type(self, zone: str, tpu_type: str) -> None:
+        self._call("withdraw_type", zone=zone, tpu_type=tpu_type)
+
+    def fail_for(self, method: str, seconds: float, code: int | str = 503) -> None:
+        self._call("fail_for", method=method, seconds=seconds, code=code)
+
+    def end_outage(self, method: str) -> None:
+        self._call("end_outage", method=method)
 
     def never_finish_operations(self, value: bool = True) -> None:
         self._call("never_finish_operations", value=value)

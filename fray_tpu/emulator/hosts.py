@@ -101,9 +101,10 @@ def _hostname(boot: HostBoot, worker: int) -> str:
 
 
 def _host_metadata(boot: HostBoot, worker: int) -> HostMetadata:
-    endpoints = ",".join(
-        f"{_hostname(boot, i)}:{boot.uid * 1000 + i}:{ip}" for i, ip in enumerate(boot.ips)
-    )
+    if boot.hostname_endpoints:
+        endpoints = ",".join(_hostname(boot, i) for i in range(len(boot.ips)))
+    else:
+        endpoints = ",".join(f"{_hostname(boot, i)}:{boot.uid * 1000 + i}:{ip}" for i, ip in enumerate(boot.ips))
     attributes = {
         **boot.metadata,
         contract.ATTR_ACCELERATOR_TYPE: boot.accelerator_type,

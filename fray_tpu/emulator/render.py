@@ -42,15 +42,19 @@ def node_pb(record: "NodeRecord") -> message.Message:
     node.accelerator_config.type_ = cloud_tpu.AcceleratorConfig.Type[catalog.ACCELERATOR_CONFIG_TYPES[shape.generation]]
     node.accelerator_config.topology = shape.topology
     node.state = NodePb.State.Value(record.state)
-    node.health = NodePb.Health.Value("HEALTHY") if record.state in _HEALTHY_STATES else 0
+    if record.health is not None:
+        node.health = NodePb.Health.Value(record.health)
+    else:
+        node.health = NodePb.Health.Value("HEALTHY") if record.state in _HEALTHY_STATES else 0
     node.api_version = NodePb.ApiVersion.Value("V2")
     node.create_time.CopyFrom(timestamp(record.create_time))
     node.queued_resource = record.queued_resource
     node.multislice_node = record.multislice
     node.cidr_block = node.cidr_block or "10.130.0.0/20"
     del node.network_endpoints[:]
-    for ip in record.ips:
-        node.network_endpoints.add(ip_address=ip, port=record.agent_port)
+    order = record.endpoint_order or range(len(record.ips))
+    for worker in order:
+        node.network_endpoints.add(ip_address=record.ips[worker], port=record.agent_port)
     return node
 
 

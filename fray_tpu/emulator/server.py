@@ -10,10 +10,12 @@ from concurrent import futures
 from typing import TYPE_CHECKING
 
 import grpc
+from grpc_status import rpc_status
 from google.cloud.location import locations_pb2
 from google.cloud.tpu_v2.types import cloud_tpu
 from google.longrunning import operations_pb2
-from google.protobuf import empty_pb2, message
+from google.protobuf import any_pb2, empty_pb2, message
+from google.rpc import status_pb2
 
 from fray_tpu.emulator import catalog, control
 from fray_tpu.emulator.render import node_pb, operation_pb, queued_resource_pb
@@ -29,7 +31,6 @@ OPERATIONS_SERVICE = "google.longrunning.Operations"
 LOCATIONS_SERVICE = "google.cloud.location.Locations"
 MAX_WORKERS = 64
 DEFAULT_WAIT_OPERATION_SECONDS = 60.0
-_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _pb(proto_plus_type) -> type[message.Message]:
@@ -75,7 +76,7 @@ class TpuService:
 
     def list_accelerator_types(self, request):
         location = parse_location(request.parent)
-        names = [f"{location.name}/acceleratorTypes/{t}" for t in catalog.accelerator_types_in_zone(location.zone)]
+        names = [f"{location.name}/acceleratorTypes/{t}" for t in self._world.offered(location.zone)]
         page, token = page_names(names, request.page_size, request.page_token)
         return _pb(cloud_tpu.ListAcceleratorTypesResponse)(
             accelerator_types=[self._accelerator_type(name) for name in page], next_page_token=token
@@ -83,7 +84,7 @@ class TpuService:
 
     def get_accelerator_type(self, request):
         location, type_name = parse_resource_name(request.name, "acceleratorTypes")
-        if type_name not in catalog.accelerator_types_in_zone(location.zone):
+        if type_name not in self._world.offered(location.zone):
             raise not_found(request.name)
         return self._accelerator_type(request.name)
 
@@ -180,15 +181,40 @@ class LocationsService:
         return locations_pb2.Location(name=location.name, location_id=location.zone)
 
 
+def _abort(context: grpc.ServicerContext, error: ApiError) -> None:
+    """Abort with the status Google sends: code, message and packed details (``ErrorInfo``,
+    ``QuotaFailure``) in ``grpc-status-details-bin``, which google-api-core decodes."""
+    packed = []
+    for detail in error.details:
+        value = any_pb2.Any()
+        value.Pack(detail)
+        packed.append(value)
+    context.abort_with_status(rpc_status.to_status(status_pb2.Status(code=error.code, message=error.message, details=packed)))
+
+
+def _project_and_zone(request) -> tuple[str, str | None]:
+    """The project and zone a request addresses (its ``parent`` or ``name``)."""
+    for field_name in ("parent", "name"):
+        value = getattr(request, field_name, "")
+        if isinstance(value, str) and value.startswith("projects/"):
+            parts = value.split("/")
+            zone = parts[3] if len(parts) > 3 and parts[2] == "locations" and parts[3] != "-" else None
+            return parts[1], zone
+    return "", None
+
+
 def _handler(world, method: str, request_type, call: Callable, with_context: bool = False):
     def serve(request, context: grpc.ServicerContext):
         failure = world.record_call(method)
         if failure is not None:
-            context.abort(_GRPC_CODES[failure.code], failure.message)
+            _abort(context, failure)
+        refusal = world.refusal(method, *_project_and_zone(request))
+        if refusal is not None:
+            _abort(context, refusal)
         try:
             return call(request, context) if with_context else call(request)
         except ApiError as error:
-            context.abort(_GRPC_CODES[error.code], error.message)
+            _abort(context, error)
         except Exception:
             LOG.exception("emulator failed to serve %s", method)
             raise

@@ -20,7 +20,7 @@ from google.cloud.tpu_v2.types import cloud_tpu
 from google.protobuf import empty_pb2, message
 from google.rpc import code_pb2
 
-from fray_tpu.emulator import catalog
+from fray_tpu.emulator import catalog, validation
 from fray_tpu.emulator.render import node_pb, queued_resource_pb
 from fray_tpu.emulator.timings import EmulatorTimings
 from fray_tpu.emulator.validation import (
@@ -36,6 +36,7 @@ from fray_tpu.emulator.validation import (
     parse_resource_name,
     resolve_accelerator_type,
 )
+from fray_tpu.topology import region_of
 
 
 DEFAULT_PAGE_SIZE = 50
@@ -44,9 +45,12 @@ STOCKOUT_MESSAGE = (
     "There is no more capacity in the zone \"{zone}\"; you can try in another zone where Cloud TPU "
     "Nodes are offered (see https://cloud.google.com/tpu/docs/regions) [EID: 0x{eid}]"
 )
-QUOTA_MESSAGE = (
-    "Quota limit 'TPUV2sPreemptiblePodPerProjectPerZoneForTPUAPI' has been exceeded. "
-    "Limit: 0 in zone {zone}."
+# A queued resource whose queueing policy expired before capacity came. The code is our best
+# reading of the API (unverified against a real expiry): the request's deadline passed.
+QR_EXPIRED_CODE = code_pb2.DEADLINE_EXCEEDED
+QR_EXPIRED_MESSAGE = (
+    "Queued resource {name} could not be provisioned before the valid_until time of its queueing "
+    "policy; there was not enough capacity in the zone"
 )
 _MAX_ADVANCE_PASSES = 16
 MAX_OPERATIONS = 10_000
@@ -68,6 +72,7 @@ class HostBoot:
     agent_port: int
     metadata: dict[str, str]
     labels: dict[str, str]
+    hostname_endpoints: bool = False  # serve worker-network-endpoints in the newer hostname-only format
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,8 @@ class NodeRecord:
     multislice: bool = False
     preempt_kill_at: float | None = None
     agent_port: int = catalog.DEFAULT_AGENT_PORT
+    health: str | None = None  # a fault-set Node.Health name; None: derived from the state
+    endpoint_order: tuple[int, ...] | None = None  # a fault-set order of network_endpoints
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ class QueuedRecord:
     state: str
     create_time: float
     due: float | None
-    stockout: bool = False
+    expires_at: float | None = None  # queueing_policy's valid_until (emulator clock)
     state_initiator: str = "USER"
     error: tuple[int, str] | None = None
     node_names: list[str] = field(default_factory=list)
@@ -147,6 +154,58 @@ class OperationRecord:
 class Stockout:
     remaining: int | None  # None: until cleared
     delay: float | None  # None: timings.stockout_delay
+
+
+CREATE_METHODS = frozenset({"CreateNode", "CreateQueuedResource"})
+
+
+@dataclass
+class Refusal:
+    """A fault that answers calls the way Google refuses them (see ``Control.refuse``)."""
+
+    kind: str
+    zone: str | None  # None: every zone
+    methods: frozenset[str] | None  # None: every method
+    remaining: int | None  # None: until cleared
+
+    def applies(self, method: str, zone: str | None) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        if self.zone is None:
+            return True
+        if zone is None:
+            return False
+        return zone == self.zone or (self.kind == "region_quota" and region_of(zone) == region_of(self.zone))
+
+
+def refusal_error(kind: str, method: str, project: str, zone: str | None) -> ApiError:
+    where = f"projects/{project}/locations/{zone or '-'}"
+    if kind == "forbidden_zone":
+        return validation.location_forbidden(project, zone or "-")
+    if kind == "api_disabled":
+        return validation.api_disabled(project)
+    if kind == "unauthenticated":
+        return validation.unauthenticated()
+    if kind == "permission_denied":
+        verb = "queuedResources" if "Queued" in method else "nodes"
+        return validation.permission_denied(f"tpu.{verb}.create", where)
+    if kind == "rate_limit":
+        return validation.rate_limited(method, str(catalog.project_number(project)))
+    if kind in ("zone_quota", "region_quota"):
+        return validation.resource_quota(zone or "-", per_region=kind == "region_quota")
+    raise ValueError(f"unknown refusal kind {kind!r}; kinds: {', '.join(REFUSAL_KINDS)}")
+
+
+# kind → the methods it refuses (None: every method).
+REFUSAL_KINDS: dict[str, frozenset[str] | None] = {
+    "forbidden_zone": None,
+    "api_disabled": None,
+    "unauthenticated": None,
+    "permission_denied": CREATE_METHODS,
+    "rate_limit": CREATE_METHODS,
+    "zone_quota": CREATE_METHODS,
+    "region_quota": CREATE_METHODS,
+}
 
 
 @dataclass
@@ -218,10 +277,14 @@ class World:
         self.operations: dict[str, OperationRecord] = {}
         self.counters: dict[str, int] = {}
         self.stockouts: dict[str, Stockout] = {}
-        self.quota_failures: dict[str | None, int] = {}
+        self.refusals: list[Refusal] = []
+        self.storms: dict[str, tuple[int, float]] = {}  # method → (code, until)
         self.injected: dict[str, list[InjectedFailure]] = {}
         self.holds: set[str] = set()
         self.never_finish = False
+        self.reverse_endpoints = False  # nodes made READY list their endpoints in reverse worker order
+        self.hostname_endpoints = False  # hosts booted serve hostname-only worker-network-endpoints
+        self.withdrawn: set[tuple[str, str]] = set()  # (zone, accelerator type) no longer offered
         self._effects: list[Effect] = []
         self.dirty = False
         self.closed = False
@@ -237,6 +300,11 @@ class World:
         """Count an API call; return the injected failure it must answer with, if any."""
         with self.cond:
             self.counters[method] = self.counters.get(method, 0) + 1
+            storm = self.storms.get(method)
+            if storm is not None:
+                if self._clock() < storm[1]:
+                    return ApiError(storm[0], f"Injected outage of {method} (emulator fault control)")
+                del self.storms[method]
             queue = self.injected.get(method, [])
             if not queue:
                 return None
@@ -245,6 +313,26 @@ class World:
             if failure.remaining <= 0:
                 queue.pop(0)
             return ApiError(failure.code, f"Injected failure of {method} (emulator fault control)")
+
+    def now(self) -> float:
+        return self._clock()
+
+    def offered(self, zone: str) -> tuple[str, ...]:
+        """The accelerator types ``zone`` offers now."""
+        with self.cond:
+            return tuple(t for t in catalog.accelerator_types_in_zone(zone) if (zone, t) not in self.withdrawn)
+
+    def refusal(self, method: str, project: str, zone: str | None) -> ApiError | None:
+        """The refusal fault a call of ``method`` in ``zone`` answers with, if any (counted down)."""
+        with self.cond:
+            for refusal in self.refusals:
+                if refusal.applies(method, zone):
+                    if refusal.remaining is not None:
+                        refusal.remaining -= 1
+                        if refusal.remaining <= 0:
+                            self.refusals.remove(refusal)
+                    return refusal_error(refusal.kind, method, project, zone)
+            return None
 
     def _new_operation(self, location: Location, target: str, verb: str) -> OperationRecord:
         self._forget_old_operations()
@@ -274,19 +362,15 @@ class World:
         config = node.accelerator_config
         config_type = cloud_tpu.AcceleratorConfig.Type(config.type_).name if config.type_ else ""
         accelerator_type = resolve_accelerator_type(node.accelerator_type, config_type, config.topology, location.zone)
-        check_runtime_version(node.runtime_version)
+        if (location.zone, accelerator_type) in self.withdrawn:
+            raise validation.not_in_zone(accelerator_type, location.zone)
+        check_runtime_version(node.runtime_version, accelerator_type)
         check_labels(dict(node.labels))
         check_metadata(dict(node.metadata))
         name = f"{location.name}/nodes/{node_id}"
         if name in self.nodes:
             raise ApiError(code_pb2.ALREADY_EXISTS, f"Resource '{name}' already exists")
         return name, accelerator_type
-
-    def _consume_quota(self, zone: str) -> None:
-        for key in (zone, None):
-            if self.quota_failures.get(key, 0) > 0:
-                self.quota_failures[key] -= 1
-                raise ApiError(code_pb2.RESOURCE_EXHAUSTED, QUOTA_MESSAGE.format(zone=zone))
 
     def _consume_stockout(self, zone: str) -> tuple[bool, float]:
         stockout = self.stockouts.get(zone)
@@ -324,7 +408,6 @@ class World:
         with self.cond:
             location = parse_location(parent)
             name, accelerator_type = self._validated_node(location, node_id, node, "node_id")
-            self._consume_quota(location.zone)
             stockout, stockout_delay = self._consume_stockout(location.zone)
             now = self._clock()
             due = now + (stockout_delay if stockout else self.timings.create_delay)
@@ -383,6 +466,8 @@ class World:
         record.state = "READY"
         record.due = None
         record.ips = tuple(self._ips.allocate() for _ in range(record.vm_count))
+        if self.reverse_endpoints:
+            record.endpoint_order = tuple(reversed(range(record.vm_count)))
         spec = record.spec
         self._effects.append(
             Effect(
@@ -401,6 +486,7 @@ class World:
                     agent_port=self.agent_port,
                     metadata=dict(spec.metadata),
                     labels=dict(spec.labels),
+                    hostname_endpoints=self.hostname_endpoints,
                 ),
             )
         )
@@ -423,6 +509,24 @@ class World:
             if record.preempt_kill_at is None:
                 self._effects.append(Effect("preempt_flag", record.uid))
                 record.preempt_kill_at = self._clock() + self.timings.preempt_notice
+            self.changed()
+            return record
+
+    def repair_node(self, name: str, seconds: float) -> NodeRecord:
+        """A READY node goes REPAIRING (its VMs stay up) and is READY again after ``seconds``."""
+        with self.cond:
+            record = self._resolve_node(name)
+            if record.state != "READY":
+                raise ValueError(f"node {record.name} is {record.state}; only a READY node can be repaired")
+            record.state = "REPAIRING"
+            record.due = self._clock() + seconds
+            self.changed()
+            return record
+
+    def set_node_health(self, name: str, health: str | None) -> NodeRecord:
+        with self.cond:
+            record = self._resolve_node(name)
+            record.health = health
             self.changed()
             return record
 
@@ -484,8 +588,6 @@ class World:
                     if any(p.node_id == node_id for p in planned):
                         raise invalid(f"node id {node_id!r} appears twice in the queued resource")
                     planned.append(PlannedNode(location, node_id, spec.node, accelerator_type, multislice))
-            self._consume_quota(location.zone)
-            stockout, stockout_delay = self._consume_stockout(location.zone)
             now = self._clock()
             record = QueuedRecord(
                 name=name,
@@ -495,14 +597,23 @@ class World:
                 nodes_to_create=planned,
                 state="WAITING_FOR_RESOURCES",
                 create_time=self._wall(),
-                due=now + (stockout_delay if stockout else self.timings.qr_wait_delay),
-                stockout=stockout,
+                due=now + self.timings.qr_wait_delay,
+                expires_at=self._valid_until(queued.queueing_policy, now),
             )
             self.queued[name] = record
             operation = self._new_operation(location, name, "create")
             self._finish(operation, now + self.timings.operation_lag, response=queued_resource_pb(record))
             self.changed()
             return operation
+
+    def _valid_until(self, policy: message.Message, now: float) -> float | None:
+        """When an unfulfilled queued resource expires: ``valid_until_duration`` from now, or
+        ``valid_until_time`` (wall clock) mapped onto the emulator clock."""
+        if policy.HasField("valid_until_duration"):
+            return now + policy.valid_until_duration.ToTimedelta().total_seconds()
+        if policy.HasField("valid_until_time"):
+            return now + (policy.valid_until_time.ToDatetime().timestamp() - self._wall())
+        return None
 
     def get_queued_resource(self, name: str) -> QueuedRecord:
         with self.cond:
@@ -666,6 +777,10 @@ class World:
         if record.state == "DELETING" and self._due(record.due, now):
             del self.nodes[record.name]
             return True
+        if record.state == "REPAIRING" and self._due(record.due, now):
+            record.state = "READY"
+            record.due = None
+            return True
         if self._due(record.preempt_kill_at, now):
             record.preempt_kill_at = None
             record.state = "PREEMPTED"
@@ -674,17 +789,17 @@ class World:
         return False
 
     def _advance_queued(self, record: QueuedRecord, now: float) -> bool:
+        if record.state == "WAITING_FOR_RESOURCES" and self._due(record.expires_at, now):
+            # Real queued resources wait for capacity; only their queueing policy ends the wait.
+            record.state = "FAILED"
+            record.state_initiator = "SERVICE"
+            record.due = None
+            record.error = (QR_EXPIRED_CODE, QR_EXPIRED_MESSAGE.format(name=record.name))
+            return True
         if record.state == "WAITING_FOR_RESOURCES" and self._due(record.due, now):
-            if _matches(self.holds, record.name, record.qr_id):
+            if _matches(self.holds, record.name, record.qr_id) or record.location.zone in self.stockouts:
                 return False
-            if record.stockout:
-                record.state = "FAILED"
-                record.state_initiator = "SERVICE"
-                record.due = None
-                message_text = STOCKOUT_MESSAGE.format(zone=record.location.zone, eid=uuid.uuid4().hex[:16])
-                record.error = (code_pb2.RESOURCE_EXHAUSTED, message_text)
-            else:
-                self._provision(record, now)
+            self._provision(record, now)
             return True
         if record.state in ("PROVISIONING", "ACTIVE"):
             nodes = [self.nodes.get(name) for name in record.node_names]
@@ -722,13 +837,16 @@ class World:
             for node in self.nodes.values():
                 if node.state == "CREATING" and not _matches(self.holds, node.name, node.node_id):
                     dues.append(node.due)
-                elif node.state == "DELETING":
+                elif node.state in ("DELETING", "REPAIRING"):
                     dues.append(node.due)
                 if node.preempt_kill_at is not None:
                     dues.append(node.preempt_kill_at)
             for queued in self.queued.values():
-                if queued.state == "WAITING_FOR_RESOURCES" and not _matches(self.holds, queued.name, queued.qr_id):
-                    dues.append(queued.due)
+                if queued.state == "WAITING_FOR_RESOURCES":
+                    dues.append(queued.expires_at)
+                    waits = _matches(self.holds, queued.name, queued.qr_id) or queued.location.zone in self.stockouts
+                    if not waits:
+                        dues.append(queued.due)
                 elif queued.state == "DELETING" and not any(n in self.nodes for n in queued.node_names):
                     dues.append(queued.due)
             if not self.never_finish:
@@ -772,8 +890,12 @@ class World:
     def clear_faults(self) -> None:
         with self.cond:
             self.stockouts.clear()
-            self.quota_failures.clear()
+            self.refusals.clear()
+            self.storms.clear()
             self.injected.clear()
             self.holds.clear()
             self.never_finish = False
+            self.reverse_endpoints = False
+            self.hostname_endpoints = False
+            self.withdrawn.clear()
             self.changed()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from google.rpc import code_pb2
+from google.protobuf import message
+from google.rpc import code_pb2, error_details_pb2
 
+from fray_tpu import contract
 from fray_tpu.emulator import catalog
-from fray_tpu.topology import suggest_tpu_types
+from fray_tpu.topology import region_of, suggest_tpu_types
 
 NODE_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]*[a-z0-9])?$")
 LABEL_KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -21,12 +23,14 @@ _LOCATION = re.compile(r"^projects/(?P<project>[^/]+)/locations/(?P<zone>[^/]+)$
 
 
 class ApiError(Exception):
-    """An error the API answers with: a google.rpc code and the message a caller sees."""
+    """An error the API answers with: a google.rpc code, the message a caller sees and the
+    status details (``ErrorInfo``, ``QuotaFailure``) Google attaches."""
 
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: int, message: str, details: tuple[message.Message, ...] = ()):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.details = details
 
     @property
     def code_name(self) -> str:
@@ -41,6 +45,88 @@ def not_found(name: str) -> ApiError:
     return ApiError(code_pb2.NOT_FOUND, f"Resource '{name}' was not found")
 
 
+def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain="googleapis.com", metadata=metadata)
+
+
+def location_forbidden(project: str, zone: str) -> ApiError:
+    """An org policy forbids the zone: 403 with reason LOCATION_POLICY_VIOLATED on every call."""
+    return ApiError(
+        code_pb2.PERMISSION_DENIED,
+        f"Location {zone} violates constraint constraints/gcp.resourceLocations on the resource "
+        f"projects/{project}/locations/{zone}.",
+        (_error_info(contract.REASON_LOCATION_POLICY, service="tpu.googleapis.com", location=zone),),
+    )
+
+
+def api_disabled(project: str) -> ApiError:
+    return ApiError(
+        code_pb2.PERMISSION_DENIED,
+        f"Cloud TPU API has not been used in project {project} before or it is disabled. Enable it by "
+        f"visiting https://console.developers.google.com/apis/api/tpu.googleapis.com/overview?project={project} "
+        "then retry.",
+        (_error_info(contract.REASON_SERVICE_DISABLED, service="tpu.googleapis.com", consumer=f"projects/{project}"),),
+    )
+
+
+def permission_denied(permission: str, resource: str) -> ApiError:
+    return ApiError(
+        code_pb2.PERMISSION_DENIED,
+        f"Permission '{permission}' denied on '{resource}'",
+        (_error_info(contract.REASON_IAM_PERMISSION_DENIED, permission=permission, resource=resource),),
+    )
+
+
+def unauthenticated() -> ApiError:
+    return ApiError(
+        code_pb2.UNAUTHENTICATED,
+        "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or "
+        "other valid authentication credential.",
+        (_error_info(contract.REASON_ACCESS_TOKEN, service="tpu.googleapis.com"),),
+    )
+
+
+def rate_limited(method: str, project: str) -> ApiError:
+    limit = f"{method} requests per minute"
+    return ApiError(
+        code_pb2.RESOURCE_EXHAUSTED,
+        f"Quota exceeded for quota metric '{method} requests' and limit 'Maximum number of {limit}' of "
+        f"service 'tpu.googleapis.com' for consumer 'project_number:{project}'.",
+        (
+            _error_info(contract.REASON_RATE_LIMIT, service="tpu.googleapis.com", quota_limit=limit),
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=f"project_number:{project}",
+                        description=limit,
+                        quota_metric=f"tpu.googleapis.com/{method.lower()}_requests",
+                        quota_id=f"{method}RequestsPerMinutePerProject",
+                    )
+                ]
+            ),
+        ),
+    )
+
+
+def resource_quota(zone: str, *, per_region: bool) -> ApiError:
+    scope, where = ("Region", region_of(zone)) if per_region else ("Zone", zone)
+    quota_id = f"TPUV5sLitepodPerProjectPer{scope}ForTPUAPI"
+    return ApiError(
+        code_pb2.RESOURCE_EXHAUSTED,
+        f"Quota limit '{quota_id}' has been exceeded. Limit: 0 in {scope.lower()} {where}.",
+        (
+            _error_info(contract.REASON_QUOTA, service="tpu.googleapis.com", quota_limit=quota_id),
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=f"{scope.lower()}:{where}", description=quota_id, quota_id=quota_id
+                    )
+                ]
+            ),
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class Location:
     project: str
@@ -52,7 +138,8 @@ class Location:
 
 
 def parse_location(parent: str, allow_wildcard: bool = False) -> Location:
-    """``projects/P/locations/ZONE``; an unknown zone is NOT_FOUND like the real API."""
+    """``projects/P/locations/ZONE``; an unknown zone is 403 PERMISSION_DENIED "not found or access
+    is unauthorized", like the real API (it does not say which of the two)."""
     match = _LOCATION.match(parent or "")
     if not match:
         raise invalid(f"Invalid parent {parent!r}: expected 'projects/<project>/locations/<zone>'")
@@ -61,7 +148,7 @@ def parse_location(parent: str, allow_wildcard: bool = False) -> Location:
         return location
     if location.zone not in catalog.all_zones():
         raise ApiError(
-            code_pb2.NOT_FOUND,
+            code_pb2.PERMISSION_DENIED,
             f"Location {location.zone} is not found or access is unauthorized. "
             f"Zones offering TPUs: {', '.join(catalog.all_zones())}",
         )
@@ -124,17 +211,27 @@ def resolve_accelerator_type(accelerator_type: str, config_type: str, config_top
             + (f"; did you mean {', '.join(hint)}?" if hint else "")
         )
     if zone not in shape.zones:
-        raise invalid(
-            f"Accelerator type {accelerator_type!r} is not available in zone {zone!r}; "
-            f"it is offered in {', '.join(shape.zones)}"
-        )
+        raise not_in_zone(accelerator_type, zone)
     return accelerator_type
 
 
-def check_runtime_version(version: str) -> None:
+def not_in_zone(accelerator_type: str, zone: str) -> ApiError:
+    return invalid(
+        f"Accelerator configuration {accelerator_type!r} could not be found in the zonal accelerator "
+        f"configurations of zone {zone!r}"
+    )
+
+
+def check_runtime_version(version: str, accelerator_type: str) -> None:
+    """Known, and made for the type's generation (a v4 image does not boot a v5e VM)."""
     if not version:
         raise invalid("Field 'runtime_version' is required")
     if version not in catalog.runtime_versions():
         raise invalid(
             f"Unknown runtime version {version!r}; available versions: {', '.join(catalog.runtime_versions())}"
+        )
+    if not catalog.runtime_fits(version, accelerator_type):
+        raise invalid(
+            f"Runtime version {version!r} is not supported by accelerator type {accelerator_type!r}; "
+            f"use {', '.join(catalog.runtime_versions_for(accelerator_type))}"
         )

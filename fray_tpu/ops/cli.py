@@ -8,6 +8,8 @@ Commands:
   slices            live cloud resources carrying fray-tpu's labels: zone, type, state, age, cost
   gc                list resources no running job owns (orphans); --yes deletes them
   plan TYPE         dry run: zones in try order, VMs, chips, runtime, hourly price; creates nothing
+  doctor            before a first real job: credentials, API enabled, zones offering --type,
+                    controller position, host bundle delivery; each with its fix; creates nothing
   emulator          serve a Cloud TPU emulator (arguments as ``python -m fray_tpu.emulator``)
   demo              the README's main job: a multislice JAX program on the emulated TPU cloud
 
@@ -23,6 +25,7 @@ the commands that call the API need the running emulator's endpoint (``emulator_
 Exit codes:
   0  success (status/logs --follow: the job succeeded or is still pending/running)
   1  the job failed or was stopped (status, logs --follow); gc without --yes found orphans;
+     doctor found a failing check;
      stop could not see the job stop within --timeout; logs --follow lost the job's controller
   2  usage or configuration error
   3  unknown job id (the message names the closest ids; ``fray-tpu jobs`` lists them)
@@ -610,6 +613,46 @@ def cmd_plan(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(ctx: Context) -> int:
+    import google.auth
+    from google.auth import exceptions as auth_exceptions
+
+    from fray_tpu.ops.doctor import FAIL, Check, describe_credentials, metadata_position, run_checks
+    from fray_tpu.tpu_client import CLOUD_PLATFORM_SCOPE, make_tpu_client
+
+    ctx.require_endpoint("check the Cloud TPU API")
+    if ctx.config.emulate:
+        client = make_tpu_client(emulator_endpoint=ctx.config.emulator_endpoint)
+        found = "anonymous credentials (the emulator takes no others)"
+    else:
+        try:
+            credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
+        except auth_exceptions.DefaultCredentialsError as error:
+            checks = [Check("credentials", FAIL, f"none found ({error})",
+                            "run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS "
+                            "to a service-account key file, or run on a GCP VM with a service account")]
+            return _print_checks(ctx, checks)
+        client = make_tpu_client(emulator_endpoint=None, credentials=credentials)
+        found = describe_credentials(credentials)
+    try:
+        checks = run_checks(ctx.config, client, ctx.project, ctx.args.type or [], credentials_found=found,
+                            position=metadata_position)
+    finally:
+        client.transport.close()
+    return _print_checks(ctx, checks)
+
+
+def _print_checks(ctx: Context, checks) -> int:
+    from fray_tpu.ops.doctor import FAIL
+
+    if ctx.args.json:
+        print_json({"checks": [c.to_dict() for c in checks]})
+    else:
+        for check in checks:
+            print(check.render())
+    return EXIT_FAILED if any(c.status == FAIL for c in checks) else EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import runpy
 
@@ -680,6 +723,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--capacity", help="spot | preemptible | on-demand | reserved (default: the config's)")
     plan.add_argument("--not-preemptible", action="store_true",
                       help="the job must not be preempted (spot/preemptible become on-demand)")
+    doctor = command("doctor", cmd_doctor, "check credentials, API, zones, network and delivery before a first "
+                     "real job; creates nothing (exit 1 when a check fails)", (common, as_json))
+    doctor.add_argument("--type", action="append", metavar="TYPE",
+                        help="a TPU type whose zones and runtime version to check (repeatable)")
     commands.add_parser("demo", help="run a multislice JAX job on the emulated TPU cloud").set_defaults(run=None)
     # add_help=False: --help and every other option go to the emulator's own parser.
     commands.add_parser("emulator", add_help=False,

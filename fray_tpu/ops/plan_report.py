@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fray_tpu.config import TpuClusterConfig, resolve_zones
+from fray_tpu.placement import placement_note
 from fray_tpu.costs import PriceTable
 from fray_tpu.errors import ConfigError
 from fray_tpu.topology import get_tpu_topology
@@ -31,6 +32,7 @@ class PlanReport:
     runtime_version: str
     capacity: str
     zones: tuple[str, ...]  # in the order they would be tried
+    placement: str  # how the slices are placed in those zones
     hourly_usd: float  # all slices, list price (see fray_tpu.costs)
     usd_per_chip_hour: float
     peak_bf16_pflops: float  # all slices
@@ -52,6 +54,7 @@ class PlanReport:
             ("runtime version", self.runtime_version),
             ("capacity", self.capacity),
             ("zones, in order", ", ".join(self.zones)),
+            ("placement", self.placement),
             ("price", f"${self.hourly_usd:,.2f}/hour for {self.slice_count} {slices} ({_usd(self.usd_per_chip_hour)} per chip-hour)"),
             ("peak bf16", f"{self.peak_bf16_pflops:,.2f} PFLOP/s"),
         ]
@@ -96,6 +99,7 @@ def plan_report(
         runtime_version=config.runtime_version_for(topology),
         capacity=capacity_class,
         zones=tuple(zones),
+        placement=placement_note(slice_count, topology.vm_count),
         hourly_usd=total_chips * usd_per_chip_hour,
         usd_per_chip_hour=usd_per_chip_hour,
         peak_bf16_pflops=topology.peak_bf16_tflops * slice_count / 1000.0,

@@ -11,5 +11,6 @@
 - ``records``: what the controller knows of each job (status, tasks, counters, output ring).
 
 Pure policies (unit-tested without threads): ``phases`` (the phase machine), ``capacity`` (how
-long to wait for capacity), ``watch``, and ``fray_tpu.decisions`` (verdicts and retries).
+long to wait for capacity), ``watch``, ``fray_tpu.decisions`` (verdicts and retries) and
+``fray_tpu.placement`` (one zone per attempt's slices, hosts in worker order).
 """

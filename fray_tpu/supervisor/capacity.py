@@ -30,7 +30,7 @@ class CapacityWait:
 
     def __init__(self, deadline_seconds: float, tpu_type: str, zones: Sequence[str], clock: Callable[[], float]):
         self._deadline_seconds = deadline_seconds
-        self._deadline = clock() + deadline_seconds
+        self.deadline = clock() + deadline_seconds  # on ``clock``: a queued resource waits until then too
         self._tpu_type = tpu_type
         self._zones = list(zones)
         self._clock = clock
@@ -48,9 +48,9 @@ class CapacityWait:
         self._stocked_out = set(stocked_out)
         summary = "; ".join(f"slice-{i}: {e}" for i, e in sorted(errors.items()))
         now = self._clock()
-        if now >= self._deadline:
+        if now >= self.deadline:
             return GiveUp(f"gave up after {self._deadline_seconds:.0f}s (capacity_deadline) without capacity "
                           f"for {self._tpu_type} in {', '.join(self._zones)}: {summary}")
-        delay = min(capacity_backoff(self.rounds), max(0.0, self._deadline - now))
+        delay = min(capacity_backoff(self.rounds), max(0.0, self.deadline - now))
         kind = "no capacity" if all(isinstance(e, CapacityUnavailableError) for e in errors.values()) else "provisioning failed"
         return WaitAgain(delay, f"{kind}; trying again in {delay:.0f}s: {summary}")

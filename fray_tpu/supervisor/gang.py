@@ -1,5 +1,6 @@
 """The gang: one agent client per host of every slice, and what the supervisor asks of them —
-connect, upload the workspace, prepare, start or resume the attempt, cancel, renew leases.
+connect (hosts in their agents' worker order), upload the workspace, prepare, start or resume the
+attempt, cancel, renew leases.
 Every answer from a host is a sign of life for the liveness deadline."""
 
 from __future__ import annotations
@@ -8,18 +9,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from fray_tpu import channel
+from fray_tpu.bootreport import pinned_certificates
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.contract import PrepareFailureKind
 from fray_tpu.decisions import PrepareProblem, TaskOutcome, prepare_outcome
-from fray_tpu.errors import FrayTpuError
+from fray_tpu.errors import FrayTpuError, ProvisioningError
 from fray_tpu.hostboot import watch_boot
+from fray_tpu.placement import WorkerOrderMismatch, worker_order
 from fray_tpu.provisioner import ReadySlice, SliceProvisioner
 from fray_tpu.supervisor.attempt import AttemptRun, in_parallel
 from fray_tpu.supervisor.credentials import JobCredentials
 from fray_tpu.supervisor.job import JobStopped
-from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, StreamEnded
+from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, SliceSeen, StreamEnded, lost_slices
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +106,16 @@ class TpuGangRun(AttemptRun):
         in_parallel(cancel, self._clients)
 
     def lost_slices(self) -> set[int]:
-        lost = set()
+        seen: dict[int, SliceSeen] = {}
         for slice_id, ready in enumerate(self._slices):
-            observed = self._provisioner.observe(ready.zone).get(ready.spec.name)
-            if observed is None or observed.lost:
-                lost.add(slice_id)
-        return lost
+            try:
+                observed = self._provisioner.observe(ready.zone).get(ready.spec.name)
+            except ProvisioningError as error:
+                log.warning("could not observe %s in %s (%s); keeping it", ready.spec.name, ready.zone, error)
+                seen[slice_id] = SliceSeen.UNKNOWN
+                continue
+            seen[slice_id] = SliceSeen.LOST if observed is None or observed.lost else SliceSeen.THERE
+        return lost_slices(seen)
 
     def unresponsive_tasks(self) -> set[int]:
         silent = self._liveness.silent([c.address for c in self._clients])
@@ -116,6 +124,16 @@ class TpuGangRun(AttemptRun):
     def close(self) -> None:
         for stream in self._streams:
             stream.close()
+
+
+@dataclass(frozen=True)
+class Connected:
+    """What connecting found: slices whose agents never answered or do not report one worker
+    number each (slice id -> why), and slices whose endpoints the API listed out of worker
+    order (slice id -> endpoint indexes in worker order)."""
+
+    dead: dict[int, str]
+    reordered: dict[int, list[int]]
 
 
 class Gang:
@@ -134,11 +152,13 @@ class Gang:
         return [c for s in sorted(self._clients) for c in self._clients[s]]
 
     def connect(self, slices: Sequence[ReadySlice], guest_attributes: Callable[[int], list[dict[str, str]]],
-                stop: threading.Event) -> dict[int, str]:
+                stop: threading.Event) -> Connected:
         """Watch the new slices boot (their guest attributes, ``guest_attributes(slice_id)``),
-        dial every agent pinned to the certificate it published, and wait until each answers;
-        returns the slices whose hosts never served. Raises ``hostboot.BootstrapFailed`` when
-        the bootstrap failed on every host, ``JobStopped`` when stopped meanwhile."""
+        dial every agent pinned to the certificate it published, wait until each answers, and
+        put each slice's hosts in the order of their agents' own worker numbers. Raises
+        ``hostboot.BootstrapFailed`` when the bootstrap failed on every host, ``JobStopped``
+        when stopped meanwhile."""
+        dead: dict[int, str] = {}
         deadline = time.monotonic() + self.config.boot_deadline
         booting = {s: len(ready.endpoints) for s, ready in enumerate(slices) if s not in self._clients}
         if booting:
@@ -147,30 +167,52 @@ class Gang:
             if stop.is_set():
                 raise JobStopped
             if boot.dead:
-                return boot.dead
+                return Connected(boot.dead, {})
             for slice_id in booting:
+                endpoints = slices[slice_id].endpoints
+                certs = pinned_certificates([r for r in boot.reports if r.slice_id == slice_id], endpoints)
+                if isinstance(certs, str):
+                    dead[slice_id] = certs
+                    continue
                 self._clients[slice_id] = [
                     channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self.credentials.secret,
-                                        pinned_cert_pem=boot.certs[(slice_id, worker)])
-                    for worker, ip in enumerate(slices[slice_id].endpoints)
+                                        pinned_cert_pem=cert)
+                    for ip, cert in zip(endpoints, certs)
                 ]
-        dead: dict[int, str] = {}
+            if dead:
+                return Connected(dead, {})
         up = dict.fromkeys(self._clients, 0)
+        reported: dict[channel.AgentClient, int] = {}
         lock = threading.Lock()
 
         def wait_up(slice_id: int, client: channel.AgentClient) -> None:
             try:
-                client.wait_until_up(deadline)
+                info = client.wait_until_up(deadline)
             except (channel.ChannelError, FrayTpuError) as error:
                 dead[slice_id] = str(error)
                 return
             with lock:
                 up[slice_id] += 1
                 count = up[slice_id]
+                reported[client] = info.worker_number
             self._progress(f"slice-{slice_id}: booting, {count}/{len(self._clients[slice_id])} agents up")
 
         in_parallel(lambda pair: wait_up(*pair), [(s, c) for s, clients in self._clients.items() for c in clients])
-        return dead
+        reordered: dict[int, list[int]] = {}
+        for slice_id, clients in self._clients.items():
+            if slice_id in dead:
+                continue
+            try:
+                order = worker_order(slices[slice_id].endpoints, [reported[c] for c in clients])
+            except WorkerOrderMismatch as error:
+                dead[slice_id] = str(error)
+                continue
+            if order != list(range(len(order))):
+                self._progress(f"slice-{slice_id}: the API listed the endpoints out of worker order; "
+                               "ordered by each agent's worker number")
+                self._clients[slice_id] = [clients[i] for i in order]
+                reordered[slice_id] = order
+        return Connected(dead, reordered)
 
     def upload(self, bundle, slice_of: Callable[[int], int]) -> dict[int, str]:
         """Upload the workspace bundle where it is missing; returns the slices that could not take it."""

@@ -1,5 +1,6 @@
-"""A TPU job's slices: acquired in parallel (journaled before each create), waited for with the
-capacity policy, restored from the journal after a controller restart, and released.
+"""A TPU job's slices: acquired in parallel, every slice of an attempt in one zone (journaled
+before each create), waited for with the capacity policy, restored from the journal after a
+controller restart, and released.
 
 Every slice this keeper creates is deleted by ``release_all`` (``fray-tpu gc`` finds anything a
 crash left behind by label).
@@ -7,6 +8,7 @@ crash left behind by label).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,6 +21,7 @@ from fray_tpu.config import TpuClusterConfig
 from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
 from fray_tpu.hostboot import bootstrapper_for
 from fray_tpu.state.journal import Journal, ResourceRow, ResourceState
+from fray_tpu.placement import FailNow, GroupPlacement, Placed
 from fray_tpu.planning import JobPlan
 from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec, node_resource_name
 from fray_tpu.supervisor.capacity import CapacityWait, GiveUp
@@ -101,6 +104,13 @@ class SliceKeeper:
             self.slices[slice_id] = ReadySlice(spec, zone, node_resource_name(self.context.provisioner.project, zone, name),
                                                tuple(endpoints))
 
+    def reorder(self, slice_id: int, order: list[int]) -> None:
+        """Put the slice's endpoints in worker order (``order``: endpoint indexes), here and in the journal."""
+        ready = self.slices[slice_id]
+        endpoints = tuple(ready.endpoints[i] for i in order)
+        self.slices[slice_id] = dataclasses.replace(ready, endpoints=endpoints)
+        self.journal.update_resource(ready.spec.name, ready.zone, endpoints=list(endpoints))
+
     @property
     def complete(self) -> bool:
         return all(self.slices)
@@ -112,8 +122,11 @@ class SliceKeeper:
         return self.context.provisioner.guest_attributes(ready.zone, ready.spec.name, md.GUEST_NAMESPACE)
 
     def ensure(self, attempt: int) -> None:
-        """Acquire every missing slice in parallel; without capacity anywhere, back off and try
-        again until the capacity deadline (no budget is consumed by waiting)."""
+        """Acquire every missing slice, every slice of the attempt in one zone
+        (``placement.GroupPlacement``): in parallel in a zone; when one cannot be had there, what
+        the zone gave is released and the group tries the next zone. Without capacity anywhere,
+        back off and try again until the capacity deadline (no budget is consumed by waiting). A
+        refusal no retry heals fails the job now, as does every zone being skipped."""
         if self._startup_script is None:
             # Before anything is provisioned: a bundle that cannot be built fails the job here.
             bootstrapper = bootstrapper_for(self.config, self.context.emulator_endpoint)
@@ -124,33 +137,49 @@ class SliceKeeper:
             if not missing:
                 return
             self._set_phase(JobPhase.PROVISIONING)
-            zones = wait.zones()
-            errors: dict[int, Exception] = {}
+            placement = GroupPlacement(wait.zones(), [s.zone for s in self.slices if s is not None], len(self.slices))
             stocked_out: set[str] = set()
-            threads = [threading.Thread(target=self._acquire, args=(i, attempt, zones, errors, stocked_out), daemon=True)
-                       for i in missing]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if self._stop.is_set() or any(isinstance(e, CancelledError) for e in errors.values()):
-                raise JobStopped
-            if not errors:
+            while (zones := placement.next_group()) is not None:
+                errors = self._acquire_group(missing, attempt, zones, wait.deadline, stocked_out)
+                if self._stop.is_set() or any(isinstance(e, CancelledError) for e in errors.values()):
+                    raise JobStopped
+                give_back = placement.after_group(errors)
+                if give_back is not None:
+                    for slice_id in missing:
+                        self.release(slice_id)
+                    self._progress(give_back.message)
+            outcome = placement.outcome()
+            if isinstance(outcome, Placed):
                 return
+            if isinstance(outcome, FailNow):
+                raise outcome.error
             self._count_capacity_wait()
-            step = wait.after_failed_round(errors, sorted(stocked_out))
+            step = wait.after_failed_round(outcome.errors, sorted(stocked_out))
             if isinstance(step, GiveUp):
                 raise CapacityUnavailableError(step.message)
             self._progress(step.message)
             if self._stop.wait(step.delay):
                 raise JobStopped
 
-    def _acquire(self, slice_id: int, attempt: int, zones: list[str], errors: dict[int, Exception],
-                 stocked_out: set[str]) -> None:
+    def _acquire_group(self, missing: list[int], attempt: int, zones: list[str], capacity_deadline: float,
+                       stocked_out: set[str]) -> dict[int, Exception]:
+        """Acquire the ``missing`` slices in parallel in ``zones``; the errors by slice id."""
+        errors: dict[int, Exception] = {}
+        threads = [threading.Thread(target=self._acquire, args=(i, attempt, zones, capacity_deadline, errors, stocked_out),
+                                    daemon=True)
+                   for i in missing]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return errors
+
+    def _acquire(self, slice_id: int, attempt: int, zones: list[str], capacity_deadline: float,
+                 errors: dict[int, Exception], stocked_out: set[str]) -> None:
         spec = self.spec(slice_id, attempt)
         zones_tried: list[str] = []
         self._progress(f"slice-{slice_id}: requested {spec.tpu_type} ({spec.capacity}) as {spec.name}, "
-                       f"zones {', '.join(self.plan.zones)}")
+                       f"zones {', '.join(zones)}")
 
         def before_create(zone: str) -> None:
             zones_tried.append(zone)
@@ -163,10 +192,11 @@ class SliceKeeper:
                 cancel=self._stop,
                 on_progress=lambda line: self._progress(f"slice-{slice_id}: {line}"),
                 before_create=before_create,
+                capacity_deadline=capacity_deadline,
             )
-        except Exception as error:  # noqa: BLE001 - classified by the capacity policy
+        except Exception as error:  # noqa: BLE001 - classified by the placement and capacity policies
             errors[slice_id] = error
-            # acquire moves on to the next zone only on stockout or quota.
+            # acquire moves on to the next zone only when a zone cannot take the slice.
             stocked_out.update(zones_tried if isinstance(error, CapacityUnavailableError) else zones_tried[:-1])
             for zone in zones_tried:  # acquire deleted whatever it created
                 self.journal.update_resource(spec.name, zone, state=ResourceState.FAILED)
@@ -212,6 +242,7 @@ class SliceKeeper:
         except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
             log.error("job %s: could not delete slice %s in %s: %s (`fray-tpu gc` will find it by label)",
                       self.job_id, ready.spec.name, ready.zone, error)
+            self._progress(f"slice-{slice_id}: NOT DELETED: {error}")
 
     def release_all(self) -> None:
         for slice_id in range(len(self.slices)):

@@ -109,7 +109,7 @@ class TpuJobSupervisor(JobSupervisor):
     def _start(self, attempt: int) -> StartedAttempt | AttemptVerdict:
         self.slices.ensure(attempt)
         self.record.set_phase(JobPhase.BOOTING)
-        dead = self.gang.connect(self.slices.slices, self.slices.guest_attributes, self.stop_requested)
+        dead = self._connect()
         if self.stop_requested.is_set():
             raise JobStopped
         if dead:
@@ -154,7 +154,7 @@ class TpuJobSupervisor(JobSupervisor):
         attempt_id = resume.attempt_id
         self.progress(f"reattaching to attempt {attempt_id}")
         self.record.set_phase(JobPhase.BOOTING)
-        dead = self.gang.connect(self.slices.slices, self.slices.guest_attributes, self.stop_requested)
+        dead = self._connect()
         if dead:
             return self._verdict_for_hosts(dead, TaskOutcome.LOST, "agent unreachable after the controller restarted")
         clients = self.gang.clients()
@@ -174,6 +174,14 @@ class TpuJobSupervisor(JobSupervisor):
             raise
         self.record.set_phase(JobPhase.RUNNING)
         return StartedAttempt(run, entry)
+
+    def _connect(self) -> dict[int, str]:
+        """Connect the gang, the slices' endpoints put in worker order (JAX's process 0 and the
+        coordinator are worker 0); returns the slices whose hosts cannot form it."""
+        connected = self.gang.connect(self.slices.slices, self.slices.guest_attributes, self.stop_requested)
+        for slice_id, order in connected.reordered.items():
+            self.slices.reorder(slice_id, order)
+        return connected.dead
 
     def _save_account(self) -> None:
         self.journal.update_job(self.record.job_id, extra=self.account.to_extra())

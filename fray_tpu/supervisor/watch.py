@@ -11,7 +11,8 @@ gang deadlocks); CPU replicas (``gang=False``) run to their own ends instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import enum
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import attempt_events as events
@@ -54,6 +55,20 @@ class LinesDropped:
     were dropped rather than letting memory grow."""
 
     count: int
+
+
+class SliceSeen(enum.StrEnum):
+    """What one look at the cloud said of a slice the attempt runs on."""
+
+    THERE = "there"
+    LOST = "lost"  # preempted, terminated, deleted, gone
+    UNKNOWN = "unknown"  # the listing failed (an API outage): nothing is concluded
+
+
+def lost_slices(seen: Mapping[int, SliceSeen]) -> set[int]:
+    """The slices that count as lost. An unknown one counts as it was: an API outage never ends
+    a running attempt, and the next observation looks again."""
+    return {slice_id for slice_id, what in seen.items() if what is SliceSeen.LOST}
 
 
 # -- effects the shell executes ------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from fray_tpu import tls
 from fray_tpu.contract import (
     AGENT_SERVING_MARKER,
+    GUEST_AGENT_ADDRESS,
     GUEST_AGENT_SERVING,
     GUEST_NAMESPACE,
     GUEST_SELF_DELETE_REFUSED,
@@ -43,9 +44,11 @@ def host_tls(state_dir: Path) -> tls.TlsMaterial:
     return material
 
 
-def publish_serving(client: md.MetadataClient, state_dir: Path, cert_pem: bytes) -> None:
-    """Tell the controller (guest attributes) and the service's exit hook (a file) that we serve."""
+def publish_serving(client: md.MetadataClient, state_dir: Path, cert_pem: bytes, address: str) -> None:
+    """Tell the controller (guest attributes) and the service's exit hook (a file) that we serve
+    at ``address`` with ``cert_pem``."""
     client.put_guest_attribute(GUEST_NAMESPACE, GUEST_TLS_CERT, cert_pem.decode())
+    client.put_guest_attribute(GUEST_NAMESPACE, GUEST_AGENT_ADDRESS, address)
     client.put_guest_attribute(GUEST_NAMESPACE, GUEST_AGENT_SERVING, str(int(time.time() * 1000)))
     (state_dir / AGENT_SERVING_MARKER).write_text(str(os.getpid()))
 

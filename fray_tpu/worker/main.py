@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     server.start()
     try:
-        publish_serving(client, settings.state_dir, settings.tls_cert_pem)
+        publish_serving(client, settings.state_dir, settings.tls_cert_pem, settings.ip)
     except md.MetadataError as error:
         LOG.error("cannot start: %s", error)
         server.stop(grace=0)

@@ -9,6 +9,7 @@ retried on connection errors and 5xx answers.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import os
 import threading
 import time
@@ -35,6 +36,9 @@ from fray_tpu.contract import (  # noqa: F401 - md.ATTR_* is how the agent names
 
 DEFAULT_METADATA_HOST = "metadata.google.internal"
 PREEMPTED_PATH = "instance/preempted"
+ZONE_PATH = "instance/zone"
+INTERFACE_IP_PATH = "instance/network-interfaces/0/ip"
+INTERFACE_NETWORK_PATH = "instance/network-interfaces/0/network"
 _BASE = "/computeMetadata/v1/"
 
 
@@ -140,8 +144,17 @@ class MetadataClient:
 
 
 def endpoint_ips(endpoints: str) -> list[str]:
-    """IPs in worker order from `worker-network-endpoints` (`host:uid:ip,...`)."""
+    """Each worker's address, in worker order, from `worker-network-endpoints`: the IP of the older
+    `host:uid:ip` entries, the hostname itself in the newer hostname-only format."""
     return [entry.rsplit(":", 1)[-1].strip() for entry in endpoints.split(",") if entry.strip()]
+
+
+def is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_preempted(text: str) -> bool:

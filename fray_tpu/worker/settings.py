@@ -100,7 +100,7 @@ def _full_node_name(client: md.MetadataClient, node: str) -> str:
     if node.startswith("projects/"):
         return node
     project = client.get("project/project-id")
-    zone = client.get("instance/zone")
+    zone = client.get(md.ZONE_PATH)
     if project is None or zone is None:
         return node
     return f"projects/{project.text.strip()}/locations/{zone.text.strip().rsplit('/', 1)[-1]}/nodes/{node}"
@@ -114,8 +114,13 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
     except ValueError:
         raise md.MetadataError(f"metadata attribute {md.ATTR_WORKER_NUMBER}={worker_text!r} is not an integer") from None
     endpoints = md.endpoint_ips(client.attribute(md.ATTR_WORKER_ENDPOINTS) or "")
-    if worker_number < len(endpoints):
-        ip = endpoints[worker_number]
+    own = endpoints[worker_number] if worker_number < len(endpoints) else ""
+    if own and not md.is_ip_address(own):
+        # Hostname-only endpoints: this VM's address is its own network interface's.
+        interface = client.get(md.INTERFACE_IP_PATH)
+        own = interface.text.strip() if interface is not None else ""
+    if own:
+        ip = own
     elif os.environ.get(HOST_IP_ENV):
         ip = os.environ[HOST_IP_ENV]
     else:

@@ -10,12 +10,14 @@ hosts). Inside them, waits are bounded loops with a deadline, never open-ended.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -25,9 +27,11 @@ from fake_gcp.host_jobs import wait_for_file, write_json
 
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
+from fray_tpu.costs import PriceTable
 from fray_tpu.errors import ConfigError
-from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
+from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobInfo, JobRequest, JobStatus, ResourceConfig
 from fray_tpu.naming import LABEL_JOB, LABEL_SLICE, label_value
+from fray_tpu.ops.plan_report import plan_report
 
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -65,6 +69,22 @@ def record_env_and_allgather(out_dir: str) -> None:
     write_json(Path(out_dir) / f"jax-{os.environ['FRAY_TASK_INDEX']}.json",
                 {"process_index": jax.process_index(), "process_count": jax.process_count(), "total": total})
     jax.distributed.shutdown()
+
+
+def record_jax_cloud_tpu_detection(out_dir: str, resolve_coordinator: bool = True) -> None:
+    """What JAX's own GCE TPU cluster detection (the metadata-server path real VMs use, not the
+    emulator's plugin) says on this host, next to what fray-tpu set. ``resolve_coordinator``
+    False skips the coordinator lookup (emulated hostnames do not resolve)."""
+    from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster
+
+    write_json(Path(out_dir) / f"detect-{os.environ['FRAY_TASK_INDEX']}.json", {
+        "process_id": GceTpuCluster.get_process_id(),
+        "process_count": GceTpuCluster.get_process_count(),
+        "coordinator": GceTpuCluster.get_coordinator_address(timeout_secs=10, override_coordinator_port="1")
+        if resolve_coordinator else None,
+        "env": {k: os.environ.get(k) for k in ("FRAY_TASK_INDEX", "FRAY_TASK_COUNT", "FRAY_JAX_COORDINATOR_ADDRESS",
+                                               "FRAY_TPU_WORKER_NUMBER", "FRAY_WORKER_ID")},
+    })
 
 
 def worker_two_raises(out_dir: str) -> None:
@@ -130,6 +150,17 @@ def cluster(emulator_process):
     c.shutdown(timeout=120)
 
 
+@contextlib.contextmanager
+def fresh_cluster(emulator_process, **config) -> Iterator[TpuCluster]:
+    """A cluster of its own (the module's shares caches and settings across tests)."""
+    values = dict(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2, capacity_deadline=60.0)
+    c = TpuCluster(TpuClusterConfig(**{**values, **config}))
+    try:
+        yield c
+    finally:
+        c.shutdown(timeout=120)
+
+
 def tpu_request(name: str, fn, args, workspace: str, tpu_type: str = "v5litepod-16", slices: int = 1,
                 **kwargs) -> JobRequest:
     regions = kwargs.pop("regions", None)
@@ -169,6 +200,17 @@ def wait_files(directory: Path, pattern: str, count: int, what: str) -> dict[str
 
 def job_nodes(control, job_id: str) -> list[dict]:
     return [n for n in control.leaks()["nodes"] if n["labels"].get(LABEL_JOB) == label_value(job_id)]
+
+
+def run_noting_zones(cluster, fake_gcp, go: Path, request_for) -> tuple[str, set[str], JobInfo]:
+    """Launch ``request_for(go)`` (a job that blocks until ``go`` exists), note the zones of its
+    READY nodes once every task runs, then let it finish: the job id, those zones, its end."""
+    job_id = cluster.launch(request_for(go))
+    wait_all_tasks_running(cluster, job_id)
+    zones = {n["name"].split("/locations/")[1].split("/")[0] for n in job_nodes(fake_gcp.control, job_id)
+             if n["state"] == "READY"}
+    go.write_text("")
+    return job_id, zones, finish(cluster, job_id)
 
 
 def process_alive(pid: int) -> bool:
@@ -361,21 +403,127 @@ def test_terminate_while_running_ends_stopped_with_nothing_alive(cluster, fake_g
 # -- capacity ------------------------------------------------------------------------------------------
 
 def test_stockout_in_first_zone_runs_in_the_second(cluster, fake_gcp, workspace, out_dir):
-    go = out_dir / "go"
     fake_gcp.control.stockout("europe-west4-b")
-    job_id = cluster.launch(tpu_request("stockout", block_until, [str(go)], workspace,
-                                        regions=["europe-west4", "us-west4"]))
-    wait_all_tasks_running(cluster, job_id)
-    zones = {n["name"].split("/locations/")[1].split("/")[0] for n in job_nodes(fake_gcp.control, job_id)
-             if n["state"] == "READY"}
-    go.write_text("")
-    info = finish(cluster, job_id)
+    job_id, zones, info = run_noting_zones(cluster, fake_gcp, out_dir / "go", lambda go: tpu_request(
+        "stockout", block_until, [str(go)], workspace, regions=["europe-west4", "us-west4"]))
 
     assert zones == {"us-west4-a"}
     assert info.status == JobStatus.SUCCEEDED, info.error_message
     counters = cluster.job_counters(job_id)
     assert (counters.attempts, counters.failures, counters.preemptions) == (1, 0, 0)
     assert fake_gcp.control.counters().get("CreateNode") == 2  # europe-west4-b stocked out, then us-west4-a
+
+
+def test_two_slices_fail_over_as_a_group_into_one_zone(cluster, fake_gcp, workspace, out_dir):
+    """us-east5-b stocks out for one create while both slices are placed there: the slice it did
+    get is given back and both slices end up in us-east5-a; the plan says the slices share a zone."""
+    plan = plan_report("v6e-4", 2, ["us-east5"], None, cluster.config, PriceTable.default())
+    assert plan.zones == ("us-east5-b", "us-east5-a")
+    assert "all 2 slices in one zone" in plan.render_text()
+    fake_gcp.control.stockout("us-east5-b", count=1)
+    _, zones, info = run_noting_zones(cluster, fake_gcp, out_dir / "go", lambda go: tpu_request(
+        "group", block_until, [str(go)], workspace, tpu_type="v6e-4", slices=2, regions=["us-east5"]))
+
+    assert zones == {"us-east5-a"}
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    assert fake_gcp.control.counters().get("CreateNode") == 4  # two in us-east5-b (one stocked out), two in us-east5-a
+
+
+@pytest.mark.parametrize("slices", [1, 2])
+def test_jax_cloud_tpu_detection_agrees_with_fray_when_endpoints_are_listed_out_of_order(
+        cluster, fake_gcp, workspace, out_dir, slices):
+    """The API lists every node's endpoints in reverse worker order (fault control); fray-tpu
+    orders the hosts by each agent's worker number, so JAX's own metadata-based detection gives
+    every host the process id, process count and coordinator fray-tpu set."""
+    fake_gcp.control.reverse_endpoints(True)
+    job_id = cluster.launch(tpu_request("detect", record_jax_cloud_tpu_detection, [str(out_dir)], workspace,
+                                        slices=slices))
+    info = finish(cluster, job_id)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    found = read_json_files(out_dir, "detect-*.json")
+    assert len(found) == 4 * slices
+    for result in found.values():
+        env = result["env"]
+        assert result["process_id"] == int(env["FRAY_TASK_INDEX"])
+        assert result["process_count"] == int(env["FRAY_TASK_COUNT"]) == 4 * slices
+        assert env["FRAY_WORKER_ID"] == env["FRAY_TPU_WORKER_NUMBER"]
+        assert result["coordinator"].split(":")[0] == env["FRAY_JAX_COORDINATOR_ADDRESS"].split(":")[0]
+
+
+def test_hostname_only_worker_endpoints_are_handled(cluster, fake_gcp, workspace, out_dir):
+    """Hosts serve the newer hostname-only worker-network-endpoints: agents still find their own
+    address and JAX's detection still gives each host fray-tpu's process id and count."""
+    fake_gcp.control.hostname_endpoints(True)
+    job_id = cluster.launch(tpu_request("hostnames", record_jax_cloud_tpu_detection, [str(out_dir), False], workspace))
+    info = finish(cluster, job_id)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    found = read_json_files(out_dir, "detect-*.json")
+    assert sorted(r["process_id"] for r in found.values()) == [0, 1, 2, 3]
+    for result in found.values():
+        assert result["process_id"] == int(result["env"]["FRAY_TASK_INDEX"])
+        assert result["process_count"] == 4
+
+
+def test_list_storm_longer_than_a_retry_round_neither_deletes_nor_fails_the_job(emulator_process, fake_gcp,
+                                                                               workspace, out_dir):
+    """Every ListNodes answers 503 for 4 s from launch, eight retry rounds of this cluster's 0.5 s
+    (api_retry_seconds): the slice is created once, becomes READY, the job runs and succeeds; the
+    only delete is the one at the end."""
+    with fresh_cluster(emulator_process, api_retry_seconds=0.5) as storm_cluster:
+        go = out_dir / "go"
+        fake_gcp.control.fail_for("ListNodes", 4.0, 503)
+        job_id = storm_cluster.launch(tpu_request("storm", block_until, [str(go)], workspace))
+        wait_all_tasks_running(storm_cluster, job_id)
+        assert fake_gcp.control.counters().get("DeleteNode", 0) == 0
+        go.write_text("")
+        info = finish(storm_cluster, job_id)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    counters = fake_gcp.control.counters()
+    assert (counters["CreateNode"], counters["DeleteNode"]) == (1, 1)
+    assert counters["ListNodes"] > 8
+
+
+def test_zone_the_api_no_longer_offers_the_type_in_is_not_tried(emulator_process, fake_gcp, workspace, out_dir):
+    """europe-west4-b stops offering v5litepod-16 (ListAcceleratorTypes): the plan drops it, the
+    job runs in us-west4-a with a single create call."""
+    fake_gcp.control.withdraw_type("europe-west4-b", "v5litepod-16")
+    go = out_dir / "go"
+    go.write_text("")
+    with fresh_cluster(emulator_process) as cluster:  # a new controller: nothing cached yet
+        job_id = cluster.launch(tpu_request("offers", block_until, [str(go)], workspace,
+                                            regions=["europe-west4", "us-west4"]))
+        info = finish(cluster, job_id)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    counters = fake_gcp.control.counters()
+    assert counters["CreateNode"] == 1
+    assert counters["ListAcceleratorTypes"] == 2  # each candidate zone asked once
+
+
+def test_no_usable_zone_fails_the_launch_at_once_naming_each_zone(emulator_process, fake_gcp, workspace, out_dir):
+    """One zone forbidden by org policy, the other no longer offering the type: launch raises
+    before anything is created, naming each zone with its reason."""
+    fake_gcp.control.refuse("forbidden_zone", zone="europe-west4-b")
+    fake_gcp.control.withdraw_type("us-west4-a", "v5litepod-16")
+    with fresh_cluster(emulator_process) as cluster, pytest.raises(ConfigError) as raised:
+        cluster.launch(tpu_request("nozone", block_until, [str(out_dir / "go")], workspace,
+                                   regions=["europe-west4", "us-west4"]))
+    message = str(raised.value)
+    assert "europe-west4-b: forbidden by the organization's location policy" in message
+    assert "us-west4-a: does not offer v5litepod-16" in message
+    assert fake_gcp.control.counters().get("CreateNode", 0) == 0
+
+
+def test_fatal_create_refusal_fails_the_job_at_once_with_the_api_message(cluster, fake_gcp, workspace, out_dir):
+    """403 IAM_PERMISSION_DENIED on create: the job fails in its first round (not after the 60 s
+    capacity deadline) with Google's message and the fix; one create call, nothing left."""
+    fake_gcp.control.refuse("permission_denied")
+    started = time.monotonic()
+    job_id = cluster.launch(tpu_request("denied", block_until, [str(out_dir / "go")], workspace))
+    info = finish(cluster, job_id)
+    assert time.monotonic() - started < 30
+    assert info.status == JobStatus.FAILED
+    assert "Permission 'tpu.nodes.create' denied" in info.error_message and "roles/tpu.admin" in info.error_message
+    assert fake_gcp.control.counters()["CreateNode"] == 1
 
 
 # -- RL shape: two jobs at once -------------------------------------------------------------------------

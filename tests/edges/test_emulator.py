@@ -174,12 +174,13 @@ def test_list_nodes_pages_through_every_node(fake_gcp, tpu_client):
         (V5E_ZONE, "ends-with-", node_spec("v5litepod-8"), exceptions.InvalidArgument, "node_id"),
         (V5E_ZONE, "bad-label", node_spec("v5litepod-8", labels={"Job": "x"}), exceptions.InvalidArgument, "label key"),
         (V5E_ZONE, "bad-value", node_spec("v5litepod-8", labels={"job": "X Y"}), exceptions.InvalidArgument, "label value"),
-        (V4_ZONE, "wrong-zone", node_spec("v5litepod-16"), exceptions.InvalidArgument, "not available in zone"),
+        (V4_ZONE, "wrong-zone", node_spec("v5litepod-16"), exceptions.InvalidArgument, "could not be found in the zonal accelerator configurations"),
         (V5E_ZONE, "bad-type", tpu_v2.Node(accelerator_type="v5e-16", runtime_version="v2-alpha-tpuv5-lite"),
          exceptions.InvalidArgument, "v5litepod-16"),
         (V5E_ZONE, "bad-runtime", node_spec("v5litepod-8", runtime_version="tpu-vm-nope"),
          exceptions.InvalidArgument, "runtime version"),
-        ("us-nowhere1-z", "no-zone", node_spec("v5litepod-8"), exceptions.NotFound, "us-nowhere1-z"),
+        ("us-nowhere1-z", "no-zone", node_spec("v5litepod-8"), exceptions.PermissionDenied,
+         "us-nowhere1-z is not found or access is unauthorized"),
     ],
 )
 def test_create_node_rejects_invalid_requests(fake_gcp, tpu_client, zone, node_id, node, error, message):
@@ -438,16 +439,42 @@ def test_queued_resource_multislice_creates_node_count_nodes(fake_gcp, tpu_clien
     assert list(tpu_client.list_nodes(parent=parent)) == []
 
 
-def test_queued_resource_stockout_fails_and_stays_until_deleted(fake_gcp, tpu_client):
+def test_stocked_out_queued_resource_waits_until_capacity_returns(fake_gcp, tpu_client):
+    """A queued resource in a stocked-out zone stays WAITING_FOR_RESOURCES (it does not fail) while
+    another zone's is granted meanwhile, and is granted once capacity returns."""
     parent = fake_gcp.parent(V5E_ZONE)
-    name = f"{parent}/queuedResources/qr-fail"
+    other_parent = fake_gcp.parent("europe-west4-b")
+    name = f"{parent}/queuedResources/qr-wait"
+    other = f"{other_parent}/queuedResources/qr-other"
     with stocked_out(fake_gcp.control, V5E_ZONE):
         tpu_client.create_queued_resource(
-            parent=parent, queued_resource_id="qr-fail", queued_resource=queued_resource(parent, node_spec("v5litepod-8"), "never")
+            parent=parent, queued_resource_id="qr-wait", queued_resource=queued_resource(parent, node_spec("v5litepod-8"), "waits")
         )
+        tpu_client.create_queued_resource(
+            parent=other_parent, queued_resource_id="qr-other",
+            queued_resource=queued_resource(other_parent, node_spec("v5litepod-8"), "other"),
+        )
+        wait_queued_resource_state(tpu_client, other, "ACTIVE")
+        assert queued_resource_state(tpu_client, name) == "WAITING_FOR_RESOURCES"
+    wait_queued_resource_state(tpu_client, name, "ACTIVE")
+    delete_queued(tpu_client, name, force=True)
+    delete_queued(tpu_client, other, force=True)
+    assert queued_resource_state(tpu_client, name) == "GONE"
+
+
+def test_queued_resource_expires_by_its_queueing_policy_and_stays_until_deleted(fake_gcp, tpu_client):
+    """A waiting queued resource whose valid_until passes is FAILED with the expiry error (not a
+    stockout) and stays listed until deleted."""
+    parent = fake_gcp.parent(V5E_ZONE)
+    name = f"{parent}/queuedResources/qr-expire"
+    request = queued_resource(parent, node_spec("v5litepod-8"), "never")
+    request.queueing_policy = tpu_v2.QueuedResource.QueueingPolicy(valid_until_duration={"seconds": 0, "nanos": 300_000_000})
+    with stocked_out(fake_gcp.control, V5E_ZONE):
+        tpu_client.create_queued_resource(parent=parent, queued_resource_id="qr-expire", queued_resource=request)
         wait_queued_resource_state(tpu_client, name, "FAILED")
     failed = tpu_client.get_queued_resource(name=name)
-    assert failed.state.failed_data.error.code == 8
+    assert failed.state.failed_data.error.code == 4
+    assert "valid_until" in failed.state.failed_data.error.message
     assert [q.name for q in tpu_client.list_queued_resources(parent=parent)] == [name]
     assert node_state(tpu_client, f"{parent}/nodes/never") == "GONE"
     delete_queued(tpu_client, name, force=False)
@@ -553,3 +580,24 @@ def test_emulator_process_prints_endpoint_and_stops_cleanly_on_sigterm(tmp_path)
     assert exit_code == 0
     wait_for(lambda: not pid_alive(hosts[0]["pid"]), "the host to end with the emulator")
     assert not os.path.exists(f"/proc/{process.pid}")
+
+
+def test_repairing_and_maintenance_health_fault_controls(fake_gcp, tpu_client):
+    """A READY node put into REPAIRING reads REPAIRING (hosts still up) and READY again after its
+    repair time; a health fault shows UNHEALTHY_MAINTENANCE until cleared; the endpoint reversal
+    fault lists a new node's endpoints in reverse worker order."""
+    parent = fake_gcp.parent(V5E_ZONE)
+    fake_gcp.control.reverse_endpoints(True)
+    created = create_node(tpu_client, parent, "repaired", node_spec("v5litepod-16"))
+    name = created.name
+    hosts = fake_gcp.control.hosts(name)
+    assert [e.ip_address for e in tpu_client.get_node(name=name).network_endpoints] == [h["ip"] for h in reversed(hosts)]
+    fake_gcp.control.repair_node(name, 0.5)
+    assert node_state(tpu_client, name) == "REPAIRING"
+    assert all(h["metadata_endpoint"] for h in fake_gcp.control.hosts(name))  # the VMs stay up
+    wait_node_state(tpu_client, name, "READY")
+    fake_gcp.control.set_node_health(name, "UNHEALTHY_MAINTENANCE")
+    assert tpu_client.get_node(name=name).health.name == "UNHEALTHY_MAINTENANCE"
+    fake_gcp.control.set_node_health(name, None)
+    assert tpu_client.get_node(name=name).health.name == "HEALTHY"
+    delete_node(tpu_client, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from google.api_core import exceptions as api_exceptions
 from google.cloud import tpu_v2
+from google.rpc import status_pb2
 
 from fray_tpu import naming
 from fray_tpu.errors import CredentialsError
@@ -14,7 +15,7 @@ from fray_tpu.provisioner import (
     is_transient,
     make_tpu_client,
     node_request,
-    operation_error_text,
+    operation_verdict,
     queued_resource_request,
 )
 
@@ -155,12 +156,13 @@ def test_progress_lines_are_readable():
 
 
 def test_code_8_on_the_operation_is_a_stockout():
-    text = operation_error_text(8, 'There is no more capacity in the zone "us-west4-a"')
-    assert text.startswith("stockout")
-    assert observation(state="CREATE_FAILED", error=text).stockout
-    other = operation_error_text(3, "bad request")
+    """Code 8 on the operation is "no capacity" (next zone); code 3 "bad request" is fatal."""
+    text, verdict = operation_verdict(status_pb2.Status(code=8, message='There is no more capacity in the zone "us-west4-a"'), "spot")
+    assert text == 'out of capacity: RESOURCE_EXHAUSTED (code 8): There is no more capacity in the zone "us-west4-a"'
+    assert observation(state="CREATE_FAILED", error=text, verdict=verdict).stockout
+    other, other_verdict = operation_verdict(status_pb2.Status(code=3, message="bad request"), "spot")
     assert "INVALID_ARGUMENT" in other
-    assert not observation(state="CREATE_FAILED", error=other).stockout
+    assert not observation(state="CREATE_FAILED", error=other, verdict=other_verdict).stockout
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 
@@ -39,6 +40,15 @@ class FakeGcp:
 
     def client(self) -> tpu_v2.TpuClient:
         return make_tpu_client(self.endpoint)
+
+    def provisioner(self, *, poll_interval: float, retry, cleanup_timeout: float):
+        """A ``SliceProvisioner`` on this emulator with a test's polling and retry speeds, closed
+        when the ``with`` block ends."""
+        from fray_tpu.provisioner import SliceProvisioner
+
+        return contextlib.closing(SliceProvisioner(self.client(), self.project, api_timeout=5.0,
+                                                   poll_interval=poll_interval, retry=retry,
+                                                   cleanup_timeout=cleanup_timeout))
 
 def leak_report(leaks: dict) -> str:
     return "resources left alive at the end of the test:\n" + json.dumps(leaks, indent=2, sort_keys=True)

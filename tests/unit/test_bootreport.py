@@ -3,7 +3,7 @@ still booting, all serving."""
 
 from __future__ import annotations
 
-from fray_tpu.bootreport import judge_boot, parse_host_report, phase_timings
+from fray_tpu.bootreport import judge_boot, parse_host_report, phase_timings, pinned_certificates
 
 CERT = "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"
 
@@ -53,3 +53,14 @@ def test_all_serving_needs_every_expected_host_and_timings_are_the_slowest_hosts
     assert judge_boot(reports, expected_hosts=2).all_serving
     assert phase_timings(reports) == ("started +0.0s, interpreter +0.1s, bundle +1.0s, deps +4.0s, service +3.1s, "
                                       "serving +5.0s")
+
+
+def test_each_endpoint_is_pinned_to_the_certificate_published_for_its_address():
+    """The API may list endpoints out of worker order: certificates pair by the address each
+    agent published, and an endpoint no agent claims is named."""
+    reports = [parse_host_report(0, worker, {"boot-phases": "started=1", "agent-serving": "5",
+                                             "tls-cert": f"cert-{worker}", "agent-address": f"10.0.0.{worker}"})
+               for worker in range(2)]
+    assert pinned_certificates(reports, ["10.0.0.1", "10.0.0.0"]) == [b"cert-1", b"cert-0"]
+    missing = pinned_certificates(reports, ["10.0.0.0", "10.0.0.9"])
+    assert isinstance(missing, str) and "10.0.0.9" in missing and "10.0.0.0, 10.0.0.1" in missing

@@ -18,8 +18,10 @@ from fray_tpu.supervisor.watch import (
     GangWatch,
     LinesDropped,
     SetTask,
+    SliceSeen,
     StreamEnded,
     TaskSlot,
+    lost_slices,
 )
 
 
@@ -108,6 +110,16 @@ def test_preemption_mid_attempt_ends_the_lost_slice_at_once_and_replaces_only_it
     assert verdict.outcome is AttemptOutcome.PREEMPTED and verdict.lost_slices == {1}
     decision = decide(RetryLimits(0, 3), JobCounters(attempts=1), verdict)
     assert decision.action is Action.RETRY and decision.replace_slices == {1}
+
+
+def test_a_slice_the_api_cannot_list_is_not_lost():
+    """An observation that failed (an API outage) counts the slice as it was: no cancel, no end."""
+    assert lost_slices({0: SliceSeen.THERE, 1: SliceSeen.UNKNOWN, 2: SliceSeen.LOST}) == {2}
+    w, clock = watch()
+    start_all(w)
+    clock.now += 1.0
+    effects = w.observed(lost_slices({0: SliceSeen.UNKNOWN, 1: SliceSeen.UNKNOWN}), set())
+    assert effects == [] and not w.cancelling and not w.done
 
 
 def test_preemption_notice_counts_its_slice_as_lost():

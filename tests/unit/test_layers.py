@@ -123,7 +123,7 @@ def test_the_vocabulary_does_not_build_clusters():
 
 PURE_MODULES = ("fray_tpu.decisions", "fray_tpu.multislice", "fray_tpu.planning", "fray_tpu.costs",
                 "fray_tpu.attempt_events", "fray_tpu.supervisor.phases", "fray_tpu.supervisor.capacity",
-                "fray_tpu.supervisor.watch")
+                "fray_tpu.supervisor.watch", "fray_tpu.placement")
 
 
 def test_the_pure_layers_load_no_edge():

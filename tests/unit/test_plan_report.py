@@ -96,3 +96,11 @@ def test_bad_input_raises_the_config_errors(args, error, words):
         plan_report(*args, EMULATED, PriceTable.default())
     for word in words:
         assert word in str(info.value)
+
+
+def test_multislice_of_single_host_slices_is_warned_about_in_the_plan():
+    """Two v5litepod-8 (one VM each) get the warning with its reason; multi-host slices do not."""
+    single = plan_report("v5litepod-8", 2, None, "spot", EMULATED, PriceTable.default())
+    assert "WARNING: several single-host slices" in single.render_text()
+    assert "WARNING" not in plan_report("v5litepod-16", 2, None, "spot", EMULATED, PriceTable.default()).placement
+    assert "WARNING" not in plan_report("v5litepod-8", 1, None, "spot", EMULATED, PriceTable.default()).placement
