@@ -430,6 +430,7 @@ def test_two_slices_fail_over_as_a_group_into_one_zone(cluster, fake_gcp, worksp
 
 
 @pytest.mark.parametrize("slices", [1, 2])
+@pytest.mark.usefixtures("inherit_controller_image")  # JAX on the hosts: see the fixture
 def test_jax_cloud_tpu_detection_agrees_with_fray_when_endpoints_are_listed_out_of_order(
         cluster, fake_gcp, workspace, out_dir, slices):
     """The API lists every node's endpoints in reverse worker order (fault control); fray-tpu
@@ -450,6 +451,7 @@ def test_jax_cloud_tpu_detection_agrees_with_fray_when_endpoints_are_listed_out_
         assert result["coordinator"].split(":")[0] == env["FRAY_JAX_COORDINATOR_ADDRESS"].split(":")[0]
 
 
+@pytest.mark.usefixtures("inherit_controller_image")  # JAX on the hosts: see the fixture
 def test_hostname_only_worker_endpoints_are_handled(cluster, fake_gcp, workspace, out_dir):
     """Hosts serve the newer hostname-only worker-network-endpoints: agents still find their own
     address and JAX's detection still gives each host fray-tpu's process id and count."""
