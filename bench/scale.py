@@ -31,7 +31,9 @@ Run: ``.venv/bin/python bench/scale.py [--jobs 16] [--window 30] [--poll-interva
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import resource
 import sys
 import tempfile
@@ -123,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=30.0, help="steady-state window, seconds")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="the controller's poll_interval, seconds")
     parser.add_argument("--start-deadline", type=float, default=240.0, help="launch -> every host running, seconds")
+    parser.add_argument("--gang", metavar="COUNTxTYPE",
+                        help="one multislice gang instead of K jobs, e.g. 4xv5litepod-256 (256 hosts): see run_gang")
     args = parser.parse_args(argv)
+    if args.gang:
+        return run_gang(args)
     watchdog = threading.Timer(TOTAL_BUDGET_SECONDS, over_budget)
     watchdog.daemon = True
     watchdog.start()
@@ -141,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     (directory / "emulator").mkdir()
     emulator = EmulatorProcess(timings=EmulatorTimings.zero(), root=directory / "emulator").start()
     cluster = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator.endpoint,
-                                          poll_interval=args.poll_interval, state_dir=str(directory / "state")))
+                                          poll_interval=args.poll_interval, state_dir=str(directory / "state"),
+                                          keep_warm=0))  # K jobs' API economy; the gang mode measures the pool
     hosts = args.jobs * HOSTS_PER_SLICE
     result: dict = {"bench": "scale", "metric": "summary", "jobs": args.jobs, "tpu_type": TPU_TYPE, "hosts": hosts,
                     "poll_interval_s": args.poll_interval, "window_s": args.window}
@@ -218,6 +225,157 @@ def main(argv: list[str] | None = None) -> int:
     })
     emit(result)
     return 0 if "error" not in result and not leftovers and result["emulator_resources_left"] == 0 else 1
+
+
+# -- one large gang ------------------------------------------------------------------------------
+
+def stamp_and_idle(out_dir: str, stop_file: str, limit_seconds: float) -> None:
+    """A trivial host function (no JAX): record ``ATTEMPT-TASK`` with the start time, idle until stopped."""
+    path = Path(out_dir) / f"{os.environ['FRAY_TPU_ATTEMPT_ID']}-{os.environ['FRAY_TASK_INDEX']}"
+    path.write_text(repr(time.time()))
+    deadline = time.monotonic() + limit_seconds
+    pause = threading.Event()
+    while not os.path.exists(stop_file):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no stop file {stop_file} after {limit_seconds:.0f}s")
+        pause.wait(0.5)
+
+
+class AgentsUp(logging.Handler):
+    """When the supervisor's progress lines said the last agent of each slice was up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.created, record.getMessage()))
+
+    def all_up_at(self, job_id: str, slices: int, after: float) -> float | None:
+        """The moment the last slice of the job reported every agent up, after ``after``."""
+        last: dict[str, float] = {}
+        for at, line in self.lines:
+            if at >= after and job_id in line and (m := re.search(r"slice-(\d+): booting, (\d+)/(\d+) agents up", line)) \
+                    and m.group(2) == m.group(3):
+                last[m.group(1)] = at
+        return max(last.values()) if len(last) == slices else None
+
+    def first(self, job_id: str, pattern: str, after: float) -> float | None:
+        return next((at for at, line in self.lines if at >= after and job_id in line and re.search(pattern, line)), None)
+
+    def matching(self, pattern: str) -> list[str]:
+        return [line for _, line in self.lines if re.search(pattern, line)]
+
+
+def stamps_of(out: Path, attempt_prefix: str) -> list[float]:
+    return [float(p.read_text()) for p in out.glob(f"{attempt_prefix}*") if p.read_text()]
+
+
+def run_gang(args) -> int:
+    """One job of COUNT slices of TYPE (hosts run ``stamp_and_idle``: no JAX imported). Measures
+    launch -> every host running, agents up -> every host running (the gang's start), the steady
+    state (controller CPU share, threads, RSS, Cloud TPU calls per zone per poll interval), a
+    preemption of one slice -> every host running again, and a second job of the shape on the
+    warm pool's slices -> every host running. Emits one summary line."""
+    count, _, tpu_type = args.gang.partition("x")
+    count = int(count)
+    from fray_tpu.topology import get_tpu_topology
+
+    hosts = count * get_tpu_topology(tpu_type).vm_count
+    directory = Path(tempfile.mkdtemp(prefix="fray-tpu-bench-gang-"))
+    out, workspace, stop_file = directory / "out", directory / "workspace", directory / "stop"
+    for path in (out, workspace, directory / "emulator"):
+        path.mkdir()
+    (workspace / "README").write_text("the gang benchmark's workspace\n")
+    watchdog = threading.Timer(TOTAL_BUDGET_SECONDS * 3, over_budget)
+    watchdog.daemon = True
+    watchdog.start()
+    agents_up = AgentsUp()
+    logging.getLogger("fray_tpu.supervisor").addHandler(agents_up)
+    logging.getLogger("fray_tpu.supervisor").setLevel(logging.INFO)
+    emulator = EmulatorProcess(timings=EmulatorTimings.zero(), root=directory / "emulator").start()
+    cluster = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator.endpoint,
+                                          poll_interval=args.poll_interval, state_dir=str(directory / "state")))
+    result: dict = {"bench": "scale", "metric": "gang", "gang": args.gang, "hosts": hosts,
+                    "poll_interval_s": args.poll_interval, "window_s": args.window,
+                    "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 30} GB"}
+
+    def launch(name: str) -> tuple[str, float]:
+        began = time.time()
+        return cluster.launch(JobRequest(
+            name=name, entrypoint=Entrypoint.from_callable(stamp_and_idle, args=[str(out), str(stop_file), 900.0]),
+            resources=ResourceConfig.with_tpu(tpu_type, slice_count=count),
+            environment=EnvironmentConfig.create(workspace=str(workspace)), max_retries_preemption=2)), began
+
+    def all_running(attempt_id: str, what: str) -> float:
+        until(lambda: len(stamps_of(out, attempt_id + "-")) >= hosts, what, args.start_deadline, 0.2)
+        return max(stamps_of(out, attempt_id + "-"))
+
+    job_ids = []
+    try:
+        job, began = launch("gang")
+        job_ids.append(job)
+        running_at = all_running(f"{job}-a1", f"all {hosts} hosts running")
+        result["launch_to_all_running_s"] = round(running_at - began, 2)
+        up = agents_up.all_up_at(job, count, began)
+        start_sent = agents_up.first(job, r"attempt 1: starting on", began)
+        result["agents_up_to_all_running_s"] = round(running_at - up, 2) if up else None
+        if up and start_sent:  # upload + prepare on every host, then start -> user code everywhere
+            result["gang_start_breakdown_s"] = {"upload_and_prepare": round(start_sent - up, 2),
+                                                "start_to_all_running": round(running_at - start_sent, 2)}
+
+        threading.Event().wait(2 * args.poll_interval)
+        calls_before, cpu_before = emulator.control.counters(), cpu_seconds_of_self()
+        wall_before = time.monotonic()
+        threading.Event().wait(args.window)
+        calls_after, cpu_after = emulator.control.counters(), cpu_seconds_of_self()
+        wall = time.monotonic() - wall_before
+        zones = sorted({s.zone for s in cluster.live_slices()})
+        by_method = {m: calls_after.get(m, 0) - calls_before.get(m, 0) for m in sorted(calls_after)}
+        by_method = {m: n for m, n in by_method.items() if n}
+        result.update({
+            "steady_controller_cpu_share": round((cpu_after - cpu_before) / wall, 4),
+            "steady_controller_threads": threading.active_count(),
+            "steady_controller_rss_mb": round(int(next(line.split()[1] for line in
+                                                       Path("/proc/self/status").read_text().splitlines()
+                                                       if line.startswith("VmRSS:"))) / 1024, 1),
+            "rss_all_hosts_mb": rss_mb_of_tree([emulator.pid]),
+            "api_calls_by_method": by_method,
+            "api_calls_per_zone_per_poll_interval": round(sum(by_method.values()) / max(len(zones), 1)
+                                                          / (wall / args.poll_interval), 3),
+        })
+
+        victim = cluster.live_slices()[0]
+        preempted_at = time.time()
+        emulator.control.preempt_node(victim.resource_name)
+        running_again = all_running(f"{job}-a2", "every host running again after the preemption")
+        result["preemption_to_all_running_s"] = round(running_again - preempted_at, 2)
+
+        stop_file.write_text("")
+        cluster.wait(job, timeout=300)
+        cluster.wait_released(job, timeout=300)
+        stop_file.unlink()
+        creates_before = emulator.control.counters().get("CreateNode", 0)
+        second, began = launch("gang-warm")
+        job_ids.append(second)
+        running_at = all_running(f"{second}-a1", f"all {hosts} hosts of the second job running")
+        result["warm_launch_to_all_running_s"] = round(running_at - began, 2)
+        result["warm_creates"] = emulator.control.counters().get("CreateNode", 0) - creates_before
+        result["not_kept_warm"] = agents_up.matching("not kept warm")[:4]
+    except TimeoutError as error:
+        result["error"] = str(error)
+    finally:
+        stop_file.write_text("")
+        for job_id in job_ids:
+            cluster.wait(job_id, timeout=300)
+            cluster.wait_released(job_id, timeout=300)
+        cluster.shutdown(timeout=300)
+        leaks = emulator.control.leaks()
+        emulator.stop()
+        watchdog.cancel()
+    result["emulator_resources_left"] = sum(len(v) for v in leaks.values())
+    emit(result)
+    return 0 if "error" not in result and result["emulator_resources_left"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ the moment the driver asks (wall clock, the same machine, one process run).
 - fray-tpu (``TpuCluster`` on the Cloud TPU emulator with zero delays, a ``v5litepod-16`` = 4
   hosts, each host a set of local processes: startup-script, agent, attempt runner):
   ``cold`` = ``TpuCluster(...)`` + ``launch()`` -> all 4 running (slice creation, 4 agents'
-  boot, workspace upload, attempt start); ``warm_job`` = a second job on the same controller,
-  which (by design: a job owns its slices) creates and boots a new slice, so it costs what a cold
-  start costs minus the controller's own start; ``warm_attempt`` = a retry on the SAME slices
+  boot, workspace upload, attempt start); ``warm_job`` = a second job of the same shape on the
+  same controller, which takes the first job's slice from the warm pool (no create call: the
+  emulator's ``CreateNode`` count is reported; hand-over, prepare, start); ``warm_attempt`` = a retry on the SAME slices
   (agents up): in a job with ``max_retries_failure=1`` task 0 raises at once in attempt 1, and
   the sample is its raise -> all 4 hosts running attempt 2 (failure report, judgement, upload,
   prepare, start). This is the closest analogue of Ray's warm gang.
+- Floor: ``bench/launch.py``'s bare-process floor (4 ``python -m fray_tpu.worker.runner``
+  processes started in parallel, unpickling the same function), sampled in this run; the
+  ``warm_job_over_floor`` line is the warm job against it (issue 14: at most 2x).
 - Round trip: ``AgentClient.describe()`` on an up agent (pinned TLS, secret check) against
   ``ray.get(f.remote())`` of a no-op task, medians of >= 200 calls each.
 
@@ -57,6 +60,8 @@ POLL_INTERVAL = 0.05
 WAIT_POLL_SECONDS = 0.005
 STEP_DEADLINE_SECONDS = 45.0
 TOTAL_BUDGET_SECONDS = 170.0
+WARM_JOB_SAMPLES = 3
+FLOOR_RUNS = 3
 ISOLATED_ENV = "FRAY_TPU_BENCH_NETNS"
 GUARD_LOG_ENV = "FRAY_TPU_BENCH_GUARD_LOG"
 GUARD_OWN_ENV = "FRAY_TPU_BENCH_OWN_ADDRESSES"
@@ -279,10 +284,15 @@ def measure_fray(directory: Path, calls: int) -> dict:
         cold = all_running(out, "cold", "fray-tpu's cold gang") - began
         finish(cluster, job)
 
-        began = time.time()
-        job = cluster.launch(request("warm", jobs.gang_member, [str(out), "warm"]))
-        warm_job = all_running(out, "warm", "fray-tpu's second job") - began
-        finish(cluster, job)
+        creates_before = emulator.control.counters().get("CreateNode", 0)
+        warm_samples = []
+        for run in range(WARM_JOB_SAMPLES):
+            began = time.time()
+            job = cluster.launch(request(f"warm{run}", jobs.gang_member, [str(out), f"warm{run}"]))
+            warm_samples.append(all_running(out, f"warm{run}", "fray-tpu's second job") - began)
+            finish(cluster, job)
+        warm_job = statistics.median(warm_samples)
+        warm_creates = emulator.control.counters().get("CreateNode", 0) - creates_before
 
         retry_out = out / "retry"
         retry_out.mkdir()
@@ -305,6 +315,7 @@ def measure_fray(directory: Path, calls: int) -> dict:
         leaks = emulator.control.leaks()
         emulator.stop()
     return {"emulator_start_s": emulator_seconds, "cold_s": cold, "warm_job_s": warm_job,
+            "warm_job_samples": warm_samples, "warm_job_creates": warm_creates,
             "warm_attempt_s": warm_attempt, "roundtrip_s": roundtrip, "live_slices_before_shutdown": len(leftovers),
             "emulator_resources_left": sum(len(v) for v in leaks.values())}
 
@@ -357,6 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     guard_log = install_guard(directory)
     calls = max(args.calls, 200)
 
+    sys.path.insert(0, str(BENCH_DIR))
+    import cloudpickle
+    import launch  # bench/launch.py's bare-process floor
+
+    cloudpickle.register_pickle_by_value(launch)  # its host function reaches the runners by value
+    measure_floor = launch.measure_floor
+
+    floor_dir = directory / "floor"
+    floor_dir.mkdir()
+    floor = statistics.median(measure_floor(floor_dir, FLOOR_RUNS, preload=False))
     fray = measure_fray(directory, calls)
     try:
         ray = measure_ray(directory, calls)
@@ -371,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
          "Ray: ray.init -> 4 tasks of a 4-bundle placement group running; fray-tpu: TpuCluster() + launch() -> "
          "4 hosts running (slice created, agents booted)"),
         ("warm_gang", "warm_job_s", "warm_s",
-         "Ray: new placement group + 4 tasks on the running Ray; fray-tpu: a second job (new slice, boots again)"),
+         "Ray: new placement group + 4 tasks on the running Ray; fray-tpu: a second job of the shape, on the "
+         "first job's slice from the warm pool"),
         ("warm_attempt", "warm_attempt_s", "warm_s",
          "fray-tpu: retry on the same slices (task 0 raises -> 4 hosts running attempt 2) vs Ray's warm gang"),
         ("control_roundtrip", "roundtrip_s", "roundtrip_s",
@@ -381,9 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         emit({"bench": "vs_ray", "metric": metric, "fray_tpu_s": rounded(fray[fray_key]),
               "ray_s": rounded(ray[ray_key]) if ray.get("available") else ray_label,
               "ratio_fray_over_ray": ratio(fray[fray_key], ray, ray_key), "what": what})
+    emit({"bench": "vs_ray", "metric": "warm_job_over_floor", "fray_tpu_s": rounded(fray["warm_job_s"]),
+          "floor_s": rounded(floor), "ratio": rounded(fray["warm_job_s"] / floor), "target": 2.0,
+          "creates_for_warm_jobs": fray["warm_job_creates"],
+          "what": "a second job on a warm slice, launch -> 4 hosts running, against 4 bare runner processes"})
     summary = {
         "bench": "vs_ray", "metric": "summary", **unit, "ray": ray_label, "network_isolation": isolation,
-        "fray_tpu": {k: rounded(v) for k, v in fray.items()},
+        "fray_tpu": {k: ([rounded(x) for x in v] if isinstance(v, list) else rounded(v)) for k, v in fray.items()},
         "ray_detail": {k: ([rounded(x) for x in v] if isinstance(v, list) else rounded(v) if isinstance(v, float) else v)
                        for k, v in ray.items()},
         "guard_refusals": refused[:10], "guard_refusal_count": len(refused),

@@ -89,7 +89,9 @@ def run(packages: list[str]) -> int:
     cost = cluster.job_cost(job_id)
     print(f"cost: {cost.chip_hours_provisioned:.4f} chip-hours provisioned ({cost.chip_hours_running:.4f} running "
           f"user code, {cost.chip_hours_boot:.4f} booting), estimated ${cost.estimated_usd:.2f}")
-    leftovers = cluster.live_slices()
+    warm = {w["name"] for w in cluster.warm_slices()}
+    leftovers = [s for s in cluster.live_slices() if s.name not in warm]
+    print(f"slices kept warm for the next job of this shape: {len(warm)} (shutdown deletes them)")
     print(f"slices still alive after the job: {len(leftovers)}")
     cluster.shutdown()
     return 0 if info.status == "succeeded" and not leftovers else 1

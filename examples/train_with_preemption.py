@@ -129,7 +129,7 @@ class ExampleResult:
     resumed_from_step: int | None
     final_step: int
     final_loss: float
-    slices_left: int
+    slices_left: int  # alive after the job, besides those kept warm (shutdown deletes these)
 
 
 class _ResumeWatcher(logging.Handler):
@@ -206,7 +206,8 @@ def run_example(checkpoint_dir: str, emulator_endpoint: str | None = None, state
         result = ExampleResult(
             status=str(info.status), error_message=info.error_message, preemptions=counters.preemptions,
             attempts=counters.attempts, resumed_from_step=watcher.resumed_from, final_step=final_step,
-            final_loss=final_loss, slices_left=len(cluster.live_slices()),
+            final_loss=final_loss,
+            slices_left=len({s.name for s in cluster.live_slices()} - {w["name"] for w in cluster.warm_slices()}),
         )
     finally:
         job_log.removeHandler(watcher)

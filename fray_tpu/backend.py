@@ -17,22 +17,12 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from fray_tpu.contract import BACKEND_ENV, CLUSTER_SPEC_ENV
+from fray_tpu.contract import BACKEND_ENV, CLUSTER_SPEC_ENV, TPU_SPEC_PREFIX, is_tpu_spec, spec_prefix  # noqa: F401 - re-exported
 from fray_tpu.fray_api import USING_MARIN_FRAY
 
-TPU_SPEC_PREFIX = "tpu"
 LOCAL_SPEC_PREFIX = "local"
 
 _current_cluster: ContextVar[Any] = ContextVar("fray_tpu_current_cluster", default=None)
-
-
-def spec_prefix(spec: str) -> str:
-    """The backend a spec string ``prefix?key=value&...`` names, lower-cased."""
-    return spec.split("?", 1)[0].strip().lower()
-
-
-def is_tpu_spec(spec: str) -> bool:
-    return spec_prefix(spec) == TPU_SPEC_PREFIX
 
 
 def selected_spec(environ: Mapping[str, str] | None = None) -> str:

@@ -22,9 +22,9 @@ import os
 import sys
 from types import ModuleType
 
-from fray_tpu.backend import TPU_SPEC_PREFIX, create_tpu_cluster, is_tpu_spec
-from fray_tpu.contract import BACKEND_ENV, CLUSTER_SPEC_ENV
-from fray_tpu.fray_api import is_marin_fray_base
+# Only the contract and the post-import hook at interpreter start (every task process pays
+# for what is imported here); the rest once Marin's fray is actually imported.
+from fray_tpu.contract import BACKEND_ENV, CLUSTER_SPEC_ENV, TPU_SPEC_PREFIX, is_tpu_spec
 from fray_tpu.post_import import when_imported
 
 _TARGET_MODULE = "fray.cluster"
@@ -76,6 +76,8 @@ def patch_fray_current_client(module: ModuleType) -> None:
 
 
 def looks_like_marin_fray(module: ModuleType) -> bool:
+    from fray_tpu.fray_api import is_marin_fray_base
+
     return is_marin_fray_base(sys.modules.get("fray.cluster.base")) and callable(getattr(module, "create_cluster", None))
 
 
@@ -86,6 +88,8 @@ def patch_fray_cluster(module: ModuleType) -> None:
 
     def create_cluster(cluster_spec: str):
         if is_tpu_spec(cluster_spec):
+            from fray_tpu.backend import create_tpu_cluster
+
             return create_tpu_cluster(cluster_spec)
         return fray_create_cluster(cluster_spec)
 

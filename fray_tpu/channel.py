@@ -211,6 +211,7 @@ class AgentClient:
     def __init__(self, address: str, *, secret: str, pinned_cert_pem: bytes, timeout: float = DEFAULT_TIMEOUT,
                  reconnect_seconds: float = RECONNECT_SECONDS):
         self.address = address
+        self.pinned_cert_pem = pinned_cert_pem  # the one certificate this client trusts
         self.timeout = timeout
         self.reconnect_seconds = reconnect_seconds
         self._metadata = ((AUTH_METADATA_KEY, f"Bearer {secret}"),)
@@ -228,6 +229,10 @@ class AgentClient:
 
     def close(self) -> None:
         self._channel.close()
+
+    def use_secret(self, secret: str) -> None:
+        """Present ``secret`` from now on, on the same connection (after a hand-over)."""
+        self._metadata = ((AUTH_METADATA_KEY, f"Bearer {secret}"),)
 
     def __enter__(self) -> AgentClient:
         return self
@@ -347,6 +352,12 @@ class AgentClient:
         """Renews the lease (for `seconds`, or the configured period); returns what remains."""
         request = worker_pb2.RenewLeaseRequest(lease_seconds=seconds)
         return self._call("RenewLease", self._stub.RenewLease, request, timeout=timeout).lease_remaining_seconds
+
+    def hand_over(self, new_secret: str, holder: str, *, timeout: float | None = None) -> list[str]:
+        """Clean the host and make the agent accept only ``new_secret`` (this client's secret
+        stops working); returns the cleaning notes."""
+        request = worker_pb2.HandOverRequest(new_secret_sha256=tls.secret_sha256(new_secret), holder=holder)
+        return list(self._call("HandOver", self._stub.HandOver, request, timeout=timeout).cleanup_notes)
 
     # -- streams --------------------------------------------------------------------------
 

@@ -42,12 +42,14 @@ from fray_tpu.config import EMULATED_PROJECT, TpuClusterConfig
 from fray_tpu.errors import DeadlineExceeded, UnknownRegionError
 from fray_tpu.fray_api import Cluster, JobId, JobInfo, JobStatus
 from fray_tpu.supervisor.records import JobRecord, JobTable
+from fray_tpu.state import ResourceState
 from fray_tpu.state.journal import Journal, JournalLockedError, JobRow, default_state_dir
 from fray_tpu.state.journals import controller_dir, journal_dirs
 from fray_tpu.placement import multislice_warning
 from fray_tpu.planning import JobPlan, plan_job
 from fray_tpu.supervisor.job import JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
+from fray_tpu.supervisor.pool import WarmPool
 from fray_tpu.supervisor.local import LocalJobSupervisor
 from fray_tpu.supervisor.slices import ControllerContext
 from fray_tpu.supervisor.tpu import ResumeState, TpuJobSupervisor
@@ -174,6 +176,18 @@ class TpuCluster(Cluster):
         journal = self._record(job_id).journal
         return cost_of(journal.job(job_id).extra, journal.resources(job_id=job_id), time.time())
 
+    def warm_slices(self) -> list[dict]:
+        """The warm pool: each slice's name, zone, type, idle time and time left."""
+        if self._context is None or self._context.pool is None:
+            return []
+        return self._context.pool.warm_slices()
+
+    def pool_waste(self):
+        """Idle chip-hours and estimated USD of this controller's warm pool (no job pays them)."""
+        from fray_tpu.costs import pool_waste
+
+        return pool_waste(self.journal().warm_periods(), time.time())
+
     def live_slices(self) -> list:
         """Every slice (node or queued resource) this controller created that still exists."""
         if self._context is None:
@@ -185,6 +199,9 @@ class TpuCluster(Cluster):
         """Terminate running jobs (unless detaching), wait for their cleanup, stop our emulator."""
         with self._lock:
             supervisors = list(self._supervisors.values())
+        if self._context is not None and self._context.pool is not None:
+            # Closed first: the jobs terminated below delete their slices instead of offering them.
+            self._context.pool.close(timeout)
         if not self.detach_on_exit:
             for supervisor in supervisors:
                 supervisor.terminate()
@@ -264,6 +281,7 @@ class TpuCluster(Cluster):
 
     def _restore(self, journal: Journal) -> None:
         """Take over the jobs of a dead controller's journal (which this controller now holds)."""
+        self._delete_dead_pool(journal)
         for row in journal.jobs():
             record = JobRecord.from_row(row, journal)
             self._jobs.add(record)
@@ -281,6 +299,27 @@ class TpuCluster(Cluster):
             self._supervisors[row.job_id] = supervisor
             log.info("reattaching to job %s (%s), attempt %d", row.job_id, row.name, row.attempt)
             supervisor.start()
+
+    def _delete_dead_pool(self, journal: Journal) -> None:
+        """A dead controller's warm slices answer no one (its pool's secret died with it): delete
+        them now rather than pay until their lease lapses."""
+        warm = [r for r in journal.resources(live_only=True) if r.state == ResourceState.WARM]
+        if not warm:
+            return
+        provisioner = self._controller_context().provisioner
+
+        def delete(row) -> None:
+            try:
+                journal.update_resource(row.name, row.zone, state=ResourceState.DELETING)
+                provisioner.delete(row.name, row.zone, deadline=time.monotonic() + self.config.delete_deadline,
+                                   queued=row.kind == "queued")
+                journal.update_resource(row.name, row.zone, state=ResourceState.DELETED, deleted_at=time.time())
+            except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
+                log.error("could not delete %s, a warm slice of a dead controller: %s", row.name, error)
+
+        for row in warm:
+            self._zones_used.add(row.zone)
+            threading.Thread(target=delete, args=(row,), daemon=True, name=f"delete-warm-{row.name}").start()
 
     # -- wiring --------------------------------------------------------------------------------
     def _cluster_spec(self) -> str:
@@ -337,8 +376,9 @@ class TpuCluster(Cluster):
                     retry=RetryPolicy(max_seconds=self.config.api_retry_seconds,
                                       max_backoff=min(RetryPolicy.max_backoff, self.config.api_retry_seconds / 4)),
                 )
+                pool = WarmPool(self.config, provisioner) if self.config.keep_warm > 0 else None
                 self._context = ControllerContext(self.config, provisioner, self.controller_id, endpoint,
-                                                  self.config.to_spec())
+                                                  self.config.to_spec(), pool=pool)
             return self._context
 
     def _start_emulator(self) -> str:

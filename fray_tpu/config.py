@@ -51,6 +51,9 @@ delete_deadline     FRAY_TPU_DELETE_DEADLINE     delete call to resource gone (1
 liveness_deadline   FRAY_TPU_LIVENESS_DEADLINE   a host of a running gang that answers nothing
                                                  (no event, no lease renewal) this long is lost:
                                                  the gang restarts as after a preemption (30s)
+keep_warm           FRAY_TPU_KEEP_WARM           how long a finished job's healthy slices stay
+                                                 warm for the next job of the same shape; 0
+                                                 turns the warm pool off (5m)
 python_version      FRAY_TPU_PYTHON_VERSION      Python of the jobs' environments on the hosts,
                                                  ``3.12`` or ``3.12.1`` (the controller's major.minor,
                                                  so that the pickled callable loads)
@@ -86,6 +89,11 @@ ENV_PREFIX = "FRAY_TPU_"
 CAPACITY_CLASSES = ("spot", "preemptible", "on-demand", "reserved")
 _CAPACITY_ALIASES = {"on_demand": "on-demand", "ondemand": "on-demand", "standard": "on-demand"}
 DEFAULT_AGENT_PORT = 8477
+# Ski rental: an idle slice kept for as long as a cold start takes (create + boot + agent: 2-5
+# minutes on Cloud TPU for the usual slices) wastes at most one cold start's worth, and saves a
+# whole cold start whenever the next job of the shape comes within that time (RL relaunches,
+# pipeline steps).
+DEFAULT_KEEP_WARM_SECONDS = 300.0
 # The project id used against the emulator when the config names none (it accepts any).
 EMULATED_PROJECT = "fray-tpu-emulated"
 
@@ -178,6 +186,7 @@ class TpuClusterConfig:
     lease_period: float = 60.0
     delete_deadline: float = 10 * 60.0
     liveness_deadline: float = 30.0  # Ray notices a dead node after ~30 s, Iris after 50 s
+    keep_warm: float = DEFAULT_KEEP_WARM_SECONDS
     python_version: str | None = None
     index_url: str | None = None
 
@@ -278,8 +287,10 @@ class TpuClusterConfig:
         self.labels = validate_extra_labels(self.labels)
         if not 0 < self.agent_port < 65536:
             raise ConfigError(f"agent_port must be in 1..65535, got {self.agent_port}")
+        if self.keep_warm < 0:
+            raise ConfigError(f"keep_warm must be 0 (no warm pool) or a positive duration, got {self.keep_warm!r}")
         for name in _DURATION_FIELDS:
-            if getattr(self, name) <= 0:
+            if name != "keep_warm" and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive duration, got {getattr(self, name)!r}")
         if self.emulator_endpoint is not None:
             if not self.emulate:
@@ -317,6 +328,7 @@ _DURATION_FIELDS = (
     "lease_period",
     "delete_deadline",
     "liveness_deadline",
+    "keep_warm",
 )
 _KEY_ALIASES = {"zone": "zones", "region": "regions"}
 

@@ -151,3 +151,16 @@ REASON_IAM_PERMISSION_DENIED = "IAM_PERMISSION_DENIED"
 REASON_RATE_LIMIT = "RATE_LIMIT_EXCEEDED"
 REASON_QUOTA = "RESOURCE_QUOTA_EXCEEDED"
 REASON_ACCESS_TOKEN = "ACCESS_TOKEN_TYPE_UNSUPPORTED"
+
+# The backend a cluster spec (``FRAY_CLUSTER_SPEC``, ``prefix?key=value&...``) names. Here, not in
+# ``backend``, because the interpreter-startup hook of every task process reads it and must stay cheap.
+TPU_SPEC_PREFIX = "tpu"
+
+
+def spec_prefix(spec: str) -> str:
+    """The backend a spec string ``prefix?key=value&...`` names, lower-cased."""
+    return spec.split("?", 1)[0].strip().lower()
+
+
+def is_tpu_spec(spec: str) -> bool:
+    return spec_prefix(spec) == TPU_SPEC_PREFIX

@@ -65,6 +65,8 @@ capacity class. ``ready_at`` (node READY) is carried for reports and does not ch
 
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import json
 import math
@@ -238,6 +240,7 @@ class JobCost:
     chip_hours_idle: float
     estimated_usd: float
     by_capacity: dict[str, float]
+    started_warm: int = 0  # slices the job took from the warm pool instead of creating them
 
     def to_dict(self) -> dict[str, Any]:
         """Chip-hours to 4 decimals (0.36 chip-seconds), USD to cents."""
@@ -249,6 +252,7 @@ class JobCost:
             "chip_hours_idle": round(self.chip_hours_idle, 4),
             "estimated_usd": round(self.estimated_usd, 2),
             "by_capacity": {capacity: round(usd, 2) for capacity, usd in sorted(self.by_capacity.items())},
+            "started_warm": self.started_warm,
         }
 
 
@@ -276,6 +280,25 @@ class AttemptAccount:
                    lost=list(data.get("lost", [])))
 
 
+@dataclass(frozen=True)
+class _HandedOver:
+    """A journal resource row as a job account keeps it (the fields ``slice_intervals`` reads)."""
+
+    job_id: str
+    attempt: int
+    slice_id: int
+    name: str
+    zone: str
+    kind: str
+    state: str
+    endpoints: list
+    created: float
+    ready_at: float | None
+    deleted_at: float | None
+    tpu_type: str
+    chips: int
+
+
 @dataclass
 class JobAccount:
     """What the journal keeps of a TPU job for its cost, in the job row's ``extra`` column; each
@@ -284,16 +307,27 @@ class JobAccount:
     generation: str | None = None
     capacity: str | None = None
     attempts: list[AttemptAccount] = field(default_factory=list)
+    started_warm: list[str] = field(default_factory=list)  # slices taken from the warm pool, not created
+    # Slices the job left to the warm pool: their journal rows as they were then (the pool, then
+    # the next job, hold the rows afterwards), released when the job ended.
+    handed_over: list[Any] = field(default_factory=list)
 
     def to_extra(self) -> dict[str, Any]:
-        return {"generation": self.generation, "capacity": self.capacity,
-                "attempts": [a.to_dict() for a in self.attempts]}
+        extra = {"generation": self.generation, "capacity": self.capacity,
+                 "attempts": [a.to_dict() for a in self.attempts]}
+        if self.started_warm:
+            extra["started_warm"] = list(self.started_warm)
+        if self.handed_over:
+            extra["handed_over"] = [dataclasses.asdict(r) for r in self.handed_over]
+        return extra
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> JobAccount:
         extra = extra or {}
         return cls(generation=extra.get("generation"), capacity=extra.get("capacity"),
-                   attempts=[AttemptAccount.from_dict(a) for a in extra.get("attempts", [])])
+                   attempts=[AttemptAccount.from_dict(a) for a in extra.get("attempts", [])],
+                   started_warm=list(extra.get("started_warm", [])),
+                   handed_over=[_HandedOver(**r) for r in extra.get("handed_over", [])])
 
     def open_attempt(self) -> AttemptAccount | None:
         """The attempt that has started and not ended (the one a restarted controller resumes)."""
@@ -304,7 +338,8 @@ class JobAccount:
         if not self.generation or not self.capacity:
             return []
         intervals = []
-        for resource in resources:
+        held = {r.name for r in resources}
+        for resource in [*resources, *(r for r in self.handed_over if r.name not in held)]:
             if resource.state == ResourceState.FAILED:
                 continue  # never existed past a stockout: nothing billed
             used = [a for a in self.attempts if resource.name in a.slices]
@@ -337,10 +372,38 @@ def usd_for(chips: int, usd_per_chip_hour: float, seconds: float) -> float:
     return chips * usd_per_chip_hour * seconds / _SECONDS_PER_HOUR
 
 
+@dataclass(frozen=True)
+class PoolWaste:
+    """Idle time of the controller's warm pool (slices between jobs): waste, charged to no job."""
+
+    chip_hours_idle: float
+    estimated_usd: float
+    slices_warm_now: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chip_hours_idle": round(self.chip_hours_idle, 4), "estimated_usd": round(self.estimated_usd, 2),
+                "slices_warm_now": self.slices_warm_now}
+
+
+def pool_waste(periods: Sequence[Any], now: float, prices: PriceTable | None = None) -> PoolWaste:
+    """From the journal's warm periods (``since``, ``until`` or None while warm, type, capacity)."""
+    prices = prices or PriceTable.from_env()
+    chip_hours = usd = 0.0
+    for period in periods:
+        seconds = max(0.0, (period.until if period.until is not None else now) - period.since)
+        chip_hours += period.chips * seconds / _SECONDS_PER_HOUR
+        _, price = slice_rate(period.tpu_type, period.capacity, prices)
+        if price is not None:
+            usd += usd_for(period.chips, price, seconds)
+    return PoolWaste(chip_hours, usd, sum(1 for p in periods if p.until is None))
+
+
 def cost_of(extra: Mapping[str, Any] | None, resources: Sequence[Any], now: float,
             prices: PriceTable | None = None) -> JobCost:
     """A job's cost from its journal row's ``extra`` and its resource rows."""
-    return job_cost(JobAccount.from_extra(extra).slice_intervals(resources), now, prices or PriceTable.from_env())
+    account = JobAccount.from_extra(extra)
+    cost = job_cost(account.slice_intervals(resources), now, prices or PriceTable.from_env())
+    return dataclasses.replace(cost, started_warm=len(account.started_warm))
 
 
 # Buckets in the order that decides a moment covered by several windows.

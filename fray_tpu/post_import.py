@@ -7,8 +7,6 @@ emulator's plugin only if the job imports JAX at all).
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -22,7 +20,10 @@ def when_imported(module_name: str, callback: Callable[[ModuleType], None]) -> N
     sys.meta_path.insert(0, _PostImportFinder(module_name, callback))
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
+class _PostImportFinder:
+    """A meta path finder (by shape: subclassing ``importlib.abc`` costs every task process
+    milliseconds at interpreter start)."""
+
     def __init__(self, module_name: str, callback: Callable[[ModuleType], None]):
         self.module_name = module_name
         self.callback = callback
@@ -32,6 +33,8 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
             return None
         # Find the real spec with this finder out of the way, then wrap its loader; the hook
         # fires once, so it leaves the meta path for good.
+        import importlib.util
+
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:

@@ -489,7 +489,7 @@ def cmd_slices(ctx: Context) -> int:
         (r["name"], r["zone"], r["tpu_type"] or "?",
          r["state"] + (" (self-delete refused)" if r["self_delete_refused"] else ""),
          human_age(r["age_seconds"]) if r["created"] else "?",
-         usd(r["usd_so_far"]) if r["usd_so_far"] is not None else "?", r["job"] or "?")
+         usd(r["usd_so_far"]) if r["usd_so_far"] is not None else "?", warm_text(r) or r["job"] or "?")
         for r in rows)))
     for r in rows:
         if r["self_delete_refused"]:
@@ -510,6 +510,13 @@ def self_delete_refusal(ctx: Context, observation) -> str | None:
     return next((w[GUEST_SELF_DELETE_REFUSED] for w in workers if w.get(GUEST_SELF_DELETE_REFUSED)), None)
 
 
+def warm_text(row: dict[str, Any]) -> str | None:
+    if "warm_idle_seconds" not in row:
+        return None
+    cost = f", {usd(row['warm_idle_usd'])} idle" if row["warm_idle_usd"] is not None else ""
+    return f"warm pool: idle {human_age(row['warm_idle_seconds'])}{cost}"
+
+
 def describe_slices(ctx: Context, observed: list) -> list[dict[str, Any]]:
     """Each observation with its type, age and cost so far: from the journal when it recorded
     the resource, else from the API (one get per resource unknown to this journal)."""
@@ -518,13 +525,15 @@ def describe_slices(ctx: Context, observed: list) -> list[dict[str, Any]]:
 
     journal = ctx.journal()
     recorded = {(r.name, r.zone): r for r in journal.resources()}
+    warm_since = {(p.name, p.zone): p.since for p in journal.warm_periods() if p.until is None}
     jobs = {naming.label_value(row.job_id): row for row in journal.jobs()}
     prices = PriceTable.from_env()
     now = time.time()
     rows = []
     for o in observed:
-        job = jobs.get(o.labels.get(naming.LABEL_JOB, ""))
         resource = recorded.get((o.name, o.zone))
+        # The journal knows who holds it now (a slice taken warm keeps its first job's labels).
+        job = jobs.get(naming.label_value(resource.job_id) if resource else o.labels.get(naming.LABEL_JOB, ""))
         if resource is not None:
             tpu_type, created = resource.tpu_type, resource.created
             capacity = (JobAccount.from_extra(job.extra).capacity if job else None) or ctx.config.capacity
@@ -541,6 +550,10 @@ def describe_slices(ctx: Context, observed: list) -> list[dict[str, Any]]:
             "usd_so_far": round(usd_for(chips, price, now - created), 4) if price is not None and created else None,
             "self_delete_refused": self_delete_refusal(ctx, o),
         })
+        since = warm_since.get((o.name, o.zone))
+        if since is not None:
+            rows[-1].update(job="(warm pool)", warm_idle_seconds=round(now - since, 1),
+                            warm_idle_usd=round(usd_for(chips, price, now - since), 4) if price is not None else None)
     return rows
 
 
@@ -583,7 +596,7 @@ def cmd_gc(ctx: Context) -> int:
     report: Callable[[str], None] = (lambda line: None) if ctx.args.json else print
     zones = ctx.zones()
     orphans = collect(ctx.provisioner(), zones, live_jobs, delete=ctx.args.yes,
-                      delete_deadline=ctx.config.delete_deadline, report=report)
+                      delete_deadline=ctx.config.delete_deadline, report=report, owned=journal.owned_slices())
     if ctx.args.json:
         print_json({"state_dir": str(ctx.state_dir), "zones": zones, "live_jobs": live_jobs,
                     "orphans": [o.to_dict() for o in orphans], "deleted": bool(ctx.args.yes and orphans)})

@@ -8,6 +8,7 @@ A resource is an orphan when:
 - its job is not a running job in the journal (finished, unknown, or from another state dir) —
   including a queued resource granted after its job gave up (marin #4724);
 - it is a queued resource in FAILED or SUSPENDED: it never runs again and holds quota (marin #87);
+- it is a warm slice (``fray_tpu.supervisor.pool``) whose controller is dead: no one can reach it;
 - it is a node in a lost state (PREEMPTED, TERMINATED, ...): preempted nodes are not deleted by
   Google and keep holding quota (SkyPilot #1468).
 """
@@ -15,7 +16,7 @@ A resource is an orphan when:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import naming
@@ -39,14 +40,16 @@ class Orphan:
                 "job": o.labels.get(naming.LABEL_JOB), "reason": self.reason}
 
 
-def find_orphans(observed: Iterable[SliceObservation], live_job_labels: set[str]) -> list[Orphan]:
-    """Pure: which of ``observed`` to delete, given the label values of the live jobs."""
+def find_orphans(observed: Iterable[SliceObservation], live_job_labels: set[str],
+                 owned: Collection[tuple[str, str]] = ()) -> list[Orphan]:
+    """Pure: which of ``observed`` to delete, given the label values of the live jobs and the
+    (name, zone) of slices a journal says are held (a running job's, a live warm pool's)."""
     orphans = []
     for o in observed:
         job = o.labels.get(naming.LABEL_JOB, "")
         if o.queued_state in DEAD_QUEUED_STATES:
             orphans.append(Orphan(o, f"queued resource {o.queued_state}: it never runs again and holds quota"))
-        elif job not in live_job_labels:
+        elif job not in live_job_labels and (o.name, o.zone) not in owned:
             what = "queued resource granted after its job ended" if o.queued_state else "its job is not running"
             orphans.append(Orphan(o, f"{what} (job {job or 'unknown'})"))
         elif o.lost:
@@ -66,9 +69,10 @@ def collect(
     delete: bool,
     delete_deadline: float = 600.0,
     report: Callable[[str], None] = lambda line: None,
+    owned: Collection[tuple[str, str]] = (),
 ) -> list[Orphan]:
     """List orphans in ``zones``; with ``delete``, delete each (verified) and report progress."""
-    orphans = find_orphans(provisioner.list_managed(zones), live_job_labels(live_jobs))
+    orphans = find_orphans(provisioner.list_managed(zones), live_job_labels(live_jobs), owned)
     for orphan in orphans:
         o = orphan.observation
         report(f"orphan {o.name} in {o.zone} ({o.state}): {orphan.reason}")

@@ -331,3 +331,17 @@ class HasBundleResponse(_message.Message):
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     present: bool
     def __init__(self, present: _Optional[bool] = ...) -> None: ...
+
+class HandOverRequest(_message.Message):
+    __slots__ = ("new_secret_sha256", "holder")
+    NEW_SECRET_SHA256_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    new_secret_sha256: str
+    holder: str
+    def __init__(self, new_secret_sha256: _Optional[str] = ..., holder: _Optional[str] = ...) -> None: ...
+
+class HandOverResponse(_message.Message):
+    __slots__ = ("cleanup_notes",)
+    CLEANUP_NOTES_FIELD_NUMBER: _ClassVar[int]
+    cleanup_notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cleanup_notes: _Optional[_Iterable[str]] = ...) -> None: ...

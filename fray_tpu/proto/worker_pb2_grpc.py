@@ -74,6 +74,11 @@ class WorkerStub:
                 request_serializer=fray__tpu_dot_proto_dot_worker__pb2.HasBundleRequest.SerializeToString,
                 response_deserializer=fray__tpu_dot_proto_dot_worker__pb2.HasBundleResponse.FromString,
                 _registered_method=True)
+        self.HandOver = channel.unary_unary(
+                '/fray_tpu.worker.v1.Worker/HandOver',
+                request_serializer=fray__tpu_dot_proto_dot_worker__pb2.HandOverRequest.SerializeToString,
+                response_deserializer=fray__tpu_dot_proto_dot_worker__pb2.HandOverResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -136,6 +141,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandOver(self, request, context):
+        """Between jobs on a warm slice: cleans the host (no attempt may be active), then accepts
+        only the new secret; the caller's secret is rejected from then on. Authenticated by the
+        current secret like every call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +192,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.HasBundle,
                     request_deserializer=fray__tpu_dot_proto_dot_worker__pb2.HasBundleRequest.FromString,
                     response_serializer=fray__tpu_dot_proto_dot_worker__pb2.HasBundleResponse.SerializeToString,
+            ),
+            'HandOver': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandOver,
+                    request_deserializer=fray__tpu_dot_proto_dot_worker__pb2.HandOverRequest.FromString,
+                    response_serializer=fray__tpu_dot_proto_dot_worker__pb2.HandOverResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +415,33 @@ class Worker:
             '/fray_tpu.worker.v1.Worker/HasBundle',
             fray__tpu_dot_proto_dot_worker__pb2.HasBundleRequest.SerializeToString,
             fray__tpu_dot_proto_dot_worker__pb2.HasBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandOver(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fray_tpu.worker.v1.Worker/HandOver',
+            fray__tpu_dot_proto_dot_worker__pb2.HandOverRequest.SerializeToString,
+            fray__tpu_dot_proto_dot_worker__pb2.HandOverResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,7 @@ class ResourceState(StrEnum):
 
     CREATING = "creating"
     READY = "ready"
+    WARM = "warm"  # its job ended; the controller's warm pool holds it for the next job
     DELETING = "deleting"
     DELETED = "deleted"
     FAILED = "failed"  # its create failed; acquire deleted whatever it made

@@ -91,6 +91,20 @@ class JobRow:
 
 
 @dataclass(frozen=True)
+class WarmPeriod:
+    """A slice idle in the controller's warm pool: from its job's end to its next job or its deletion."""
+
+    name: str
+    zone: str
+    since: float
+    until: float | None
+    tpu_type: str
+    chips: int
+    capacity: str
+    released_by: str  # the job that finished on it
+
+
+@dataclass(frozen=True)
 class ResourceRow:
     job_id: str
     attempt: int
@@ -153,6 +167,17 @@ CREATE TABLE IF NOT EXISTS resources (
     PRIMARY KEY (name, zone)
 );
 CREATE INDEX IF NOT EXISTS resources_by_job ON resources (job_id);
+CREATE TABLE IF NOT EXISTS warm_periods (
+    name TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    since REAL NOT NULL,
+    until REAL,
+    tpu_type TEXT NOT NULL,
+    chips INTEGER NOT NULL,
+    capacity TEXT NOT NULL,
+    released_by TEXT NOT NULL,
+    PRIMARY KEY (name, zone, since)
+);
 CREATE TABLE IF NOT EXISTS output (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -302,6 +327,27 @@ class Journal:
         with self._read() as conn:
             found = conn.execute(f"SELECT {', '.join(_RESOURCE_FIELDS)} FROM resources {where} ORDER BY created, rowid", params).fetchall()
         return [_resource_from_row(r) for r in found]
+
+    # ---- the warm pool's idle time --------------------------------------------------------
+
+    def open_warm_period(self, period: WarmPeriod) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT INTO warm_periods (name, zone, since, until, tpu_type, chips, capacity, released_by) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(period))
+
+    def close_warm_period(self, name: str, zone: str, until: float) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE warm_periods SET until = ? WHERE name = ? AND zone = ? AND until IS NULL",
+                         (until, name, zone))
+
+    def warm_periods(self) -> list[WarmPeriod]:
+        with self._read() as conn:
+            try:
+                found = conn.execute("SELECT name, zone, since, until, tpu_type, chips, capacity, released_by "
+                                     "FROM warm_periods ORDER BY since").fetchall()
+            except sqlite3.OperationalError:
+                return []  # a journal written before the warm pool existed
+        return [WarmPeriod(*row) for row in found]
 
     # ---- output ----------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from fray_tpu.state.journal import DB_FILENAME, LOCK_FILENAME, Journal, JobRow, ResourceRow
+from fray_tpu.state import ResourceState
+from fray_tpu.state.journal import DB_FILENAME, LOCK_FILENAME, Journal, JobRow, ResourceRow, WarmPeriod
 
 CONTROLLERS_DIR = "controllers"
 
@@ -98,6 +99,27 @@ class JournalSet:
 
     def output(self, job_id: str, *, after: int = 0, limit: int = 10_000) -> tuple[list[str], int]:
         return self.journal_of(job_id).output(job_id, after=after, limit=limit)
+
+    def owned_slices(self) -> set[tuple[str, str]]:
+        """(name, zone) of the slices someone still holds: a running job's (whatever job its
+        labels name: a slice taken from the warm pool keeps the labels it was created with), and
+        the warm slices of a live controller's pool. A dead controller's warm slice is an orphan."""
+        owned = set()
+        for journal in self.journals:
+            running = {row.job_id for row in journal.jobs(unfinished_only=True)}
+            pool_alive = None
+            for row in journal.resources(live_only=True):
+                if row.job_id in running:
+                    owned.add((row.name, row.zone))
+                elif row.state == ResourceState.WARM:
+                    if pool_alive is None:
+                        pool_alive = is_held(journal.state_dir)
+                    if pool_alive:
+                        owned.add((row.name, row.zone))
+        return owned
+
+    def warm_periods(self) -> list[WarmPeriod]:
+        return [p for j in self.journals for p in j.warm_periods()]
 
     def controller_alive(self, job_id: str) -> bool:
         """Whether the controller that journals ``job_id`` is running."""

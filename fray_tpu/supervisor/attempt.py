@@ -28,8 +28,9 @@ ATTEMPT_BUFFER_EVENTS = 16_384
 _LINE_OVERHEAD = 64  # bytes counted per buffered line beyond its text, so empty lines count too
 
 
-def in_parallel(fn: Callable, items: Sequence) -> list:
-    """``[fn(item) for item in items]``, each on its own thread.
+def in_parallel(fn: Callable, items: Sequence, max_threads: int | None = None) -> list:
+    """``[fn(item) for item in items]``, each on its own thread (with ``max_threads``, that many
+    threads share the items: for short calls repeated on every host, such as lease renewals).
 
     Plain threads, not an executor: ``concurrent.futures`` refuses new work once the interpreter
     has begun to exit, which is exactly when the exit policy cancels gangs and deletes slices.
@@ -37,14 +38,16 @@ def in_parallel(fn: Callable, items: Sequence) -> list:
     """
     results: list = [None] * len(items)
     errors: list[BaseException] = []
+    workers = len(items) if max_threads is None else min(len(items), max_threads)
 
-    def run(index: int) -> None:
-        try:
-            results[index] = fn(items[index])
-        except BaseException as error:  # noqa: BLE001 - re-raised below in the caller's thread
-            errors.append(error)
+    def run(first: int) -> None:
+        for index in range(first, len(items), workers):
+            try:
+                results[index] = fn(items[index])
+            except BaseException as error:  # noqa: BLE001 - re-raised below in the caller's thread
+                errors.append(error)
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(items))]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -58,6 +61,9 @@ def _size(event: object) -> int:
     if isinstance(event, events.LogBatch):
         return sum(len(line) + _LINE_OVERHEAD for line in event.lines)
     return _LINE_OVERHEAD
+
+
+MAX_EVENTS_PER_BATCH = 4096  # events taken from the buffer before their effects are written
 
 
 class AttemptBuffer:
@@ -131,17 +137,33 @@ def follow_attempt(record: JobRecord, run: AttemptRun, watch: GangWatch, stop: t
     """Feed the attempt's events to ``watch`` until every task has ended, executing its effects."""
 
     def apply(effects: list[Effect]) -> None:
+        # Lines and task states are written as one journal transaction each per batch of events,
+        # not one per host: a 256-host gang's start is one write, not 256 of a 256-task row.
+        lines: list[str] = []
+        tasks: dict[int, tuple[JobStatus, str | None]] = {}
+
+        def flush() -> None:
+            if lines:
+                record.append_lines(lines)
+                lines.clear()
+            if tasks:
+                record.set_tasks(tasks)
+                tasks.clear()
+
         for effect in effects:
             match effect:
-                case AppendLines(lines):
-                    record.append_lines(lines)
+                case AppendLines(more):
+                    lines.extend(more)
                 case SetTask(index, status, error):
-                    record.set_task(index, status, error)
+                    tasks[index] = (status, error)
                 case AllRunning():
+                    flush()
                     record.set_phase(JobPhase.RUNNING)
                     record.set_status(JobStatus.RUNNING)
                 case CancelGang(reason):
+                    flush()
                     threading.Thread(target=run.cancel_all, args=(reason,), daemon=True, name="cancel-gang").start()
+        flush()
 
     while not watch.done:
         if stop.is_set():
@@ -152,6 +174,16 @@ def follow_attempt(record: JobRecord, run: AttemptRun, watch: GangWatch, stop: t
         if watch.done:
             break
         item = run.events.get(timeout=min(poll_interval, 0.5))
-        if item is not None:
-            apply(watch.event(*item))
+        effects: list[Effect] = []
+        for _ in range(MAX_EVENTS_PER_BATCH):
+            if item is None:
+                break
+            effects.extend(watch.event(*item))
+            if watch.done:
+                break
+            item = run.events.get(timeout=0)
+        else:
+            if item is not None:
+                effects.extend(watch.event(*item))
+        apply(effects)
     return watch.verdict(run.lost_slices())

@@ -4,16 +4,20 @@ its hash.
 
 The channel's TLS identity is not the job's: every agent makes its own key on its VM and
 publishes its certificate as a guest attribute, which the gang pins per host when it connects
-(``fray_tpu.hostboot``)."""
+(``fray_tpu.hostboot``). A slice taken warm keeps the certificates pinned when it booted: they
+are kept beside the secret, so a restarted controller pins the same ones."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fray_tpu import tls
 from fray_tpu.state.journal import Journal
 
 SECRET_NAME = "channel-secret"
+SLICE_CERTS_PREFIX = "tls-certs-of-"
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,21 @@ class JobCredentials:
 
     def store(self, journal: Journal, job_id: str) -> None:
         journal.store_secret(job_id, SECRET_NAME, self.secret.encode())
+
+    @staticmethod
+    def store_slice_certs(journal: Journal, job_id: str, slice_name: str, certs: Mapping[str, bytes]) -> None:
+        """The per-host certificates (host address -> PEM) of a slice taken warm."""
+        journal.store_secret(job_id, SLICE_CERTS_PREFIX + slice_name,
+                             json.dumps({address: pem.decode() for address, pem in certs.items()}).encode())
+
+    @staticmethod
+    def load_slice_certs(journal: Journal, job_id: str, slice_name: str) -> dict[str, bytes] | None:
+        """What ``store_slice_certs`` kept; None for a slice the job did not take warm."""
+        try:
+            stored = journal.load_secret(job_id, SLICE_CERTS_PREFIX + slice_name)
+        except KeyError:
+            return None
+        return {address: pem.encode() for address, pem in json.loads(stored).items()}
 
     @classmethod
     def load(cls, journal: Journal, job_id: str) -> JobCredentials:

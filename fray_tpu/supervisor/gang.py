@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import channel
@@ -26,6 +26,10 @@ from fray_tpu.supervisor.job import JobStopped
 from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, SliceSeen, StreamEnded, lost_slices
 
 log = logging.getLogger(__name__)
+# Renewals are short calls (timeout: the renewal interval): 64 threads renew 256 hosts in 4
+# rounds instead of starting 256 threads every interval; a frozen host delays only the few
+# hosts that share its thread, by one timeout each.
+LEASE_RENEWAL_THREADS = 64
 
 
 class Liveness:
@@ -152,14 +156,27 @@ class Gang:
         return [c for s in sorted(self._clients) for c in self._clients[s]]
 
     def connect(self, slices: Sequence[ReadySlice], guest_attributes: Callable[[int], list[dict[str, str]]],
-                stop: threading.Event) -> Connected:
+                stop: threading.Event, known_certs: Callable[[int], Mapping[str, bytes] | None]) -> Connected:
         """Watch the new slices boot (their guest attributes, ``guest_attributes(slice_id)``),
         dial every agent pinned to the certificate it published, wait until each answers, and
-        put each slice's hosts in the order of their agents' own worker numbers. Raises
+        put each slice's hosts in the order of their agents' own worker numbers. A slice whose
+        hosts' certificates are already known (``known_certs``: address -> PEM, a slice taken
+        warm) is dialled pinned to those, without watching a boot. Raises
         ``hostboot.BootstrapFailed`` when the bootstrap failed on every host, ``JobStopped``
         when stopped meanwhile."""
         dead: dict[int, str] = {}
         deadline = time.monotonic() + self.config.boot_deadline
+        for slice_id, ready in enumerate(slices):
+            certs = known_certs(slice_id) if slice_id not in self._clients else None
+            if certs is None:
+                continue
+            missing = [ip for ip in ready.endpoints if ip not in certs]
+            if missing:
+                dead[slice_id] = f"no certificate was pinned for {', '.join(missing)} when the slice booted"
+                continue
+            self._clients[slice_id] = [self._client(ip, certs[ip]) for ip in ready.endpoints]
+        if dead:
+            return Connected(dead, {})
         booting = {s: len(ready.endpoints) for s, ready in enumerate(slices) if s not in self._clients}
         if booting:
             boot = watch_boot(guest_attributes, booting, deadline=deadline, poll_interval=self.config.poll_interval,
@@ -174,11 +191,7 @@ class Gang:
                 if isinstance(certs, str):
                     dead[slice_id] = certs
                     continue
-                self._clients[slice_id] = [
-                    channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self.credentials.secret,
-                                        pinned_cert_pem=cert)
-                    for ip, cert in zip(endpoints, certs)
-                ]
+                self._clients[slice_id] = [self._client(ip, cert) for ip, cert in zip(endpoints, certs)]
             if dead:
                 return Connected(dead, {})
         up = dict.fromkeys(self._clients, 0)
@@ -195,7 +208,10 @@ class Gang:
                 up[slice_id] += 1
                 count = up[slice_id]
                 reported[client] = info.worker_number
-            self._progress(f"slice-{slice_id}: booting, {count}/{len(self._clients[slice_id])} agents up")
+            total = len(self._clients[slice_id])
+            # A line per quarter of the slice, not per host (each is a journal write).
+            if count == total or count % max(1, total // 4) == 0:
+                self._progress(f"slice-{slice_id}: booting, {count}/{total} agents up")
 
         in_parallel(lambda pair: wait_up(*pair), [(s, c) for s, clients in self._clients.items() for c in clients])
         reordered: dict[int, list[int]] = {}
@@ -213,6 +229,10 @@ class Gang:
                 self._clients[slice_id] = [clients[i] for i in order]
                 reordered[slice_id] = order
         return Connected(dead, reordered)
+
+    def _client(self, ip: str, cert_pem: bytes) -> channel.AgentClient:
+        return channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self.credentials.secret,
+                                   pinned_cert_pem=cert_pem)
 
     def upload(self, bundle, slice_of: Callable[[int], int]) -> dict[int, str]:
         """Upload the workspace bundle where it is missing; returns the slices that could not take it."""
@@ -245,6 +265,14 @@ class Gang:
         in_parallel(prepare, range(len(clients)))
         return prepared, problems
 
+    def take_clients(self, slice_id: int) -> list[channel.AgentClient]:
+        """The slice's connected clients, now the caller's (the warm pool's) to close."""
+        return self._clients.pop(slice_id, [])
+
+    def adopt(self, slice_id: int, clients: list[channel.AgentClient]) -> None:
+        """Connected clients of a slice taken warm (already presenting this job's secret)."""
+        self._clients[slice_id] = clients
+
     def drop(self, slice_id: int) -> None:
         for client in self._clients.pop(slice_id, []):
             client.close()
@@ -269,4 +297,5 @@ class Gang:
                 log.debug("lease renewal on %s: %s", client.address, error)
 
         while not self._lease_stop.wait(interval):
-            in_parallel(renew, [c for clients in list(self._clients.values()) for c in clients])
+            in_parallel(renew, [c for clients in list(self._clients.values()) for c in clients],
+                        max_threads=LEASE_RENEWAL_THREADS)

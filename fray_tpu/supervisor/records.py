@@ -14,7 +14,7 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -74,6 +74,14 @@ class JobRecord:
     def set_task(self, index: int, status: JobStatus, error: str | None = None) -> None:
         with self._changed:
             self._tasks[index] = TaskStatus(status=status, error_message=error)
+            self._changed.notify_all()
+        self._save(task_statuses=self._task_rows())
+
+    def set_tasks(self, updates: Mapping[int, tuple[JobStatus, str | None]]) -> None:
+        """Several tasks' states, in one journal write."""
+        with self._changed:
+            for index, (status, error) in updates.items():
+                self._tasks[index] = TaskStatus(status=status, error_message=error)
             self._changed.notify_all()
         self._save(task_statuses=self._task_rows())
 

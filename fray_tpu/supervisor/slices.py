@@ -9,14 +9,15 @@ crash left behind by label).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from fray_tpu import channel, naming, tls
 from fray_tpu import contract as md
-from fray_tpu import naming, tls
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
 from fray_tpu.hostboot import bootstrapper_for
@@ -28,6 +29,8 @@ from fray_tpu.supervisor.capacity import CapacityWait, GiveUp
 from fray_tpu.supervisor.credentials import JobCredentials
 from fray_tpu.supervisor.job import JobStopped
 from fray_tpu.supervisor.phases import JobPhase
+from fray_tpu.supervisor.pool import WarmPool
+from fray_tpu.supervisor.warm_policy import SliceShape
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class ControllerContext:
     controller_id: str
     emulator_endpoint: str | None
     cluster_spec: str  # what tasks get as FRAY_CLUSTER_SPEC (the emulator endpoint included)
+    pool: WarmPool | None = None
 
 
 class SliceKeeper:
@@ -56,6 +60,12 @@ class SliceKeeper:
         self.journal = journal
         self.credentials = credentials
         self.slices: list[ReadySlice | None] = [None] * plan.replicas
+        # Each host's pinned certificate (address -> PEM) of the slices taken warm: they keep the
+        # identities they booted with, so no boot is watched for them.
+        self.certs: dict[int, dict[str, bytes]] = {}
+        self.warm_taken: list[str] = []
+        self.warm_clients: dict[int, list[channel.AgentClient]] = {}  # connections that came with warm slices
+        self.handed_over: list[ResourceRow] = []  # this job's rows of the slices it left to the warm pool
         self._stop = stop
         self._progress = progress
         self._set_phase = set_phase
@@ -94,10 +104,48 @@ class SliceKeeper:
             queued=self.plan.queued,
         )
 
+    def shape(self) -> SliceShape:
+        """What a warm slice must match to serve this job (after ``ensure`` rendered the startup script)."""
+        script = self._startup_script
+        return SliceShape(
+            tpu_type=self.plan.tpu_type, capacity=self.plan.capacity, runtime_version=self.plan.runtime_version,
+            queued=self.plan.queued, network=self.config.network, subnetwork=self.config.subnetwork,
+            external_ips=self.config.external_ips, service_account=self.config.service_account,
+            image=hashlib.sha256(script.encode()).hexdigest(),
+        )
+
+    def known_certs(self, slice_id: int) -> dict[str, bytes] | None:
+        return self.certs.get(slice_id)
+
+    def _take_warm(self, attempt: int) -> None:
+        """Fill missing slices from the controller's warm pool (one zone; the rest is created there first)."""
+        missing = [i for i, s in enumerate(self.slices) if s is None]
+        pool = self.context.pool
+        if pool is None or not missing:
+            return
+        taken = pool.take(self.shape(), self.plan.zones, len(missing), self.credentials.secret, self.job_id,
+                          self.journal)
+        for slice_id, warm in zip(missing, taken):
+            name = warm.ready.spec.name
+            self.slices[slice_id] = dataclasses.replace(
+                warm.ready, spec=dataclasses.replace(self.spec(slice_id, attempt), name=name))
+            self.certs[slice_id] = warm.certificates()
+            self.warm_clients[slice_id] = warm.clients
+            self.credentials.store_slice_certs(self.journal, self.job_id, name, self.certs[slice_id])
+            now = time.time()
+            self.journal.update_resource(name, warm.ready.zone, job_id=self.job_id, attempt=attempt, slice_id=slice_id,
+                                         state=ResourceState.READY, created=now, ready_at=now)
+            self.warm_taken.append(name)
+            self._progress(f"slice-{slice_id}: took warm slice {name} in {warm.ready.zone}")
+
     def restore(self, slices: dict[int, tuple[str, int, str, list[str]]]) -> None:
         """Take back the ready slices an earlier controller held (slice id -> name, attempt, zone, endpoints)."""
         for slice_id, (name, attempt, zone, endpoints) in slices.items():
             spec = self.spec(slice_id, attempt)
+            warm_certs = self.credentials.load_slice_certs(self.journal, self.job_id, name)
+            if warm_certs is not None:
+                spec = dataclasses.replace(spec, name=name)
+                self.certs[slice_id] = warm_certs
             if spec.name != name:
                 raise FrayTpuError(f"journal slice {name} does not match job {self.job_id} (expected {spec.name}): "
                                    f"was the journal written by another fray-tpu version?")
@@ -132,11 +180,13 @@ class SliceKeeper:
             bootstrapper = bootstrapper_for(self.config, self.context.emulator_endpoint)
             self._startup_script = bootstrapper.startup_script(self.plan.runtime_version)
         wait = CapacityWait(self.config.capacity_deadline, self.plan.tpu_type, self.plan.zones, time.monotonic)
+        self._take_warm(attempt)
         while True:
             missing = [i for i, s in enumerate(self.slices) if s is None]
             if not missing:
                 return
             self._set_phase(JobPhase.PROVISIONING)
+            # Slices taken warm hold the gang to their zone, like any slice already held.
             placement = GroupPlacement(wait.zones(), [s.zone for s in self.slices if s is not None], len(self.slices))
             stocked_out: set[str] = set()
             while (zones := placement.next_group()) is not None:
@@ -224,6 +274,7 @@ class SliceKeeper:
         """Forget the slice and delete it in the background (``release_all`` waits for deletions)."""
         ready = self.slices[slice_id]
         self.slices[slice_id] = None
+        self.certs.pop(slice_id, None)
         if ready is None:
             return
         thread = threading.Thread(target=self._delete, args=(slice_id, ready), daemon=True,
@@ -244,8 +295,25 @@ class SliceKeeper:
                       self.job_id, ready.spec.name, ready.zone, error)
             self._progress(f"slice-{slice_id}: NOT DELETED: {error}")
 
-    def release_all(self) -> None:
-        for slice_id in range(len(self.slices)):
+    def release_all(self, lost: Collection[int] = (),
+                    clients_of: Callable[[int], list[channel.AgentClient]] | None = None) -> None:
+        """With ``clients_of`` (the job's connections to each slice's agents), offer each slice
+        to the warm pool (which decides whether it is healthy enough); delete the others."""
+        pool = self.context.pool
+        for slice_id, ready in enumerate(self.slices):
+            if ready is None:
+                continue
+            # A slice is offered only under the image (startup script) this controller rendered.
+            if clients_of is not None and pool is not None and self._startup_script is not None:
+                row = next(r for r in self.journal.resources(job_id=self.job_id) if r.name == ready.spec.name)
+                why_not = pool.offer(ready, self.shape(), clients_of(slice_id), self.journal,
+                                     lost_in_last_attempt=slice_id in lost, chips=row.chips, released_by=self.job_id)
+                if why_not is None:
+                    self.handed_over.append(dataclasses.replace(row, deleted_at=time.time()))
+                    self.slices[slice_id] = None
+                    self._progress(f"slice-{slice_id}: {ready.spec.name} kept warm for the next job of its shape")
+                    continue
+                self._progress(f"slice-{slice_id}: not kept warm: {why_not}")
             self.release(slice_id)
         for thread in self._deletions:
             thread.join(self.config.delete_deadline + 60)

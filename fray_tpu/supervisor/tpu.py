@@ -73,6 +73,7 @@ class TpuJobSupervisor(JobSupervisor):
                                   count_capacity_wait=self._count_capacity_wait)
         self.gang = Gang(self.config, self.credentials, self.progress)
         self._bundle = None
+        self._last_lost: frozenset[int] = frozenset()  # slices the last verdict lost or found bad
 
     def _count_capacity_wait(self) -> None:
         self.record.counters.capacity_waits += 1
@@ -100,6 +101,7 @@ class TpuJobSupervisor(JobSupervisor):
         verdict = None
         try:
             verdict = self.follow(started.run)
+            self._last_lost = verdict.lost_slices | verdict.bad_slices
             return verdict
         finally:
             started.run.close()
@@ -109,6 +111,12 @@ class TpuJobSupervisor(JobSupervisor):
     def _start(self, attempt: int) -> StartedAttempt | AttemptVerdict:
         self.slices.ensure(attempt)
         self.record.set_phase(JobPhase.BOOTING)
+        if self.slices.warm_taken and not self.account.started_warm:
+            self.account.started_warm = list(self.slices.warm_taken)
+            self._save_account()
+        for slice_id, clients in self.slices.warm_clients.items():
+            self.gang.adopt(slice_id, clients)
+        self.slices.warm_clients.clear()
         dead = self._connect()
         if self.stop_requested.is_set():
             raise JobStopped
@@ -178,7 +186,8 @@ class TpuJobSupervisor(JobSupervisor):
     def _connect(self) -> dict[int, str]:
         """Connect the gang, the slices' endpoints put in worker order (JAX's process 0 and the
         coordinator are worker 0); returns the slices whose hosts cannot form it."""
-        connected = self.gang.connect(self.slices.slices, self.slices.guest_attributes, self.stop_requested)
+        connected = self.gang.connect(self.slices.slices, self.slices.guest_attributes, self.stop_requested,
+                                      self.slices.known_certs)
         for slice_id, order in connected.reordered.items():
             self.slices.reorder(slice_id, order)
         return connected.dead
@@ -247,7 +256,13 @@ class TpuJobSupervisor(JobSupervisor):
 
     def release_everything(self) -> None:
         self.gang.stop_leases()
+        for clients in self.slices.warm_clients.values():  # taken warm, never adopted (stopped before)
+            for client in clients:
+                client.close()
+        self.slices.release_all(self._last_lost, clients_of=self.gang.take_clients)
         for slice_id in range(len(self.slices.slices)):
             self.gang.drop(slice_id)
-        self.slices.release_all()
+        if self.slices.handed_over:
+            self.account.handed_over.extend(self.slices.handed_over)
+            self._save_account()
         self.journal.delete_secrets(self.record.job_id)

@@ -36,6 +36,7 @@ SERVER_THREADS = 32
 KEEP_FINISHED_ATTEMPTS = 4
 LEASE_CANCEL_GRACE_SECONDS = 10.0
 SELF_DELETE_BACKUP_DELAY_SECONDS = 30.0
+SECRET_FILE = "secret.sha256"  # the secret handed over last (a warm slice), kept across agent restarts
 _ATTEMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -92,6 +93,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         self._bundles = BundleStore(settings.state_dir / "bundles")
         self._pyenvs = None
         self.lease = Lease(settings.lease_seconds, self._lease_expired)
+        self.auth = SecretInterceptor(settings.secret_sha256, persist_path=settings.state_dir / SECRET_FILE)
         self._identity = worker_pb2.WorkerIdentity(
             worker_number=settings.worker_number, node_name=settings.node_name,
             accelerator_type=settings.accelerator_type, ip=settings.ip, agent_version=contract.VERSION,
@@ -336,6 +338,34 @@ class Agent(worker_pb2_grpc.WorkerServicer):
 
         delete_own_node(self.settings)
 
+    # -- hand-over between jobs (warm slices) ---------------------------------------------------
+
+    def HandOver(self, request, context):
+        """Clean the host of every trace of the previous holder's attempts (processes, ports,
+        lockfile, attempt files; bundles and environments stay cached), then accept only the
+        new secret. Refused while an attempt is active: a job's processes never outlive its
+        secret."""
+        with self._lock:
+            busy = self._current
+            if busy is not None and busy.state in (worker_pb2.PREPARING, worker_pb2.RUNNING):
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"attempt {busy.attempt_id} is still active on this host; cancel it before a hand-over")
+            try:
+                notes = self._cleaner.clean()
+            except cleanup.HostNotClean as error:
+                context.abort(grpc.StatusCode.INTERNAL, f"host not clean: {error}")
+            for attempt_id in list(self._slots):
+                shutil.rmtree(self._attempts_dir / attempt_id, ignore_errors=True)
+            self._slots.clear()
+            self._current = None
+            try:
+                self.auth.replace(request.new_secret_sha256)
+            except ValueError as error:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            self._identity.job = request.holder
+        LOG.info("handed over to %s (%d cleanup notes)", request.holder, len(notes))
+        return worker_pb2.HandOverResponse(cleanup_notes=notes)
+
     # -- bundles ----------------------------------------------------------------------------
 
     def HasBundle(self, request, context):
@@ -391,7 +421,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
 def make_server(agent: Agent, settings: AgentSettings) -> grpc.Server:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="rpc"),
-        interceptors=[SecretInterceptor(settings.secret_sha256)],
+        interceptors=[agent.auth],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),

@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
+import threading
+from pathlib import Path
 
 import grpc
 
@@ -21,15 +24,41 @@ def bearer_metadata(secret: str) -> tuple[tuple[str, str], ...]:
     return ((AUTH_METADATA_KEY, BEARER + secret),)
 
 
+def valid_sha256_hex(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 class SecretInterceptor(grpc.ServerInterceptor):
-    def __init__(self, secret_sha256_hex: str):
+    """Accepts exactly one secret at a time. ``replace`` (a warm slice handed to its next holder)
+    swaps it and writes the new hash to ``persist_path`` (mode 0600), so an agent restarted on
+    the same VM keeps refusing the previous holder's secret instead of falling back to the one
+    in the node's metadata."""
+
+    def __init__(self, secret_sha256_hex: str, persist_path: Path | None = None):
+        self._persist_path = persist_path
+        if persist_path is not None and persist_path.exists():
+            secret_sha256_hex = persist_path.read_text().strip()
         self._expected = bytes.fromhex(secret_sha256_hex)
+        self._lock = threading.Lock()
+
+    def replace(self, new_secret_sha256_hex: str) -> None:
+        if not valid_sha256_hex(new_secret_sha256_hex):
+            raise ValueError("the new secret must be given as 64 lower-case hex digits of its SHA-256")
+        with self._lock:
+            if self._persist_path is not None:
+                staged = self._persist_path.with_suffix(".new")
+                fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(new_secret_sha256_hex)
+                os.replace(staged, self._persist_path)
+            self._expected = bytes.fromhex(new_secret_sha256_hex)
 
     def _authorized(self, metadata) -> bool:
+        expected = self._expected
         for key, value in metadata or ():
             if key == AUTH_METADATA_KEY and isinstance(value, str) and value.startswith(BEARER):
                 presented = hashlib.sha256(value[len(BEARER):].encode()).digest()
-                return hmac.compare_digest(presented, self._expected)
+                return hmac.compare_digest(presented, expected)
         return False
 
     def intercept_service(self, continuation, handler_call_details):

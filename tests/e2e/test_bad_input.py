@@ -51,7 +51,8 @@ def request(workspace: Path, **overrides) -> JobRequest:
 
 @pytest.fixture(scope="module")
 def cluster(emulator_process):
-    c = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2))
+    c = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2,
+                                    keep_warm=0))
     yield c
     c.shutdown(timeout=60)
 

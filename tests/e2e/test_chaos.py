@@ -107,7 +107,7 @@ def record_start_and_finish(out_dir: str) -> None:
 
 def make_cluster(endpoint: str, **overrides) -> TpuCluster:
     values = dict(emulate=True, emulator_endpoint=endpoint, poll_interval=0.2, lease_period=30.0,
-                  capacity_deadline=60.0, liveness_deadline=LIVENESS_DEADLINE)
+                  capacity_deadline=60.0, liveness_deadline=LIVENESS_DEADLINE, keep_warm=0)
     values.update(overrides)
     return TpuCluster(TpuClusterConfig(**values))
 

@@ -24,7 +24,7 @@ TIMEOUT = 180.0
 @pytest.fixture(scope="module")
 def client(emulator_process):
     c = TpuClient(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2,
-                                   lease_period=30.0, capacity_deadline=60.0))
+                                   lease_period=30.0, capacity_deadline=60.0, keep_warm=0))
     yield c
     c.shutdown(wait=False)
 

@@ -52,7 +52,8 @@ def never_runs() -> None:
 @pytest.fixture
 def env_cluster(emulator_process, package_index):
     c = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2,
-                                    lease_period=30.0, index_url=package_index.url))
+                                    lease_period=30.0, index_url=package_index.url,
+                                    keep_warm=0))  # shut down after the leak check: no warm slice may outlive a test
     yield c
     c.shutdown(timeout=120)
 

@@ -90,7 +90,7 @@ def main():
     args = json.loads(sys.argv[1])
     cluster = TpuCluster(
         TpuClusterConfig(emulate=True, emulator_endpoint=args["endpoint"], poll_interval=0.2,
-                         lease_period=args["lease_period"], state_dir=args["state_dir"]),
+                         lease_period=args["lease_period"], state_dir=args["state_dir"], keep_warm=0),
         detach_on_exit=args["detach"],
     )
     job_ids = []
@@ -203,7 +203,8 @@ def start_driver(drivers: list[Driver], *args, **kwargs) -> Driver:
 
 def controller(endpoint: str, state_dir: Path, lease_period: float = REATTACH_LEASE_SECONDS) -> TpuCluster:
     return TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=endpoint, poll_interval=0.2,
-                                       lease_period=lease_period, state_dir=str(state_dir)))
+                                       lease_period=lease_period, state_dir=str(state_dir),
+                                       keep_warm=0))  # reattaching is checked here; the warm pool elsewhere
 
 
 def job_nodes(control, job_id: str) -> list[dict]:

@@ -42,7 +42,7 @@ def rl_loop():
 @pytest.fixture(scope="module")
 def client(emulator_process):
     c = TpuClient(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2,
-                                   lease_period=30.0, capacity_deadline=60.0))
+                                   lease_period=30.0, capacity_deadline=60.0, keep_warm=0))
     yield c
     c.shutdown(wait=False)
 

@@ -145,6 +145,7 @@ def cluster(emulator_process):
         poll_interval=0.2,
         lease_period=30.0,
         capacity_deadline=60.0,
+        keep_warm=0,  # the emulator is reset between tests; the warm pool has tests of its own
     ))
     yield c
     c.shutdown(timeout=120)

@@ -337,3 +337,44 @@ def test_pip_packages_are_installed_for_the_attempt_and_the_environment_is_reuse
         assert finished[0].classification == Classification.CANCELLED
     finally:
         teardown_slice(test_slice)
+
+
+# -- hand-over between jobs (warm slices) ------------------------------------------------------------
+
+
+def test_a_hand_over_cleans_the_host_and_only_the_new_secret_works_even_after_an_agent_restart(one_host, tmp_path):
+    """Refused while an attempt runs; once the attempt is cancelled it removes the lockfile and
+    the attempt's files, then the previous secret is UNAUTHENTICATED and the new one works; an
+    agent restarted on the host keeps the new secret (not the one in the node's metadata)."""
+    host = one_host.hosts[0]
+    client = one_host.client(host)
+    attempt = f"attempt-{uuid.uuid4().hex[:8]}"
+    client.prepare(AttemptSpec(attempt, command="sleep", args=["600"]))
+    stream = client.start(attempt)
+    stream.next_event(timeout=EVENT_TIMEOUT)
+    new_secret = tls.make_secret()
+    with pytest.raises(ChannelError, match="FAILED_PRECONDITION"):
+        client.hand_over(new_secret, "next-job")
+    client.cancel(attempt, 1.0)
+    stream.close()
+
+    lockfile = host.workdir / "tmp" / "libtpu_lockfile"
+    lockfile.write_text("held by the previous job")
+    assert (host.state_dir / "attempts" / attempt).exists()
+    client.hand_over(new_secret, "next-job")
+    assert not lockfile.exists()
+    assert not (host.state_dir / "attempts" / attempt).exists()
+    with pytest.raises(AgentAuthError):
+        client.describe(retries=0)
+    fresh = one_host.client(host, secret=new_secret)
+    assert fresh.describe().job == "next-job"
+    persisted = host.state_dir / "secret.sha256"
+    assert persisted.read_text() == tls.secret_sha256(new_secret)
+    assert persisted.stat().st_mode & 0o777 == 0o600
+
+    host.kill_agent()
+    host.start_agent()
+    restarted = one_host.client(host, secret=new_secret)
+    restarted.wait_until_up(time.monotonic() + EVENT_TIMEOUT)
+    with pytest.raises(AgentAuthError):
+        one_host.client(host).describe(retries=0)

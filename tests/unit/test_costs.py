@@ -220,6 +220,7 @@ def test_to_dict_rounds():
         "chip_hours_idle",
         "estimated_usd",
         "by_capacity",
+        "started_warm",
     }
 
 
