@@ -23,6 +23,7 @@ from fake_gcp.host_jobs import wait_for_file, write_json
 from fray_tpu import channel
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
+from fray_tpu.contract import GUEST_AGENT_ADDRESS, GUEST_NAMESPACE, GUEST_TLS_CERT
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 from fray_tpu.naming import LABEL_CONTROLLER, LABEL_JOB, label_value
 from fray_tpu.supervisor.credentials import JobCredentials
@@ -115,10 +116,21 @@ def warm_names(cluster: TpuCluster) -> list[str]:
 
 # -- reuse -----------------------------------------------------------------------------------------
 
-def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters, fake_gcp, workspace, tmp_path):
+def published_certs(tpu_client, name: str) -> dict[str, bytes]:
+    """Each worker's agent address -> the certificate it published in its guest attributes."""
+    def values(key: str) -> list[str]:
+        response = tpu_client.get_guest_attributes(request={"name": name, "query_path": f"{GUEST_NAMESPACE}/{key}"})
+        return [entry.query_value.items[0].value for entry in response.guest_attributes]
+
+    return {address: cert.encode() for address, cert in zip(values(GUEST_AGENT_ADDRESS), values(GUEST_TLS_CERT))}
+
+
+def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters, fake_gcp, tpu_client, workspace,
+                                                                       tmp_path):
     """A 4-host job's slice goes warm (cleaned: the daemon its job left is gone); the next job of
-    the shape runs on it with no create call; the agents refuse the first job's secret and
-    accept the second's; its cost says it started warm."""
+    the shape runs on it with no create call, pinning each host to the certificate that host
+    published when the slice booted; the agents refuse the first job's secret and accept the
+    second's; its cost says it started warm; no certificate or key is in the node's metadata."""
     cluster = clusters()
     go = tmp_path / "go"
     first = cluster.launch(request("first", leave_a_daemon_and_block, [str(tmp_path), str(go)], workspace,
@@ -144,7 +156,12 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
     assert warm_node["name"].rsplit("/", 1)[-1] == row.name
 
     second_credentials = JobCredentials.load(cluster.journal(), second)
-    cert = second_credentials.load_slice_certs(cluster.journal(), second, row.name)[row.endpoints[0]]
+    pinned = second_credentials.load_slice_certs(cluster.journal(), second, row.name)
+    assert pinned == published_certs(tpu_client, warm_node["name"])
+    assert sorted(pinned) == sorted(row.endpoints)
+    metadata = dict(tpu_client.get_node(name=warm_node["name"], timeout=10).metadata)
+    assert not any("PRIVATE KEY" in v or "CERTIFICATE" in v for v in metadata.values())
+    cert = pinned[row.endpoints[0]]
     address = f"{row.endpoints[0]}:{cluster.config.agent_port}"
     with channel.AgentClient(address, secret=first_secret, pinned_cert_pem=cert) as stale:
         with pytest.raises(channel.AgentAuthError):
