@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from fake_gcp import wait_for
+from fake_gcp import run_to_end, wait_for
 
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
@@ -84,13 +84,6 @@ def request(name: str, fn, args, workspace: str, slices: int = 1) -> JobRequest:
                       environment=EnvironmentConfig.create(workspace=workspace))
 
 
-def finish(cluster: TpuCluster, job_id: str):
-    info = wait_for(lambda: (i := cluster.poll(job_id)) and JobStatus.finished(i.status) and i,
-                    f"job {job_id} to finish", JOB_TIMEOUT)
-    cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
-    return info
-
-
 def progress_lines(cluster: TpuCluster, job_id: str) -> list[str]:
     lines, _ = cluster.journal().output(job_id)
     return [line[len(PROGRESS_PREFIX):] for line in lines if line.startswith(PROGRESS_PREFIX)]
@@ -104,7 +97,7 @@ def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job
     with no index), and the job's output shows the bootstrap phases per slice."""
     before = fake_gcp.control.storage_counters()
     job_id = cluster.launch(request("faithful", stdlib_job.main, [str(out_dir)], workspace, slices=2))
-    info = finish(cluster, job_id)
+    info = run_to_end(cluster, job_id, JOB_TIMEOUT)
     assert info.status == JobStatus.SUCCEEDED, info.error_message
 
     tasks = [json.loads(p.read_text()) for p in sorted(out_dir.glob("task-*.json"))]
@@ -140,12 +133,12 @@ def test_no_node_metadata_holds_a_private_key_or_the_job_secret(cluster, fake_gc
         for key, value in node.metadata.items():
             assert "PRIVATE KEY" not in value and secret not in value, key
     (out_dir / "go").write_text("")
-    assert finish(cluster, job_id).status == JobStatus.SUCCEEDED
+    assert run_to_end(cluster, job_id, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
 
 
 def _assert_fast_config_failure(cluster, fake_gcp, job_id: str, *expected: str) -> None:
     started = time.monotonic()
-    info = finish(cluster, job_id)
+    info = run_to_end(cluster, job_id, JOB_TIMEOUT)
     elapsed = time.monotonic() - started
     assert info.status == JobStatus.FAILED
     for text in expected:
@@ -224,7 +217,7 @@ def test_a_38_image_is_refused_before_provisioning_naming_the_runtime_to_use(clu
     """tpu-vm-* runtimes boot Python 3.8 images: refused before anything is created."""
     cluster.config.runtime_versions["v5e"] = "tpu-vm-base"
     job_id = cluster.launch(request("py38", stdlib_job.main, [str(out_dir)], workspace))
-    info = finish(cluster, job_id)
+    info = run_to_end(cluster, job_id, JOB_TIMEOUT)
     assert info.status == JobStatus.FAILED
     assert "Python 3.8" in info.error_message and "runtime_version=tpu-ubuntu2204-base" in info.error_message
     assert fake_gcp.control.counters().get("CreateNode", 0) == 0
@@ -262,7 +255,7 @@ def test_a_rebooted_host_and_a_crashed_agent_come_back_and_the_job_finishes(clus
     wait_for(lambda: (pid := _serving_pid(hosts[2])) and pid != crashed, "the crashed agent to serve again", 60)
 
     (out_dir / "go").write_text("")
-    info = finish(cluster, job_id)
+    info = run_to_end(cluster, job_id, JOB_TIMEOUT)
     assert info.status == JobStatus.SUCCEEDED, info.error_message
     after = fake_gcp.control.storage_counters()
     # The supervisor treats the rebooted host's lost attempt as a preemption and replaces the
