@@ -54,7 +54,7 @@ def wait_for_go(out_dir):
 @pytest.fixture
 def cluster(emulator_process):
     c = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=POLL,
-                                    lease_period=30.0, capacity_deadline=60.0))
+                                    lease_period=30.0, capacity_deadline=60.0, keep_warm=0))
     yield c
     c.shutdown(timeout=120)
 
