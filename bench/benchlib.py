@@ -33,3 +33,14 @@ def until(condition, what: str, deadline_seconds: float, poll_seconds: float = 0
 def stamps(directory: Path, prefix: str) -> list[float]:
     """Timestamps the hosts wrote as files ``PREFIX-*`` (skipping ones still being written)."""
     return [float(p.read_text()) for p in directory.glob(f"{prefix}-*") if not p.name.endswith(".partial")]
+
+
+def load_host_jobs(workspace: Path):
+    """Copy ``bench/host_jobs.py`` into ``workspace`` and import it from there (see its docstring)."""
+    import importlib
+    import shutil
+    import sys
+
+    shutil.copy(Path(__file__).with_name("host_jobs.py"), workspace)
+    sys.path.insert(0, str(workspace))
+    return importlib.import_module("host_jobs")

@@ -29,6 +29,7 @@ from fray_tpu import tls
 from fray_tpu.channel import AgentClient, AttemptExit, AttemptSpec, LogBatch
 from fray_tpu.emulator.metadata import HostMetadata, MetadataServer
 from fray_tpu.worker import metadata as md
+from fray_tpu.worker.identity import host_tls
 
 AGENT_PORT = 8477
 LINE = "x" * 50
@@ -55,19 +56,19 @@ def emit(metric: str, **values) -> None:
 
 def start_agent(workdir: Path) -> tuple[subprocess.Popen, AgentClient, MetadataServer]:
     ip = f"127.{random.randint(16, 254)}.{random.randint(128, 255)}.{random.randint(2, 250)}"
-    secret, material = tls.make_secret(), tls.make_job_tls()
+    secret = tls.make_secret()
     attributes = {
         md.ATTR_WORKER_NUMBER: "0",
         md.ATTR_WORKER_ENDPOINTS: f"bench:0:{ip}",
         md.ATTR_ACCELERATOR_TYPE: "v5litepod-1",
         md.ATTR_SECRET_SHA256: tls.secret_sha256(secret),
-        md.ATTR_TLS_CERT: material.cert_pem.decode(),
-        md.ATTR_TLS_KEY: material.key_pem.decode(),
         md.ATTR_AGENT_PORT: str(AGENT_PORT),
         md.ATTR_SELF_DELETE: "false",
     }
     server = MetadataServer(ip, HostMetadata(attributes, {"name": "bench"}, {"project-id": "bench"}))
     (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+    # The agent makes its own key on the "VM" (its state directory); the bench pins that cert.
+    material = host_tls(workdir / "fray-tpu-agent")
     env = dict(os.environ, GCE_METADATA_HOST=server.address, GCE_METADATA_IP=server.address,
                FRAY_TPU_EMULATED_HOST="1", FRAY_TPU_HOST_DIR=str(workdir), FRAY_TPU_HOST_IP=ip)
     log = open(workdir / "agent.log", "ab")

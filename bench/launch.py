@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from fake_gcp.process import EmulatorProcess  # noqa: E402
 
-from benchlib import emit, rounded, stamps, until  # noqa: E402
+from benchlib import emit, load_host_jobs, rounded, stamps, until  # noqa: E402
 from fray_tpu.cluster import TpuCluster  # noqa: E402
 from fray_tpu.config import TpuClusterConfig  # noqa: E402
 from fray_tpu.emulator import EmulatorTimings  # noqa: E402
@@ -65,69 +65,16 @@ from fray_tpu.contract import EMULATOR_JAX_PLUGIN  # noqa: E402
 from fray_tpu.worker.runner import PRELOAD_ENV  # noqa: E402
 
 TPU_TYPE = "v5litepod-16"
+jobs = None  # bench/host_jobs.py, imported from the workspace by main()
 HOSTS = 4
 POLL_INTERVAL = 0.05  # the controller's poll of operations and slice state (emulator only)
 WAIT_POLL_SECONDS = 0.01
 STEP_DEADLINE_SECONDS = 45.0
 PREEMPTION_DEADLINE_SECONDS = 60.0  # the recovery is slow today (see the note it prints)
-HOST_BLOCK_SECONDS = 60.0  # how long a blocking job function waits for its go file
 TOTAL_BUDGET_SECONDS = 120.0
 WARM_TARGET_RATIO = 2.0
 PREEMPTION_TARGET_SECONDS = 3.0
 PREEMPTION_NOTICE_SECONDS = 1.0  # Cloud TPU spot VMs get ~30 s; 1 s is enough for the agent to report
-
-
-# -- functions that run on the hosts (pickled by value: this file is __main__) ----------------
-
-def _stamp(path: Path, value: float) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(repr(value))
-    os.replace(partial, path)
-
-
-def record_start(out_dir: str, tag: str) -> None:
-    """Write when user code started on this host, as ``TAG-TASKINDEX``."""
-    _stamp(Path(out_dir) / f"{tag}-{os.environ['FRAY_TASK_INDEX']}", time.time())
-
-
-def fail_first_attempts(out_dir: str, failures: int) -> None:
-    """Record this attempt's start (tagged by attempt id); task 0 fails the first ``failures``
-    attempts (counted with one exclusively created file per attempt) once all hosts run,
-    stamping when it raises."""
-    started = time.time()
-    directory = Path(out_dir)
-    attempt_id = os.environ["FRAY_TPU_ATTEMPT_ID"]
-    _stamp(directory / f"start-{attempt_id}-{os.environ['FRAY_TASK_INDEX']}", started)
-    if os.environ["FRAY_TASK_INDEX"] != "0":
-        return
-    for attempt in range(1, failures + 2):
-        try:
-            with open(directory / f"attempt-{attempt}", "x"):
-                break
-        except FileExistsError:
-            continue
-    if attempt <= failures:
-        # Fail only once every host of this attempt runs: a gang whose first task fails at once
-        # is stopped before the others start, and then there is no "all 4 running" to measure.
-        deadline = time.monotonic() + HOST_BLOCK_SECONDS
-        while len(list(directory.glob(f"start-{attempt_id}-*"))) < HOSTS and time.monotonic() < deadline:
-            time.sleep(0.005)
-        _stamp(directory / f"fail-{attempt_id}", time.time())
-        raise RuntimeError(f"failing attempt {attempt} on purpose")
-
-
-def block_then_record(out_dir: str, marker: str) -> None:
-    """First attempt: record the start, then wait (bounded) to be preempted. Once ``marker``
-    exists (written by the driver before preempting), record the start and return."""
-    second = os.path.exists(marker)
-    record_start(out_dir, "recovered" if second else "running")
-    if second:
-        return
-    deadline = time.monotonic() + HOST_BLOCK_SECONDS
-    pause = threading.Event()
-    while time.monotonic() < deadline and not pause.wait(0.05):
-        pass
-    raise SystemExit("never preempted")
 
 
 # -- measuring helpers --------------------------------------------------------------------------
@@ -195,13 +142,14 @@ def measure_floor(directory: Path, runs: int, preload: bool) -> list[float]:
     samples = []
     for run in range(runs):
         tag = f"floor{'-preload' if preload else ''}-{run}"
-        payload.write_bytes(cloudpickle.dumps((record_start, (str(directory), tag), {})))
+        payload.write_bytes(cloudpickle.dumps((jobs.record_start, (str(directory), tag), {})))
         base_env = {k: v for k, v in os.environ.items() if k != PRELOAD_ENV}
         if preload:
             base_env.update({PRELOAD_ENV: EMULATOR_JAX_PLUGIN, "JAX_PLATFORMS": "cpu"})
         started = time.time()
         processes = [subprocess.Popen([sys.executable, "-m", "fray_tpu.worker.runner", str(payload)],
-                                      env={**base_env, "FRAY_TASK_INDEX": str(i)}, cwd=directory)
+                                      env={**base_env, "FRAY_TASK_INDEX": str(i),
+                                           "PYTHONPATH": os.pathsep.join(sys.path)}, cwd=directory)
                      for i in range(HOSTS)]
         for process in processes:
             process.wait(STEP_DEADLINE_SECONDS)
@@ -235,7 +183,7 @@ def measure_cold(cluster: TpuCluster, control, clock: ProgressClock, directory: 
     for run in range(runs):
         tag = f"cold-{run}"
         launched = time.time()
-        job_id = cluster.launch(request(tag, record_start, [str(directory), tag], workspace))
+        job_id = cluster.launch(request(tag, jobs.record_start, [str(directory), tag], workspace))
         running = all_hosts_started(directory, tag, f"the 4 hosts of {tag}")
         serving = agents_serving_at(cluster, control)
         finish(cluster, job_id)
@@ -259,7 +207,7 @@ def measure_cold(cluster: TpuCluster, control, clock: ProgressClock, directory: 
 def measure_warm(cluster: TpuCluster, clock: ProgressClock, directory: Path, workspace: Path, samples: int) -> dict:
     out = directory / "warm"
     out.mkdir()
-    job_id = cluster.launch(request("warm", fail_first_attempts, [str(out), samples], workspace,
+    job_id = cluster.launch(request("warm", jobs.fail_first_attempts, [str(out), samples], workspace,
                                     max_retries_failure=samples))
     finish(cluster, job_id)
     attempts = cluster.job_counters(job_id).attempts
@@ -295,7 +243,7 @@ def measure_preemption(cluster: TpuCluster, control, clock: ProgressClock, direc
     out.mkdir()
     marker = out / "preempting"
     control.set_timings(preempt_notice=notice)
-    job_id = cluster.launch(request(name, block_then_record, [str(out), str(marker)], workspace,
+    job_id = cluster.launch(request(name, jobs.block_then_record, [str(out), str(marker)], workspace,
                                     max_retries_preemption=1))
     all_hosts_started(out, "running", "the 4 hosts of the preemption job's first attempt")
     (node,) = cluster.live_slices()
@@ -356,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     workspace = directory / "workspace"
     workspace.mkdir()
     (workspace / "README").write_text("the launch benchmark's workspace\n")
+    global jobs
+    jobs = load_host_jobs(workspace)
     clock = ProgressClock()
 
     # The machine may be shared: floor samples are interleaved with the cluster measurements so

@@ -52,7 +52,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from benchlib import emit, rounded, stamps, until  # noqa: E402
+from benchlib import emit, load_host_jobs, rounded, stamps, until  # noqa: E402
 
 TPU_TYPE = "v5litepod-16"
 HOSTS = 4
@@ -120,36 +120,6 @@ def getaddrinfo(host, *args, **kwargs):
 
 socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
 '''.format(log_env=GUARD_LOG_ENV, own_env=GUARD_OWN_ENV)
-
-
-# -- the gang's function (pickled by value: this file is __main__) -----------------------------
-
-def gang_member(out_dir: str, tag: str, index: int | None = None) -> int:
-    """Record when this process started running user code, then a tiny computation."""
-    started = time.time()
-    if index is None:
-        index = int(os.environ["FRAY_TASK_INDEX"])
-    path = Path(out_dir) / f"{tag}-{index}"
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(repr(started))
-    os.replace(partial, path)
-    return index + sum(i * i for i in range(10_000)) % 7
-
-
-def fail_once_then_run(out_dir: str) -> None:
-    """Attempt 1: task 0 stamps ``raise`` and raises at once. Every attempt's tasks stamp their
-    start as ``start-ATTEMPT_ID``."""
-    attempt_id = os.environ["FRAY_TPU_ATTEMPT_ID"]
-    gang_member(out_dir, f"start-{attempt_id}")
-    if os.environ["FRAY_TASK_INDEX"] != "0":
-        return
-    try:
-        with open(Path(out_dir) / "failed-once", "x"):
-            pass
-    except FileExistsError:
-        return
-    (Path(out_dir) / "raise").write_text(repr(time.time()))
-    raise RuntimeError("first attempt fails on purpose (warm-attempt benchmark)")
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -230,7 +200,10 @@ def measure_ray(directory: Path, calls: int) -> dict:
 
     out = directory / "ray"
     out.mkdir()
-    remote_member = ray.remote(num_cpus=1)(gang_member)
+    jobs = load_host_jobs(directory)
+    # Ray's workers cannot import the module from here: Ray ships it by value (fray-tpu by reference).
+    ray.cloudpickle.register_pickle_by_value(jobs)
+    remote_member = ray.remote(num_cpus=1)(jobs.gang_member)
 
     def gang(tag: str) -> None:
         group = placement_group([{"CPU": 1}] * HOSTS, strategy="PACK")
@@ -283,6 +256,7 @@ def measure_fray(directory: Path, calls: int) -> dict:
     workspace = directory / "workspace"
     workspace.mkdir()
     (workspace / "README").write_text("the vs_ray benchmark's workspace\n")
+    jobs = load_host_jobs(workspace)
 
     def request(name: str, fn, args: list, **kwargs) -> JobRequest:
         return JobRequest(name=name, entrypoint=Entrypoint.from_callable(fn, args=args),
@@ -306,7 +280,7 @@ def measure_fray(directory: Path, calls: int) -> dict:
     try:
         began = time.time()
         cluster = TpuCluster(config)
-        job = cluster.launch(request("cold", gang_member, [str(out), "cold"]))
+        job = cluster.launch(request("cold", jobs.gang_member, [str(out), "cold"]))
         cold = all_running(out, "cold", "fray-tpu's cold gang") - began
         finish(cluster, job)
 
@@ -314,7 +288,7 @@ def measure_fray(directory: Path, calls: int) -> dict:
         warm_samples = []
         for run in range(WARM_JOB_SAMPLES):
             began = time.time()
-            job = cluster.launch(request(f"warm{run}", gang_member, [str(out), f"warm{run}"]))
+            job = cluster.launch(request(f"warm{run}", jobs.gang_member, [str(out), f"warm{run}"]))
             warm_samples.append(all_running(out, f"warm{run}", "fray-tpu's second job") - began)
             finish(cluster, job)
         warm_job = statistics.median(warm_samples)
@@ -322,7 +296,7 @@ def measure_fray(directory: Path, calls: int) -> dict:
 
         retry_out = out / "retry"
         retry_out.mkdir()
-        job = cluster.launch(request("retry", fail_once_then_run, [str(retry_out)], max_retries_failure=1))
+        job = cluster.launch(request("retry", jobs.fail_once_then_run, [str(retry_out)], max_retries_failure=1))
         finish(cluster, job)
         attempts = cluster.job_counters(job).attempts
         if attempts != 2:

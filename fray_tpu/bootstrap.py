@@ -1,17 +1,18 @@
 """The startup-script every TPU VM runs at boot (as root, on every worker, in no order).
 
-It installs fray-tpu at the controller's exact version when the VM's interpreter lacks it (from
-the package index, or a wheel URL), writes the agent's settings to an env file in the state
-directory, and runs ``python -m fray_tpu.worker`` under a restart-on-crash loop with bounded
-exponential backoff. The agent ends the loop for good by exiting with :data:`AGENT_EXIT_STOP`
-(after it deleted its own node, say). Every line the script itself prints starts with
-:data:`LOG_PREFIX`, so its lines stand out in the serial console and in emulator host logs.
+It finds the image's ``python3``, fetches the host bundle (``fray_tpu.hostbundle``) from Cloud
+Storage with the VM's own service-account token, verifies its SHA-256 against the hash the
+controller pinned here, unpacks it (its dependencies are installed already, for this Python and
+platform; no package index is ever asked), writes the
+agent's settings, starts the agent as its own service and exits 0. On a VM with systemd the
+service is a unit (restart on crash, the whole control group stopped at shutdown, the agent's
+stop-for-good exit code :data:`AGENT_EXIT_STOP` honoured, output to its own log); without
+systemd (the emulator's images) a detached runner does the same. A reboot runs the script again;
+an installed bundle is reused, not fetched again.
 
-The same script boots emulator hosts, where fray-tpu is already importable and the install step
-is skipped. Emulated hosts share one filesystem, so there the state directory lives in the host's
-own directory (``FRAY_TPU_HOST_DIR``); ``FRAY_TPU_AGENT_STATE_DIR`` overrides it anywhere. (It is
-not ``FRAY_TPU_STATE_DIR``: that one is the controller's journal directory, which emulated hosts
-inherit from the controller's environment.)
+Every phase and every failure is published as a guest attribute under ``fray-tpu/``
+(``contract.GUEST_BOOT_PHASES``, ``contract.GUEST_BOOT_FAILED``), which the controller reads through the TPU API's
+``GetGuestAttributes``; every line the script prints starts with :data:`LOG_PREFIX`.
 """
 
 from __future__ import annotations
@@ -21,27 +22,35 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-# AGENT_STATE_DIR_ENV overrides the state directory (the bootstrap's lock and env file, and the
-# agent's state: fray_tpu.worker.settings reads the same variable).
-from fray_tpu.contract import AGENT_STATE_DIR_ENV, VERSION
+# AGENT_STATE_DIR_ENV overrides the state directory (the env file and the agent's state:
+# fray_tpu.worker.settings reads the same variable).
+from fray_tpu.contract import (
+    AGENT_LOG_NAME,
+    AGENT_SERVING_MARKER,
+    AGENT_STATE_DIR_ENV,
+    EMULATED_STATE_SUBDIR,
+    EMULATOR_INHERITED_ENV,
+    GUEST_AGENT_EXIT,
+    GUEST_BOOT_FAILED,
+    GUEST_BOOT_PHASES,
+    GUEST_NAMESPACE,
+    UV_ENV,
+    VERSION,
+)
 from fray_tpu.errors import ConfigError
 
-# The agent exits with this code to stop the restart loop for good (EX_TEMPFAIL's number, unused
-# by Python itself: an uncaught exception exits 1, a signal 128+N).
+# The agent exits with this code to stop its service for good (EX_TEMPFAIL's number, unused by
+# Python itself: an uncaught exception exits 1, a signal 128+N).
 AGENT_EXIT_STOP = 75
 LOG_PREFIX = "[fray-tpu-bootstrap]"
-# On an emulated host (FRAY_TPU_EMULATED_HOST=1): the state directory inside FRAY_TPU_HOST_DIR.
-EMULATED_STATE_SUBDIR = "fray-tpu-agent"
 ENV_FILE_NAME = "agent.env"
 # An agent run at least this long resets the restart backoff to its first step.
 HEALTHY_RUN_SECONDS = 60
-PIP_SOCKET_TIMEOUT_SECONDS = 60
-# fray-tpu's requires-python floor: an older interpreter is reported instead of a pip failure.
-MIN_PYTHON = (3, 11)
-APT_LOCK_TIMEOUT_SECONDS = 300
+DOWNLOAD_ATTEMPTS = 5
 
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def fray_tpu_version() -> str:
@@ -51,18 +60,20 @@ def fray_tpu_version() -> str:
 
 @dataclass(frozen=True)
 class BootstrapSpec:
-    """What the startup-script installs and runs."""
+    """What the startup-script fetches, verifies and runs."""
 
     fray_tpu_version: str
-    wheel_url: str | None = None
+    bundle_url: str  # gs://bucket/object
+    bundle_sha256: str
+    bundle_python: str = "3.10"
+    bundle_platform: str = ""
+    storage_endpoint: str = "https://storage.googleapis.com"
     python: str = "python3"
     agent_module: str = "fray_tpu.worker"
     agent_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     state_dir: str = "/var/lib/fray-tpu"
     restart_backoff_max: int = 30
-    install_attempts: int = 5
-    install_backoff_seconds: int = 5
 
     def __post_init__(self) -> None:
         if not self.fray_tpu_version.strip():
@@ -72,108 +83,126 @@ class BootstrapSpec:
         bad_keys = [key for key in self.env if not _ENV_KEY.fullmatch(key)]
         if bad_keys:
             raise ConfigError(f"BootstrapSpec.env has invalid variable names {bad_keys}; use [A-Za-z_][A-Za-z0-9_]*")
-        for name in ("restart_backoff_max", "install_attempts", "install_backoff_seconds"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"BootstrapSpec.{name} must be at least 1, got {getattr(self, name)}")
+        if not self.bundle_url.startswith("gs://") or self.bundle_url.count("/") < 3:
+            raise ConfigError(f"BootstrapSpec.bundle_url {self.bundle_url!r} is not gs://bucket/object")
+        if not _SHA256.fullmatch(self.bundle_sha256):
+            raise ConfigError(f"BootstrapSpec.bundle_sha256 {self.bundle_sha256!r} is not a lowercase hex SHA-256")
+        if self.restart_backoff_max < 1:
+            raise ConfigError(f"BootstrapSpec.restart_backoff_max must be at least 1, got {self.restart_backoff_max}")
         if not self.state_dir or not self.python:
             raise ConfigError("BootstrapSpec.state_dir and BootstrapSpec.python must not be empty")
 
 
-_TEMPLATE = r"""#!/usr/bin/env bash
-# fray-tpu startup script (fray-tpu __VERSION_COMMENT__): install fray-tpu if needed, write the
-# agent's settings, run the agent under a restart-on-crash loop. Rendered by fray_tpu.bootstrap.
+# Fetches gs://bucket/object to a file with the VM's service-account token; prints the SHA-256.
+_FETCH_PY = r"""
+import hashlib, json, os, sys, time, urllib.parse, urllib.request
+endpoint, url, dest, attempts = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+bucket, name = url[len("gs://"):].split("/", 1)
+md = os.environ.get("GCE_METADATA_HOST") or "metadata.google.internal"
+last = None
+for attempt in range(attempts):
+    try:
+        request = urllib.request.Request(f"http://{md}/computeMetadata/v1/instance/service-accounts/default/token",
+                                         headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            token = json.loads(response.read())["access_token"]
+        media = f"{endpoint.rstrip('/')}/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media"
+        request = urllib.request.Request(media, headers={"Authorization": f"Bearer {token}"})
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(request, timeout=120) as response, open(dest, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        print(digest.hexdigest())
+        sys.exit(0)
+    except urllib.error.HTTPError as error:
+        last = f"HTTP {error.code} from Cloud Storage for {url}: {error.read()[:200].decode(errors='replace')}"
+        if error.code in (401, 403, 404):
+            break
+    except Exception as error:
+        last = f"{type(error).__name__}: {error}"
+    time.sleep(min(2 ** attempt, 20))
+print(last, file=sys.stderr)
+sys.exit(1)
+"""
+
+_TEMPLATE = r"""#!/bin/bash
+# fray-tpu startup script (fray-tpu __VERSION_COMMENT__): fetch and verify the host bundle, install
+# it, start the agent as a service, exit. Rendered by fray_tpu.bootstrap.
 set -u
 
 FRAY_TPU_VERSION=__VERSION__
 PYTHON=__PYTHON__
 AGENT_MODULE=__AGENT_MODULE__
 AGENT_ARGS=(__AGENT_ARGS__)
-WHEEL_URL=__WHEEL_URL__
+BUNDLE_URL=__BUNDLE_URL__
+BUNDLE_SHA256=__BUNDLE_SHA256__
+BUNDLE_PYTHON=__BUNDLE_PYTHON__
+BUNDLE_PLATFORM=__BUNDLE_PLATFORM__
+STORAGE_ENDPOINT=__STORAGE_ENDPOINT__
 DEFAULT_STATE_DIR=__STATE_DIR__
 AGENT_EXIT_STOP=__AGENT_EXIT_STOP__
 RESTART_BACKOFF_MAX=__RESTART_BACKOFF_MAX__
-INSTALL_ATTEMPTS=__INSTALL_ATTEMPTS__
-INSTALL_BACKOFF=__INSTALL_BACKOFF__
+METADATA=${GCE_METADATA_HOST:-metadata.google.internal}
 
 log() { printf '%s %s\n' __LOG_PREFIX__ "$*"; }
-prefixed() { local line; while IFS= read -r line || [ -n "$line" ]; do log "$line"; done; }
-
-fray_tpu_ready() {
-  "$PYTHON" -c 'import sys, fray_tpu; sys.exit(fray_tpu.__version__ != sys.argv[1])' "$FRAY_TPU_VERSION" >/dev/null 2>&1
+publish() {
+  curl -sf -m 10 --retry 3 -X PUT -H 'Metadata-Flavor: Google' --data-binary "$2" \
+    "http://$METADATA/computeMetadata/v1/instance/guest-attributes/__NAMESPACE__/$1" >/dev/null \
+    || log "could not publish guest attribute $1"
 }
+PHASES=""
+phase() { PHASES="${PHASES:+$PHASES }$1=$(date +%s%3N)"; publish __ATTR_PHASES__ "$PHASES"; log "phase $1${2:+: $2}"; }
+fail() { publish __ATTR_FAILED__ "$1: $2"; log "FAILED in phase $1: $2"; exit 1; }
 
-ensure_pip() {
-  "$PYTHON" -m pip --version >/dev/null 2>&1 && return 0
-  log "pip is missing for $PYTHON; trying ensurepip"
-  "$PYTHON" -m ensurepip --upgrade 2>&1 | prefixed
-  "$PYTHON" -m pip --version >/dev/null 2>&1 && return 0
-  if command -v apt-get >/dev/null 2>&1; then
-    log "ensurepip did not provide pip; installing python3-pip with apt-get"
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=__APT_LOCK_TIMEOUT__ update 2>&1 | prefixed
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=__APT_LOCK_TIMEOUT__ install -y python3-pip 2>&1 | prefixed
-  fi
-  "$PYTHON" -m pip --version >/dev/null 2>&1
-}
+publish __ATTR_FAILED__ ""
+phase started
 
-install_fray_tpu() {
-  local target="fray-tpu==$FRAY_TPU_VERSION"
-  [ -n "$WHEEL_URL" ] && target=$WHEEL_URL
-  ensure_pip || log "no pip for $PYTHON; the install below will fail"
-  local attempt=1 delay=$INSTALL_BACKOFF status
-  while :; do
-    log "installing $target with $PYTHON -m pip (attempt $attempt of $INSTALL_ATTEMPTS)"
-    PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install --no-input \
-      --disable-pip-version-check --timeout __PIP_TIMEOUT__ --retries 3 "$target" 2>&1 | prefixed
-    status=${PIPESTATUS[0]}
-    if [ "$status" -eq 0 ] && fray_tpu_ready; then
-      log "installed fray-tpu $FRAY_TPU_VERSION"
-      return 0
-    fi
-    if [ "$status" -eq 0 ]; then
-      log "pip succeeded but $PYTHON still cannot import fray_tpu $FRAY_TPU_VERSION (wrong wheel version or interpreter?)"
-    else
-      log "pip exited with code $status"
-    fi
-    if [ "$attempt" -ge "$INSTALL_ATTEMPTS" ]; then
-      log "giving up installing $target after $attempt attempts; the agent will not start on this VM"
-      return 1
-    fi
-    log "retrying the install in ${delay}s"
-    sleep "$delay"
-    attempt=$((attempt + 1))
-    delay=$((delay * 2))
-  done
-}
-
-if fray_tpu_ready; then
-  log "fray-tpu $FRAY_TPU_VERSION is already importable by $PYTHON; skipping installation"
-else
-  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (__MIN_PYTHON_TUPLE__))' >/dev/null 2>&1; then
-    log "$PYTHON is missing or older than Python __MIN_PYTHON__ ($("$PYTHON" --version 2>&1)); fray-tpu needs __MIN_PYTHON__+: set the interpreter (BootstrapSpec.python) to one the VM image has, e.g. python3.11"
-    exit 1
-  fi
-  install_fray_tpu || exit 1
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  fail interpreter "no $PYTHON on this image (PATH=$PATH); fray-tpu's agent needs Python 3.10+: use runtime_version=tpu-ubuntu2204-base (or v2-alpha-tpuv5-lite / v2-alpha-tpuv6e), whose images ship Python 3.10"
 fi
+VM_PYTHON=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>&1) \
+  || fail interpreter "$PYTHON does not run: $VM_PYTHON"
+phase interpreter "$PYTHON is Python $VM_PYTHON"
 
-# Emulated hosts share one filesystem: each keeps its state in its own host directory.
 if [ -n "${__AGENT_STATE_DIR_ENV__:-}" ]; then
   STATE_DIR=$__AGENT_STATE_DIR_ENV__
 elif [ "${FRAY_TPU_EMULATED_HOST:-}" = 1 ]; then
+  # Emulated hosts share one filesystem: each keeps its state in its own host directory.
   STATE_DIR=${FRAY_TPU_HOST_DIR:-$PWD}/__EMULATED_STATE_SUBDIR__
 else
   STATE_DIR=$DEFAULT_STATE_DIR
 fi
-if ! mkdir -p "$STATE_DIR" 2>/dev/null || [ ! -w "$STATE_DIR" ]; then
-  log "cannot write the state directory $STATE_DIR (not root?); using $PWD/fray-tpu-state instead"
-  STATE_DIR=$PWD/fray-tpu-state
-  mkdir -p "$STATE_DIR" || { log "cannot create $STATE_DIR either; giving up"; exit 1; }
-fi
+mkdir -p "$STATE_DIR/bundles" || fail bundle "cannot create the state directory $STATE_DIR"
 STATE_DIR=$(cd "$STATE_DIR" && pwd)
+BUNDLE_DIR=$STATE_DIR/bundles/$BUNDLE_SHA256
+SITE=$BUNDLE_DIR/site
+UV=$BUNDLE_DIR/bin/uv
 
-exec 9>"$STATE_DIR/bootstrap.lock"
-if command -v flock >/dev/null 2>&1 && ! flock -n 9; then
-  log "another fray-tpu bootstrap is already running the agent for $STATE_DIR; exiting"
-  exit 0
+if [ "${__INHERITED_ENV__:-}" = 1 ] && "$PYTHON" -c 'import sys, fray_tpu; sys.exit(fray_tpu.__version__ != sys.argv[1])' "$FRAY_TPU_VERSION" 2>/dev/null; then
+  # The emulator's inherit-controller image (edge tests only): the controller's own interpreter.
+  SITE=""
+  UV=$(command -v uv || true)
+  phase bundle "not used: the inherit-controller image runs the emulator's own fray-tpu"
+  phase deps "inherited"
+elif [ -f "$BUNDLE_DIR/.installed" ]; then
+  phase bundle "installed already in $BUNDLE_DIR (not fetched again)"
+  phase deps "installed already"
+else
+  rm -rf "$BUNDLE_DIR.partial" && mkdir -p "$BUNDLE_DIR.partial/bin" || fail bundle "cannot write $BUNDLE_DIR.partial"
+  ARCHIVE=$BUNDLE_DIR.partial/bundle.tar.gz
+  GOT=$("$PYTHON" -c "$FETCH_PY" "$STORAGE_ENDPOINT" "$BUNDLE_URL" "$ARCHIVE" __DOWNLOAD_ATTEMPTS__ 2>&1) \
+    || fail bundle "cannot fetch $BUNDLE_URL from $STORAGE_ENDPOINT: $GOT"
+  [ "$GOT" = "$BUNDLE_SHA256" ] || fail bundle "SHA-256 mismatch for $BUNDLE_URL: expected $BUNDLE_SHA256 (pinned by the controller), got $GOT; the object was changed after it was staged, refusing to run it"
+  tar -xzf "$ARCHIVE" -C "$BUNDLE_DIR.partial" && rm -f "$ARCHIVE" || fail bundle "cannot unpack $BUNDLE_URL"
+  phase bundle "fetched $BUNDLE_URL, SHA-256 verified"
+  # The controller installed the dependencies for this Python and platform (uv --target): they
+  # load only on that interpreter version.
+  [ "$VM_PYTHON" = "$BUNDLE_PYTHON" ] \
+    || fail deps "the bundle's compiled dependencies (grpcio, protobuf, cryptography) are for Python $BUNDLE_PYTHON on $BUNDLE_PLATFORM; this VM's $PYTHON is $VM_PYTHON: set host_python=$VM_PYTHON, or use a runtime whose image has Python $BUNDLE_PYTHON (tpu-ubuntu2204-base)"
+  touch "$BUNDLE_DIR.partial/.installed" && rm -rf "$BUNDLE_DIR" && mv "$BUNDLE_DIR.partial" "$BUNDLE_DIR" \
+    || fail deps "cannot move the installed bundle into $BUNDLE_DIR"
+  phase deps "installed into $SITE"
 fi
 
 ENV_FILE=$STATE_DIR/__ENV_FILE_NAME__
@@ -181,65 +210,70 @@ ENV_FILE=$STATE_DIR/__ENV_FILE_NAME__
   umask 077
   {
     printf '__AGENT_STATE_DIR_ENV__=%q\n' "$STATE_DIR"
+    [ -n "$SITE" ] && printf 'PYTHONPATH=%q\n' "$SITE"
+    printf '__AGENT_UV_ENV__=%q\n' "$UV"
+    printf 'PYTHONUNBUFFERED=1\n'
+    printf 'GCE_METADATA_HOST=%q\n' "$METADATA"
     printf '%s\n' __ENV_LINES__
   } >"$ENV_FILE.tmp" && mv -f "$ENV_FILE.tmp" "$ENV_FILE"
-) || { log "cannot write the agent settings to $ENV_FILE; giving up"; exit 1; }
-log "wrote the agent settings to $ENV_FILE"
-set -a
-. "$ENV_FILE"
-set +a
-export PYTHONUNBUFFERED=1
+) || fail service "cannot write the agent settings to $ENV_FILE"
 
+# What runs after every agent exit (systemd's ExecStopPost, or the runner below): publish it, and
+# when the agent never served in this run, publish a boot failure with the tail of its log.
+cat >"$STATE_DIR/agent-exited.sh" <<EXITED
+#!/bin/bash
+code=\${1:-\${EXIT_STATUS:-?}}
+tail_lines=\$(grep -v '^\s*\$' "$STATE_DIR/__AGENT_LOG__" 2>/dev/null | tail -n 3 | tr '\n' ' ' | cut -c1-1500)
+put() { curl -sf -m 10 --retry 3 -X PUT -H 'Metadata-Flavor: Google' --data-binary "\$2" "http://$METADATA/computeMetadata/v1/instance/guest-attributes/__NAMESPACE__/\$1" >/dev/null; }
+put __ATTR_AGENT_EXIT__ "code \$code: \$tail_lines"
+if [ ! -f "$STATE_DIR/__SERVING__" ] && [ "\$code" != "$AGENT_EXIT_STOP" ]; then
+  put __ATTR_FAILED__ "agent: exited with code \$code before serving: \$tail_lines"
+fi
+EXITED
+AGENT_CMD=("$(command -v "$PYTHON")" -m "$AGENT_MODULE" ${AGENT_ARGS[@]+"${AGENT_ARGS[@]}"})
+
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  {
+    printf '[Unit]\nDescription=fray-tpu agent\nAfter=network-online.target\n\n[Service]\n'
+    printf 'EnvironmentFile=%s\n' "$ENV_FILE"
+    printf 'ExecStartPre=/bin/rm -f %s\n' "$STATE_DIR/__SERVING__"
+    printf 'ExecStart=%s\n' "${AGENT_CMD[*]}"
+    printf 'ExecStopPost=/bin/bash %s\n' "$STATE_DIR/agent-exited.sh"
+    printf 'Restart=on-failure\nRestartSec=2\nRestartPreventExitStatus=%s\nKillMode=control-group\n' "$AGENT_EXIT_STOP"
+    printf 'StandardOutput=append:%s\nStandardError=append:%s\n\n' "$STATE_DIR/__AGENT_LOG__" "$STATE_DIR/__AGENT_LOG__"
+    printf '[Install]\nWantedBy=multi-user.target\n'
+  } >/etc/systemd/system/fray-tpu-agent.service || fail service "cannot write the systemd unit"
+  systemctl daemon-reload && systemctl enable fray-tpu-agent.service >/dev/null 2>&1 \
+    && systemctl restart fray-tpu-agent.service || fail service "systemctl could not start fray-tpu-agent.service"
+  phase service "systemd unit fray-tpu-agent.service started; its log: $STATE_DIR/__AGENT_LOG__"
+  exit 0
+fi
+
+# No systemd: a detached runner with the unit's semantics (restart on crash with backoff, stop
+# for good on exit code $AGENT_EXIT_STOP, log to the agent's own file).
+cat >"$STATE_DIR/agent-runner.sh" <<RUNNER
+#!/bin/bash
+set -a; . "$ENV_FILE"; set +a
+exec 9>"$STATE_DIR/agent-runner.lock"
+flock -n 9 || exit 0
 child=""
-stopping=0
-on_signal() {
-  log "received $1; stopping the agent and not restarting it"
-  stopping=1
-  [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
-}
-trap 'on_signal SIGTERM' TERM
-trap 'on_signal SIGINT' INT
-trap 'on_signal SIGHUP' HUP
-
-run=0
-delay=1
+trap '[ -n "\$child" ] && kill -TERM "\$child" 2>/dev/null; exit 0' TERM INT HUP
+run=0; delay=1
 while :; do
-  run=$((run + 1))
-  log "starting the agent (run $run): $PYTHON -m $AGENT_MODULE ${AGENT_ARGS[*]+${AGENT_ARGS[*]}}"
-  started=$SECONDS
-  FRAY_TPU_AGENT_RUN=$run "$PYTHON" -m "$AGENT_MODULE" ${AGENT_ARGS[@]+"${AGENT_ARGS[@]}"} &
-  child=$!
-  wait "$child"
-  code=$?
-  # A trapped signal interrupts `wait`; wait again for the agent's own exit status.
-  while kill -0 "$child" 2>/dev/null; do
-    wait "$child"
-    code=$?
-  done
-  child=""
-  ran=$((SECONDS - started))
-  how="code $code"
-  [ "$code" -gt 128 ] && how="code $code (signal $((code - 128)))"
-  if [ "$stopping" -eq 1 ]; then
-    log "agent exited with $how after ${ran}s; stopped by signal, not restarting"
-    exit 0
-  fi
-  if [ "$code" -eq "$AGENT_EXIT_STOP" ]; then
-    log "agent exited with $how (stop for good) after ${ran}s; not restarting"
-    exit 0
-  fi
-  [ "$ran" -ge __HEALTHY_RUN__ ] && delay=1
-  log "agent exited with $how after ${ran}s; restarting in ${delay}s"
-  sleep "$delay" &
-  child=$!
-  wait "$child"
-  child=""
-  if [ "$stopping" -eq 1 ]; then
-    exit 0
-  fi
-  delay=$((delay * 2))
-  [ "$delay" -gt "$RESTART_BACKOFF_MAX" ] && delay=$RESTART_BACKOFF_MAX
+  run=\$((run + 1)); started=\$SECONDS
+  rm -f "$STATE_DIR/__SERVING__"
+  FRAY_TPU_AGENT_RUN=\$run $(printf '%q ' "${AGENT_CMD[@]}") >>"$STATE_DIR/__AGENT_LOG__" 2>&1 &
+  child=\$!; wait "\$child"; code=\$?; child=""
+  /bin/bash "$STATE_DIR/agent-exited.sh" "\$code"
+  [ "\$code" -eq $AGENT_EXIT_STOP ] && exit 0
+  [ \$((SECONDS - started)) -ge __HEALTHY_RUN__ ] && delay=1
+  sleep "\$delay"
+  delay=\$((delay * 2)); [ "\$delay" -gt $RESTART_BACKOFF_MAX ] && delay=$RESTART_BACKOFF_MAX
 done
+RUNNER
+setsid /bin/bash "$STATE_DIR/agent-runner.sh" </dev/null >/dev/null 2>&1 &
+phase service "agent runner started (no systemd); its log: $STATE_DIR/__AGENT_LOG__"
+exit 0
 """
 
 
@@ -254,22 +288,31 @@ def render_startup_script(spec: BootstrapSpec) -> str:
         "__PYTHON__": q(spec.python),
         "__AGENT_MODULE__": q(spec.agent_module),
         "__AGENT_ARGS__": " ".join(q(arg) for arg in spec.agent_args),
-        "__WHEEL_URL__": q(spec.wheel_url or ""),
+        "__BUNDLE_URL__": q(spec.bundle_url),
+        "__BUNDLE_SHA256__": q(spec.bundle_sha256),
+        "__BUNDLE_PYTHON__": q(spec.bundle_python),
+        "__BUNDLE_PLATFORM__": q(spec.bundle_platform),
+        "__STORAGE_ENDPOINT__": q(spec.storage_endpoint),
         "__STATE_DIR__": q(spec.state_dir),
         "__AGENT_EXIT_STOP__": str(AGENT_EXIT_STOP),
         "__RESTART_BACKOFF_MAX__": str(int(spec.restart_backoff_max)),
-        "__INSTALL_ATTEMPTS__": str(int(spec.install_attempts)),
-        "__INSTALL_BACKOFF__": str(int(spec.install_backoff_seconds)),
         "__LOG_PREFIX__": q(LOG_PREFIX),
-        "__APT_LOCK_TIMEOUT__": str(APT_LOCK_TIMEOUT_SECONDS),
-        "__PIP_TIMEOUT__": str(PIP_SOCKET_TIMEOUT_SECONDS),
         "__ENV_FILE_NAME__": q(ENV_FILE_NAME),
         "__ENV_LINES__": " ".join(q(line) for line in env_lines),
         "__HEALTHY_RUN__": str(HEALTHY_RUN_SECONDS),
-        "__MIN_PYTHON_TUPLE__": ", ".join(str(part) for part in MIN_PYTHON),
-        "__MIN_PYTHON__": ".".join(str(part) for part in MIN_PYTHON),
         "__AGENT_STATE_DIR_ENV__": AGENT_STATE_DIR_ENV,
+        "__AGENT_UV_ENV__": UV_ENV,
+        "__INHERITED_ENV__": EMULATOR_INHERITED_ENV,
         "__EMULATED_STATE_SUBDIR__": EMULATED_STATE_SUBDIR,
+        "__NAMESPACE__": GUEST_NAMESPACE,
+        "__ATTR_PHASES__": GUEST_BOOT_PHASES,
+        "__ATTR_FAILED__": GUEST_BOOT_FAILED,
+        "__ATTR_AGENT_EXIT__": GUEST_AGENT_EXIT,
+        "__AGENT_LOG__": AGENT_LOG_NAME,
+        "__SERVING__": AGENT_SERVING_MARKER,
+        "__DOWNLOAD_ATTEMPTS__": str(DOWNLOAD_ATTEMPTS),
     }
     pattern = re.compile("|".join(re.escape(token) for token in sorted(replacements, key=len, reverse=True)))
-    return pattern.sub(lambda match: replacements[match.group(0)], _TEMPLATE)
+    script = pattern.sub(lambda match: replacements[match.group(0)], _TEMPLATE)
+    prelude = f"FETCH_PY={q(_FETCH_PY)}\n"
+    return script.replace("set -u\n", "set -u\n" + prelude, 1)

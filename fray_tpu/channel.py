@@ -211,6 +211,7 @@ class AgentClient:
     def __init__(self, address: str, *, secret: str, pinned_cert_pem: bytes, timeout: float = DEFAULT_TIMEOUT,
                  reconnect_seconds: float = RECONNECT_SECONDS):
         self.address = address
+        self.pinned_cert_pem = pinned_cert_pem  # the one certificate this client trusts
         self.timeout = timeout
         self.reconnect_seconds = reconnect_seconds
         self._metadata = ((AUTH_METADATA_KEY, f"Bearer {secret}"),)

@@ -23,6 +23,10 @@ subnetwork          FRAY_TPU_SUBNETWORK          subnetwork (the network's defau
 external_ips        FRAY_TPU_EXTERNAL_IPS        give workers external IPs (false: the
                                                  controller runs inside the VPC)
 service_account     FRAY_TPU_SERVICE_ACCOUNT     service account email of the VMs (default)
+staging_bucket      FRAY_TPU_STAGING_BUCKET      Cloud Storage bucket the host bundle is staged in;
+                                                 required for TPU jobs unless emulate=true
+host_python         FRAY_TPU_HOST_PYTHON         the VMs' python3 version, e.g. 3.10 (from the
+                                                 runtime version: 3.8 for tpu-vm-*, else 3.10)
 runtime_versions    FRAY_TPU_RUNTIME_VERSIONS    per-generation overrides ``v5e:ver,v6e:ver``
 labels              FRAY_TPU_LABELS              extra resource labels ``team:ml,cost:x``
 emulate             FRAY_TPU_EMULATE             use the local Cloud TPU emulator (false)
@@ -168,6 +172,8 @@ class TpuClusterConfig:
     subnetwork: str | None = None
     external_ips: bool = False
     service_account: str | None = None
+    staging_bucket: str | None = None
+    host_python: str | None = None
     runtime_versions: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     emulate: bool = False
@@ -254,6 +260,11 @@ class TpuClusterConfig:
     # ---- validation ----------------------------------------------------------------------
 
     def _validate(self) -> None:
+        if self.host_python is not None and not re.fullmatch(r"3\.\d{1,2}", self.host_python):
+            raise ConfigError(f"host_python={self.host_python!r} is not a Python version like 3.10")
+        if self.staging_bucket is not None and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]",
+                                                                self.staging_bucket.removeprefix("gs://")):
+            raise ConfigError(f"staging_bucket={self.staging_bucket!r} is not a Cloud Storage bucket name")
         if self.capacity not in CAPACITY_CLASSES:
             raise ConfigError(
                 f"Unknown capacity {self.capacity!r}{_nearest_hint(self.capacity, CAPACITY_CLASSES)}; "

@@ -22,8 +22,6 @@ ATTR_TPU_ENV = "tpu-env"
 # Attributes the fray-tpu controller writes into the node's metadata.
 ATTR_STARTUP_SCRIPT = "startup-script"
 ATTR_SECRET_SHA256 = "fray-tpu-secret-sha256"
-ATTR_TLS_CERT = "fray-tpu-tls-cert"
-ATTR_TLS_KEY = "fray-tpu-tls-key"
 ATTR_NODE = "fray-tpu-node"
 ATTR_API_ENDPOINT = "fray-tpu-api-endpoint"
 ATTR_AGENT_PORT = "fray-tpu-agent-port"
@@ -32,6 +30,22 @@ ATTR_TLS_LEAF_SECONDS = "fray-tpu-tls-leaf-seconds"
 ATTR_SELF_DELETE = "fray-tpu-self-delete"
 ATTR_JOB = "fray-tpu-job"
 ATTR_CONTROLLER = "fray-tpu-controller"
+
+# -- guest attributes ---------------------------------------------------------------------
+# What a VM publishes under instance/guest-attributes/GUEST_NAMESPACE/ (only the VM itself can
+# write there); the controller reads every worker's with one GetGuestAttributes per slice.
+GUEST_NAMESPACE = "fray-tpu"
+# Published by the startup-script (fray_tpu.bootstrap):
+GUEST_BOOT_PHASES = "boot-phases"  # "name=epoch_ms name=epoch_ms ..." in order
+GUEST_BOOT_FAILED = "boot-failed"  # "phase: reason"
+GUEST_AGENT_EXIT = "agent-exit"  # the last agent exit: "code N: log tail"
+# Published by the agent (fray_tpu.worker.identity):
+GUEST_TLS_CERT = "tls-cert"  # its certificate, made on the VM, which the controller pins
+GUEST_AGENT_SERVING = "agent-serving"  # epoch milliseconds when this run began serving
+# The address the agent serves on: the controller pins each endpoint to the certificate of the
+# agent at that address (the API may list endpoints out of worker order).
+GUEST_AGENT_ADDRESS = "agent-address"
+GUEST_SELF_DELETE_REFUSED = "self-delete-refused"  # why the TPU API refused the lease self-delete
 
 # -- the task channel --------------------------------------------------------------------
 DEFAULT_AGENT_PORT = 8477
@@ -44,14 +58,18 @@ FAILURE_KIND_KEY = "fray-tpu-failure-kind"
 BASE_ENV_DIGEST = "base"
 
 
-class PrepareFailureKind(enum.StrEnum):
-    """Why the agent refused to prepare an attempt."""
+class PrepareFailureKind(str, enum.Enum):
+    """Why the agent refused to prepare an attempt. (Not ``enum.StrEnum``: the agent runs on
+    the images' Python 3.10, which lacks it.)"""
 
     BAD_HOST = "bad-host"  # the machine is at fault: replace it
     # The job's Python environment cannot be built (an unresolvable requirement, a stale lock,
     # no such Python): the same on every host and every try, so not retried.
     ENVIRONMENT = "environment"
     CONTROLLER = "controller"  # the controller sent something this agent cannot run
+
+    def __str__(self) -> str:
+        return self.value
 
 
 # -- what every task sees (README "What every task sees") ---------------------------------
@@ -98,6 +116,9 @@ RUNNER_GO_BYTE = b"g"
 # "module:function": the runner calls the job's callable as function(fn, args, kwargs), so the
 # Client API can run it inside its client context without the payload naming the shell.
 RUNNER_TASK_MAIN_ENV = "FRAY_TPU_RUNNER_TASK_MAIN"
+# The controller's Python ("3.11"): functions pickled by value carry code objects of that
+# version, which the runner names when they do not load on the host's Python.
+CONTROLLER_PYTHON_ENV = "FRAY_TPU_CONTROLLER_PYTHON"
 # The emulator's JAX cluster plugin, preloaded on emulated hosts.
 EMULATOR_JAX_PLUGIN = "fray_tpu.jax_emulated_preload"
 
@@ -106,11 +127,21 @@ EMULATED_HOST_ENV = "FRAY_TPU_EMULATED_HOST"
 HOST_DIR_ENV = "FRAY_TPU_HOST_DIR"
 HOST_IP_ENV = "FRAY_TPU_HOST_IP"
 AGENT_STATE_DIR_ENV = "FRAY_TPU_AGENT_STATE_DIR"
-# How a host runs uv: its path, extra directories searched for interpreters (the emulator's
-# stand-ins for uv's downloads), "never" to forbid interpreter downloads.
+# How a host runs uv: its path (the host bundle's, set by the bootstrap), extra directories
+# searched for interpreters (the emulator's stand-ins for uv's downloads), "never" to forbid
+# interpreter downloads.
 UV_ENV = "FRAY_TPU_UV"
 PYTHON_DIRS_ENV = "FRAY_TPU_PYTHON_DIRS"
 PYTHON_DOWNLOADS_ENV = "FRAY_TPU_PYTHON_DOWNLOADS"
+# Set on the emulator's inherit-controller hosts (edge tests only): the startup-script may use
+# the fray-tpu the host inherited from the emulator instead of the host bundle.
+EMULATOR_INHERITED_ENV = "FRAY_TPU_EMULATOR_INHERITED"
+# On an emulated host: the agent's state directory inside HOST_DIR_ENV (hosts share one disk).
+EMULATED_STATE_SUBDIR = "fray-tpu-agent"
+# In the agent's state directory: the agent service's own log, and the file its current run
+# writes (its pid) once it serves, which the service's exit hook reads.
+AGENT_LOG_NAME = "agent.log"
+AGENT_SERVING_MARKER = "agent.serving"
 
 # -- the Cloud TPU API's refusals -----------------------------------------------------------
 # ErrorInfo reasons Google sends (googleapis.com domain): the emulator answers with them, the

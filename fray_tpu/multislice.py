@@ -18,7 +18,9 @@ contract's (``fray_tpu.contract``); what every task sees (also in the README):
 - ``JAX_COORDINATOR_PORT=8476`` unless the request sets it;
 - ``FRAY_JAX_COORDINATOR_ADDRESS``: slice 0 worker 0 at the JAX coordinator port; read by the
   emulator's JAX cluster plugin (real TPU VMs derive the same from metadata);
-- on emulated hosts, JAX on the CPU with gloo collectives and the emulator's cluster plugin.
+- on emulated hosts, JAX on the CPU with gloo collectives and the emulator's cluster plugin;
+- ``FRAY_TPU_CONTROLLER_PYTHON``: the controller's Python version, so a callable pickled by
+  value that does not load on the host's Python fails with a message saying why.
 
 CPU replicas see the request's env vars, ``FRAY_CLUSTER_SPEC``, ``FRAY_REPLICA_ID`` /
 ``FRAY_REPLICA_COUNT`` and ``JAX_PLATFORMS=cpu``.
@@ -97,6 +99,7 @@ def gang_environments(
     *,
     cluster_spec: str | None = None,
     emulated: bool = False,
+    controller_python: str | None = None,
 ) -> list[dict[str, str]]:
     """The full per-task environment of one TPU attempt, in global task order.
 
@@ -108,6 +111,8 @@ def gang_environments(
     workers_per_slice = len(slice_worker_ips[0])
     coordinator_ip = slice_worker_ips[0][0]
     base = _job_environment(user_env, cluster_spec)
+    if controller_python is not None:
+        base[c.CONTROLLER_PYTHON_ENV] = controller_python
     if emulated:
         # Emulated hosts have no TPU: JAX runs on the CPU and finds its peers through the plugin.
         base.setdefault(c.JAX_PLATFORMS_ENV, "cpu")

@@ -13,7 +13,9 @@ import re
 import secrets
 import socket
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime, timezone
+
+UTC = timezone.utc  # datetime.UTC is 3.11+; the agent runs on the images' 3.10
 
 from fray_tpu.errors import ConfigError
 

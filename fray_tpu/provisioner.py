@@ -193,6 +193,11 @@ def queued_resource_name(project: str, zone: str, name: str) -> str:
     return f"{zone_parent(project, zone)}/queuedResources/{name}"
 
 
+# Every node carries this network tag: firewall rules for the agent port (controller → VMs) and
+# the JAX/Megascale ports (VM ↔ VM) target it (README, "Ports and firewall").
+NETWORK_TAG = "fray-tpu"
+
+
 def node_request(spec: SliceSpec) -> tpu_v2.Node:
     """The ``Node`` body of a CreateNode (or of a queued resource's node spec) for ``spec``."""
     node = tpu_v2.Node(
@@ -200,6 +205,7 @@ def node_request(spec: SliceSpec) -> tpu_v2.Node:
         runtime_version=spec.runtime_version,
         labels=dict(spec.labels),
         metadata=dict(spec.metadata),
+        tags=[NETWORK_TAG],
         network_config=tpu_v2.NetworkConfig(
             network=spec.network or "",
             subnetwork=spec.subnetwork or "",
@@ -666,6 +672,15 @@ class SliceProvisioner:
     def _raise_if_cancelled(cancel: threading.Event | None, what: str) -> None:
         if cancel is not None and cancel.is_set():
             raise CancelledError(f"{what} was cancelled before it was sent")
+
+    def guest_attributes(self, zone: str, name: str, namespace: str) -> list[dict[str, str]]:
+        """Every worker's guest attributes under ``namespace/``, one entry per worker in worker
+        order (the v2 API's answer has no worker ids): one API call."""
+        request = tpu_v2.GetGuestAttributesRequest(name=node_resource_name(self.project, zone, name),
+                                                   query_path=f"{namespace}/")
+        response = self._call(self.client.get_guest_attributes, request, what=f"reading guest attributes of {name}")
+        return [{item.key: item.value for item in entry.query_value.items if item.namespace == namespace}
+                for entry in response.guest_attributes]
 
     def observe(self, zone: str) -> dict[str, SliceObservation]:
         """Every node in ``zone`` plus every slice this provisioner is creating there, by node id,

@@ -1,13 +1,15 @@
-"""TLS for the task channel (and the controller service), and the per-job secret.
+"""TLS for the task channel (and the controller service, and actor servers), and the per-job secret.
 
 Trust is pinned to an *authority*: a self-signed root (EC P-256, valid ``MAX_VALIDITY``, ten
 years: longer than any job or VM) whose key stays with the serving side, and whose certificate
-the dialing side pins; only a holder of that key can answer, whatever its IP. Servers never
-present the root: they present a leaf the authority signs (SAN DNS ``fray-tpu-agent``, valid
-``DEFAULT_LEAF_VALIDITY``), and make a new one for new connections once a third of its validity
-is left (``leaf_due``). A job running for weeks thus never meets an expired certificate, nothing
-needs to be re-pinned, and open channels are never interrupted (TLS checks validity only at the
-handshake).
+the dialing side pins; only a holder of that key can answer, whatever its IP. Each agent makes
+its own authority on its VM (``fray_tpu.worker.identity``; the key never leaves the VM, and no key
+is ever in node metadata) and publishes the root as a guest attribute, which the controller reads
+through the TPU API and pins for that host. Servers never present the root: they present a leaf
+the authority signs (SAN DNS ``fray-tpu-agent``, valid ``DEFAULT_LEAF_VALIDITY``), and make a new
+one for new connections once a third of its validity is left (``leaf_due``). A job running for
+weeks thus never meets an expired certificate, nothing needs to be re-pinned, and open channels
+are never interrupted (TLS checks validity only at the handshake).
 """
 
 from __future__ import annotations

@@ -41,6 +41,20 @@ def _start_fake_metadata() -> str:
     return f"127.0.0.1:{server.server_address[1]}"
 
 
+def _host_site() -> str:
+    """The guard for emulated VMs: their images' interpreters load it (fray_tpu.emulator.images),
+    since a host's clean environment inherits neither PYTHONPATH nor the log's variable."""
+    site = Path(tempfile.mkdtemp(prefix="fray-tpu-host-site-"))
+    (site / "loopback_guard.py").write_text((NETGUARD_DIR / "loopback_guard.py").read_text())
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        f"os.environ.setdefault({loopback_guard.LOG_ENV!r}, {str(_netguard_log)!r})\n"
+        "import loopback_guard\n"
+        "loopback_guard.install()\n"
+    )
+    return str(site)
+
+
 def pytest_configure(config):
     # The one download of a session, from the real registry, before the guard goes up (cached).
     package_fixtures.fill_test_wheelhouse()
@@ -59,6 +73,9 @@ def pytest_configure(config):
             # No ambient credentials: code under test must inject its own.
             "GOOGLE_APPLICATION_CREDENTIALS": "",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(NETGUARD_DIR), os.environ.get("PYTHONPATH")])),
+            "FRAY_TPU_EMULATOR_HOST_SITE": _host_site(),
+            # Host bundles are built from the wheels ./dev setup fetched (no index in tests).
+            "FRAY_TPU_HOST_WHEELHOUSE": str(Path(__file__).parent.parent / ".venv" / "host-wheels"),
             # Emulated hosts' uv finds the local stand-ins for its interpreter downloads, and downloads none.
             "FRAY_TPU_PYTHON_DIRS": os.pathsep.join(package_fixtures.stand_in_python_dirs()),
             "FRAY_TPU_PYTHON_DOWNLOADS": "never",

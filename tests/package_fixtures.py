@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from fray_tpu.emulator.images import python_stand_ins as stand_in_python_dirs
 from fray_tpu.package_index import LoopbackIndex, fill_wheelhouse
 from fray_tpu.uv_command import find_uv
 
@@ -50,17 +51,6 @@ def wheelhouse_dir() -> Path:
 
 def fill_test_wheelhouse() -> Path:
     return fill_wheelhouse(wheelhouse_dir(), TEST_WHEELS)
-
-
-def stand_in_python_dirs() -> list[str]:
-    """bin directories of the local interpreters (3.11 and newer) that stand in for uv's downloads."""
-    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
-    found = []
-    for version in sorted(root.glob("3.*")) if root.is_dir() else ():
-        parts = version.name.split(".")
-        if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) >= 11 and (version / "bin").is_dir():
-            found.append(str(version / "bin"))
-    return found
 
 
 def job_python_version() -> str:

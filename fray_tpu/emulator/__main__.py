@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = emulator.start()
     try:
         print(
-            json.dumps({"endpoint": endpoint, "root": str(emulator.root), "pid": os.getpid(), "timings": timings.to_dict()}),
+            json.dumps({"endpoint": endpoint, "storage_endpoint": emulator.storage.endpoint, "root": str(emulator.root), "pid": os.getpid(), "timings": timings.to_dict()}),
             flush=True,
         )
         if args.exit_with_parent:

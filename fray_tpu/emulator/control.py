@@ -247,6 +247,25 @@ class Control:
     def host_log(self, node: str, worker: int) -> str:
         return self._hosts.log(self._uid(node), worker)
 
+    def agent_log(self, node: str, worker: int) -> str:
+        return self._hosts.agent_log(self._uid(node), worker)
+
+    def reboot_host(self, node: str, worker: int) -> None:
+        """Reboot one VM: its processes end, its disk and guest attributes stay, the startup-script runs again."""
+        self._hosts.reboot(self._uid(node), worker)
+
+    def set_image(self, profile: str | None) -> None:
+        """Boot every later node from the image ``profile`` (fray_tpu.emulator.images); None: by runtime version."""
+        self._hosts.set_image(profile)
+
+    def storage_endpoint(self) -> str:
+        """The emulated Cloud Storage JSON API (``http://host:port``) the controller and the VMs use."""
+        return self._emulator.storage.endpoint
+
+    def storage_counters(self) -> dict[str, int]:
+        with self._emulator.storage.lock:
+            return dict(self._emulator.storage.counters)
+
     # -- reports --------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
@@ -397,6 +416,21 @@ class EmulatorControl:
 
     def host_log(self, node: str, worker: int) -> str:
         return self._call("host_log", node=node, worker=worker)
+
+    def agent_log(self, node: str, worker: int) -> str:
+        return self._call("agent_log", node=node, worker=worker)
+
+    def reboot_host(self, node: str, worker: int) -> None:
+        self._call("reboot_host", node=node, worker=worker)
+
+    def set_image(self, profile: str | None) -> None:
+        self._call("set_image", profile=profile)
+
+    def storage_endpoint(self) -> str:
+        return self._call("storage_endpoint")
+
+    def storage_counters(self) -> dict[str, int]:
+        return self._call("storage_counters")
 
     def counters(self) -> dict[str, int]:
         return self._call("counters")

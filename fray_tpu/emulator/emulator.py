@@ -20,6 +20,7 @@ from fray_tpu.emulator.control import Control
 from fray_tpu.emulator.hosts import HostRuntime
 from fray_tpu.emulator.server import build_server
 from fray_tpu.emulator.state import Effect, IpAllocator, World
+from fray_tpu.emulator.storage import StorageServer
 from fray_tpu.emulator.timings import EmulatorTimings
 
 LOG = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Emulator:
         self._ticker: threading.Thread | None = None
         self._server: grpc.Server | None = None
         self.endpoint: str | None = None
+        self.storage: StorageServer | None = None
 
     def start(self) -> str:
         """Serve; returns the endpoint ``host:port`` for ``grpc.insecure_channel``."""
@@ -72,6 +74,8 @@ class Emulator:
             raise OSError(f"could not bind the emulator to {self._host}:{self._port}; pick another port or 0")
         self._server.start()
         self.endpoint = f"{self._host}:{bound}"
+        self.storage = StorageServer(self._host, self.root / "storage")
+        self.storage.start()
         self._ticker = threading.Thread(target=self._tick_forever, name="emulator-ticker", daemon=True)
         self._ticker.start()
         return self.endpoint
@@ -88,6 +92,8 @@ class Emulator:
             self._ticker.join(timeout=10)
         with self._pump_lock:
             self.hosts.stop_all()
+        if self.storage is not None:
+            self.storage.close()
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 

@@ -12,12 +12,13 @@ import logging
 import os
 import signal
 import subprocess
-import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from fray_tpu import contract
+from fray_tpu.emulator.images import INHERIT_CONTROLLER, ImageStore, check_profile, profile_for_runtime, script_environment
 from fray_tpu.emulator.metadata import HostMetadata, MetadataServer
 from fray_tpu.emulator.state import HostBoot
 from fray_tpu.topology import get_tpu_topology
@@ -40,6 +41,8 @@ class Host:
     workdir: Path
     token: str
     metadata: HostMetadata
+    image: str = "ubuntu-22.04"
+    script: str | None = None
     server: MetadataServer | None = None
     process: subprocess.Popen | None = None
     frozen: bool = False
@@ -59,6 +62,7 @@ class Host:
             "workdir": str(self.workdir),
             "log": str(self.workdir / STARTUP_LOG_FILE),
             "alive": self.alive,
+            "image": self.image,
             "frozen": self.frozen,
             "preempted": self.metadata.preempted,
             "exit_code": self.process.poll() if self.process else None,
@@ -184,6 +188,14 @@ class HostRuntime:
         self._lock = threading.Lock()
         self._hosts: dict[int, list[Host]] = {}
         self._latest_uid: dict[str, int] = {}
+        self.images = ImageStore(root / "images")
+        self._image_override: str | None = None
+
+    def set_image(self, profile: str | None) -> None:
+        """Boot every later node from ``profile`` whatever its runtime version (None: by version)."""
+        if profile is not None:
+            check_profile(profile)
+        self._image_override = profile
 
     def boot(self, boot: HostBoot) -> None:
         node_dir = self.root / boot.zone / f"{boot.node_id}-{boot.uid}"
@@ -203,33 +215,46 @@ class HostRuntime:
         with self._lock:
             self._hosts[boot.uid] = hosts
             self._latest_uid[boot.name] = boot.uid
+        image = self._image_override or profile_for_runtime(boot.runtime_version)
         script = boot.metadata.get(contract.ATTR_STARTUP_SCRIPT)
         for host in hosts:
+            host.image = image
+            host.script = script
             host.workdir.mkdir(parents=True, exist_ok=True)
             (host.workdir / "tmp").mkdir(exist_ok=True)
             host.server = MetadataServer(host.ip, host.metadata)
             if script is not None:
                 host.process = self._start_script(host, script)
 
+    def reboot(self, uid: int, worker: int) -> None:
+        """Reboot one VM: every process ends, the metadata server (and the guest attributes it
+        holds) and the disk stay, and the startup-script runs again."""
+        host = self._host(uid, worker)
+        if host.stopped:
+            raise ValueError(f"worker {worker} of node uid {uid} is gone; it cannot reboot")
+        _kill_hosts([host], stop_metadata=False)
+        if host.script is not None:
+            host.process = self._start_script(host, host.script)
+
     def _start_script(self, host: Host, script: str) -> subprocess.Popen:
-        script_path = host.workdir / STARTUP_SCRIPT_FILE
-        script_path.write_text(script)
-        env = dict(os.environ)
-        env.update(
-            {
-                "GCE_METADATA_HOST": host.server.address,
-                "GCE_METADATA_IP": host.server.address,
-                contract.EMULATED_HOST_ENV: "1",
-                contract.HOST_IP_ENV: host.ip,
-                contract.HOST_DIR_ENV: str(host.workdir),
-                "TMPDIR": str(host.workdir / "tmp"),
-                TOKEN_ENV: host.token,
-                "PATH": os.pathsep.join(filter(None, [os.path.dirname(sys.executable), env.get("PATH")])),
-            }
-        )
+        # Google's runner writes the script to a temporary file and runs it with /bin/bash.
+        fd, script_path = tempfile.mkstemp(prefix="startup-script-", suffix=".sh", dir=host.workdir / "tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(script)
+        (host.workdir / STARTUP_SCRIPT_FILE).write_text(script)
+        bin_dir = None if host.image == INHERIT_CONTROLLER else self.images.bin_dir(host.image)
+        env = script_environment(bin_dir, {
+            "GCE_METADATA_HOST": host.server.address,
+            "GCE_METADATA_IP": host.server.address,
+            contract.EMULATED_HOST_ENV: "1",
+            contract.HOST_IP_ENV: host.ip,
+            contract.HOST_DIR_ENV: str(host.workdir),
+            "TMPDIR": str(host.workdir / "tmp"),
+            TOKEN_ENV: host.token,
+        })
         with open(host.workdir / STARTUP_LOG_FILE, "ab") as log:
             return subprocess.Popen(
-                ["bash", str(script_path)],
+                ["/bin/bash", script_path],
                 cwd=host.workdir,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -283,6 +308,11 @@ class HostRuntime:
 
     def log(self, uid: int, worker: int) -> str:
         path = self._host(uid, worker).workdir / STARTUP_LOG_FILE
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def agent_log(self, uid: int, worker: int) -> str:
+        """The agent service's own log on the VM (not the serial console)."""
+        path = self._host(uid, worker).workdir / contract.EMULATED_STATE_SUBDIR / contract.AGENT_LOG_NAME
         return path.read_text(errors="replace") if path.exists() else ""
 
     def guest_attributes(self, uid: int) -> list[dict[str, dict[str, str]]]:

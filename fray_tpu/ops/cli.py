@@ -486,10 +486,28 @@ def cmd_slices(ctx: Context) -> int:
         print("no fray-tpu resources alive")
         return EXIT_OK
     print(render_table(("NAME", "ZONE", "TYPE", "STATE", "AGE", "COST SO FAR", "JOB"), (
-        (r["name"], r["zone"], r["tpu_type"] or "?", r["state"], human_age(r["age_seconds"]) if r["created"] else "?",
+        (r["name"], r["zone"], r["tpu_type"] or "?",
+         r["state"] + (" (self-delete refused)" if r["self_delete_refused"] else ""),
+         human_age(r["age_seconds"]) if r["created"] else "?",
          usd(r["usd_so_far"]) if r["usd_so_far"] is not None else "?", warm_text(r) or r["job"] or "?")
         for r in rows)))
+    for r in rows:
+        if r["self_delete_refused"]:
+            print(f"{r['name']}: {r['self_delete_refused']} (it keeps running until deleted: fray-tpu gc)")
     return EXIT_OK
+
+
+def self_delete_refusal(ctx: Context, observation) -> str | None:
+    """What a READY node's agents published when the TPU API refused their lease self-delete."""
+    from fray_tpu.contract import GUEST_NAMESPACE, GUEST_SELF_DELETE_REFUSED
+
+    if not observation.ready:
+        return None
+    try:
+        workers = ctx.provisioner().guest_attributes(observation.zone, observation.name, GUEST_NAMESPACE)
+    except Exception:  # noqa: BLE001 - a listing must not fail on one node's attributes
+        return None
+    return next((w[GUEST_SELF_DELETE_REFUSED] for w in workers if w.get(GUEST_SELF_DELETE_REFUSED)), None)
 
 
 def warm_text(row: dict[str, Any]) -> str | None:
@@ -530,6 +548,7 @@ def describe_slices(ctx: Context, observed: list) -> list[dict[str, Any]]:
             "created": created, "age_seconds": round(now - created, 1) if created else None,
             "usd_per_hour": round(usd_for(chips, price, 3600.0), 4) if price is not None else None,
             "usd_so_far": round(usd_for(chips, price, now - created), 4) if price is not None and created else None,
+            "self_delete_refused": self_delete_refusal(ctx, o),
         })
         since = warm_since.get((o.name, o.zone))
         if since is not None:

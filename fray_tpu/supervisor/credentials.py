@@ -1,46 +1,51 @@
-"""A job's channel secret and TLS identity: made once per job, kept as journal secrets (mode
-0600, outside the database) so a restarted controller can talk to the same agents."""
+"""A job's channel secret: made once per job, kept as a journal secret (mode 0600, outside the
+database) so a restarted controller can talk to the same agents. Node metadata carries only
+its hash.
+
+The channel's TLS identity is not the job's: every agent makes its own key on its VM and
+publishes its certificate as a guest attribute, which the gang pins per host when it connects
+(``fray_tpu.hostboot``). A slice taken warm keeps the certificates pinned when it booted: they
+are kept beside the secret, so a restarted controller pins the same ones."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fray_tpu import tls
 from fray_tpu.state.journal import Journal
 
 SECRET_NAME = "channel-secret"
-TLS_CERT_NAME = "tls-cert"
-TLS_KEY_NAME = "tls-key"
-SLICE_CERT_PREFIX = "tls-cert-of-"
+SLICE_CERTS_PREFIX = "tls-certs-of-"
 
 
 @dataclass(frozen=True)
 class JobCredentials:
     secret: str
-    tls_material: tls.TlsMaterial
 
     @classmethod
     def make(cls) -> JobCredentials:
-        return cls(tls.make_secret(), tls.make_job_tls())
+        return cls(tls.make_secret())
 
     def store(self, journal: Journal, job_id: str) -> None:
         journal.store_secret(job_id, SECRET_NAME, self.secret.encode())
-        journal.store_secret(job_id, TLS_CERT_NAME, self.tls_material.cert_pem)
-        journal.store_secret(job_id, TLS_KEY_NAME, self.tls_material.key_pem)
-
-    def store_slice_cert(self, journal: Journal, job_id: str, slice_name: str, cert_pem: bytes) -> None:
-        """The certificate of a slice taken warm (its agents keep the identity they booted with)."""
-        journal.store_secret(job_id, SLICE_CERT_PREFIX + slice_name, cert_pem)
 
     @staticmethod
-    def load_slice_cert(journal: Journal, job_id: str, slice_name: str) -> bytes | None:
+    def store_slice_certs(journal: Journal, job_id: str, slice_name: str, certs: Mapping[str, bytes]) -> None:
+        """The per-host certificates (host address -> PEM) of a slice taken warm."""
+        journal.store_secret(job_id, SLICE_CERTS_PREFIX + slice_name,
+                             json.dumps({address: pem.decode() for address, pem in certs.items()}).encode())
+
+    @staticmethod
+    def load_slice_certs(journal: Journal, job_id: str, slice_name: str) -> dict[str, bytes] | None:
+        """What ``store_slice_certs`` kept; None for a slice the job did not take warm."""
         try:
-            return journal.load_secret(job_id, SLICE_CERT_PREFIX + slice_name)
+            stored = journal.load_secret(job_id, SLICE_CERTS_PREFIX + slice_name)
         except KeyError:
             return None
+        return {address: pem.encode() for address, pem in json.loads(stored).items()}
 
     @classmethod
     def load(cls, journal: Journal, job_id: str) -> JobCredentials:
-        return cls(journal.load_secret(job_id, SECRET_NAME).decode(),
-                   tls.TlsMaterial(cert_pem=journal.load_secret(job_id, TLS_CERT_NAME),
-                                   key_pem=journal.load_secret(job_id, TLS_KEY_NAME)))
+        return cls(journal.load_secret(job_id, SECRET_NAME).decode())

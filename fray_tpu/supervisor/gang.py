@@ -12,14 +12,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import channel
+from fray_tpu.bootreport import pinned_certificates
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.contract import PrepareFailureKind
 from fray_tpu.decisions import PrepareProblem, TaskOutcome, prepare_outcome
 from fray_tpu.errors import FrayTpuError, ProvisioningError
+from fray_tpu.hostboot import watch_boot
 from fray_tpu.placement import WorkerOrderMismatch, worker_order
 from fray_tpu.provisioner import ReadySlice, SliceProvisioner
 from fray_tpu.supervisor.attempt import AttemptRun, in_parallel
 from fray_tpu.supervisor.credentials import JobCredentials
+from fray_tpu.supervisor.job import JobStopped
 from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, SliceSeen, StreamEnded, lost_slices
 
 log = logging.getLogger(__name__)
@@ -162,27 +165,55 @@ class Gang:
         """Every host's client in global task order (slice-major)."""
         return [c for s in sorted(self._clients) for c in self._clients[s]]
 
-    def connect(self, slices: Sequence[ReadySlice], cert_of: Callable[[int], bytes], provisioner: SliceProvisioner,
-                stop: threading.Event) -> Connected:
-        """Wait for every agent of every slice (``cert_of``: the certificate a slice's agents
-        present), and put each slice's hosts in the order of their agents' own worker numbers.
-        Meanwhile the slices are watched (every poll interval) and ``stop`` too: a slice the
-        cloud reports lost ends the wait at once (the attempt is a preemption; the other slices'
-        clients are kept for the next one), and so does a stop (the caller then sees ``stop``
-        set)."""
+    def connect(self, slices: Sequence[ReadySlice], guest_attributes: Callable[[int], list[dict[str, str]]],
+                stop: threading.Event, known_certs: Callable[[int], Mapping[str, bytes] | None],
+                provisioner: SliceProvisioner) -> Connected:
+        """Watch the new slices boot (their guest attributes, ``guest_attributes(slice_id)``),
+        dial every agent pinned to the certificate it published, wait until each answers, and
+        put each slice's hosts in the order of their agents' own worker numbers. A slice whose
+        hosts' certificates are already known (``known_certs``: address -> PEM, a slice taken
+        warm) is dialled pinned to those, without watching a boot. Raises
+        ``hostboot.BootstrapFailed`` when the bootstrap failed on every host, ``JobStopped``
+        when stopped meanwhile. Throughout, the slices are watched (every poll interval): a slice
+        the cloud reports lost ends the wait at once (``lost``: the attempt is a preemption; the
+        other slices' clients are kept for the next one), and so does a stop."""
+        dead: dict[int, str] = {}
         deadline = time.monotonic() + self.config.boot_deadline
         for slice_id, ready in enumerate(slices):
-            if slice_id not in self._clients:
-                self._clients[slice_id] = [
-                    channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self.credentials.secret,
-                                        pinned_cert_pem=cert_of(slice_id))
-                    for ip in ready.endpoints
-                ]
+            certs = known_certs(slice_id) if slice_id not in self._clients else None
+            if certs is None:
+                continue
+            missing = [ip for ip in ready.endpoints if ip not in certs]
+            if missing:
+                dead[slice_id] = f"no certificate was pinned for {', '.join(missing)} when the slice booted"
+                continue
+            self._clients[slice_id] = [self._client(ip, certs[ip]) for ip in ready.endpoints]
+        if dead:
+            return Connected(dead, {}, {})
+        booting = {s: len(ready.endpoints) for s, ready in enumerate(slices) if s not in self._clients}
+        if booting:
+            boot = watch_boot(guest_attributes, booting, deadline=deadline, poll_interval=self.config.poll_interval,
+                              stop=stop, progress=self._progress,
+                              lost=lambda: self._lost(provisioner, slices, booting, "booted"))
+            if stop.is_set():
+                raise JobStopped
+            if boot.lost:
+                return Connected({}, boot.lost, {})
+            if boot.dead:
+                return Connected(boot.dead, {}, {})
+            for slice_id in booting:
+                endpoints = slices[slice_id].endpoints
+                certs = pinned_certificates([r for r in boot.reports if r.slice_id == slice_id], endpoints)
+                if isinstance(certs, str):
+                    dead[slice_id] = certs
+                    continue
+                self._clients[slice_id] = [self._client(ip, cert) for ip, cert in zip(endpoints, certs)]
+            if dead:
+                return Connected(dead, {}, {})
         give_up = {slice_id: threading.Event() for slice_id in self._clients}
         waiting = {slice_id: len(clients) for slice_id, clients in self._clients.items()}
         up = dict.fromkeys(self._clients, 0)
         reported: dict[channel.AgentClient, int] = {}
-        dead: dict[int, str] = {}
         lost: dict[int, str] = {}
         settled = threading.Condition()
 
@@ -207,10 +238,10 @@ class Gang:
 
         def watch_slices(done: threading.Event) -> None:
             while not done.is_set():
-                seen = observe_slices(provisioner, {s: slices[s] for s in self._clients})
-                for slice_id in lost_slices(seen):
+                gone = self._lost(provisioner, slices, self._clients, "its agents started")
+                if gone:
                     with settled:
-                        lost[slice_id] = f"{slices[slice_id].spec.name} was lost while its agents booted"
+                        lost.update(gone)
                         settled.notify_all()
                 done.wait(self.config.poll_interval)
 
@@ -245,6 +276,16 @@ class Gang:
                 self._clients[slice_id] = [clients[i] for i in order]
                 reordered[slice_id] = order
         return Connected(dead, {}, reordered)
+
+    @staticmethod
+    def _lost(provisioner: SliceProvisioner, slices: Sequence[ReadySlice], watched, while_: str) -> dict[int, str]:
+        """The watched slices the cloud reports lost (an outage is no verdict), slice id -> why."""
+        seen = observe_slices(provisioner, {s: slices[s] for s in watched})
+        return {s: f"{slices[s].spec.name} was lost while {while_}" for s in lost_slices(seen)}
+
+    def _client(self, ip: str, cert_pem: bytes) -> channel.AgentClient:
+        return channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self.credentials.secret,
+                                   pinned_cert_pem=cert_pem)
 
     def upload(self, bundle, slice_of: Callable[[int], int]) -> dict[int, str]:
         """Upload the workspace bundle where it is missing; returns the slices that could not take it."""

@@ -40,13 +40,20 @@ POOL_HOLDER = "warm-pool"
 POOL_JOB_ID = "warm-pool"  # the journal's job id of a slice the pool holds between jobs
 
 
+def host_certificates(ready: ReadySlice, clients: Sequence[channel.AgentClient]) -> dict[str, bytes]:
+    """Each host's address -> the certificate its client pins (the one its agent published at boot)."""
+    by_address = {client.address.rsplit(":", 1)[0]: client.pinned_cert_pem for client in clients}
+    return {ip: by_address[ip] for ip in ready.endpoints}
+
+
 @dataclass
 class PooledSlice:
     ready: ReadySlice
-    cert_pem: bytes  # the certificate its agents present; whoever holds the slice pins it
     warm: WarmSlice
     journal: Journal
-    clients: list[channel.AgentClient]  # dialled with the pool's secret
+    # Dialled with the pool's secret, each pinned to the certificate its host published when the
+    # slice booted: whoever holds the slice next pins those same certificates.
+    clients: list[channel.AgentClient]
 
     def close(self) -> None:
         for client in self.clients:
@@ -56,8 +63,10 @@ class PooledSlice:
 @dataclass(frozen=True)
 class TakenSlice:
     ready: ReadySlice
-    cert_pem: bytes
     clients: list[channel.AgentClient]  # connected, presenting the taking job's secret
+
+    def certificates(self) -> dict[str, bytes]:
+        return host_certificates(self.ready, self.clients)
 
 
 class WarmPool:
@@ -76,13 +85,14 @@ class WarmPool:
 
     # -- a finished job's slices come in ---------------------------------------------------------
 
-    def offer(self, ready: ReadySlice, shape: SliceShape, cert_pem: bytes, clients: list[channel.AgentClient],
+    def offer(self, ready: ReadySlice, shape: SliceShape, clients: list[channel.AgentClient],
               journal: Journal, lost_in_last_attempt: bool, chips: int, released_by: str) -> str | None:
         """Keep the slice warm (returns None) or say why not (the caller deletes it). ``clients``:
         the job's connections to the slice's agents (the pool's from now on; their connections
-        are reused, so a large slice costs no new TLS handshakes). The agents are handed over to
+        are reused, so a large slice costs no new TLS handshakes, and each keeps pinning the
+        certificate its host published when the slice booted). The agents are handed over to
         the pool's secret here: cleaned, and deaf to the job's secret."""
-        if len(clients) != len(ready.endpoints):
+        if sorted(c.address.rsplit(":", 1)[0] for c in clients) != sorted(ready.endpoints):
             for client in clients:
                 client.close()
             return "the job never connected to all of its agents"
@@ -100,7 +110,7 @@ class WarmPool:
             return reason
         for client in clients:
             client.use_secret(self._secret)
-        pooled = PooledSlice(ready, cert_pem, WarmSlice(ready.spec.name, ready.zone, shape, self._clock()), journal,
+        pooled = PooledSlice(ready, WarmSlice(ready.spec.name, ready.zone, shape, self._clock()), journal,
                              clients)
         with self._lock:
             if not self._open:
@@ -153,7 +163,7 @@ class WarmPool:
             pooled.journal.close_warm_period(pooled.ready.spec.name, pooled.ready.zone, time.time())
             log.info("slice %s taken warm by %s after %.1fs idle", pooled.ready.spec.name, holder,
                      idle_seconds(pooled.warm, self._clock()))
-            taken.append(TakenSlice(pooled.ready, pooled.cert_pem, pooled.clients))
+            taken.append(TakenSlice(pooled.ready, pooled.clients))
         return taken
 
     def _hand_over(self, pooled: PooledSlice, job_secret: str, holder: str) -> bool:

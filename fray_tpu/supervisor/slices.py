@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from fray_tpu import channel, naming, tls
 from fray_tpu import contract as md
-from fray_tpu.bootstrap import BootstrapSpec, fray_tpu_version, render_startup_script
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
+from fray_tpu.hostboot import bootstrapper_for
 from fray_tpu.state.journal import Journal, ResourceRow, ResourceState
 from fray_tpu.placement import FailNow, GroupPlacement, Placed
 from fray_tpu.planning import JobPlan
@@ -61,9 +61,9 @@ class SliceKeeper:
         self.journal = journal
         self.credentials = credentials
         self.slices: list[ReadySlice | None] = [None] * plan.replicas
-        # The certificate each slice's agents present, where it is not this job's own (a slice
-        # taken warm keeps the identity it booted with).
-        self.certs: dict[int, bytes] = {}
+        # Each host's pinned certificate (address -> PEM) of the slices taken warm: they keep the
+        # identities they booted with, so no boot is watched for them.
+        self.certs: dict[int, dict[str, bytes]] = {}
         self.warm_taken: list[str] = []
         self.warm_clients: dict[int, list[channel.AgentClient]] = {}  # connections that came with warm slices
         self.handed_over: list[ResourceRow] = []  # this job's rows of the slices it left to the warm pool
@@ -72,15 +72,15 @@ class SliceKeeper:
         self._set_phase = set_phase
         self._count_capacity_wait = count_capacity_wait
         self._deletions: list[threading.Thread] = []
+        # Rendered (its host bundle built and staged) by the first ensure(), before anything is
+        # provisioned; restore() only checks names, which do not depend on it.
+        self._startup_script: str | None = None
 
     def spec(self, slice_id: int, attempt: int) -> SliceSpec:
         name = naming.slice_name(self.plan.name, self.job_id, attempt, slice_id)
-        secret, identity = self.credentials.secret, self.credentials.tls_material
         metadata = {
-            md.ATTR_STARTUP_SCRIPT: render_startup_script(BootstrapSpec(fray_tpu_version=fray_tpu_version())),
-            md.ATTR_SECRET_SHA256: tls.secret_sha256(secret),
-            md.ATTR_TLS_CERT: identity.cert_pem.decode(),
-            md.ATTR_TLS_KEY: identity.key_pem.decode(),
+            md.ATTR_STARTUP_SCRIPT: self._startup_script or "",
+            md.ATTR_SECRET_SHA256: tls.secret_sha256(self.credentials.secret),
             md.ATTR_NODE: name,
             md.ATTR_AGENT_PORT: str(self.config.agent_port),
             md.ATTR_LEASE_SECONDS: str(self.config.lease_period),
@@ -107,7 +107,8 @@ class SliceKeeper:
         )
 
     def shape(self) -> SliceShape:
-        script = render_startup_script(BootstrapSpec(fray_tpu_version=fray_tpu_version()))
+        """What a warm slice must match to serve this job (after ``ensure`` rendered the startup script)."""
+        script = self._startup_script
         return SliceShape(
             tpu_type=self.plan.tpu_type, capacity=self.plan.capacity, runtime_version=self.plan.runtime_version,
             queued=self.plan.queued, network=self.config.network, subnetwork=self.config.subnetwork,
@@ -115,8 +116,8 @@ class SliceKeeper:
             image=hashlib.sha256(script.encode()).hexdigest(),
         )
 
-    def cert_of(self, slice_id: int) -> bytes:
-        return self.certs.get(slice_id, self.credentials.tls_material.cert_pem)
+    def known_certs(self, slice_id: int) -> dict[str, bytes] | None:
+        return self.certs.get(slice_id)
 
     def _take_warm(self, attempt: int) -> None:
         """Fill missing slices from the controller's warm pool (one zone; the rest is created there first)."""
@@ -130,9 +131,9 @@ class SliceKeeper:
             name = warm.ready.spec.name
             self.slices[slice_id] = dataclasses.replace(
                 warm.ready, spec=dataclasses.replace(self.spec(slice_id, attempt), name=name))
-            self.certs[slice_id] = warm.cert_pem
+            self.certs[slice_id] = warm.certificates()
             self.warm_clients[slice_id] = warm.clients
-            self.credentials.store_slice_cert(self.journal, self.job_id, name, warm.cert_pem)
+            self.credentials.store_slice_certs(self.journal, self.job_id, name, self.certs[slice_id])
             now = time.time()
             self.journal.update_resource(name, warm.ready.zone, job_id=self.job_id, attempt=attempt, slice_id=slice_id,
                                          state=ResourceState.READY, created=now, ready_at=now)
@@ -143,10 +144,10 @@ class SliceKeeper:
         """Take back the ready slices an earlier controller held (slice id -> name, attempt, zone, endpoints)."""
         for slice_id, (name, attempt, zone, endpoints) in slices.items():
             spec = self.spec(slice_id, attempt)
-            warm_cert = self.credentials.load_slice_cert(self.journal, self.job_id, name)
-            if warm_cert is not None:
+            warm_certs = self.credentials.load_slice_certs(self.journal, self.job_id, name)
+            if warm_certs is not None:
                 spec = dataclasses.replace(spec, name=name)
-                self.certs[slice_id] = warm_cert
+                self.certs[slice_id] = warm_certs
             if spec.name != name:
                 raise FrayTpuError(f"journal slice {name} does not match job {self.job_id} (expected {spec.name}): "
                                    f"was the journal written by another fray-tpu version?")
@@ -164,12 +165,22 @@ class SliceKeeper:
     def complete(self) -> bool:
         return all(self.slices)
 
+    def guest_attributes(self, slice_id: int) -> list[dict[str, str]]:
+        """What every worker of a held slice published (its boot phases, its agent's
+        certificate), in worker order: one GetGuestAttributes call."""
+        ready = self.slices[slice_id]
+        return self.context.provisioner.guest_attributes(ready.zone, ready.spec.name, md.GUEST_NAMESPACE)
+
     def ensure(self, attempt: int) -> None:
         """Acquire every missing slice, every slice of the attempt in one zone
         (``placement.GroupPlacement``): in parallel in a zone; when one cannot be had there, what
         the zone gave is released and the group tries the next zone. Without capacity anywhere,
         back off and try again until the capacity deadline (no budget is consumed by waiting). A
         refusal no retry heals fails the job now, as does every zone being skipped."""
+        if self._startup_script is None:
+            # Before anything is provisioned: a bundle that cannot be built fails the job here.
+            bootstrapper = bootstrapper_for(self.config, self.context.emulator_endpoint)
+            self._startup_script = bootstrapper.startup_script(self.plan.runtime_version)
         wait = CapacityWait(self.config.capacity_deadline, self.plan.tpu_type, self.plan.zones, time.monotonic)
         self._take_warm(attempt)
         while True:
@@ -306,9 +317,10 @@ class SliceKeeper:
         for slice_id, ready in enumerate(self.slices):
             if ready is None:
                 continue
-            if clients_of is not None and pool is not None:
+            # A slice is offered only under the image (startup script) this controller rendered.
+            if clients_of is not None and pool is not None and self._startup_script is not None:
                 row = next(r for r in self.journal.resources(job_id=self.job_id) if r.name == ready.spec.name)
-                why_not = pool.offer(ready, self.shape(), self.cert_of(slice_id), clients_of(slice_id), self.journal,
+                why_not = pool.offer(ready, self.shape(), clients_of(slice_id), self.journal,
                                      lost_in_last_attempt=slice_id in lost, chips=row.chips, released_by=self.job_id)
                 if why_not is None:
                     self.handed_over.append(dataclasses.replace(row, deleted_at=time.time()))

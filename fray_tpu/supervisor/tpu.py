@@ -7,6 +7,7 @@ earlier controller started (``_resume``), then following it like any other.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,7 +129,8 @@ class TpuJobSupervisor(JobSupervisor):
         attempt_id = f"{self.record.job_id}-a{attempt}"
         environments = gang_environments([s.endpoints for s in self.slices.slices], self.plan.env,
                                          cluster_spec=self.context.cluster_spec,
-                                         emulated=bool(self.context.emulator_endpoint))
+                                         emulated=bool(self.context.emulator_endpoint),
+                                         controller_python="%d.%d" % sys.version_info[:2])
         unreachable = self._upload_workspace()
         if unreachable:
             return self._verdict_for_hosts(unreachable, TaskOutcome.LOST, "workspace upload failed")
@@ -193,8 +195,8 @@ class TpuJobSupervisor(JobSupervisor):
     def _connect(self) -> Connected:
         """Connect the gang, the slices' endpoints put in worker order (JAX's process 0 and the
         coordinator are worker 0); returns what kept the hosts from forming it."""
-        connected = self.gang.connect(self.slices.slices, self.slices.cert_of, self.context.provisioner,
-                                      self.stop_requested)
+        connected = self.gang.connect(self.slices.slices, self.slices.guest_attributes, self.stop_requested,
+                                      self.slices.known_certs, self.context.provisioner)
         for slice_id, order in connected.reordered.items():
             self.slices.reorder(slice_id, order)
         return connected

@@ -12,6 +12,7 @@ from pathlib import Path
 from fray_tpu.worker import cleanup
 from fray_tpu.worker import metadata as md
 from fray_tpu.worker.agent import Agent, make_server
+from fray_tpu.worker.identity import publish_serving
 from fray_tpu.worker.settings import load_settings
 
 LOG = logging.getLogger("fray_tpu.worker")
@@ -53,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         LOG.error("cannot start: %s", error)
         return 1
     server.start()
+    try:
+        publish_serving(client, settings.state_dir, settings.tls_cert_pem, settings.ip)
+    except md.MetadataError as error:
+        LOG.error("cannot start: %s", error)
+        server.stop(grace=0)
+        return 1
     agent.lease.start()
     watcher.start()
     LOG.info("serving on %s:%d (node %s, %s, job %s, lease %.0fs, self-delete %s)", settings.ip, settings.port,

@@ -29,8 +29,6 @@ from fray_tpu.contract import (  # noqa: F401 - md.ATTR_* is how the agent names
     ATTR_SECRET_SHA256,
     ATTR_SELF_DELETE,
     ATTR_STARTUP_SCRIPT,
-    ATTR_TLS_CERT,
-    ATTR_TLS_KEY,
     ATTR_TPU_ENV,
     ATTR_WORKER_ENDPOINTS,
     ATTR_WORKER_NUMBER,
@@ -106,6 +104,31 @@ class MetadataClient:
             return response.status, response.read(), response.getheader("ETag")
         finally:
             connection.close()
+
+    def put_guest_attribute(self, namespace: str, key: str, value: str) -> None:
+        """Publish ``namespace/key`` for the controller (the TPU API's GetGuestAttributes)."""
+        url = f"{_BASE}instance/guest-attributes/{quote(namespace)}/{quote(key)}"
+        last_problem = "no request made"
+        for attempt in range(self.attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            connection = http.client.HTTPConnection(self.host, timeout=self.timeout)
+            try:
+                connection.request("PUT", url, body=value.encode(), headers={"Metadata-Flavor": "Google"})
+                response = connection.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException) as e:
+                last_problem = f"{type(e).__name__}: {e}"
+                continue
+            finally:
+                connection.close()
+            if response.status == 200:
+                return
+            last_problem = f"HTTP {response.status}"
+            if response.status < 500:
+                break
+        raise MetadataError(f"metadata server {self.host} did not store guest attribute {namespace}/{key} "
+                            f"after {self.attempts} tries (last: {last_problem})")
 
     def attribute(self, name: str) -> str | None:
         value = self.get(f"instance/attributes/{name}")

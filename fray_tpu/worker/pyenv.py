@@ -15,9 +15,10 @@ What goes in:
   pyproject (``fray_tpu.workspace.check_workspace_lock``);
 - without a lock, ``pip_packages`` plus the workspace's ``extras`` resolved statically from its
   pyproject (the project itself is not installed: the workspace is on ``sys.path`` already);
-- always what the attempt runner needs (cloudpickle), and fray-tpu itself through a ``.pth`` file
-  naming a directory that holds only the agent's ``fray_tpu`` package: the environment does not
-  see the agent's other packages.
+- always what the attempt runner needs, the agent's own ``fray_tpu`` and ``cloudpickle`` (both
+  pure Python), through a ``.pth`` file naming a directory that holds only those two: the
+  environment does not see the agent's other packages, and a job asking for no packages needs
+  no index (a VM reaches none unless the job configures one).
 
 The interpreter is found (or downloaded, where downloads are allowed) by uv. Packages come from
 ``index_url`` when the job names one. uv's path and where it looks for interpreters are the
@@ -38,10 +39,11 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import cloudpickle
 
 import fray_tpu
 from fray_tpu.contract import BASE_ENV_DIGEST, PYTHON_DIRS_ENV, PYTHON_DOWNLOADS_ENV
@@ -49,15 +51,24 @@ from fray_tpu.errors import ConfigError, EnvironmentBuildError
 from fray_tpu.uv_command import INDEX_VARS, REDIRECTING_VARS, find_uv, is_locked_workspace, run_streaming, uv_message
 from fray_tpu.worker.keylocks import KeyLocks
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # the agent runs on the images' Python 3.10; the bundle brings tomli
+    import tomli as tomllib
+
 COMPLETE_MARKER = ".fray-tpu-complete"
 RUNTIME_PTH_NAME = "_fray_tpu_runtime.pth"
 DEFAULT_BUILD_TIMEOUT_SECONDS = 1800.0
 UV_HTTP_TIMEOUT_SECONDS = 60
 VENV_TIMEOUT_SECONDS = 300.0
 # What `python -m fray_tpu.worker.runner` imports besides fray_tpu; the controller pickles with it.
+# Environments borrow the agent's own copy (pure Python, so it loads on any job Python): a job
+# that asks for no packages needs no index, which the VMs cannot reach without one configured.
 RUNNER_REQUIREMENTS = ("cloudpickle>=3.0,<4",)
+# The agent's packages every environment sees (through a .pth after its own site-packages).
+RUNTIME_PACKAGES = (fray_tpu, cloudpickle)
 # Bump when the environment layout changes, so old environments stop matching.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
 
 
@@ -200,22 +211,24 @@ class PythonEnvStore:
         self._link_runtime()
 
     def _link_runtime(self) -> None:
-        """``runtime/fray_tpu`` -> the agent's package: the one directory environments borrow."""
-        package = Path(fray_tpu.__file__).resolve().parent
-        link = self._runtime / "fray_tpu"
-        if link.is_symlink() and Path(os.readlink(link)) == package:
-            return
-        temporary = self._runtime / f".fray_tpu.{os.getpid()}.{threading.get_ident()}"
-        temporary.unlink(missing_ok=True)
-        temporary.symlink_to(package, target_is_directory=True)
-        os.replace(temporary, link)
+        """``runtime/fray_tpu`` and ``runtime/cloudpickle`` -> the agent's packages: the one
+        directory environments borrow."""
+        for module in RUNTIME_PACKAGES:
+            package = Path(module.__file__).resolve().parent
+            link = self._runtime / module.__name__
+            if link.is_symlink() and Path(os.readlink(link)) == package:
+                continue
+            temporary = self._runtime / f".{module.__name__}.{os.getpid()}.{threading.get_ident()}"
+            temporary.unlink(missing_ok=True)
+            temporary.symlink_to(package, target_is_directory=True)
+            os.replace(temporary, link)
 
     def requirements(self, request: EnvRequest) -> list[str]:
         """What ``uv pip install`` adds (on top of the lock, when there is one), in a stable order."""
         resolved = set(request.pip_packages)
         if request.extras and not request.locked:
             resolved.update(resolve_extras(request.workspace_dir, list(request.extras)))
-        return sorted(resolved | set(RUNNER_REQUIREMENTS))
+        return sorted(resolved)
 
     def digest_for(self, request: EnvRequest) -> str:
         if not needs_own_env(request):
@@ -249,9 +262,9 @@ class PythonEnvStore:
                 return self._env(digest, reused=True)
             started = time.monotonic()
             source = "uv.lock" + (f" extras {list(request.extras)}" if request.extras else "") if request.locked else ""
+            contents = " + ".join(filter(None, [source, ", ".join(self.requirements(request))])) or "no packages"
             log(f"building Python environment {digest[:12]} with uv: Python "
-                f"{request.python_version or agent_python_version()}, "
-                f"{source + ' + ' if source else ''}{', '.join(self.requirements(request))}")
+                f"{request.python_version or agent_python_version()}, {contents}")
             try:
                 self._build(env_dir, request, log)
             except BaseException:
@@ -269,6 +282,9 @@ class PythonEnvStore:
             env_vars={
                 "VIRTUAL_ENV": str(env_dir),
                 "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
+                # Not the agent's import path (on a VM the host bundle's packages, built for the
+                # agent's Python): the environment has what it needs through its .pth.
+                "PYTHONPATH": "",
             },
             digest=digest,
             reused=reused,
@@ -330,8 +346,9 @@ class PythonEnvStore:
         if request.locked:
             self._install_lock(env_dir, env_python, request, index, env, log)
         requirements = self.requirements(request)
-        self._uv(["pip", "install", "--python", env_python, *index, *requirements],
-                 f"install {', '.join(requirements)}", cwd=cwd, env=env, log=log)
+        if requirements:
+            self._uv(["pip", "install", "--python", env_python, *index, *requirements],
+                     f"install {', '.join(requirements)}", cwd=cwd, env=env, log=log)
         purelib = subprocess.run(
             [env_python, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             capture_output=True, text=True, check=True, timeout=60,

@@ -15,6 +15,7 @@ import os
 import sys
 import traceback
 
+from fray_tpu.contract import CONTROLLER_PYTHON_ENV
 from fray_tpu.contract import RUNNER_GO_BYTE as GO_BYTE
 from fray_tpu.contract import RUNNER_HOLD_ENV as HOLD_ENV
 from fray_tpu.contract import RUNNER_PRELOAD_ENV as PRELOAD_ENV
@@ -73,11 +74,31 @@ def report_exception(error: BaseException) -> None:
         sys.stderr.write(short)
 
 
+def unpickle_error(error: Exception, controller_python: str | None) -> RuntimeError | None:
+    """Why the payload does not load when the controller pickled it on another Python version
+    (functions pickled by value carry that version's code objects); None otherwise."""
+    here = "%d.%d" % sys.version_info[:2]
+    if not controller_python or controller_python == here:
+        return None
+    return RuntimeError(
+        f"cannot unpickle the job's callable: it was pickled by Python {controller_python} on the controller and "
+        f"this host runs Python {here} ({sys.executable}); functions pickled by value do not cross Python "
+        f"versions. Define the function in a module of the job's workspace (pickled by reference), or run the "
+        f"controller on Python {here}. ({type(error).__name__}: {error})"
+    )
+
+
 def run_callable(payload_file: str) -> int:
     import cloudpickle
 
     with open(payload_file, "rb") as f:
-        fn, args, kwargs = cloudpickle.load(f)
+        try:
+            fn, args, kwargs = cloudpickle.load(f)
+        except Exception as error:
+            explained = unpickle_error(error, os.environ.get(CONTROLLER_PYTHON_ENV))
+            if explained is not None:
+                raise explained from error
+            raise
     if not wait_for_go():
         return 143
     task_main = os.environ.get(TASK_MAIN_ENV)

@@ -38,6 +38,19 @@ def delete_own_node(settings: AgentSettings) -> bool:
             time.sleep(min(2.0 ** attempt, 30.0))
         except exceptions.GoogleAPICallError as error:
             LOG.error("the TPU API refused to delete node %s: %s", settings.node_name, error)
+            _publish_refusal(f"the TPU API refused to delete {settings.node_name}: {error} (the VM's service "
+                             f"account needs tpu.nodes.delete, e.g. roles/tpu.admin, for lease self-delete)")
             return False
     LOG.error("gave up deleting node %s after %d tries", settings.node_name, DELETE_ATTEMPTS)
     return False
+
+
+def _publish_refusal(reason: str) -> None:
+    """Publish the refusal as a guest attribute: `fray-tpu slices` shows it (the node keeps billing)."""
+    from fray_tpu.worker import metadata as md
+    from fray_tpu.worker.identity import publish_self_delete_refused
+
+    try:
+        publish_self_delete_refused(md.MetadataClient(), reason)
+    except md.MetadataError as error:
+        LOG.error("could not publish the self-delete refusal: %s", error)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from fray_tpu.contract import AGENT_STATE_DIR_ENV as STATE_DIR_ENV
 from fray_tpu.contract import EMULATED_HOST_ENV as EMULATED_ENV
-from fray_tpu.contract import HOST_DIR_ENV, HOST_IP_ENV
+from fray_tpu.contract import EMULATED_STATE_SUBDIR, HOST_DIR_ENV, HOST_IP_ENV
 from fray_tpu.worker import metadata as md
+from fray_tpu.worker.identity import host_tls
 
 DEFAULT_LEASE_SECONDS = 300.0
 DEFAULT_TLS_LEAF_SECONDS = 30 * 86400.0
@@ -70,7 +71,7 @@ def default_state_dir(emulated: bool) -> Path:
     if os.environ.get(STATE_DIR_ENV):
         return Path(os.environ[STATE_DIR_ENV])
     if emulated:
-        return Path(os.environ.get(HOST_DIR_ENV) or os.getcwd()) / "fray-tpu-agent"
+        return Path(os.environ.get(HOST_DIR_ENV) or os.getcwd()) / EMULATED_STATE_SUBDIR
     if os.access(PRODUCTION_STATE_DIR.parent, os.W_OK) or os.access(PRODUCTION_STATE_DIR, os.W_OK):
         return PRODUCTION_STATE_DIR
     return Path.home() / ".local" / "state" / "fray-tpu-agent"
@@ -134,6 +135,8 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
     if len(secret_sha256) != 64 or any(c not in "0123456789abcdef" for c in secret_sha256):
         raise md.MetadataError(f"metadata attribute {md.ATTR_SECRET_SHA256} is not a hex SHA-256")
     host_dir = Path(os.environ.get(HOST_DIR_ENV) or os.getcwd()) if emulated else Path("/")
+    state_dir = state_dir or default_state_dir(emulated)
+    material = host_tls(state_dir)
     return AgentSettings(
         worker_number=worker_number,
         ip=ip,
@@ -141,8 +144,8 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
         accelerator_type=client.attribute(md.ATTR_ACCELERATOR_TYPE) or "",
         node_name=node_name.strip(),
         secret_sha256=secret_sha256,
-        tls_cert_pem=client.required_attribute(md.ATTR_TLS_CERT).encode(),
-        tls_key_pem=client.required_attribute(md.ATTR_TLS_KEY).encode(),
+        tls_cert_pem=material.cert_pem,
+        tls_key_pem=material.key_pem,
         lease_seconds=_parse_number(md.ATTR_LEASE_SECONDS, client.attribute(md.ATTR_LEASE_SECONDS),
                                     DEFAULT_LEASE_SECONDS),
         tls_leaf_seconds=_parse_number(md.ATTR_TLS_LEAF_SECONDS, client.attribute(md.ATTR_TLS_LEAF_SECONDS),
@@ -151,7 +154,7 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
         api_endpoint=(client.attribute(md.ATTR_API_ENDPOINT) or "").strip() or None,
         job=(client.attribute(md.ATTR_JOB) or "").strip(),
         controller=(client.attribute(md.ATTR_CONTROLLER) or "").strip(),
-        state_dir=state_dir or default_state_dir(emulated),
+        state_dir=state_dir,
         host_dir=host_dir,
         emulated=emulated,
     )

@@ -305,7 +305,7 @@ def test_stop_without_a_controller_reattaches_and_releases(fake_gcp, tmp_path):
     assert "reattached" in stopped.stderr
     assert fake_gcp.control.leaks()["nodes"] == []
     status = cli("status", job_id, "--json", "--spec", spec, check_json=True)
-    assert status.json["status"] == "stopped" and status.json["live_slices"] == []
+    assert status.json["status"] == "stopped" and status.json["live_slices"] == [], status.json.get("error_message")
 
 
 # -- emulator --------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from fray_tpu.client import TpuClient
 from fray_tpu.client_api import Entrypoint, JobRequest, JobStatus, ResourceConfig, create_environment
 from fray_tpu.config import TpuClusterConfig
 
+# Client API tasks import gRPC on the hosts (see inherit_controller_image).
+pytestmark = pytest.mark.usefixtures("inherit_controller_image")
+
 TIMEOUT = 180.0
 
 

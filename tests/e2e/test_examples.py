@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+
 REPOSITORY = Path(__file__).resolve().parents[2]
 EXAMPLES = REPOSITORY / "examples"
 DEMO_TIMEOUT = 300.0
@@ -34,6 +35,7 @@ def train_with_preemption():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.usefixtures("inherit_controller_image")  # JAX on the hosts: see the fixture
 def test_training_survives_a_preemption_and_resumes_from_its_checkpoint(train_with_preemption, fake_gcp, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     result = train_with_preemption.run_example(str(checkpoints), emulator_endpoint=fake_gcp.endpoint,

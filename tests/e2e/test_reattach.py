@@ -70,6 +70,7 @@ from fray_tpu.config import TpuClusterConfig
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 
 
+
 def tick_until(go_file, progress_file, tick_seconds, deadline_seconds):
     """Print numbered ticks (and the count to progress_file) until go_file exists."""
     pause = threading.Event()
@@ -320,7 +321,7 @@ def test_sigkilled_driver_without_restart_slices_delete_themselves(fake_gcp, tmp
         wait_for(gone, f"node {node['name']} to delete itself after the lease lapsed", SELF_DELETE_DEADLINE)
     except Exception as error:
         raise AssertionError(f"{error}\nhost log of worker 0:\n"
-                             f"{fake_gcp.control.host_log(node['name'], 0)[-3000:]}") from None
+                             f"{fake_gcp.control.agent_log(node['name'], 0)[-3000:]}") from None
     assert time.monotonic() - killed_at < SELF_DELETE_DEADLINE
     assert driver.ticks("orphan") >= 0  # the job did run before its driver died
 

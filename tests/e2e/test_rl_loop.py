@@ -20,6 +20,9 @@ from fray_tpu.client_api import JobStatus
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.naming import LABEL_JOB, label_value
 
+# Client API tasks import gRPC on the hosts (see inherit_controller_image).
+pytestmark = pytest.mark.usefixtures("inherit_controller_image")
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TIMEOUT = 240.0
 REPORTS = 40

@@ -33,6 +33,7 @@ from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobInfo, JobRequest
 from fray_tpu.naming import LABEL_JOB, LABEL_SLICE, label_value
 from fray_tpu.ops.plan_report import plan_report
 
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 JOB_TIMEOUT = 120.0
@@ -245,6 +246,7 @@ def test_single_slice_succeeds_with_tagged_output(cluster, fake_gcp, workspace, 
 
 # -- multislice: env on every host and one JAX group of all 8 processes ------------------------------
 
+@pytest.mark.usefixtures("inherit_controller_image")  # JAX on the hosts: see the fixture
 def test_multislice_env_and_global_jax_collective(cluster, fake_gcp, workspace, out_dir):
     job_id = cluster.launch(tpu_request("multi-jax", record_env_and_allgather, [str(out_dir)], workspace, slices=2))
     info = finish(cluster, job_id)
@@ -429,6 +431,7 @@ def test_two_slices_fail_over_as_a_group_into_one_zone(cluster, fake_gcp, worksp
 
 
 @pytest.mark.parametrize("slices", [1, 2])
+@pytest.mark.usefixtures("inherit_controller_image")  # JAX on the hosts: see the fixture
 def test_jax_cloud_tpu_detection_agrees_with_fray_when_endpoints_are_listed_out_of_order(
         cluster, fake_gcp, workspace, out_dir, slices):
     """The API lists every node's endpoints in reverse worker order (fault control); fray-tpu
@@ -449,6 +452,7 @@ def test_jax_cloud_tpu_detection_agrees_with_fray_when_endpoints_are_listed_out_
         assert result["coordinator"].split(":")[0] == env["FRAY_JAX_COORDINATOR_ADDRESS"].split(":")[0]
 
 
+@pytest.mark.usefixtures("inherit_controller_image")  # JAX on the hosts: see the fixture
 def test_hostname_only_worker_endpoints_are_handled(cluster, fake_gcp, workspace, out_dir):
     """Hosts serve the newer hostname-only worker-network-endpoints: agents still find their own
     address and JAX's detection still gives each host fray-tpu's process id and count."""

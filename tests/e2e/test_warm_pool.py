@@ -17,12 +17,13 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from fake_gcp import wait_for
+from fake_gcp import run_to_end, wait_for
 from fake_gcp.host_jobs import wait_for_file, write_json
 
 from fray_tpu import channel
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
+from fray_tpu.contract import GUEST_AGENT_ADDRESS, GUEST_NAMESPACE, GUEST_TLS_CERT
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 from fray_tpu.naming import LABEL_CONTROLLER, LABEL_JOB, label_value
 from fray_tpu.supervisor.credentials import JobCredentials
@@ -81,13 +82,6 @@ def request(name: str, fn, args, workspace: str, tpu_type: str = "v5litepod-4") 
                       environment=EnvironmentConfig.create(workspace=workspace))
 
 
-def run_to_end(cluster: TpuCluster, job_id: str):
-    info = wait_for(lambda: (i := cluster.poll(job_id)) and JobStatus.finished(i.status) and i,
-                    f"job {job_id} to finish", JOB_TIMEOUT)
-    cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
-    return info
-
-
 def nodes(control, **labels: str) -> list[dict]:
     return [n for n in control.leaks()["nodes"]
             if all(n["labels"].get(k) == label_value(v) for k, v in labels.items())]
@@ -115,10 +109,21 @@ def warm_names(cluster: TpuCluster) -> list[str]:
 
 # -- reuse -----------------------------------------------------------------------------------------
 
-def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters, fake_gcp, workspace, tmp_path):
+def published_certs(tpu_client, name: str) -> dict[str, bytes]:
+    """Each worker's agent address -> the certificate it published in its guest attributes."""
+    def values(key: str) -> list[str]:
+        response = tpu_client.get_guest_attributes(request={"name": name, "query_path": f"{GUEST_NAMESPACE}/{key}"})
+        return [entry.query_value.items[0].value for entry in response.guest_attributes]
+
+    return {address: cert.encode() for address, cert in zip(values(GUEST_AGENT_ADDRESS), values(GUEST_TLS_CERT))}
+
+
+def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters, fake_gcp, tpu_client, workspace,
+                                                                       tmp_path):
     """A 4-host job's slice goes warm (cleaned: the daemon its job left is gone); the next job of
-    the shape runs on it with no create call; the agents refuse the first job's secret and
-    accept the second's; its cost says it started warm."""
+    the shape runs on it with no create call, pinning each host to the certificate that host
+    published when the slice booted; the agents refuse the first job's secret and accept the
+    second's; its cost says it started warm; no certificate or key is in the node's metadata."""
     cluster = clusters()
     go = tmp_path / "go"
     first = cluster.launch(request("first", leave_a_daemon_and_block, [str(tmp_path), str(go)], workspace,
@@ -128,7 +133,7 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
                        "the first job's 4 daemons", JOB_TIMEOUT)
     first_secret = JobCredentials.load(cluster.journal(), first).secret
     go.write_text("")
-    assert run_to_end(cluster, first).status == JobStatus.SUCCEEDED
+    assert run_to_end(cluster, first, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert len(warm_names(cluster)) == 1
     wait_for(lambda: not any(process_alive(pid) for pid in daemons), "the first job's daemons to be cleaned away", 30)
     (warm_node,) = nodes(fake_gcp.control, **{LABEL_JOB: first})
@@ -144,7 +149,12 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
     assert warm_node["name"].rsplit("/", 1)[-1] == row.name
 
     second_credentials = JobCredentials.load(cluster.journal(), second)
-    cert = second_credentials.load_slice_cert(cluster.journal(), second, row.name)
+    pinned = second_credentials.load_slice_certs(cluster.journal(), second, row.name)
+    assert pinned == published_certs(tpu_client, warm_node["name"])
+    assert sorted(pinned) == sorted(row.endpoints)
+    metadata = dict(tpu_client.get_node(name=warm_node["name"], timeout=10).metadata)
+    assert not any("PRIVATE KEY" in v or "CERTIFICATE" in v for v in metadata.values())
+    cert = pinned[row.endpoints[0]]
     address = f"{row.endpoints[0]}:{cluster.config.agent_port}"
     with channel.AgentClient(address, secret=first_secret, pinned_cert_pem=cert) as stale:
         with pytest.raises(channel.AgentAuthError):
@@ -153,7 +163,7 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
         assert current.describe().current_attempt.attempt_id.startswith(second)
 
     go.write_text("")
-    assert run_to_end(cluster, second).status == JobStatus.SUCCEEDED
+    assert run_to_end(cluster, second, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert cluster.job_cost(second).started_warm == 1
     assert cluster.job_cost(first).started_warm == 0
 
@@ -162,7 +172,7 @@ def test_a_job_of_another_shape_creates_its_own_slice(clusters, fake_gcp, worksp
     """A warm v5litepod-4 is not given to a v5litepod-8 job, nor to an on-demand v5litepod-4 job."""
     cluster = clusters()
     first = cluster.launch(request("small", succeed, [], workspace))
-    assert run_to_end(cluster, first).status == JobStatus.SUCCEEDED
+    assert run_to_end(cluster, first, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     [warm] = warm_names(cluster)
 
     fake_gcp.control.reset_counters()
@@ -170,8 +180,8 @@ def test_a_job_of_another_shape_creates_its_own_slice(clusters, fake_gcp, worksp
     on_demand_request = request("on-demand", succeed, [], workspace)
     on_demand_request.resources.preemptible = False
     on_demand = cluster.launch(on_demand_request)
-    assert run_to_end(cluster, bigger).status == JobStatus.SUCCEEDED
-    assert run_to_end(cluster, on_demand).status == JobStatus.SUCCEEDED
+    assert run_to_end(cluster, bigger, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+    assert run_to_end(cluster, on_demand, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert fake_gcp.control.counters()["CreateNode"] == 2
     assert warm in warm_names(cluster)
     assert warm not in {r.name for job in (bigger, on_demand) for r in cluster.journal().resources(job_id=job)}
@@ -185,7 +195,7 @@ def test_keep_warm_expiry_deletes_the_slice(clusters, fake_gcp, workspace):
     cluster = clusters(keep_warm=2.0)
     launched = time.time()
     job = cluster.launch(request("brief", succeed, [], workspace))
-    assert run_to_end(cluster, job).status == JobStatus.SUCCEEDED
+    assert run_to_end(cluster, job, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     released = time.time()
     assert len(warm_names(cluster)) == 1
     wait_for(lambda: not nodes(fake_gcp.control, **{LABEL_JOB: job}), "the warm slice to be deleted on expiry", 30)
@@ -202,7 +212,7 @@ def test_keep_warm_zero_deletes_at_the_end_of_the_job(clusters, fake_gcp, worksp
     """keep_warm=0 turns the pool off: the slice is gone when the job is released."""
     cluster = clusters(keep_warm=0)
     job = cluster.launch(request("cold", succeed, [], workspace))
-    assert run_to_end(cluster, job).status == JobStatus.SUCCEEDED
+    assert run_to_end(cluster, job, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert warm_names(cluster) == []
     assert not nodes(fake_gcp.control, **{LABEL_JOB: job})
 
@@ -212,7 +222,7 @@ def test_a_warm_slice_preempted_while_idle_leaves_the_pool(clusters, fake_gcp, w
     hold quota), and the next job of the shape creates a new slice."""
     cluster = clusters()
     first = cluster.launch(request("first", succeed, [], workspace))
-    assert run_to_end(cluster, first).status == JobStatus.SUCCEEDED
+    assert run_to_end(cluster, first, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     [warm] = warm_names(cluster)
     fake_gcp.control.preempt_node(warm)
     wait_for(lambda: warm_names(cluster) == [] and not nodes(fake_gcp.control, **{LABEL_JOB: first}),
@@ -220,7 +230,7 @@ def test_a_warm_slice_preempted_while_idle_leaves_the_pool(clusters, fake_gcp, w
 
     fake_gcp.control.reset_counters()
     second = cluster.launch(request("second", succeed, [], workspace))
-    assert run_to_end(cluster, second).status == JobStatus.SUCCEEDED
+    assert run_to_end(cluster, second, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert fake_gcp.control.counters()["CreateNode"] == 1
 
 
@@ -228,7 +238,7 @@ def test_shutdown_deletes_the_pool(clusters, fake_gcp, workspace):
     """shutdown() (the exit policy) deletes warm slices before it returns."""
     cluster = clusters()
     job = cluster.launch(request("brief", succeed, [], workspace))
-    assert run_to_end(cluster, job).status == JobStatus.SUCCEEDED
+    assert run_to_end(cluster, job, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert len(warm_names(cluster)) == 1
     cluster.shutdown(timeout=120)
     assert not nodes(fake_gcp.control, **{LABEL_CONTROLLER: cluster.controller_id})

@@ -3,14 +3,16 @@ runs `python -m fray_tpu.worker` on each of its 4 hosts; the controller dials al
 
 from __future__ import annotations
 
-import sys
+import os
 import time
 
 from fake_gcp import node_spec, node_state, polling, wait_for
 
 import fray_tpu
 from fray_tpu import tls
-from fray_tpu.bootstrap import BootstrapSpec, render_startup_script
+from fray_tpu.contract import GUEST_NAMESPACE, GUEST_TLS_CERT
+from fray_tpu.config import TpuClusterConfig
+from fray_tpu.hostboot import bootstrapper_for
 from fray_tpu.channel import (
     AgentClient,
     AgentUnreachable,
@@ -32,27 +34,26 @@ def test_a_v5litepod_16_boots_four_agents_that_run_a_closure_and_delete_the_node
     fake_gcp, tpu_client
 ):
     secret = tls.make_secret()
-    material = tls.make_job_tls()
     parent = fake_gcp.parent(ZONE)
     name = f"{parent}/nodes/agents-1"
     metadata = {
         md.ATTR_SECRET_SHA256: tls.secret_sha256(secret),
-        md.ATTR_TLS_CERT: material.cert_pem.decode(),
-        md.ATTR_TLS_KEY: material.key_pem.decode(),
         md.ATTR_NODE: name,
         md.ATTR_API_ENDPOINT: fake_gcp.endpoint,
         md.ATTR_LEASE_SECONDS: "120",
         md.ATTR_SELF_DELETE: "true",
         md.ATTR_JOB: "emulated-job",
     }
-    script = render_startup_script(BootstrapSpec(fray_tpu_version=fray_tpu.__version__, python=sys.executable))
+    config = TpuClusterConfig(emulate=True, emulator_endpoint=fake_gcp.endpoint)
+    script = bootstrapper_for(config, fake_gcp.endpoint).startup_script("v2-alpha-tpuv5-lite")
     node = tpu_client.create_node(
         parent=parent, node_id="agents-1", node=node_spec("v5litepod-16", startup_script=script, metadata=metadata)
     ).result(timeout=TIMEOUT, polling=polling(TIMEOUT))
     addresses = [f"{endpoint.ip_address}:{endpoint.port}" for endpoint in node.network_endpoints]
     assert len(addresses) == 4
-    clients = [AgentClient(a, secret=secret, pinned_cert_pem=material.cert_pem, timeout=10, reconnect_seconds=5)
-               for a in addresses]
+    certs = wait_for(lambda: agent_certs(tpu_client, name), "every agent to publish its certificate", TIMEOUT)
+    clients = [AgentClient(a, secret=secret, pinned_cert_pem=cert, timeout=10, reconnect_seconds=5)
+               for a, cert in zip(addresses, certs)]
     try:
         run_the_slice(fake_gcp, tpu_client, name, node, clients)
     except Exception as error:
@@ -60,6 +61,13 @@ def test_a_v5litepod_16_boots_four_agents_that_run_a_closure_and_delete_the_node
     finally:
         for client in clients:
             client.close()
+
+
+def agent_certs(tpu_client, name: str) -> list[bytes] | None:
+    """Each worker's certificate from its guest attributes (one GetGuestAttributes call)."""
+    response = tpu_client.get_guest_attributes(request={"name": name, "query_path": f"{GUEST_NAMESPACE}/{GUEST_TLS_CERT}"})
+    certs = [[item.value.encode() for item in entry.query_value.items] for entry in response.guest_attributes]
+    return [c[0] for c in certs] if certs and all(certs) else None
 
 
 def host_logs(fake_gcp, name: str) -> str:
@@ -78,13 +86,10 @@ def run_the_slice(fake_gcp, tpu_client, name, node, clients: list[AgentClient]) 
     assert {info.accelerator_type for info in infos} == {"v5litepod-16"}
     assert [info.ip for info in infos] == [endpoint.ip_address for endpoint in node.network_endpoints]
 
-    def hello(word):
-        import os
-
-        print(word, os.environ["FRAY_TPU_WORKER_NUMBER"])
-
+    # A standard-library callable pickled by reference: the hosts' Python 3.10 loads it (a
+    # function of this module, pickled by value by Python 3.11, it could not).
     for client in clients:
-        client.prepare(AttemptSpec.for_callable("hello", hello, ("hello",)))
+        client.prepare(AttemptSpec.for_callable("hello", os.system, ("echo hello $FRAY_TPU_WORKER_NUMBER",)))
     streams = [client.start("hello") for client in clients]
     for worker, stream in enumerate(streams):
         events = collect(stream, TIMEOUT)

@@ -51,11 +51,23 @@ def fake_gcp(emulator_process: EmulatorProcess) -> Iterator[FakeGcp]:
     it leaves any node or queued resource alive, then cleans up for the next test."""
     control = emulator_process.control
     control.reset()
+    control.set_image(None)
     yield FakeGcp(emulator_process.endpoint, control, PROJECT, emulator_process)
     leaks = _settled_leaks(control)
     control.reset()
     if leaks["nodes"] or leaks["queued_resources"]:
         pytest.fail(leak_report(leaks), pytrace=False)
+
+
+@pytest.fixture
+def inherit_controller_image(fake_gcp: FakeGcp) -> Iterator[None]:
+    """Hosts boot the emulator's ``inherit-controller`` image (its environment and interpreter),
+    not the faithful default: only for jobs that import JAX on the hosts, or the Client API's
+    gRPC-based actor links, which a faithful host would have to install from an index into
+    every job environment for the controller's Python (the demo's path for JAX)."""
+    fake_gcp.control.set_image("inherit-controller")
+    yield
+    fake_gcp.control.set_image(None)
 
 
 @pytest.fixture

@@ -38,6 +38,16 @@ def wait_for(condition: Callable[[], T], what: str, timeout: float = DEFAULT_TIM
         pause.wait(POLL_INTERVAL_SECONDS)
 
 
+def run_to_end(cluster, job_id: str, timeout: float):
+    """Wait until the job has finished and released its slices; its final ``JobInfo``."""
+    from fray_tpu.fray_api import JobStatus
+
+    info = wait_for(lambda: (i := cluster.poll(job_id)) and JobStatus.finished(i.status) and i,
+                    f"job {job_id} to finish", timeout)
+    cluster.wait_released(job_id, timeout=timeout)
+    return info
+
+
 def location(project: str, zone: str) -> str:
     return f"projects/{project}/locations/{zone}"
 

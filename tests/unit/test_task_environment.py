@@ -90,6 +90,14 @@ def test_emulated_hosts_run_jax_on_the_cpu_with_the_plugin_unless_the_user_chose
     assert "JAX_PLATFORMS" not in real and "FRAY_TPU_RUNNER_PRELOAD" not in real
 
 
+def test_every_task_is_told_the_controllers_python_when_given():
+    """The controller's Python version reaches every task (the runner names a cross-version
+    unpickle with it); nothing is set when the caller does not give one."""
+    envs = gang_environments(TWO_SLICES, {"FRAY_TPU_CONTROLLER_PYTHON": "2.7"}, controller_python="3.11")
+    assert {e["FRAY_TPU_CONTROLLER_PYTHON"] for e in envs} == {"3.11"}
+    assert "FRAY_TPU_CONTROLLER_PYTHON" not in gang_environments(TWO_SLICES, {})[0]
+
+
 @pytest.mark.parametrize("replicas", [1, 2, 5])
 def test_cpu_replicas_see_their_index_and_the_spec(replicas):
     """Each CPU replica sees its index, the count, JAX on the CPU and the cluster spec."""

@@ -170,3 +170,33 @@ def test_rotating_leaf_renews_on_the_injected_clock():
     assert leaf.renewed() is None
     expires = x509.load_pem_x509_certificate(leaf.leaf.cert_pem).not_valid_after_utc.timestamp()
     assert expires == 50 * day > now[0]
+
+
+def test_a_payload_from_another_python_is_explained_and_one_from_this_python_is_not():
+    """The runner names both versions and the fix when the controller's Python differs from the
+    host's; with the same version (or none given) the original error stands."""
+    import sys
+
+    from fray_tpu.worker.runner import unpickle_error
+
+    here = "%d.%d" % sys.version_info[:2]
+    cause = TypeError("code() argument 13 must be str, not int")
+    explained = unpickle_error(cause, "2.7")
+    assert explained is not None
+    message = str(explained)
+    assert "pickled by Python 2.7" in message and f"runs Python {here}" in message
+    assert "module of the job's workspace" in message and "code() argument 13" in message
+    assert unpickle_error(cause, here) is None and unpickle_error(cause, None) is None
+
+
+def test_an_agents_identity_is_made_once_private_and_kept_across_restarts(tmp_path):
+    """The agent's key is made on the VM, readable only by its owner, and the same on the next
+    start (a reboot), so the certificate the controller pinned stays valid."""
+    import stat
+
+    from fray_tpu.worker.identity import KEY_FILE, host_tls
+
+    first = host_tls(tmp_path)
+    assert b"PRIVATE KEY" in first.key_pem and b"CERTIFICATE" in first.cert_pem
+    assert stat.S_IMODE((tmp_path / "tls" / KEY_FILE).stat().st_mode) == 0o600
+    assert host_tls(tmp_path) == first

@@ -24,6 +24,7 @@ import pytest
 from fray_tpu import tls
 from fray_tpu.channel import AgentClient
 from fray_tpu.worker import metadata as md
+from fray_tpu.worker import identity
 
 HOST_MARKER_ENV = "FRAY_TPU_TEST_HOST"
 AGENT_PORT = 8477
@@ -39,9 +40,18 @@ class FakeMetadata:
         self._preempted = "FALSE"
         self._changed = threading.Condition()
         self.requests = 0
+        self.guest_attributes: dict[str, str] = {}
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self):
+                path = urlsplit(self.path).path.removeprefix("/computeMetadata/v1/")
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                if self.headers.get("Metadata-Flavor") != "Google" or not path.startswith("instance/guest-attributes/"):
+                    return self._send(403, "guest attributes only, with Metadata-Flavor: Google")
+                owner.guest_attributes[path.removeprefix("instance/guest-attributes/")] = body
+                self._send(200, "")
+
             def do_GET(self):
                 owner.requests += 1
                 if self.headers.get("Metadata-Flavor") != "Google":
@@ -211,6 +221,14 @@ def processes_marked(marker: str) -> list[int]:
     return found
 
 
+def seed_agent_tls(state_dir: Path, material: tls.TlsMaterial) -> None:
+    """Give an agent the key it would have made on an earlier boot, so tests can pin one cert."""
+    directory = state_dir / "tls"
+    directory.mkdir(parents=True)
+    (directory / identity.CERT_FILE).write_bytes(material.cert_pem)
+    (directory / identity.KEY_FILE).write_bytes(material.key_pem)
+
+
 def make_slice(root: Path, count: int, *, lease_seconds: float = 600, self_delete: bool = False,
                extra_attributes: dict[str, str] | None = None, extra_env: dict[str, str] | None = None) -> AgentSlice:
     secret = tls.make_secret()
@@ -223,8 +241,6 @@ def make_slice(root: Path, count: int, *, lease_seconds: float = 600, self_delet
             md.ATTR_WORKER_ENDPOINTS: ",".join(f"host{i}:uid:{a}" for i, a in enumerate(ips)),
             md.ATTR_ACCELERATOR_TYPE: "v5litepod-16" if count == 4 else "v5litepod-1",
             md.ATTR_SECRET_SHA256: tls.secret_sha256(secret),
-            md.ATTR_TLS_CERT: material.cert_pem.decode(),
-            md.ATTR_TLS_KEY: material.key_pem.decode(),
             md.ATTR_NODE: "projects/test/locations/us-test1-a/nodes/test-node",
             md.ATTR_AGENT_PORT: str(AGENT_PORT),
             md.ATTR_LEASE_SECONDS: str(lease_seconds),
@@ -235,6 +251,7 @@ def make_slice(root: Path, count: int, *, lease_seconds: float = 600, self_delet
         }
         workdir = root / f"host-{worker}"
         (workdir / "tmp").mkdir(parents=True)
+        seed_agent_tls(workdir / "fray-tpu-agent", material)
         hosts.append(AgentHost(worker, ip, workdir, FakeMetadata(ip, attributes, "test-node"), uuid.uuid4().hex,
                                dict(extra_env or {})))
     for host in hosts:

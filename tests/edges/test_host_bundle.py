@@ -1,0 +1,69 @@
+"""The host bundle and the emulated Cloud Storage it travels through: what the bundle holds,
+that it is built once, staged once, and that storage refuses what Google's would."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import urllib.error
+import urllib.request
+
+import pytest
+
+from fray_tpu.contract import VERSION
+from fray_tpu.emulator.storage import EMULATED_BUCKET, StorageServer
+from fray_tpu.errors import ConfigError, FrayTpuError
+from fray_tpu.hostbundle import BundleStorage, HostTarget, build_host_bundle, check_host_python, runtime_python
+
+
+@pytest.fixture
+def storage(tmp_path):
+    server = StorageServer("127.0.0.1", tmp_path / "storage")
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return build_host_bundle(HostTarget("3.10"))
+
+
+def test_the_bundle_carries_the_agent_its_dependencies_for_the_vm_and_uv(bundle):
+    """One archive: this fray_tpu, grpcio built for CPython 3.10, the uv binary, a manifest."""
+    with tarfile.open(bundle.path) as archive:
+        names = set(archive.getnames())
+        manifest = json.load(archive.extractfile("manifest.json"))
+    assert {"site/fray_tpu/contract.py", "site/fray_tpu/worker/main.py", "bin/uv"} <= names
+    assert any(n.startswith("site/grpc/_cython/cygrpc.cpython-310-") for n in names), sorted(names)[:20]
+    assert (manifest["fray_tpu_version"], manifest["python"]) == (VERSION, "3.10")
+    assert build_host_bundle(HostTarget("3.10")) == bundle  # cached: the same archive, the same hash
+
+
+def test_staging_uploads_once_and_names_the_object_by_its_hash(bundle, storage):
+    """A second stage of the same bundle finds the object and uploads nothing."""
+    staging = BundleStorage(EMULATED_BUCKET, endpoint=storage.endpoint, token=lambda: "token")
+    url = staging.stage(bundle)
+    assert url == f"gs://{EMULATED_BUCKET}/{bundle.object_name}" and bundle.sha256 in url
+    assert staging.stage(bundle) == url
+    assert storage.counters["uploads"] == 1
+
+
+def test_a_missing_bucket_and_an_anonymous_caller_are_refused(bundle, storage):
+    """No such bucket: a configuration error naming it; no bearer token: HTTP 401, at once."""
+    with pytest.raises(ConfigError, match="gs://no-such-bucket does not exist"):
+        BundleStorage("no-such-bucket", endpoint=storage.endpoint, token=lambda: "token").stage(bundle)
+    request = urllib.request.Request(f"{storage.endpoint}/storage/v1/b/{EMULATED_BUCKET}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
+    with pytest.raises(FrayTpuError, match="HTTP 401"):
+        BundleStorage(EMULATED_BUCKET, endpoint=storage.endpoint, token=lambda: "").stage(bundle)
+
+
+def test_runtime_versions_map_to_their_images_python_and_38_is_refused_with_the_fix():
+    """tpu-vm-* images ship 3.8, which the agent cannot run on: the error names the runtime to use."""
+    assert runtime_python("v2-alpha-tpuv5-lite") == "3.10" and runtime_python("tpu-vm-base") == "3.8"
+    check_host_python("v2-alpha-tpuv6e", "3.10")
+    with pytest.raises(ConfigError, match="runtime_version=tpu-ubuntu2204-base"):
+        check_host_python("tpu-vm-base", "3.8")
