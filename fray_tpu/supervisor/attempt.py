@@ -63,7 +63,10 @@ def _size(event: object) -> int:
     return _LINE_OVERHEAD
 
 
-MAX_EVENTS_PER_BATCH = 4096  # events taken from the buffer before their effects are written
+# Events taken from the buffer before their effects are written: bounded in count and in bytes,
+# since what is taken no longer counts against the buffer's own bound while it is written.
+MAX_EVENTS_PER_BATCH = 4096
+MAX_BYTES_PER_BATCH = 1 << 20
 
 
 class AttemptBuffer:
@@ -175,11 +178,14 @@ def follow_attempt(record: JobRecord, run: AttemptRun, watch: GangWatch, stop: t
             break
         item = run.events.get(timeout=min(poll_interval, 0.5))
         effects: list[Effect] = []
+        taken_bytes = 0
         for _ in range(MAX_EVENTS_PER_BATCH):
             if item is None:
                 break
             effects.extend(watch.event(*item))
-            if watch.done:
+            taken_bytes += _size(item[1])
+            if watch.done or taken_bytes >= MAX_BYTES_PER_BATCH:
+                item = None
                 break
             item = run.events.get(timeout=0)
         else:
