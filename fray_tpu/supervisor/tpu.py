@@ -119,13 +119,9 @@ class TpuJobSupervisor(JobSupervisor):
         for slice_id, clients in self.slices.warm_clients.items():
             self.gang.adopt(slice_id, clients)
         self.slices.warm_clients.clear()
-        connected = self._connect()
-        if self.stop_requested.is_set():
-            raise JobStopped
-        if connected.lost:
-            return self._verdict_for_hosts(connected.lost, TaskOutcome.PREEMPTED, "slice lost")
-        if connected.dead:
-            return self._verdict_for_hosts(connected.dead, TaskOutcome.BAD_HOST, "agent never answered")
+        unformed = self._form_gang(TaskOutcome.BAD_HOST, "agent never answered")
+        if unformed is not None:
+            return unformed
         attempt_id = f"{self.record.job_id}-a{attempt}"
         environments = gang_environments([s.endpoints for s in self.slices.slices], self.plan.env,
                                          cluster_spec=self.context.cluster_spec,
@@ -166,14 +162,9 @@ class TpuJobSupervisor(JobSupervisor):
         attempt_id = resume.attempt_id
         self.progress(f"reattaching to attempt {attempt_id}")
         self.record.set_phase(JobPhase.BOOTING)
-        connected = self._connect()
-        if self.stop_requested.is_set():
-            raise JobStopped
-        if connected.lost:
-            return self._verdict_for_hosts(connected.lost, TaskOutcome.PREEMPTED, "slice lost")
-        if connected.dead:
-            return self._verdict_for_hosts(connected.dead, TaskOutcome.LOST,
-                                           "agent unreachable after the controller restarted")
+        unformed = self._form_gang(TaskOutcome.LOST, "agent unreachable after the controller restarted")
+        if unformed is not None:
+            return unformed
         clients = self.gang.clients()
         from_seqs = []
         for client in clients:
@@ -191,6 +182,18 @@ class TpuJobSupervisor(JobSupervisor):
             raise
         self.record.set_phase(JobPhase.RUNNING)
         return StartedAttempt(run, entry)
+
+    def _form_gang(self, dead_outcome: TaskOutcome, dead_why: str) -> AttemptVerdict | None:
+        """Connect the gang; the verdict of an attempt it cannot form: a slice lost meanwhile is a
+        preemption, hosts that never answered end as ``dead_outcome``."""
+        connected = self._connect()
+        if self.stop_requested.is_set():
+            raise JobStopped
+        if connected.lost:
+            return self._verdict_for_hosts(connected.lost, TaskOutcome.PREEMPTED, "slice lost")
+        if connected.dead:
+            return self._verdict_for_hosts(connected.dead, dead_outcome, dead_why)
+        return None
 
     def _connect(self) -> Connected:
         """Connect the gang, the slices' endpoints put in worker order (JAX's process 0 and the
