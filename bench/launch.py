@@ -321,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     (directory / "emulator").mkdir()
     emulator = EmulatorProcess(timings=EmulatorTimings.zero(), root=directory / "emulator").start()
     # A private state directory: the bench's controller journal must not meet a user's controller.
+    # keep_warm=0: every launch here is cold by definition (bench/vs_ray.py measures warm jobs).
     cluster = TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=emulator.endpoint, poll_interval=POLL_INTERVAL,
-                                          lease_period=30.0, state_dir=str(directory / "state")))
+                                          lease_period=30.0, state_dir=str(directory / "state"), keep_warm=0))
     summary: dict = {"metric": "summary", "tpu_type": TPU_TYPE, "hosts": HOSTS, "poll_interval": POLL_INTERVAL}
     try:
         cold = measure_cold(cluster, emulator.control, clock, directory, workspace, args.cold_runs)
