@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     floor_dir = directory / "floor"
     floor_dir.mkdir()
+    launch.jobs = load_host_jobs(floor_dir)  # the floor's host function, as launch.main() loads it
     floor = statistics.median(measure_floor(floor_dir, FLOOR_RUNS, preload=False))
     fray = measure_fray(directory, calls)
     try:
