@@ -26,8 +26,10 @@ from pathlib import Path
 import cloudpickle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from benchlib import emit  # noqa: E402
 from channel import percentile, start_agent  # noqa: E402
+from fake_gcp.process import EmulatorProcess  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 TPU_TYPE = "v5litepod-4"
@@ -40,13 +42,14 @@ class Echo:
         return value
 
 
-def timed_calls(handle, calls: int) -> list[float]:
+def timed_calls(call, calls: int) -> list[float]:
+    """Milliseconds per ``call(i)``, after 20 warm-up calls."""
     for _ in range(20):
-        handle.echo(0)
+        call(0)
     samples = []
     for i in range(calls):
         began = time.perf_counter()
-        handle.echo(i)
+        call(i)
         samples.append((time.perf_counter() - began) * 1e3)
     return samples
 
@@ -57,20 +60,14 @@ def summary(samples: list[float]) -> dict:
 
 
 def call_from_tpu_host(handle, calls: int) -> None:
-    print(RESULT_PREFIX + json.dumps(timed_calls(handle, calls)), flush=True)
+    print(RESULT_PREFIX + json.dumps(timed_calls(handle.echo, calls)), flush=True)
 
 
 def bench_task_channel(calls: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="fray-tpu-bench-actors-agent-"))
     agent, client, server = start_agent(workdir)
     try:
-        for _ in range(20):
-            client.describe()
-        samples = []
-        for _ in range(calls):
-            began = time.perf_counter()
-            client.describe()
-            samples.append((time.perf_counter() - began) * 1e3)
+        samples = timed_calls(lambda _: client.describe(), calls)
         emit({"metric": "task_channel_roundtrip", "call": "Describe", **summary(samples)})
     finally:
         client.close()
@@ -87,13 +84,19 @@ def bench_actors(calls: int) -> None:
 
     state = tempfile.mkdtemp(prefix="fray-tpu-bench-actors-state-")
     workspace = tempfile.mkdtemp(prefix="fray-tpu-bench-actors-ws-")
-    client = TpuClient(TpuClusterConfig(emulate=True, state_dir=state, poll_interval=0.2))
+    (Path(state) / "emulator").mkdir()
+    emulator = EmulatorProcess(root=Path(state) / "emulator").start()
+    # The host's task imports gRPC for its actor link: on the faithful image that would need an
+    # index in the job's environment, so the hosts boot the image that inherits the controller's.
+    emulator.control.set_image("inherit-controller")
+    client = TpuClient(TpuClusterConfig(emulate=True, emulator_endpoint=emulator.endpoint, state_dir=state,
+                                        poll_interval=0.2))
     try:
         cpu_actor = client.create_actor(Echo, name="bench-cpu")
-        emit({"metric": "actor_roundtrip", "path": "driver->cpu-actor", **summary(timed_calls(cpu_actor, calls))})
+        emit({"metric": "actor_roundtrip", "path": "driver->cpu-actor", **summary(timed_calls(cpu_actor.echo, calls))})
         hosted = client.host_actor(Echo, name="bench-hosted")
         emit({"metric": "actor_roundtrip", "path": "driver->hosted-actor",
-              **summary(timed_calls(hosted.handle, calls))})
+              **summary(timed_calls(hosted.handle.echo, calls))})
         job = client.submit(JobRequest(
             name="bench-tpu-caller", entrypoint=Entrypoint.from_callable(call_from_tpu_host, args=(hosted.handle, calls)),
             resources=ResourceConfig.with_tpu(TPU_TYPE), environment=create_environment(workspace=workspace)))
@@ -104,6 +107,7 @@ def bench_actors(calls: int) -> None:
         hosted.shutdown()
     finally:
         client.shutdown(wait=False)
+        emulator.stop()
         shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(workspace, ignore_errors=True)
 

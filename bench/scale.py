@@ -61,9 +61,10 @@ WAIT_POLL_SECONDS = 0.1
 TOTAL_BUDGET_SECONDS = 420.0
 
 
-def idle_until_stopped(out_dir: str, stop_file: str, limit_seconds: float) -> None:
-    """Record this host's start, then idle until the driver writes ``stop_file`` (bounded)."""
-    path = Path(out_dir) / f"{os.environ['FRAY_TPU_JOB_ID']}-{os.environ['FRAY_TASK_INDEX']}"
+def idle_until_stopped(out_dir: str, stop_file: str, limit_seconds: float, stamp_by: str = "FRAY_TPU_JOB_ID") -> None:
+    """Record this host's start as ``<$stamp_by>-TASK``, then idle until the driver writes
+    ``stop_file`` (bounded)."""
+    path = Path(out_dir) / f"{os.environ[stamp_by]}-{os.environ['FRAY_TASK_INDEX']}"
     path.write_text(repr(time.time()))
     deadline = time.monotonic() + limit_seconds
     pause = threading.Event()
@@ -231,14 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def stamp_and_idle(out_dir: str, stop_file: str, limit_seconds: float) -> None:
     """A trivial host function (no JAX): record ``ATTEMPT-TASK`` with the start time, idle until stopped."""
-    path = Path(out_dir) / f"{os.environ['FRAY_TPU_ATTEMPT_ID']}-{os.environ['FRAY_TASK_INDEX']}"
-    path.write_text(repr(time.time()))
-    deadline = time.monotonic() + limit_seconds
-    pause = threading.Event()
-    while not os.path.exists(stop_file):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"no stop file {stop_file} after {limit_seconds:.0f}s")
-        pause.wait(0.5)
+    idle_until_stopped(out_dir, stop_file, limit_seconds, stamp_by="FRAY_TPU_ATTEMPT_ID")
 
 
 class AgentsUp(logging.Handler):

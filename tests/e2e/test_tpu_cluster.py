@@ -370,11 +370,8 @@ def test_exhausted_preemption_budget_fails_and_says_so(cluster, fake_gcp, worksp
 
 # -- terminate ----------------------------------------------------------------------------------------
 
-def test_terminate_while_provisioning_ends_stopped(cluster, fake_gcp, workspace, out_dir):
-    fake_gcp.control.hold_creating("fray-held-")
-    job_id = cluster.launch(tpu_request("held", record_pid_and_block, [str(out_dir)], workspace))
-    wait_for(lambda: [n for n in job_nodes(fake_gcp.control, job_id) if n["state"] == "CREATING"],
-             "the slice to be CREATING (held)", JOB_TIMEOUT)
+def terminate_and_check_stopped(cluster, fake_gcp, job_id) -> None:
+    """terminate() is STOPPED at once; once released, every task is STOPPED and no node is left."""
     cluster.terminate(job_id)
     assert cluster.poll(job_id).status == JobStatus.STOPPED
     cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
@@ -383,6 +380,14 @@ def test_terminate_while_provisioning_ends_stopped(cluster, fake_gcp, workspace,
     assert info.status == JobStatus.STOPPED
     assert all(t.status == JobStatus.STOPPED for t in info.tasks)
     assert job_nodes(fake_gcp.control, job_id) == []
+
+
+def test_terminate_while_provisioning_ends_stopped(cluster, fake_gcp, workspace, out_dir):
+    fake_gcp.control.hold_creating("fray-held-")
+    job_id = cluster.launch(tpu_request("held", record_pid_and_block, [str(out_dir)], workspace))
+    wait_for(lambda: [n for n in job_nodes(fake_gcp.control, job_id) if n["state"] == "CREATING"],
+             "the slice to be CREATING (held)", JOB_TIMEOUT)
+    terminate_and_check_stopped(cluster, fake_gcp, job_id)
     assert list(out_dir.iterdir()) == []  # the user's code never ran
 
 
@@ -390,14 +395,7 @@ def test_terminate_while_running_ends_stopped_with_nothing_alive(cluster, fake_g
     job_id = cluster.launch(tpu_request("running", record_pid_and_block, [str(out_dir)], workspace))
     pids = wait_files(out_dir, "pid-*.json", 4, "all 4 hosts to run the callable").values()
     wait_all_tasks_running(cluster, job_id)
-    cluster.terminate(job_id)
-    assert cluster.poll(job_id).status == JobStatus.STOPPED
-    cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
-
-    info = cluster.poll(job_id)
-    assert info.status == JobStatus.STOPPED
-    assert all(t.status == JobStatus.STOPPED for t in info.tasks)
-    assert job_nodes(fake_gcp.control, job_id) == []
+    terminate_and_check_stopped(cluster, fake_gcp, job_id)
     assert not [pid for pid in pids if process_alive(pid)]
 
 
