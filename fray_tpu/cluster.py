@@ -202,12 +202,15 @@ class TpuCluster(Cluster):
         if self._context is not None and self._context.pool is not None:
             # Closed first: the jobs terminated below delete their slices instead of offering them.
             self._context.pool.close(timeout)
-        if not self.detach_on_exit:
-            for supervisor in supervisors:
+        # Detaching lets go of TPU jobs (their slices run on); CPU jobs die with this process.
+        for supervisor in supervisors:
+            if self.detach_on_exit and supervisor.outlives_controller:
+                supervisor.detach()
+            else:
                 supervisor.terminate()
-            deadline = time.monotonic() + timeout
-            for supervisor in supervisors:
-                supervisor.join(max(0.0, deadline - time.monotonic()))
+        deadline = time.monotonic() + timeout
+        for supervisor in supervisors:
+            supervisor.join(max(0.0, deadline - time.monotonic()))
         if self._context is not None:
             self._context.provisioner.close()
         with self._lock:

@@ -114,6 +114,10 @@ class AttemptBuffer:
             return index, event
 
 
+class JobDetached(Exception):
+    """The supervisor was detached: it lets go of a job that goes on running on its slices."""
+
+
 class AttemptRun:
     """One running attempt: its hosts' readers put ``(task_index, event)`` into ``events``."""
 
@@ -136,8 +140,9 @@ class AttemptRun:
 
 
 def follow_attempt(record: JobRecord, run: AttemptRun, watch: GangWatch, stop: threading.Event,
-                   poll_interval: float) -> AttemptVerdict:
-    """Feed the attempt's events to ``watch`` until every task has ended, executing its effects."""
+                   poll_interval: float, *, detach: threading.Event | None = None) -> AttemptVerdict:
+    """Feed the attempt's events to ``watch`` until every task has ended, executing its effects;
+    ``JobDetached`` as soon as ``detach`` is set (the attempt goes on, unobserved)."""
 
     def apply(effects: list[Effect]) -> None:
         # Lines and task states are written as one journal transaction each per batch of events,
@@ -169,6 +174,8 @@ def follow_attempt(record: JobRecord, run: AttemptRun, watch: GangWatch, stop: t
         flush()
 
     while not watch.done:
+        if detach is not None and detach.is_set():
+            raise JobDetached
         if stop.is_set():
             apply(watch.stop_requested())
         if watch.observation_due():

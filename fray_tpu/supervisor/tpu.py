@@ -60,6 +60,8 @@ class StartedAttempt:
 
 
 class TpuJobSupervisor(JobSupervisor):
+    outlives_controller = True  # its gang runs on slices whose agents hold a lease
+
     def __init__(self, record: JobRecord, plan: JobPlan, context: ControllerContext,
                  resume: ResumeState | None = None):
         super().__init__(record, plan, plan.tasks, context.config.poll_interval)
@@ -107,7 +109,7 @@ class TpuJobSupervisor(JobSupervisor):
             return verdict
         finally:
             started.run.close()
-            if started.entry is not None:
+            if started.entry is not None and not self.detach_requested.is_set():
                 self._end_account(started.entry, verdict)
 
     def _start(self, attempt: int) -> StartedAttempt | AttemptVerdict:
@@ -266,11 +268,20 @@ class TpuJobSupervisor(JobSupervisor):
         for i in range(len(self.slots)):
             self.record.set_task(i, JobStatus.PENDING)
 
-    def release_everything(self) -> None:
-        self.gang.stop_leases()
+    def _close_unadopted_warm_clients(self) -> None:
         for clients in self.slices.warm_clients.values():  # taken warm, never adopted (stopped before)
             for client in clients:
                 client.close()
+
+    def let_go(self) -> None:
+        self.gang.stop_leases()  # as when the process exits: the agents' lease runs out unless a controller reattaches
+        self._close_unadopted_warm_clients()
+        for slice_id in range(len(self.slices.slices)):
+            self.gang.drop(slice_id)
+
+    def release_everything(self) -> None:
+        self.gang.stop_leases()
+        self._close_unadopted_warm_clients()
         self.slices.release_all(self._last_lost, clients_of=self.gang.take_clients)
         for slice_id in range(len(self.slices.slices)):
             self.gang.drop(slice_id)

@@ -415,6 +415,8 @@ def test_connections_after_the_first_certificates_expired_succeed(fake_gcp, tmp_
         assert first.poll(job_id).status == JobStatus.RUNNING
     finally:
         first.shutdown(timeout=JOB_TIMEOUT)  # detaches: the job runs on
+    # Detached means let go: the first controller's supervisor no longer acts on (or journals) the job.
+    assert [t.name for t in threading.enumerate() if t.name == f"supervisor-{job_id}"] == []
     restarted = controller(fake_gcp.endpoint, state_dir)
     try:
         assert restarted.poll(job_id).status == JobStatus.RUNNING
