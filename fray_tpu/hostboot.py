@@ -86,11 +86,12 @@ class HostBootstrapper:
                 started = time.monotonic()
                 bundle = build_host_bundle(HostTarget(python, DEFAULT_PLATFORM))
                 storage = self._storage()
-                url = storage.stage(bundle)
-                log.info("host bundle %s for Python %s staged at %s in %.1fs", bundle.sha256[:12], python, url,
-                         time.monotonic() - started)
+                url, uv_url = storage.stage(bundle), storage.stage(bundle.uv)
+                log.info("host bundle %s for Python %s staged at %s (uv at %s) in %.1fs", bundle.sha256[:12], python,
+                         url, uv_url, time.monotonic() - started)
                 self._scripts[python] = render_startup_script(BootstrapSpec(
                     fray_tpu_version=fray_tpu_version(), bundle_url=url, bundle_sha256=bundle.sha256,
+                    uv_url=uv_url, uv_sha256=bundle.uv.sha256,
                     bundle_python=python, bundle_platform=bundle.target.platform, storage_endpoint=storage.endpoint,
                 ))
             return self._scripts[python]

@@ -92,7 +92,8 @@ def progress_lines(cluster: TpuCluster, job_id: str) -> list[str]:
 def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job(
         cluster, fake_gcp, workspace, out_dir, stdlib_job):
     """Every host of 2 × v5litepod-16 starts from a clean environment with the image's Python
-    3.10, installs the agent from the bundle (one upload, one download per VM, no index), runs a
+    3.10, installs the agent from the bundle (the bundle and uv uploaded once, each downloaded
+    once per VM, no index), runs a
     standard-library callable on the controller's Python (an environment uv builds on each host
     with no index), and the job's output shows the bootstrap phases per slice."""
     before = fake_gcp.control.storage_counters()
@@ -114,8 +115,8 @@ def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job
         for phase in ("started", "interpreter", "bundle", "deps", "service", "serving"):
             assert f"{phase} +" in line, line
     after = fake_gcp.control.storage_counters()
-    assert after["uploads"] - before["uploads"] <= 1, (before, after)
-    assert after["downloads"] - before["downloads"] == 8, (before, after)
+    assert after["uploads"] - before["uploads"] <= 2, (before, after)
+    assert after["downloads"] - before["downloads"] == 2 * 8, (before, after)
 
 
 def test_no_node_metadata_holds_a_private_key_or_the_job_secret(cluster, fake_gcp, tpu_client, workspace, out_dir,
@@ -259,6 +260,7 @@ def test_a_rebooted_host_and_a_crashed_agent_come_back_and_the_job_finishes(clus
     assert info.status == JobStatus.SUCCEEDED, info.error_message
     after = fake_gcp.control.storage_counters()
     # The supervisor treats the rebooted host's lost attempt as a preemption and replaces the
-    # slice: one download per VM of each incarnation, none for the reboot itself.
+    # slice: two downloads (the bundle, uv) per VM of each incarnation, none for the reboot itself
+    # or the restarted agent.
     incarnations = sum("READY 4/4 endpoints" in line for line in progress_lines(cluster, job_id))
-    assert after["downloads"] - before["downloads"] == 4 * incarnations, (before, after, incarnations)
+    assert after["downloads"] - before["downloads"] == 2 * 4 * incarnations, (before, after, incarnations)

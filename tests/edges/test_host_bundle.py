@@ -3,6 +3,7 @@ that it is built once, staged once, and that storage refuses what Google's would
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 import urllib.error
@@ -29,14 +30,24 @@ def bundle():
     return build_host_bundle(HostTarget("3.10"))
 
 
-def test_the_bundle_carries_the_agent_its_dependencies_for_the_vm_and_uv(bundle):
-    """One archive: this fray_tpu, grpcio built for CPython 3.10, the uv binary, a manifest."""
-    with tarfile.open(bundle.path) as archive:
+def test_the_bundle_carries_the_agent_and_its_dependencies_compiled_for_the_vm_and_uv_apart(bundle):
+    """One uncompressed archive: this fray_tpu, grpcio built for CPython 3.10, their bytecode
+    compiled for 3.10 (unchecked-hash: valid whatever the unpacked files' times), a manifest; uv
+    is a file of its own, named by its hash, not in the archive."""
+    with tarfile.open(bundle.path, mode="r:") as archive:
         names = set(archive.getnames())
         manifest = json.load(archive.extractfile("manifest.json"))
-    assert {"site/fray_tpu/contract.py", "site/fray_tpu/worker/main.py", "bin/uv"} <= names
+        pyc = archive.extractfile("site/fray_tpu/worker/__pycache__/main.cpython-310.pyc").read(16)
+    assert {"site/fray_tpu/contract.py", "site/fray_tpu/worker/main.py"} <= names
     assert any(n.startswith("site/grpc/_cython/cygrpc.cpython-310-") for n in names), sorted(names)[:20]
-    assert (manifest["fray_tpu_version"], manifest["python"]) == (VERSION, "3.10")
+    assert "site/grpc/__pycache__/__init__.cpython-310.pyc" in names
+    assert not any(n.endswith("/uv") or n.startswith(("site/uv/", "bin/")) for n in names), sorted(names)[:20]
+    flags = int.from_bytes(pyc[4:8], "little")
+    assert flags == 0b01, flags  # hash-based, not checked against the source
+    assert (manifest["fray_tpu_version"], manifest["python"], manifest["bytecode"]) == (VERSION, "3.10", True)
+    assert bundle.uv.path.read_bytes()[:4] == b"\x7fELF"
+    assert hashlib.sha256(bundle.uv.path.read_bytes()).hexdigest() == bundle.uv.sha256
+    assert bundle.uv.sha256 in bundle.uv.object_name and bundle.sha256 in bundle.object_name
     assert build_host_bundle(HostTarget("3.10")) == bundle  # cached: the same archive, the same hash
 
 
