@@ -37,6 +37,7 @@ from fray_tpu.contract import (
     GUEST_BOOT_FAILED,
     GUEST_BOOT_PHASES,
     GUEST_NAMESPACE,
+    HOST_RUN_DIR_ENV,
     STORAGE_ENDPOINT_ENV,
     UV_ENV,
     UV_SHA256_ENV,
@@ -81,6 +82,7 @@ class BootstrapSpec:
     agent_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     state_dir: str = "/var/lib/fray-tpu"
+    run_dir: str = "/run/fray-tpu"  # a tmpfs: the unpacked bundle
     restart_backoff_max: int = 30
 
     def __post_init__(self) -> None:
@@ -99,8 +101,8 @@ class BootstrapSpec:
                 raise ConfigError(f"BootstrapSpec.{name}_sha256 {sha256!r} is not a lowercase hex SHA-256")
         if self.restart_backoff_max < 1:
             raise ConfigError(f"BootstrapSpec.restart_backoff_max must be at least 1, got {self.restart_backoff_max}")
-        if not self.state_dir or not self.python:
-            raise ConfigError("BootstrapSpec.state_dir and BootstrapSpec.python must not be empty")
+        if not self.state_dir or not self.run_dir or not self.python:
+            raise ConfigError("BootstrapSpec.state_dir, run_dir and python must not be empty")
 
 
 _TEMPLATE = r"""#!/bin/bash
@@ -120,6 +122,7 @@ BUNDLE_PYTHON=__BUNDLE_PYTHON__
 BUNDLE_PLATFORM=__BUNDLE_PLATFORM__
 STORAGE_ENDPOINT=__STORAGE_ENDPOINT__
 DEFAULT_STATE_DIR=__STATE_DIR__
+DEFAULT_RUN_DIR=__RUN_DIR__
 AGENT_EXIT_STOP=__AGENT_EXIT_STOP__
 RESTART_BACKOFF_MAX=__RESTART_BACKOFF_MAX__
 METADATA=${GCE_METADATA_HOST:-metadata.google.internal}
@@ -152,9 +155,22 @@ elif [ "${FRAY_TPU_EMULATED_HOST:-}" = 1 ]; then
 else
   STATE_DIR=$DEFAULT_STATE_DIR
 fi
+# The unpacked bundle lives in RUN_DIR, a tmpfs (/run: thousands of small files are created in
+# memory, not on the boot disk, in a fraction of the time), the verified archive on disk: a reboot
+# empties /run and unpacks the kept archive again, without fetching it.
+if [ -n "${__RUN_DIR_ENV__:-}" ]; then
+  RUN_DIR=$__RUN_DIR_ENV__
+elif [ "${FRAY_TPU_EMULATED_HOST:-}" = 1 ]; then
+  RUN_DIR=$STATE_DIR/run
+else
+  RUN_DIR=$DEFAULT_RUN_DIR
+fi
 mkdir -p "$STATE_DIR/bundles" || fail bundle "cannot create the state directory $STATE_DIR"
+mkdir -p "$RUN_DIR/bundles" || fail bundle "cannot create the runtime directory $RUN_DIR"
 STATE_DIR=$(cd "$STATE_DIR" && pwd)
-BUNDLE_DIR=$STATE_DIR/bundles/$BUNDLE_SHA256
+RUN_DIR=$(cd "$RUN_DIR" && pwd)
+ARCHIVE=$STATE_DIR/bundles/$BUNDLE_SHA256.tar
+BUNDLE_DIR=$RUN_DIR/bundles/$BUNDLE_SHA256
 SITE=$BUNDLE_DIR/site
 # uv's binary: the agent fetches it here (verified, then renamed) in the background.
 UV=$STATE_DIR/tools/$UV_SHA256/uv
@@ -170,25 +186,28 @@ elif [ -f "$BUNDLE_DIR/.installed" ]; then
   phase bundle "installed already in $BUNDLE_DIR (not fetched again)"
   phase deps "installed already"
 else
-  # Fetched whole and verified before a single member is unpacked.
-  ARCHIVE=$BUNDLE_DIR.tar.partial
-  rm -rf "$BUNDLE_DIR.partial" "$ARCHIVE" && mkdir -p "$BUNDLE_DIR.partial" || fail bundle "cannot write $BUNDLE_DIR.partial"
-  GOT=$("$PYTHON" -c "$FETCH_PY" "$STORAGE_ENDPOINT" "$BUNDLE_URL" "$ARCHIVE" __DOWNLOAD_ATTEMPTS__ 2>&1) \
-    || fail bundle "cannot fetch $BUNDLE_URL from $STORAGE_ENDPOINT: $GOT"
-  if [ "$GOT" != "$BUNDLE_SHA256" ]; then
-    rm -f "$ARCHIVE"
-    fail bundle "SHA-256 mismatch for $BUNDLE_URL: expected $BUNDLE_SHA256 (pinned by the controller), got $GOT; the object was changed after it was staged, refusing to run it"
+  if [ -f "$ARCHIVE" ]; then
+    phase bundle "kept from an earlier boot in $ARCHIVE (verified then; not fetched again)"
+  else
+    # Fetched whole and verified before a single member is unpacked.
+    rm -f "$ARCHIVE.partial"
+    GOT=$("$PYTHON" -c "$FETCH_PY" "$STORAGE_ENDPOINT" "$BUNDLE_URL" "$ARCHIVE.partial" __DOWNLOAD_ATTEMPTS__ 2>&1) \
+      || fail bundle "cannot fetch $BUNDLE_URL from $STORAGE_ENDPOINT: $GOT"
+    if [ "$GOT" != "$BUNDLE_SHA256" ]; then
+      rm -f "$ARCHIVE.partial"
+      fail bundle "SHA-256 mismatch for $BUNDLE_URL: expected $BUNDLE_SHA256 (pinned by the controller), got $GOT; the object was changed after it was staged, refusing to run it"
+    fi
+    mv -f "$ARCHIVE.partial" "$ARCHIVE" || fail bundle "cannot keep the verified bundle in $ARCHIVE"
+    phase bundle "fetched $BUNDLE_URL, SHA-256 verified"
   fi
-  phase bundle "fetched $BUNDLE_URL, SHA-256 verified"
   # The controller installed the dependencies for this Python and platform (uv --target): they
   # load only on that interpreter version.
-  if [ "$VM_PYTHON" != "$BUNDLE_PYTHON" ]; then
-    rm -f "$ARCHIVE"
-    fail deps "the bundle's compiled dependencies (grpcio, protobuf, cryptography) are for Python $BUNDLE_PYTHON on $BUNDLE_PLATFORM; this VM's $PYTHON is $VM_PYTHON: set host_python=$VM_PYTHON, or use a runtime whose image has Python $BUNDLE_PYTHON (tpu-ubuntu2204-base)"
-  fi
-  tar -xf "$ARCHIVE" -C "$BUNDLE_DIR.partial" && rm -f "$ARCHIVE" || fail deps "cannot unpack $BUNDLE_URL"
+  [ "$VM_PYTHON" = "$BUNDLE_PYTHON" ] \
+    || fail deps "the bundle's compiled dependencies (grpcio, protobuf, cryptography) are for Python $BUNDLE_PYTHON on $BUNDLE_PLATFORM; this VM's $PYTHON is $VM_PYTHON: set host_python=$VM_PYTHON, or use a runtime whose image has Python $BUNDLE_PYTHON (tpu-ubuntu2204-base)"
+  rm -rf "$BUNDLE_DIR.partial" && mkdir -p "$BUNDLE_DIR.partial" && tar -xf "$ARCHIVE" -C "$BUNDLE_DIR.partial" \
+    || fail deps "cannot unpack $ARCHIVE into $BUNDLE_DIR.partial"
   touch "$BUNDLE_DIR.partial/.installed" && rm -rf "$BUNDLE_DIR" && mv "$BUNDLE_DIR.partial" "$BUNDLE_DIR" \
-    || fail deps "cannot move the installed bundle into $BUNDLE_DIR"
+    || fail deps "cannot move the unpacked bundle into $BUNDLE_DIR"
   phase deps "unpacked into $SITE"
 fi
 
@@ -289,6 +308,8 @@ def render_startup_script(spec: BootstrapSpec) -> str:
         "__BUNDLE_PLATFORM__": q(spec.bundle_platform),
         "__STORAGE_ENDPOINT__": q(spec.storage_endpoint),
         "__STATE_DIR__": q(spec.state_dir),
+        "__RUN_DIR__": q(spec.run_dir),
+        "__RUN_DIR_ENV__": HOST_RUN_DIR_ENV,
         "__AGENT_EXIT_STOP__": str(AGENT_EXIT_STOP),
         "__RESTART_BACKOFF_MAX__": str(int(spec.restart_backoff_max)),
         "__LOG_PREFIX__": q(LOG_PREFIX),

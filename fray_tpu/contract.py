@@ -127,6 +127,9 @@ EMULATED_HOST_ENV = "FRAY_TPU_EMULATED_HOST"
 HOST_DIR_ENV = "FRAY_TPU_HOST_DIR"
 HOST_IP_ENV = "FRAY_TPU_HOST_IP"
 AGENT_STATE_DIR_ENV = "FRAY_TPU_AGENT_STATE_DIR"
+# Where the bootstrap unpacks the host bundle: the VM's tmpfs (/run/fray-tpu), or an emulated
+# host's own (emptied when it reboots).
+HOST_RUN_DIR_ENV = "FRAY_TPU_HOST_RUN_DIR"
 # How a host runs uv: its path (set by the bootstrap), extra directories
 # searched for interpreters (the emulator's stand-ins for uv's downloads), "never" to forbid
 # interpreter downloads.

@@ -235,7 +235,7 @@ def _serving_pid(host: dict) -> int | None:
 def test_a_rebooted_host_and_a_crashed_agent_come_back_and_the_job_finishes(cluster, fake_gcp, workspace, out_dir,
                                                                              stdlib_job):
     """The startup-script exited 0 and the agent runs on as its own service; a reboot runs the
-    script again and reuses the installed bundle (no second download); a killed agent is
+    script again and reuses the fetched bundle (no second download); a killed agent is
     restarted; the job then succeeds on the same slice."""
     before = fake_gcp.control.storage_counters()
     job_id = cluster.launch(request("reboot", stdlib_job.wait_for_go, [str(out_dir)], workspace))
@@ -249,7 +249,9 @@ def test_a_rebooted_host_and_a_crashed_agent_come_back_and_the_job_finishes(clus
     fake_gcp.control.reboot_host(node, 1)
     wait_for(lambda: (pid := _serving_pid(hosts[1])) and pid != first, "the rebooted host's agent to serve", 60)
     rebooted_log = fake_gcp.control.host_log(node, 1)
-    assert rebooted_log.count("phase bundle: fetched") == 1 and "phase bundle: installed already" in rebooted_log
+    # The reboot emptied the VM's /run (the unpacked bundle): the kept archive is unpacked again.
+    assert rebooted_log.count("phase bundle: fetched") == 1 and "phase bundle: kept from an earlier boot" in rebooted_log
+    assert rebooted_log.count("phase deps: unpacked") == 2
 
     crashed = _serving_pid(hosts[2])
     os.kill(crashed, signal.SIGKILL)
