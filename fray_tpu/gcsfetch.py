@@ -19,8 +19,12 @@ import urllib.request
 TOKEN_TIMEOUT_SECONDS = 30
 DOWNLOAD_TIMEOUT_SECONDS = 120
 CHUNK_BYTES = 1 << 20
-# Refusals no retry heals: a wrong token, no access, no such object.
-_FINAL_HTTP = (401, 403, 404)
+# How long a missing object is waited for, asked for again after a pause that doubles.
+MISSING_WAIT_SECONDS = 60.0
+MISSING_FIRST_PAUSE_SECONDS = 0.05
+MISSING_MAX_PAUSE_SECONDS = 2.0
+# Refusals no retry heals: a wrong token, no access.
+_FINAL_HTTP = (401, 403)
 
 
 class FetchError(Exception):
@@ -35,14 +39,18 @@ def _token(metadata_host: str) -> str:
         return json.loads(response.read())["access_token"]
 
 
-def fetch(endpoint: str, url: str, dest: str, attempts: int) -> str:
+def fetch(endpoint: str, url: str, dest: str, attempts: int, missing_wait: float = MISSING_WAIT_SECONDS) -> str:
     """Download ``url`` (gs://bucket/object) from the JSON API at ``endpoint`` to ``dest``;
-    returns the SHA-256 of what was written. Retries with backoff, except on a final refusal."""
+    returns the SHA-256 of what was written. Failures are retried ``attempts`` times with backoff,
+    except final refusals; an object not there yet (the controller uploads while the slice is
+    created) is asked for again, quickly, for up to ``missing_wait`` seconds."""
     bucket, name = url[len("gs://"):].split("/", 1)
     metadata_host = os.environ.get("GCE_METADATA_HOST") or "metadata.google.internal"
     media = f"{endpoint.rstrip('/')}/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media"
-    last = "no attempt made"
-    for attempt in range(attempts):
+    missing_until = time.monotonic() + missing_wait
+    missing_pause = MISSING_FIRST_PAUSE_SECONDS
+    failures = 0
+    while True:
         try:
             request = urllib.request.Request(media, headers={"Authorization": f"Bearer {_token(metadata_host)}"})
             digest = hashlib.sha256()
@@ -57,13 +65,20 @@ def fetch(endpoint: str, url: str, dest: str, attempts: int) -> str:
             return digest.hexdigest()
         except urllib.error.HTTPError as error:
             last = f"HTTP {error.code} from Cloud Storage for {url}: {error.read()[:200].decode(errors='replace')}"
+            if error.code == 404 and time.monotonic() < missing_until:
+                time.sleep(missing_pause)
+                missing_pause = min(missing_pause * 2, MISSING_MAX_PAUSE_SECONDS)
+                continue
+            if error.code == 404:
+                raise FetchError(f"{last} (still missing after {missing_wait:.0f}s)") from None
             if error.code in _FINAL_HTTP:
-                break
+                raise FetchError(last) from None
         except Exception as error:  # noqa: BLE001 - any network or disk failure is retried, then reported
             last = f"{type(error).__name__}: {error}"
-        if attempt + 1 < attempts:
-            time.sleep(min(2 ** attempt, 20))
-    raise FetchError(last)
+        failures += 1
+        if failures >= attempts:
+            raise FetchError(last)
+        time.sleep(min(2 ** (failures - 1), 20))
 
 
 def main(argv: list) -> int:

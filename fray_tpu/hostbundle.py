@@ -144,28 +144,30 @@ def _site_requirements(requirements: list[str]) -> list[str]:
 
 def bytecode_compiler(python: str) -> str | None:
     """An interpreter of the VM's Python version on this machine, to compile the bundle's
-    bytecode with (the magic number is per minor version): this one, ``pythonX.Y`` on PATH, the
-    newest of pyenv's, or one uv installed, whichever runs first; None without any."""
+    bytecode with (the magic number is per minor version): this one, the newest of pyenv's or
+    uv's installs, else ``pythonX.Y`` on PATH if it runs; None without any. (The compile itself
+    checks the version again.)"""
     if "%d.%d" % sys.version_info[:2] == python:
         return sys.executable
     pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
     uv_managed = Path(os.environ.get("UV_PYTHON_INSTALL_DIR")
                       or Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "uv" / "python")
-    patch = re.compile(rf"(?:cpython-)?{re.escape(python)}\.(\d+)")
+    patch = re.compile(rf"(?:cpython-)?{re.escape(python)}\.(\d+)(?:-|$)")
     installed = [(int(m.group(1)), str(c))
                  for c in [*pyenv.glob(f"{python}.*/bin/python{python}"),
                            *uv_managed.glob(f"cpython-{python}.*/bin/python{python}")]
-                 if (m := patch.match(c.parent.parent.name))]
+                 if (m := patch.match(c.parent.parent.name)) and os.access(c, os.X_OK)]
+    if installed:
+        return max(installed)[1]
     on_path = shutil.which(f"python{python}")
-    for candidate in [*([on_path] if on_path else []), *(c for _, c in sorted(installed, reverse=True))]:
-        try:
-            answer = subprocess.run([candidate, "-I", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                                    capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if answer.returncode == 0 and answer.stdout.strip() == python:
-            return candidate
-    return None
+    if on_path is None:
+        return None
+    try:
+        answer = subprocess.run([on_path, "-I", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return on_path if answer.returncode == 0 and answer.stdout.strip() == python else None
 
 
 def _package_files() -> list[Path]:
@@ -346,17 +348,30 @@ class BundleStorage:
     def object_url(self, name: str) -> str:
         return f"{self.endpoint}/storage/v1/b/{self.bucket}/o/{urllib.parse.quote(name, safe='')}"
 
+    def url(self, staged: HostBundle | StagedFile) -> str:
+        return f"gs://{self.bucket}/{staged.object_name}"
+
+    def missing(self, staged: HostBundle | StagedFile) -> bool:
+        """Whether ``staged`` must be uploaded (its content-addressed object is not there);
+        a configuration error when the bucket does not exist."""
+        existing = self._request("GET", self.object_url(staged.object_name))
+        if existing is not None and int(existing.get("size", -1)) == staged.path.stat().st_size:
+            return False
+        if self._request("GET", f"{self.endpoint}/storage/v1/b/{self.bucket}") is None:
+            raise ConfigError(f"the staging bucket gs://{self.bucket} does not exist: create it, or set "
+                              f"staging_bucket to one the controller can write and the VMs' service account read")
+        return True
+
+    def upload(self, staged: HostBundle | StagedFile) -> str:
+        query = urllib.parse.urlencode({"uploadType": "media", "name": staged.object_name})
+        self._request("POST", f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o?{query}", staged.path.read_bytes())
+        return self.url(staged)
+
     def stage(self, staged: HostBundle | StagedFile) -> str:
         """Upload ``staged`` unless its content-addressed object exists; returns its gs:// URL."""
-        existing = self._request("GET", self.object_url(staged.object_name))
-        if existing is None or int(existing.get("size", -1)) != staged.path.stat().st_size:
-            if self._request("GET", f"{self.endpoint}/storage/v1/b/{self.bucket}") is None:
-                raise ConfigError(f"the staging bucket gs://{self.bucket} does not exist: create it, or set "
-                                  f"staging_bucket to one the controller can write and the VMs' service account read")
-            query = urllib.parse.urlencode({"uploadType": "media", "name": staged.object_name})
-            self._request("POST", f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o?{query}",
-                          staged.path.read_bytes())
-        return f"gs://{self.bucket}/{staged.object_name}"
+        if self.missing(staged):
+            self.upload(staged)
+        return self.url(staged)
 
 
 def main(argv: list[str] | None = None) -> int:

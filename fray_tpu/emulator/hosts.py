@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fray_tpu import contract
-from fray_tpu.emulator.images import INHERIT_CONTROLLER, ImageStore, check_profile, profile_for_runtime, script_environment
+from fray_tpu.emulator.images import DEFAULT_PROFILE, INHERIT_CONTROLLER, ImageStore, check_profile, profile_for_runtime, script_environment
 from fray_tpu.emulator.metadata import HostMetadata, MetadataServer
 from fray_tpu.emulator.state import HostBoot
 from fray_tpu.topology import get_tpu_topology
@@ -212,6 +212,7 @@ class HostRuntime:
         self._hosts: dict[int, list[Host]] = {}
         self._latest_uid: dict[str, int] = {}
         self.images = ImageStore(root / "images")
+        self.images.prebuild(DEFAULT_PROFILE)
         self._image_override: str | None = None
         self._run_root = _run_root(root, instance_id)
 

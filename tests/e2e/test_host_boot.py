@@ -163,7 +163,9 @@ def test_an_image_without_python3_fails_the_job_naming_the_image_to_use(cluster,
 
 def test_a_tampered_bundle_is_refused_on_every_host(cluster, fake_gcp, workspace, out_dir, stdlib_job):
     """The staged object changed after staging (same size): every VM refuses its hash."""
-    script = bootstrapper_for(cluster.config, fake_gcp.endpoint).startup_script("v2-alpha-tpuv5-lite")
+    bootstrapper = bootstrapper_for(cluster.config, fake_gcp.endpoint)
+    script = bootstrapper.startup_script("v2-alpha-tpuv5-lite")
+    bootstrapper.wait_staged(JOB_TIMEOUT)
     (url,) = [line.split("=", 1)[1].strip("'") for line in script.splitlines() if line.startswith("BUNDLE_URL=")]
     name = url.split("/", 3)[3]
     assert name.startswith(OBJECT_PREFIX)
