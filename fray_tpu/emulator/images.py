@@ -107,16 +107,12 @@ class ImageStore:
         self._built: dict[str, Path] = {}
 
     def prebuild(self, name: str) -> None:
-        """Build ``name`` in the background now: Google's images exist before any VM boots, so
-        the first VM waits for no image (a failure here is raised again by that VM's boot)."""
-
-        def build() -> None:
-            try:
-                self.bin_dir(name)
-            except (OSError, subprocess.SubprocessError) as error:
-                LOG.warning("could not prebuild the %s image: %s", name, error)
-
-        threading.Thread(target=build, daemon=True, name=f"image-{name}").start()
+        """Build ``name`` now: Google's images exist before any VM boots, so no VM waits for one
+        (a failure here, e.g. no such interpreter, is raised again by the first VM's boot)."""
+        try:
+            self.bin_dir(name)
+        except (OSError, subprocess.SubprocessError) as error:
+            LOG.warning("could not build the %s image: %s", name, error)
 
     def bin_dir(self, name: str) -> Path:
         profile = check_profile(name)

@@ -27,7 +27,7 @@ from fray_tpu.worker.attempt import Attempt, LaunchPlan
 from fray_tpu.worker.auth import SecretInterceptor
 from fray_tpu.worker.lease import Lease
 from fray_tpu.worker.settings import AgentSettings
-from fray_tpu.worker.uvfetch import UvFetch
+from fray_tpu.worker import uvfetch
 
 LOG = logging.getLogger("fray_tpu.worker")
 # Bounds what even an unauthenticated peer can make the agent buffer (gRPC reads a message
@@ -94,7 +94,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
 
         self._bundles = BundleStore(settings.state_dir / "bundles")
         self._pyenvs = None
-        self.uv = UvFetch(os.environ)
+        self.uv = uvfetch.for_process()
         self.lease = Lease(settings.lease_seconds, self._lease_expired)
         self.auth = SecretInterceptor(settings.secret_sha256, persist_path=settings.state_dir / SECRET_FILE)
         self._identity = worker_pb2.WorkerIdentity(

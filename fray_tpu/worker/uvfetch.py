@@ -28,17 +28,20 @@ FETCH_ATTEMPTS = 4
 
 class UvFetch:
     def __init__(self, environ: Mapping[str, str]):
-        self._environ = dict(environ)
         self.url = environ.get(UV_URL_ENV, "").strip()
         self._sha256 = environ.get(UV_SHA256_ENV, "").strip()
         self._endpoint = environ.get(STORAGE_ENDPOINT_ENV, "").strip()
         self.path = Path(environ[UV_ENV]) if self.url else None
         self._lock = threading.Lock()
+        self._started = False
 
     def start(self) -> None:
-        """Fetch in the background unless there is nothing to fetch."""
-        if self.path is not None and not self.path.exists():
-            threading.Thread(target=self._prefetch, daemon=True, name="fetch-uv").start()
+        """Fetch in the background unless there is nothing to fetch (once)."""
+        with self._lock:
+            if self._started or self.path is None or self.path.exists():
+                return
+            self._started = True
+        threading.Thread(target=self._prefetch, daemon=True, name="fetch-uv").start()
 
     def _prefetch(self) -> None:
         try:
@@ -47,10 +50,13 @@ class UvFetch:
             LOG.warning("%s (the first job environment tries again)", error)
 
     def environ(self) -> dict[str, str]:
-        """The environment that names a usable uv, once it is here (fetching it if the
+        """This process's environment, naming the fetched uv once it is here (fetching it if the
         background fetch has not)."""
         self.ensure()
-        return self._environ
+        env = dict(os.environ)
+        if self.path is not None:
+            env[UV_ENV] = str(self.path)
+        return env
 
     def ensure(self) -> None:
         if self.path is None:
@@ -72,3 +78,20 @@ class UvFetch:
             partial.chmod(0o755)
             os.replace(partial, self.path)
             LOG.info("uv fetched from %s, SHA-256 verified", self.url)
+
+
+_PROCESS: UvFetch | None = None
+_PROCESS_LOCK = threading.Lock()
+
+
+def for_process() -> UvFetch:
+    """This process's fetch of uv (from its environment), started or not."""
+    global _PROCESS
+    with _PROCESS_LOCK:
+        if _PROCESS is None:
+            _PROCESS = UvFetch(os.environ)
+        return _PROCESS
+
+
+def start() -> None:
+    for_process().start()
