@@ -106,8 +106,8 @@ class HostBootstrapper:
     def _upload(self, python: str, storage: BundleStorage, missing: list) -> None:
         started = time.monotonic()
         try:
-            with ThreadPoolExecutor(len(missing), thread_name_prefix="stage") as uploads:
-                urls = list(uploads.map(storage.upload, missing))
+            # One after the other, the bundle first: the VMs need it first (uv only once the agent serves).
+            urls = [storage.upload(staged) for staged in missing]
         except FrayTpuError as error:
             reason = f"staging the host bundle for Python {python} in gs://{storage.bucket} failed: {error}"
             log.error("%s", reason)
