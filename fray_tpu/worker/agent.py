@@ -22,12 +22,11 @@ from fray_tpu import contract, tls
 from fray_tpu.contract import BASE_ENV_DIGEST, FAILURE_KIND_KEY, PrepareFailureKind
 from fray_tpu.errors import ConfigError, EnvironmentBuildError
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
-from fray_tpu.worker import cleanup
+from fray_tpu.worker import cleanup, uvfetch
 from fray_tpu.worker.attempt import Attempt, LaunchPlan
 from fray_tpu.worker.auth import SecretInterceptor
 from fray_tpu.worker.lease import Lease
 from fray_tpu.worker.settings import AgentSettings
-from fray_tpu.worker import uvfetch
 
 LOG = logging.getLogger("fray_tpu.worker")
 # Bounds what even an unauthenticated peer can make the agent buffer (gRPC reads a message

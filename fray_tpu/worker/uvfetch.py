@@ -2,8 +2,8 @@
 content-addressed object.
 
 The agent serves without it (only job environments need uv), so it is not on the boot's critical
-path: the agent starts fetching it in the background as it starts, and the first environment build
-waits for that fetch. The bootstrap names the object, its pinned SHA-256 and where it goes
+path: ``python -m fray_tpu.worker`` starts fetching it in the background before it even imports
+the agent (:func:`start`), and the first environment build waits for that fetch. The bootstrap names the object, its pinned SHA-256 and where it goes
 (``contract.UV_URL_ENV``, ``UV_SHA256_ENV``, ``STORAGE_ENDPOINT_ENV``, ``UV_ENV``); the file
 appears under that path only once its hash matched, so a restarted agent or a rebooted VM finds
 it and fetches nothing. Without a staged object (an inherit-controller host, a developer's
