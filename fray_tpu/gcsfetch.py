@@ -22,7 +22,7 @@ CHUNK_BYTES = 1 << 20
 # How long a missing object is waited for, asked for again after a pause that doubles.
 MISSING_WAIT_SECONDS = 60.0
 MISSING_FIRST_PAUSE_SECONDS = 0.05
-MISSING_MAX_PAUSE_SECONDS = 2.0
+MISSING_MAX_PAUSE_SECONDS = 0.5
 # Refusals no retry heals: a wrong token, no access.
 _FINAL_HTTP = (401, 403)
 
