@@ -180,6 +180,11 @@ def reexec_in_netns(argv: list[str]) -> int | None:
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=30)
     if probe.returncode != 0:
         return None
+    # The namespace reaches no package index: the host bundle (built once per fray-tpu version,
+    # from the index, and cached) is built before, as a controller does it once, not per start.
+    from fray_tpu.hostbundle import build_host_bundle
+
+    build_host_bundle()
     script = 'ip link set lo up && exec "$@"'
     command = ["unshare", "-n", "sh", "-c", script, "sh", sys.executable, str(Path(__file__).resolve()), *argv]
     return subprocess.run(command, env={**os.environ, ISOLATED_ENV: "1"}, timeout=TOTAL_BUDGET_SECONDS + 60).returncode

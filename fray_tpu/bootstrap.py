@@ -1,10 +1,11 @@
 """The startup-script every TPU VM runs at boot (as root, on every worker, in no order).
 
 It finds the image's ``python3``, fetches the host bundle (``fray_tpu.hostbundle``) from Cloud
-Storage with the VM's own service-account token, verifies its SHA-256 against the hash the
-controller pinned here, unpacks it (its dependencies are installed already, for this Python and
-platform; no package index is ever asked), writes the
-agent's settings, starts the agent as its own service and exits 0. On a VM with systemd the
+Storage with the VM's own service-account token (``fray_tpu.gcsfetch``), verifies its SHA-256
+against the hash the controller pinned here, unpacks it (its dependencies are installed already,
+with their bytecode, for this Python and platform; no package index is ever asked), writes the
+agent's settings (among them where uv's own object is and its pinned hash: the agent fetches it
+in the background, ``fray_tpu.worker.uvfetch``), starts the agent as its own service and exits 0. On a VM with systemd the
 service is a unit (restart on crash, the whole control group stopped at shutdown, the agent's
 stop-for-good exit code :data:`AGENT_EXIT_STOP` honoured, output to its own log); without
 systemd (the emulator's images) a detached runner does the same. A reboot runs the script again;
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # AGENT_STATE_DIR_ENV overrides the state directory (the env file and the agent's state:
 # fray_tpu.worker.settings reads the same variable).
+from fray_tpu import gcsfetch
 from fray_tpu.contract import (
     AGENT_LOG_NAME,
     AGENT_SERVING_MARKER,
@@ -34,7 +37,11 @@ from fray_tpu.contract import (
     GUEST_BOOT_FAILED,
     GUEST_BOOT_PHASES,
     GUEST_NAMESPACE,
+    HOST_RUN_DIR_ENV,
+    STORAGE_ENDPOINT_ENV,
     UV_ENV,
+    UV_SHA256_ENV,
+    UV_URL_ENV,
     VERSION,
 )
 from fray_tpu.errors import ConfigError
@@ -65,6 +72,8 @@ class BootstrapSpec:
     fray_tpu_version: str
     bundle_url: str  # gs://bucket/object
     bundle_sha256: str
+    uv_url: str  # gs://bucket/object: uv's binary
+    uv_sha256: str
     bundle_python: str = "3.10"
     bundle_platform: str = ""
     storage_endpoint: str = "https://storage.googleapis.com"
@@ -73,6 +82,7 @@ class BootstrapSpec:
     agent_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     state_dir: str = "/var/lib/fray-tpu"
+    run_dir: str = "/run/fray-tpu"  # a tmpfs: the unpacked bundle
     restart_backoff_max: int = 30
 
     def __post_init__(self) -> None:
@@ -83,48 +93,17 @@ class BootstrapSpec:
         bad_keys = [key for key in self.env if not _ENV_KEY.fullmatch(key)]
         if bad_keys:
             raise ConfigError(f"BootstrapSpec.env has invalid variable names {bad_keys}; use [A-Za-z_][A-Za-z0-9_]*")
-        if not self.bundle_url.startswith("gs://") or self.bundle_url.count("/") < 3:
-            raise ConfigError(f"BootstrapSpec.bundle_url {self.bundle_url!r} is not gs://bucket/object")
-        if not _SHA256.fullmatch(self.bundle_sha256):
-            raise ConfigError(f"BootstrapSpec.bundle_sha256 {self.bundle_sha256!r} is not a lowercase hex SHA-256")
+        for name in ("bundle", "uv"):
+            url, sha256 = getattr(self, f"{name}_url"), getattr(self, f"{name}_sha256")
+            if not url.startswith("gs://") or url.count("/") < 3:
+                raise ConfigError(f"BootstrapSpec.{name}_url {url!r} is not gs://bucket/object")
+            if not _SHA256.fullmatch(sha256):
+                raise ConfigError(f"BootstrapSpec.{name}_sha256 {sha256!r} is not a lowercase hex SHA-256")
         if self.restart_backoff_max < 1:
             raise ConfigError(f"BootstrapSpec.restart_backoff_max must be at least 1, got {self.restart_backoff_max}")
-        if not self.state_dir or not self.python:
-            raise ConfigError("BootstrapSpec.state_dir and BootstrapSpec.python must not be empty")
+        if not self.state_dir or not self.run_dir or not self.python:
+            raise ConfigError("BootstrapSpec.state_dir, run_dir and python must not be empty")
 
-
-# Fetches gs://bucket/object to a file with the VM's service-account token; prints the SHA-256.
-_FETCH_PY = r"""
-import hashlib, json, os, sys, time, urllib.parse, urllib.request
-endpoint, url, dest, attempts = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-bucket, name = url[len("gs://"):].split("/", 1)
-md = os.environ.get("GCE_METADATA_HOST") or "metadata.google.internal"
-last = None
-for attempt in range(attempts):
-    try:
-        request = urllib.request.Request(f"http://{md}/computeMetadata/v1/instance/service-accounts/default/token",
-                                         headers={"Metadata-Flavor": "Google"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            token = json.loads(response.read())["access_token"]
-        media = f"{endpoint.rstrip('/')}/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media"
-        request = urllib.request.Request(media, headers={"Authorization": f"Bearer {token}"})
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(request, timeout=120) as response, open(dest, "wb") as out:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        print(digest.hexdigest())
-        sys.exit(0)
-    except urllib.error.HTTPError as error:
-        last = f"HTTP {error.code} from Cloud Storage for {url}: {error.read()[:200].decode(errors='replace')}"
-        if error.code in (401, 403, 404):
-            break
-    except Exception as error:
-        last = f"{type(error).__name__}: {error}"
-    time.sleep(min(2 ** attempt, 20))
-print(last, file=sys.stderr)
-sys.exit(1)
-"""
 
 _TEMPLATE = r"""#!/bin/bash
 # fray-tpu startup script (fray-tpu __VERSION_COMMENT__): fetch and verify the host bundle, install
@@ -137,10 +116,13 @@ AGENT_MODULE=__AGENT_MODULE__
 AGENT_ARGS=(__AGENT_ARGS__)
 BUNDLE_URL=__BUNDLE_URL__
 BUNDLE_SHA256=__BUNDLE_SHA256__
+UV_URL=__UV_URL__
+UV_SHA256=__UV_SHA256__
 BUNDLE_PYTHON=__BUNDLE_PYTHON__
 BUNDLE_PLATFORM=__BUNDLE_PLATFORM__
 STORAGE_ENDPOINT=__STORAGE_ENDPOINT__
 DEFAULT_STATE_DIR=__STATE_DIR__
+DEFAULT_RUN_DIR=__RUN_DIR__
 AGENT_EXIT_STOP=__AGENT_EXIT_STOP__
 RESTART_BACKOFF_MAX=__RESTART_BACKOFF_MAX__
 METADATA=${GCE_METADATA_HOST:-metadata.google.internal}
@@ -173,36 +155,60 @@ elif [ "${FRAY_TPU_EMULATED_HOST:-}" = 1 ]; then
 else
   STATE_DIR=$DEFAULT_STATE_DIR
 fi
+# The unpacked bundle lives in RUN_DIR, a tmpfs (/run: thousands of small files are created in
+# memory, not on the boot disk, in a fraction of the time), the verified archive on disk: a reboot
+# empties /run and unpacks the kept archive again, without fetching it.
+if [ -n "${__RUN_DIR_ENV__:-}" ]; then
+  RUN_DIR=$__RUN_DIR_ENV__
+elif [ "${FRAY_TPU_EMULATED_HOST:-}" = 1 ]; then
+  RUN_DIR=$STATE_DIR/run
+else
+  RUN_DIR=$DEFAULT_RUN_DIR
+fi
 mkdir -p "$STATE_DIR/bundles" || fail bundle "cannot create the state directory $STATE_DIR"
+mkdir -p "$RUN_DIR/bundles" || fail bundle "cannot create the runtime directory $RUN_DIR"
 STATE_DIR=$(cd "$STATE_DIR" && pwd)
-BUNDLE_DIR=$STATE_DIR/bundles/$BUNDLE_SHA256
+RUN_DIR=$(cd "$RUN_DIR" && pwd)
+ARCHIVE=$STATE_DIR/bundles/$BUNDLE_SHA256.tar
+BUNDLE_DIR=$RUN_DIR/bundles/$BUNDLE_SHA256
 SITE=$BUNDLE_DIR/site
-UV=$BUNDLE_DIR/bin/uv
+# uv's binary: the agent fetches it here (verified, then renamed) in the background.
+UV=$STATE_DIR/tools/$UV_SHA256/uv
 
 if [ "${__INHERITED_ENV__:-}" = 1 ] && "$PYTHON" -c 'import sys, fray_tpu; sys.exit(fray_tpu.__version__ != sys.argv[1])' "$FRAY_TPU_VERSION" 2>/dev/null; then
   # The emulator's inherit-controller image (edge tests only): the controller's own interpreter.
   SITE=""
   UV=$(command -v uv || true)
+  UV_URL=""
   phase bundle "not used: the inherit-controller image runs the emulator's own fray-tpu"
   phase deps "inherited"
 elif [ -f "$BUNDLE_DIR/.installed" ]; then
   phase bundle "installed already in $BUNDLE_DIR (not fetched again)"
   phase deps "installed already"
 else
-  rm -rf "$BUNDLE_DIR.partial" && mkdir -p "$BUNDLE_DIR.partial/bin" || fail bundle "cannot write $BUNDLE_DIR.partial"
-  ARCHIVE=$BUNDLE_DIR.partial/bundle.tar.gz
-  GOT=$("$PYTHON" -c "$FETCH_PY" "$STORAGE_ENDPOINT" "$BUNDLE_URL" "$ARCHIVE" __DOWNLOAD_ATTEMPTS__ 2>&1) \
-    || fail bundle "cannot fetch $BUNDLE_URL from $STORAGE_ENDPOINT: $GOT"
-  [ "$GOT" = "$BUNDLE_SHA256" ] || fail bundle "SHA-256 mismatch for $BUNDLE_URL: expected $BUNDLE_SHA256 (pinned by the controller), got $GOT; the object was changed after it was staged, refusing to run it"
-  tar -xzf "$ARCHIVE" -C "$BUNDLE_DIR.partial" && rm -f "$ARCHIVE" || fail bundle "cannot unpack $BUNDLE_URL"
-  phase bundle "fetched $BUNDLE_URL, SHA-256 verified"
+  if [ -f "$ARCHIVE" ]; then
+    phase bundle "kept from an earlier boot in $ARCHIVE (verified then; not fetched again)"
+  else
+    # Fetched whole and verified before a single member is unpacked.
+    rm -f "$ARCHIVE.partial"
+    GOT=$("$PYTHON" -c "$FETCH_PY" "$STORAGE_ENDPOINT" "$BUNDLE_URL" "$ARCHIVE.partial" __DOWNLOAD_ATTEMPTS__ 2>&1) \
+      || fail bundle "cannot fetch $BUNDLE_URL from $STORAGE_ENDPOINT: $GOT"
+    if [ "$GOT" != "$BUNDLE_SHA256" ]; then
+      rm -f "$ARCHIVE.partial"
+      fail bundle "SHA-256 mismatch for $BUNDLE_URL: expected $BUNDLE_SHA256 (pinned by the controller), got $GOT; the object was changed after it was staged, refusing to run it"
+    fi
+    mv -f "$ARCHIVE.partial" "$ARCHIVE" || fail bundle "cannot keep the verified bundle in $ARCHIVE"
+    phase bundle "fetched $BUNDLE_URL, SHA-256 verified"
+  fi
   # The controller installed the dependencies for this Python and platform (uv --target): they
   # load only on that interpreter version.
   [ "$VM_PYTHON" = "$BUNDLE_PYTHON" ] \
     || fail deps "the bundle's compiled dependencies (grpcio, protobuf, cryptography) are for Python $BUNDLE_PYTHON on $BUNDLE_PLATFORM; this VM's $PYTHON is $VM_PYTHON: set host_python=$VM_PYTHON, or use a runtime whose image has Python $BUNDLE_PYTHON (tpu-ubuntu2204-base)"
+  rm -rf "$BUNDLE_DIR.partial" && mkdir -p "$BUNDLE_DIR.partial" && tar -xf "$ARCHIVE" -C "$BUNDLE_DIR.partial" \
+    || fail deps "cannot unpack $ARCHIVE into $BUNDLE_DIR.partial"
   touch "$BUNDLE_DIR.partial/.installed" && rm -rf "$BUNDLE_DIR" && mv "$BUNDLE_DIR.partial" "$BUNDLE_DIR" \
-    || fail deps "cannot move the installed bundle into $BUNDLE_DIR"
-  phase deps "installed into $SITE"
+    || fail deps "cannot move the unpacked bundle into $BUNDLE_DIR"
+  phase deps "unpacked into $SITE"
 fi
 
 ENV_FILE=$STATE_DIR/__ENV_FILE_NAME__
@@ -212,6 +218,9 @@ ENV_FILE=$STATE_DIR/__ENV_FILE_NAME__
     printf '__AGENT_STATE_DIR_ENV__=%q\n' "$STATE_DIR"
     [ -n "$SITE" ] && printf 'PYTHONPATH=%q\n' "$SITE"
     printf '__AGENT_UV_ENV__=%q\n' "$UV"
+    if [ -n "$UV_URL" ]; then
+      printf '__UV_URL_ENV__=%q\n__UV_SHA256_ENV__=%q\n__STORAGE_ENDPOINT_ENV__=%q\n' "$UV_URL" "$UV_SHA256" "$STORAGE_ENDPOINT"
+    fi
     printf 'PYTHONUNBUFFERED=1\n'
     printf 'GCE_METADATA_HOST=%q\n' "$METADATA"
     printf '%s\n' __ENV_LINES__
@@ -290,10 +299,17 @@ def render_startup_script(spec: BootstrapSpec) -> str:
         "__AGENT_ARGS__": " ".join(q(arg) for arg in spec.agent_args),
         "__BUNDLE_URL__": q(spec.bundle_url),
         "__BUNDLE_SHA256__": q(spec.bundle_sha256),
+        "__UV_URL__": q(spec.uv_url),
+        "__UV_SHA256__": q(spec.uv_sha256),
+        "__UV_URL_ENV__": UV_URL_ENV,
+        "__UV_SHA256_ENV__": UV_SHA256_ENV,
+        "__STORAGE_ENDPOINT_ENV__": STORAGE_ENDPOINT_ENV,
         "__BUNDLE_PYTHON__": q(spec.bundle_python),
         "__BUNDLE_PLATFORM__": q(spec.bundle_platform),
         "__STORAGE_ENDPOINT__": q(spec.storage_endpoint),
         "__STATE_DIR__": q(spec.state_dir),
+        "__RUN_DIR__": q(spec.run_dir),
+        "__RUN_DIR_ENV__": HOST_RUN_DIR_ENV,
         "__AGENT_EXIT_STOP__": str(AGENT_EXIT_STOP),
         "__RESTART_BACKOFF_MAX__": str(int(spec.restart_backoff_max)),
         "__LOG_PREFIX__": q(LOG_PREFIX),
@@ -314,5 +330,5 @@ def render_startup_script(spec: BootstrapSpec) -> str:
     }
     pattern = re.compile("|".join(re.escape(token) for token in sorted(replacements, key=len, reverse=True)))
     script = pattern.sub(lambda match: replacements[match.group(0)], _TEMPLATE)
-    prelude = f"FETCH_PY={q(_FETCH_PY)}\n"
+    prelude = f"FETCH_PY={q(Path(gcsfetch.__file__).read_text())}\n"
     return script.replace("set -u\n", "set -u\n" + prelude, 1)

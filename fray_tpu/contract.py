@@ -127,10 +127,18 @@ EMULATED_HOST_ENV = "FRAY_TPU_EMULATED_HOST"
 HOST_DIR_ENV = "FRAY_TPU_HOST_DIR"
 HOST_IP_ENV = "FRAY_TPU_HOST_IP"
 AGENT_STATE_DIR_ENV = "FRAY_TPU_AGENT_STATE_DIR"
-# How a host runs uv: its path (the host bundle's, set by the bootstrap), extra directories
+# Where the bootstrap unpacks the host bundle: the VM's tmpfs (/run/fray-tpu), or an emulated
+# host's own (emptied when it reboots).
+HOST_RUN_DIR_ENV = "FRAY_TPU_HOST_RUN_DIR"
+# How a host runs uv: its path (set by the bootstrap), extra directories
 # searched for interpreters (the emulator's stand-ins for uv's downloads), "never" to forbid
 # interpreter downloads.
 UV_ENV = "FRAY_TPU_UV"
+# Where a VM's agent fetches uv from when the bootstrap staged it (fray_tpu.worker.uvfetch): the
+# gs:// object, its pinned SHA-256 and the Cloud Storage endpoint.
+UV_URL_ENV = "FRAY_TPU_UV_URL"
+UV_SHA256_ENV = "FRAY_TPU_UV_SHA256"
+STORAGE_ENDPOINT_ENV = "FRAY_TPU_STORAGE_ENDPOINT"
 PYTHON_DIRS_ENV = "FRAY_TPU_PYTHON_DIRS"
 PYTHON_DOWNLOADS_ENV = "FRAY_TPU_PYTHON_DOWNLOADS"
 # Set on the emulator's inherit-controller hosts (edge tests only): the startup-script may use

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import google.auth
@@ -52,6 +53,9 @@ class HostBootstrapper:
         self._emulator_endpoint = emulator_endpoint
         self._lock = threading.Lock()
         self._scripts: dict[str, str] = {}
+        self._uploads: dict[str, Future] = {}
+        # Not daemon threads: a controller process that exits right after a launch finishes the upload.
+        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="host-bundle-upload")
         self._credentials = None
 
     def _token(self) -> str:
@@ -78,26 +82,61 @@ class HostBootstrapper:
         return BundleStorage(self._config.staging_bucket.removeprefix("gs://"), token=self._token)
 
     def startup_script(self, runtime_version: str) -> str:
-        """The startup-script for ``runtime_version``: builds and stages its bundle on first use."""
+        """The startup-script for ``runtime_version``: builds its bundle on first use and stages
+        it in the background (the VMs wait for what is not uploaded yet, ``gcsfetch``): creating
+        a slice takes longer than the upload, which thus costs a launch no time."""
         python = self._config.host_python or runtime_python(runtime_version)
         check_host_python(runtime_version, python)
         with self._lock:
             if python not in self._scripts:
-                started = time.monotonic()
                 bundle = build_host_bundle(HostTarget(python, DEFAULT_PLATFORM))
                 storage = self._storage()
-                url = storage.stage(bundle)
-                log.info("host bundle %s for Python %s staged at %s in %.1fs", bundle.sha256[:12], python, url,
-                         time.monotonic() - started)
+                missing = [staged for staged in (bundle, bundle.uv) if storage.missing(staged)]
+                if missing:
+                    with _BOOTSTRAPPERS_LOCK:
+                        _STAGING_FAILURES.pop((id(self), python), None)
+                    self._uploads[python] = self._uploader.submit(self._upload, python, storage, missing)
                 self._scripts[python] = render_startup_script(BootstrapSpec(
-                    fray_tpu_version=fray_tpu_version(), bundle_url=url, bundle_sha256=bundle.sha256,
+                    fray_tpu_version=fray_tpu_version(), bundle_url=storage.url(bundle), bundle_sha256=bundle.sha256,
+                    uv_url=storage.url(bundle.uv), uv_sha256=bundle.uv.sha256,
                     bundle_python=python, bundle_platform=bundle.target.platform, storage_endpoint=storage.endpoint,
                 ))
             return self._scripts[python]
 
+    def _upload(self, python: str, storage: BundleStorage, missing: list) -> None:
+        started = time.monotonic()
+        try:
+            # One after the other, the bundle first: the VMs need it first (uv only once the agent serves).
+            urls = [storage.upload(staged) for staged in missing]
+        except FrayTpuError as error:
+            reason = f"staging the host bundle for Python {python} in gs://{storage.bucket} failed: {error}"
+            log.error("%s", reason)
+            with self._lock:
+                self._scripts.pop(python, None)  # the next launch stages again
+            with _BOOTSTRAPPERS_LOCK:
+                _STAGING_FAILURES[(id(self), python)] = reason
+            raise
+        log.info("host bundle for Python %s staged at %s in %.1fs", python, ", ".join(urls), time.monotonic() - started)
+
+    def wait_staged(self, timeout: float) -> None:
+        """Until every upload started so far has ended (raising its error, if it failed)."""
+        with self._lock:
+            uploads = list(self._uploads.values())
+        for upload in uploads:
+            upload.result(timeout=timeout)
+
 
 _BOOTSTRAPPERS: dict[tuple, HostBootstrapper] = {}
 _BOOTSTRAPPERS_LOCK = threading.Lock()
+# Why a background upload failed, per (bootstrapper, Python), until the next upload of the same:
+# the VMs of every slice booting meanwhile wait for that object in vain.
+_STAGING_FAILURES: dict[tuple[int, str], str] = {}
+
+
+def staging_failure() -> str | None:
+    """A background upload's failure in this process, if one is standing."""
+    with _BOOTSTRAPPERS_LOCK:
+        return next(iter(_STAGING_FAILURES.values()), None)
 
 
 def bootstrapper_for(config: TpuClusterConfig, emulator_endpoint: str | None) -> HostBootstrapper:
@@ -125,14 +164,18 @@ def watch_boot(read: Callable[[int], list[dict[str, str]]], hosts_per_slice: dic
     ``lost`` (a lost VM publishes nothing more: waiting for it would last until ``deadline``), or
     ``deadline``.
 
-    Raises :class:`BootstrapFailed` when every host failed. A slice that fails on some hosts
-    (or never finishes) is returned in ``dead``.
+    Raises :class:`BootstrapFailed` when every host failed, or when staging the host bundle
+    failed (the hosts wait for it in vain). A slice that fails on some hosts (or never finishes)
+    is returned in ``dead``.
     """
     expected = sum(hosts_per_slice.values())
     while True:
         gone = lost()
         if gone:
             return BootResult([], {}, gone)
+        failed_upload = staging_failure()
+        if failed_upload:
+            raise BootstrapFailed(failed_upload)
         try:
             reports = read_reports(read, sorted(hosts_per_slice))
         except FrayTpuError as error:

@@ -1,17 +1,24 @@
 """The host bundle: everything a TPU VM needs to run the agent, with no package index.
 
-One deterministic ``.tar.gz`` per (fray-tpu source, VM Python, VM platform): a ``site/`` tree
-with the controller's own ``fray_tpu`` package (exactly the controller's version, published
-nowhere) and its dependencies installed for the VM's Python and platform (wheels fetched by the
-controller, which can reach an index, with ``pip download --only-binary=:all:``, then installed
-with ``uv pip install --target --python-version --python-platform``), and ``bin/uv`` (a static
-binary, for the agent's job environments). The VM only verifies and unpacks it. The bundle is
-built once and cached under ``$XDG_CACHE_HOME/fray-tpu/host-bundles/``; its SHA-256 names it.
+One ``.tar`` per (fray-tpu source, VM Python, VM platform): a ``site/`` tree with the
+controller's own ``fray_tpu`` package (exactly the controller's version, published nowhere) and
+its dependencies installed for the VM's Python and platform (wheels fetched by the controller,
+which can reach an index, with ``pip download --only-binary=:all:``, then installed with ``uv pip
+install --target --python-version --python-platform``), with their bytecode compiled by an
+interpreter of the VM's Python version (unchecked-hash ``.pyc``: a VM does not compile grpc,
+protobuf and cryptography at every first boot; without such an interpreter on the controller the
+bundle carries no bytecode and each VM compiles what it imports, about half a second more). The
+VM only verifies and unpacks it. The tar is not compressed: inflating it costs a VM more CPU than
+the bytes it saves take to download. Beside it, ``uv`` (a static binary from its wheel, for job
+environments) is an object of its own: the agent serves without it and fetches it in the
+background (``fray_tpu.worker.uvfetch``). Both are built once and cached under
+``$XDG_CACHE_HOME/fray-tpu/host-bundles/``; their SHA-256s name them.
 
-It travels through Cloud Storage: the controller uploads it once per version (skipped when the
-content-addressed object exists) and pins its hash in node metadata; every VM downloads it over
-Private Google Access (no external IP, no route to the controller) and verifies the hash before
-unpacking. 256 VMs mean 256 downloads served by Cloud Storage, one upload by the controller.
+They travel through Cloud Storage: the controller uploads each once per version (skipped when
+the content-addressed object exists) and pins their hashes in node metadata; every VM downloads
+them over Private Google Access (no external IP, no route to the controller) and verifies each
+hash before unpacking or running anything. 256 VMs mean 512 downloads served by Cloud Storage,
+one upload of each by the controller.
 
 The agent runs on the image's own ``python3``: 3.10 on every current TPU runtime image. The older
 ``tpu-vm-*`` images (3.8) are refused before anything is provisioned: grpcio and protobuf at the
@@ -21,11 +28,11 @@ versions fray-tpu needs publish no 3.8 wheels.
 from __future__ import annotations
 
 import fcntl
-import gzip
 import hashlib
 import importlib.metadata
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -43,11 +50,13 @@ from pathlib import Path
 from fray_tpu.contract import VERSION
 from fray_tpu.errors import ConfigError, FrayTpuError
 
+log = logging.getLogger(__name__)
 DEFAULT_PLATFORM = "manylinux_2_35_x86_64"  # Ubuntu 22.04's glibc 2.35 on the x86 TPU hosts
 DEFAULT_PYTHON = "3.10"
 UV_REQUIREMENT = "uv>=0.5,<1"
 OBJECT_PREFIX = "fray-tpu/host-bundles"
 PIP_DOWNLOAD_TIMEOUT_SECONDS = 600.0
+COMPILE_TIMEOUT_SECONDS = 300.0
 STORAGE_TIMEOUT_SECONDS = 120.0
 STORAGE_ATTEMPTS = 4
 MIN_HOST_PYTHON = (3, 10)
@@ -57,6 +66,16 @@ WHEELHOUSE_ENV = "FRAY_TPU_HOST_WHEELHOUSE"
 # Runtime versions whose image ships Python 3.8 (Ubuntu 20.04); every other current one is 3.10.
 _PY38_RUNTIME = re.compile(r"^tpu-vm-")
 _PACKAGE_SKIP = re.compile(r"(__pycache__|\.pyc$|\.pyo$)")
+_UV_NAME = re.compile(r"^uv\s*(?:[<>=!~;\[(]|$)")
+# Run with the VM's Python version: unchecked-hash bytecode for every module of the site (the
+# bundle is verified as a whole; its sources never change on the VM).
+_COMPILE_PY = """
+import compileall, py_compile, sys
+if "%d.%d" % sys.version_info[:2] != sys.argv[1]:
+    sys.exit("this interpreter is Python %d.%d, not %s" % (sys.version_info[:2] + (sys.argv[1],)))
+compileall.compile_dir(sys.argv[2], quiet=2, workers=0,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+"""
 # The fray_tpu package the bundle carries: the controller's own source.
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -89,14 +108,27 @@ class HostTarget:
 
 
 @dataclass(frozen=True)
+class StagedFile:
+    """One file the VMs fetch from Cloud Storage, named by its SHA-256 (``uv``'s binary)."""
+
+    path: Path
+    sha256: str
+
+    @property
+    def object_name(self) -> str:
+        return f"{OBJECT_PREFIX}/{self.sha256}.{self.path.name}"
+
+
+@dataclass(frozen=True)
 class HostBundle:
     path: Path
     sha256: str
     target: HostTarget
+    uv: StagedFile
 
     @property
     def object_name(self) -> str:
-        return f"{OBJECT_PREFIX}/{self.sha256}.tar.gz"
+        return f"{OBJECT_PREFIX}/{self.sha256}.tar"
 
 
 def agent_requirements() -> list[str]:
@@ -105,13 +137,46 @@ def agent_requirements() -> list[str]:
     return sorted(r.split(";")[0].strip() for r in requires if "extra ==" not in r) + [UV_REQUIREMENT]
 
 
+def _site_requirements(requirements: list[str]) -> list[str]:
+    """What the agent imports: everything but uv, which travels as its own object."""
+    return [r for r in requirements if not _UV_NAME.match(r)]
+
+
+def bytecode_compiler(python: str) -> str | None:
+    """An interpreter of the VM's Python version on this machine, to compile the bundle's
+    bytecode with (the magic number is per minor version): this one, the newest of pyenv's or
+    uv's installs, else ``pythonX.Y`` on PATH if it runs; None without any. (The compile itself
+    checks the version again.)"""
+    if "%d.%d" % sys.version_info[:2] == python:
+        return sys.executable
+    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    uv_managed = Path(os.environ.get("UV_PYTHON_INSTALL_DIR")
+                      or Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "uv" / "python")
+    patch = re.compile(rf"(?:cpython-)?{re.escape(python)}\.(\d+)(?:-|$)")
+    installed = [(int(m.group(1)), str(c))
+                 for c in [*pyenv.glob(f"{python}.*/bin/python{python}"),
+                           *uv_managed.glob(f"cpython-{python}.*/bin/python{python}")]
+                 if (m := patch.match(c.parent.parent.name)) and os.access(c, os.X_OK)]
+    if installed:
+        return max(installed)[1]
+    on_path = shutil.which(f"python{python}")
+    if on_path is None:
+        return None
+    try:
+        answer = subprocess.run([on_path, "-I", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return on_path if answer.returncode == 0 and answer.stdout.strip() == python else None
+
+
 def _package_files() -> list[Path]:
     root = PACKAGE_DIR
     return sorted(p for p in root.rglob("*") if p.is_file() and not _PACKAGE_SKIP.search(str(p)))
 
 
-def _build_key(target: HostTarget, requirements: list[str]) -> str:
-    digest = hashlib.sha256(json.dumps([target.python, target.platform, requirements]).encode())
+def _build_key(target: HostTarget, requirements: list[str], compiler: str | None) -> str:
+    digest = hashlib.sha256(json.dumps([target.python, target.platform, requirements, compiler is not None]).encode())
     root = PACKAGE_DIR
     for path in _package_files():
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -186,41 +251,70 @@ def _install_site(target: HostTarget, requirements: list[str], wheels: Path, uv:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"))
 
 
-def _write_bundle(path: Path, target: HostTarget, requirements: list[str], root: Path) -> None:
+def _compile_site(target: HostTarget, compiler: str, site: Path) -> None:
+    try:
+        result = subprocess.run([compiler, "-I", "-c", _COMPILE_PY, target.python, str(site)], capture_output=True,
+                                text=True, timeout=COMPILE_TIMEOUT_SECONDS)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise FrayTpuError(f"cannot compile the host bundle's bytecode with {compiler}: {error}") from None
+    if result.returncode != 0:
+        raise FrayTpuError(f"cannot compile the host bundle's bytecode with {compiler}: "
+                           f"{(result.stderr or result.stdout).strip()[-600:]}")
+
+
+def _write_bundle(path: Path, target: HostTarget, requirements: list[str], root: Path, bytecode: bool) -> None:
     manifest = {"fray_tpu_version": VERSION, "python": target.python, "platform": target.platform,
-                "requirements": requirements}
+                "requirements": requirements, "bytecode": bytecode}
     # Sorted members without times or owners; the hash names whatever this build produced (uv's
     # install records vary between builds, so two builds of one source may differ).
-    with open(path, "wb") as raw:
-        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz, \
-                tarfile.open(fileobj=gz, mode="w") as tar:
-            _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
-            for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
-                mode = 0o755 if os.access(file, os.X_OK) else 0o644
-                _add_bytes(tar, str(file.relative_to(root)), file.read_bytes(), mode)
+    with tarfile.open(path, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+            mode = 0o755 if os.access(file, os.X_OK) else 0o644
+            _add_bytes(tar, str(file.relative_to(root)), file.read_bytes(), mode)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def build_host_bundle(target: HostTarget | None = None, cache_dir: Path | None = None) -> HostBundle:
     """The cached bundle for ``target``, built on first use (safe across threads and processes)."""
     target = target or HostTarget()
     requirements = agent_requirements()
-    cache = (cache_dir or default_cache_dir()) / _build_key(target, requirements)
+    compiler = bytecode_compiler(target.python)
+    cache = (cache_dir or default_cache_dir()) / _build_key(target, requirements, compiler)
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        bundle, digest_file = cache / "bundle.tar.gz", cache / "bundle.sha256"
-        if not (bundle.exists() and digest_file.exists()):
+        bundle, digest_file = cache / "bundle.tar", cache / "bundle.sha256"
+        uv, uv_digest_file = cache / "uv", cache / "uv.sha256"
+        if not all(path.exists() for path in (bundle, digest_file, uv, uv_digest_file)):
+            if compiler is None:
+                log.warning("no Python %s on this machine (PATH, pyenv, uv's): the host bundle carries no bytecode, "
+                            "so every VM compiles what the agent imports at its first boot (about 0.5 s more); "
+                            "install python%s here (e.g. `uv python install %s`) to ship it", target.python,
+                            target.python, target.python)
             with tempfile.TemporaryDirectory(dir=cache) as scratch:
-                wheels, contents = Path(scratch) / "wheels", Path(scratch) / "contents"
+                wheels, site = Path(scratch) / "wheels", Path(scratch) / "contents" / "site"
                 _download_wheels(target, requirements, wheels)
-                uv = _uv_binary(wheels, contents / "bin" / "uv")
-                _install_site(target, requirements, wheels, uv, contents / "site")
-                partial = Path(scratch) / "bundle.tar.gz"
-                _write_bundle(partial, target, requirements, contents)
-                digest = hashlib.sha256(partial.read_bytes()).hexdigest()
+                uv_partial = _uv_binary(wheels, Path(scratch) / "uv")
+                _install_site(target, _site_requirements(requirements), wheels, uv_partial, site)
+                if compiler is not None:
+                    _compile_site(target, compiler, site)
+                partial = Path(scratch) / "bundle.tar"
+                _write_bundle(partial, target, _site_requirements(requirements), site.parent, compiler is not None)
+                digest, uv_digest = _sha256_of(partial), _sha256_of(uv_partial)
+                shutil.move(uv_partial, uv)
                 shutil.move(partial, bundle)
+                uv_digest_file.write_text(uv_digest)
                 digest_file.write_text(digest)
-        return HostBundle(bundle, digest_file.read_text().strip(), target)
+        return HostBundle(bundle, digest_file.read_text().strip(), target,
+                          StagedFile(uv, uv_digest_file.read_text().strip()))
 
 
 class BundleStorage:
@@ -254,17 +348,30 @@ class BundleStorage:
     def object_url(self, name: str) -> str:
         return f"{self.endpoint}/storage/v1/b/{self.bucket}/o/{urllib.parse.quote(name, safe='')}"
 
-    def stage(self, bundle: HostBundle) -> str:
-        """Upload ``bundle`` unless its content-addressed object exists; returns its gs:// URL."""
-        existing = self._request("GET", self.object_url(bundle.object_name))
-        if existing is None or int(existing.get("size", -1)) != bundle.path.stat().st_size:
-            if self._request("GET", f"{self.endpoint}/storage/v1/b/{self.bucket}") is None:
-                raise ConfigError(f"the staging bucket gs://{self.bucket} does not exist: create it, or set "
-                                  f"staging_bucket to one the controller can write and the VMs' service account read")
-            query = urllib.parse.urlencode({"uploadType": "media", "name": bundle.object_name})
-            self._request("POST", f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o?{query}",
-                          bundle.path.read_bytes())
-        return f"gs://{self.bucket}/{bundle.object_name}"
+    def url(self, staged: HostBundle | StagedFile) -> str:
+        return f"gs://{self.bucket}/{staged.object_name}"
+
+    def missing(self, staged: HostBundle | StagedFile) -> bool:
+        """Whether ``staged`` must be uploaded (its content-addressed object is not there);
+        a configuration error when the bucket does not exist."""
+        existing = self._request("GET", self.object_url(staged.object_name))
+        if existing is not None and int(existing.get("size", -1)) == staged.path.stat().st_size:
+            return False
+        if self._request("GET", f"{self.endpoint}/storage/v1/b/{self.bucket}") is None:
+            raise ConfigError(f"the staging bucket gs://{self.bucket} does not exist: create it, or set "
+                              f"staging_bucket to one the controller can write and the VMs' service account read")
+        return True
+
+    def upload(self, staged: HostBundle | StagedFile) -> str:
+        query = urllib.parse.urlencode({"uploadType": "media", "name": staged.object_name})
+        self._request("POST", f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o?{query}", staged.path.read_bytes())
+        return self.url(staged)
+
+    def stage(self, staged: HostBundle | StagedFile) -> str:
+        """Upload ``staged`` unless its content-addressed object exists; returns its gs:// URL."""
+        if self.missing(staged):
+            self.upload(staged)
+        return self.url(staged)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,12 +4,18 @@ node's startup-script running as its own process group, per VM.
 Every process a host starts inherits ``FRAY_TPU_EMULATOR_HOST_TOKEN``; killing or freezing a host
 signals its process group AND every process carrying its token, so processes that moved to
 their own session (an agent's per-attempt process group) end with the host too.
+
+Each VM also has its own ``/run``, a tmpfs as on a real VM: a directory in ``/dev/shm`` (when
+this machine has one; else on disk) that a reboot empties and the VM's deletion removes. A run
+directory whose emulator process died is removed when the next emulator starts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fray_tpu import contract
-from fray_tpu.emulator.images import INHERIT_CONTROLLER, ImageStore, check_profile, profile_for_runtime, script_environment
+from fray_tpu.emulator.images import DEFAULT_PROFILE, INHERIT_CONTROLLER, ImageStore, check_profile, profile_for_runtime, script_environment
 from fray_tpu.emulator.metadata import HostMetadata, MetadataServer
 from fray_tpu.emulator.state import HostBoot
 from fray_tpu.topology import get_tpu_topology
@@ -29,6 +35,8 @@ STARTUP_SCRIPT_FILE = "startup-script.sh"
 STARTUP_LOG_FILE = "startup-script.log"
 PROCESS_EXIT_TIMEOUT = 10.0
 _KILL_ROUNDS = 3
+SHARED_MEMORY = Path("/dev/shm")
+_RUN_ROOT = re.compile(r"^fray-tpu-emulator-(\d+)-[0-9a-f]+$")
 
 
 @dataclass
@@ -39,6 +47,7 @@ class Host:
     worker: int
     ip: str
     workdir: Path
+    run_dir: Path  # the VM's /run (a tmpfs)
     token: str
     metadata: HostMetadata
     image: str = "ubuntu-22.04"
@@ -162,6 +171,18 @@ def _signal_hosts(hosts: list[Host], signum: int) -> None:
                 pass
 
 
+def _run_root(root: Path, instance_id: str) -> Path:
+    """Where this emulator's VMs keep their /run: shared memory when this machine has it. Run
+    roots of emulators that are gone are removed first."""
+    if not (SHARED_MEMORY.is_dir() and os.access(SHARED_MEMORY, os.W_OK)):
+        return root / "run"
+    for entry in SHARED_MEMORY.iterdir():
+        match = _RUN_ROOT.match(entry.name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            shutil.rmtree(entry, ignore_errors=True)
+    return SHARED_MEMORY / f"fray-tpu-emulator-{os.getpid()}-{instance_id}"
+
+
 def _kill_hosts(hosts: list[Host], stop_metadata: bool) -> None:
     if not hosts:
         return
@@ -173,6 +194,8 @@ def _kill_hosts(hosts: list[Host], stop_metadata: bool) -> None:
             except subprocess.TimeoutExpired:
                 LOG.warning("host %s worker %d did not exit after SIGKILL", host.node_name, host.worker)
         host.frozen = False
+        # The VM is off: its tmpfs is gone (a rebooted VM starts with an empty one).
+        shutil.rmtree(host.run_dir, ignore_errors=True)
         if stop_metadata:
             host.stopped = True
             if host.server is not None:
@@ -189,7 +212,9 @@ class HostRuntime:
         self._hosts: dict[int, list[Host]] = {}
         self._latest_uid: dict[str, int] = {}
         self.images = ImageStore(root / "images")
+        self.images.prebuild(DEFAULT_PROFILE)
         self._image_override: str | None = None
+        self._run_root = _run_root(root, instance_id)
 
     def set_image(self, profile: str | None) -> None:
         """Boot every later node from ``profile`` whatever its runtime version (None: by version)."""
@@ -207,6 +232,7 @@ class HostRuntime:
                 worker=worker,
                 ip=ip,
                 workdir=node_dir / f"worker-{worker}",
+                run_dir=self._run_root / f"{boot.node_id}-{boot.uid}" / f"worker-{worker}",
                 token=f"{self._instance_id}-{boot.uid}-{worker}",
                 metadata=_host_metadata(boot, worker),
             )
@@ -222,6 +248,7 @@ class HostRuntime:
             host.script = script
             host.workdir.mkdir(parents=True, exist_ok=True)
             (host.workdir / "tmp").mkdir(exist_ok=True)
+            host.run_dir.mkdir(parents=True, exist_ok=True)
             host.server = MetadataServer(host.ip, host.metadata)
             if script is not None:
                 host.process = self._start_script(host, script)
@@ -233,6 +260,7 @@ class HostRuntime:
         if host.stopped:
             raise ValueError(f"worker {worker} of node uid {uid} is gone; it cannot reboot")
         _kill_hosts([host], stop_metadata=False)
+        host.run_dir.mkdir(parents=True, exist_ok=True)
         if host.script is not None:
             host.process = self._start_script(host, host.script)
 
@@ -249,6 +277,7 @@ class HostRuntime:
             contract.EMULATED_HOST_ENV: "1",
             contract.HOST_IP_ENV: host.ip,
             contract.HOST_DIR_ENV: str(host.workdir),
+            contract.HOST_RUN_DIR_ENV: str(host.run_dir),
             "TMPDIR": str(host.workdir / "tmp"),
             TOKEN_ENV: host.token,
         })
@@ -322,3 +351,4 @@ class HostRuntime:
         with self._lock:
             hosts = [host for node_hosts in self._hosts.values() for host in node_hosts if not host.stopped]
         _kill_hosts(hosts, stop_metadata=True)
+        shutil.rmtree(self._run_root, ignore_errors=True)

@@ -21,6 +21,7 @@ servers, so it cannot be used here.)
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from fray_tpu import contract
 
+LOG = logging.getLogger(__name__)
 DEFAULT_PROFILE = "ubuntu-22.04"
 INHERIT_CONTROLLER = "inherit-controller"
 HOST_SITE_ENV = "FRAY_TPU_EMULATOR_HOST_SITE"
@@ -103,6 +105,14 @@ class ImageStore:
         self.root = root
         self._lock = threading.Lock()
         self._built: dict[str, Path] = {}
+
+    def prebuild(self, name: str) -> None:
+        """Build ``name`` now: Google's images exist before any VM boots, so no VM waits for one
+        (a failure here, e.g. no such interpreter, is raised again by the first VM's boot)."""
+        try:
+            self.bin_dir(name)
+        except (OSError, subprocess.SubprocessError) as error:
+            LOG.warning("could not build the %s image: %s", name, error)
 
     def bin_dir(self, name: str) -> Path:
         profile = check_profile(name)

@@ -22,7 +22,7 @@ from fray_tpu import contract, tls
 from fray_tpu.contract import BASE_ENV_DIGEST, FAILURE_KIND_KEY, PrepareFailureKind
 from fray_tpu.errors import ConfigError, EnvironmentBuildError
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
-from fray_tpu.worker import cleanup
+from fray_tpu.worker import cleanup, uvfetch
 from fray_tpu.worker.attempt import Attempt, LaunchPlan
 from fray_tpu.worker.auth import SecretInterceptor
 from fray_tpu.worker.lease import Lease
@@ -93,6 +93,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
 
         self._bundles = BundleStore(settings.state_dir / "bundles")
         self._pyenvs = None
+        self.uv = uvfetch.for_process()
         self.lease = Lease(settings.lease_seconds, self._lease_expired)
         self.auth = SecretInterceptor(settings.secret_sha256, persist_path=settings.state_dir / SECRET_FILE)
         self._identity = worker_pb2.WorkerIdentity(
@@ -234,7 +235,8 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             if not needs_own_env(request):
                 return sys.executable, {}, True, BASE_ENV_DIGEST, 0.0
             if self._pyenvs is None:
-                self._pyenvs = PythonEnvStore(self.settings.state_dir / "pyenvs", UvSettings.from_environ())
+                self._pyenvs = PythonEnvStore(self.settings.state_dir / "pyenvs",
+                                              UvSettings.from_environ(self.uv.environ()))
             env = self._pyenvs.ensure(request, lambda line: LOG.info("attempt %s env: %s", spec.attempt_id, line))
         except (EnvironmentBuildError, ConfigError) as error:
             # The request's to fix (an unresolvable requirement, a stale lock, a Python uv cannot

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         LOG.warning("cannot become child subreaper: processes that leave an attempt's group and "
                     "environment are found only by cgroup")
     agent = Agent(settings)
+    agent.uv.start()  # if __main__ did not
     watcher = md.PreemptionWatcher(client, agent.mark_preempted)
     try:
         server = make_server(agent, settings)

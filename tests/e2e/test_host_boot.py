@@ -92,7 +92,8 @@ def progress_lines(cluster: TpuCluster, job_id: str) -> list[str]:
 def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job(
         cluster, fake_gcp, workspace, out_dir, stdlib_job):
     """Every host of 2 × v5litepod-16 starts from a clean environment with the image's Python
-    3.10, installs the agent from the bundle (one upload, one download per VM, no index), runs a
+    3.10, installs the agent from the bundle (the bundle and uv uploaded once, each downloaded
+    once per VM, no index), runs a
     standard-library callable on the controller's Python (an environment uv builds on each host
     with no index), and the job's output shows the bootstrap phases per slice."""
     before = fake_gcp.control.storage_counters()
@@ -114,8 +115,8 @@ def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job
         for phase in ("started", "interpreter", "bundle", "deps", "service", "serving"):
             assert f"{phase} +" in line, line
     after = fake_gcp.control.storage_counters()
-    assert after["uploads"] - before["uploads"] <= 1, (before, after)
-    assert after["downloads"] - before["downloads"] == 8, (before, after)
+    assert after["uploads"] - before["uploads"] <= 2, (before, after)
+    assert after["downloads"] - before["downloads"] == 2 * 8, (before, after)
 
 
 def test_no_node_metadata_holds_a_private_key_or_the_job_secret(cluster, fake_gcp, tpu_client, workspace, out_dir,
@@ -162,7 +163,9 @@ def test_an_image_without_python3_fails_the_job_naming_the_image_to_use(cluster,
 
 def test_a_tampered_bundle_is_refused_on_every_host(cluster, fake_gcp, workspace, out_dir, stdlib_job):
     """The staged object changed after staging (same size): every VM refuses its hash."""
-    script = bootstrapper_for(cluster.config, fake_gcp.endpoint).startup_script("v2-alpha-tpuv5-lite")
+    bootstrapper = bootstrapper_for(cluster.config, fake_gcp.endpoint)
+    script = bootstrapper.startup_script("v2-alpha-tpuv5-lite")
+    bootstrapper.wait_staged(JOB_TIMEOUT)
     (url,) = [line.split("=", 1)[1].strip("'") for line in script.splitlines() if line.startswith("BUNDLE_URL=")]
     name = url.split("/", 3)[3]
     assert name.startswith(OBJECT_PREFIX)
@@ -234,7 +237,7 @@ def _serving_pid(host: dict) -> int | None:
 def test_a_rebooted_host_and_a_crashed_agent_come_back_and_the_job_finishes(cluster, fake_gcp, workspace, out_dir,
                                                                              stdlib_job):
     """The startup-script exited 0 and the agent runs on as its own service; a reboot runs the
-    script again and reuses the installed bundle (no second download); a killed agent is
+    script again and reuses the fetched bundle (no second download); a killed agent is
     restarted; the job then succeeds on the same slice."""
     before = fake_gcp.control.storage_counters()
     job_id = cluster.launch(request("reboot", stdlib_job.wait_for_go, [str(out_dir)], workspace))
@@ -248,7 +251,9 @@ def test_a_rebooted_host_and_a_crashed_agent_come_back_and_the_job_finishes(clus
     fake_gcp.control.reboot_host(node, 1)
     wait_for(lambda: (pid := _serving_pid(hosts[1])) and pid != first, "the rebooted host's agent to serve", 60)
     rebooted_log = fake_gcp.control.host_log(node, 1)
-    assert rebooted_log.count("phase bundle: fetched") == 1 and "phase bundle: installed already" in rebooted_log
+    # The reboot emptied the VM's /run (the unpacked bundle): the kept archive is unpacked again.
+    assert rebooted_log.count("phase bundle: fetched") == 1 and "phase bundle: kept from an earlier boot" in rebooted_log
+    assert rebooted_log.count("phase deps: unpacked") == 2
 
     crashed = _serving_pid(hosts[2])
     os.kill(crashed, signal.SIGKILL)
@@ -259,6 +264,7 @@ def test_a_rebooted_host_and_a_crashed_agent_come_back_and_the_job_finishes(clus
     assert info.status == JobStatus.SUCCEEDED, info.error_message
     after = fake_gcp.control.storage_counters()
     # The supervisor treats the rebooted host's lost attempt as a preemption and replaces the
-    # slice: one download per VM of each incarnation, none for the reboot itself.
+    # slice: two downloads (the bundle, uv) per VM of each incarnation, none for the reboot itself
+    # or the restarted agent.
     incarnations = sum("READY 4/4 endpoints" in line for line in progress_lines(cluster, job_id))
-    assert after["downloads"] - before["downloads"] == 4 * incarnations, (before, after, incarnations)
+    assert after["downloads"] - before["downloads"] == 2 * 4 * incarnations, (before, after, incarnations)

@@ -20,8 +20,9 @@ TRICKY = "it's \"quoted\" $(touch /tmp/fray-tpu-pwned) `id` $HOME\nsecond line"
 
 
 def _spec(**overrides) -> BootstrapSpec:
-    values = {"fray_tpu_version": fray_tpu_version(), "bundle_url": "gs://bucket/fray-tpu/x.tar.gz",
-              "bundle_sha256": SHA, "env": {"TRICKY": TRICKY}}
+    values = {"fray_tpu_version": fray_tpu_version(), "bundle_url": "gs://bucket/fray-tpu/x.tar",
+              "bundle_sha256": SHA, "uv_url": "gs://bucket/fray-tpu/x.uv", "uv_sha256": SHA,
+              "env": {"TRICKY": TRICKY}}
     values.update(overrides)
     return BootstrapSpec(**values)
 
@@ -55,3 +56,5 @@ def test_spec_rejects_values_that_cannot_be_rendered_safely() -> None:
         _spec(bundle_url="https://example.invalid/bundle")
     with pytest.raises(ConfigError, match="SHA-256"):
         _spec(bundle_sha256="abc")
+    with pytest.raises(ConfigError, match="uv_url"):
+        _spec(uv_url="uv")

@@ -1,19 +1,29 @@
 """The host bundle and the emulated Cloud Storage it travels through: what the bundle holds,
-that it is built once, staged once, and that storage refuses what Google's would."""
+that it is built once, staged once (in the background), that VMs wait for an object still being
+staged and verify what they fetch, and that storage refuses what Google's would."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
+import threading
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from fray_tpu.contract import VERSION
+from fray_tpu import gcsfetch
+from fray_tpu.config import TpuClusterConfig
+from fray_tpu.contract import STORAGE_ENDPOINT_ENV, UV_ENV, UV_SHA256_ENV, UV_URL_ENV, VERSION
+from fray_tpu.emulator.metadata import HostMetadata, MetadataServer
 from fray_tpu.emulator.storage import EMULATED_BUCKET, StorageServer
 from fray_tpu.errors import ConfigError, FrayTpuError
+from fray_tpu.hostboot import BootstrapFailed, HostBootstrapper, staging_failure, watch_boot
 from fray_tpu.hostbundle import BundleStorage, HostTarget, build_host_bundle, check_host_python, runtime_python
+from fray_tpu.uv_command import UvMissing
+from fray_tpu.worker.uvfetch import UvFetch
 
 
 @pytest.fixture
@@ -29,14 +39,24 @@ def bundle():
     return build_host_bundle(HostTarget("3.10"))
 
 
-def test_the_bundle_carries_the_agent_its_dependencies_for_the_vm_and_uv(bundle):
-    """One archive: this fray_tpu, grpcio built for CPython 3.10, the uv binary, a manifest."""
-    with tarfile.open(bundle.path) as archive:
+def test_the_bundle_carries_the_agent_and_its_dependencies_compiled_for_the_vm_and_uv_apart(bundle):
+    """One uncompressed archive: this fray_tpu, grpcio built for CPython 3.10, their bytecode
+    compiled for 3.10 (unchecked-hash: valid whatever the unpacked files' times), a manifest; uv
+    is a file of its own, named by its hash, not in the archive."""
+    with tarfile.open(bundle.path, mode="r:") as archive:
         names = set(archive.getnames())
         manifest = json.load(archive.extractfile("manifest.json"))
-    assert {"site/fray_tpu/contract.py", "site/fray_tpu/worker/main.py", "bin/uv"} <= names
+        pyc = archive.extractfile("site/fray_tpu/worker/__pycache__/main.cpython-310.pyc").read(16)
+    assert {"site/fray_tpu/contract.py", "site/fray_tpu/worker/main.py"} <= names
     assert any(n.startswith("site/grpc/_cython/cygrpc.cpython-310-") for n in names), sorted(names)[:20]
-    assert (manifest["fray_tpu_version"], manifest["python"]) == (VERSION, "3.10")
+    assert "site/grpc/__pycache__/__init__.cpython-310.pyc" in names
+    assert not any(n.endswith("/uv") or n.startswith(("site/uv/", "bin/")) for n in names), sorted(names)[:20]
+    flags = int.from_bytes(pyc[4:8], "little")
+    assert flags == 0b01, flags  # hash-based, not checked against the source
+    assert (manifest["fray_tpu_version"], manifest["python"], manifest["bytecode"]) == (VERSION, "3.10", True)
+    assert bundle.uv.path.read_bytes()[:4] == b"\x7fELF"
+    assert hashlib.sha256(bundle.uv.path.read_bytes()).hexdigest() == bundle.uv.sha256
+    assert bundle.uv.sha256 in bundle.uv.object_name and bundle.sha256 in bundle.object_name
     assert build_host_bundle(HostTarget("3.10")) == bundle  # cached: the same archive, the same hash
 
 
@@ -67,3 +87,61 @@ def test_runtime_versions_map_to_their_images_python_and_38_is_refused_with_the_
     check_host_python("v2-alpha-tpuv6e", "3.10")
     with pytest.raises(ConfigError, match="runtime_version=tpu-ubuntu2204-base"):
         check_host_python("tpu-vm-base", "3.8")
+
+
+@pytest.fixture
+def metadata(monkeypatch):
+    server = MetadataServer("127.0.0.1", HostMetadata({}, {}, {}))
+    monkeypatch.setenv("GCE_METADATA_HOST", server.address)
+    yield server
+    server.close()
+
+
+def test_a_vm_waits_for_an_object_still_being_staged_and_then_gives_up(storage, metadata, tmp_path):
+    """An object that appears while the VM asks (the controller uploads while the slice is
+    created) is fetched; one that never appears fails after the wait, saying so."""
+    url = f"gs://{EMULATED_BUCKET}/late"
+    threading.Timer(0.3, storage.put, args=(EMULATED_BUCKET, "late", b"staged late")).start()
+    got = gcsfetch.fetch(storage.endpoint, url, str(tmp_path / "late"), attempts=2, missing_wait=30)
+    assert got == hashlib.sha256(b"staged late").hexdigest() and (tmp_path / "late").read_bytes() == b"staged late"
+    began = time.monotonic()
+    with pytest.raises(gcsfetch.FetchError, match=r"HTTP 404 .*\(still missing after 1s\)"):
+        gcsfetch.fetch(storage.endpoint, f"gs://{EMULATED_BUCKET}/never", str(tmp_path / "never"), attempts=2,
+                       missing_wait=1)
+    assert time.monotonic() - began < 10
+
+
+def test_uv_is_fetched_verified_and_a_tampered_one_refused(storage, metadata, tmp_path):
+    """The agent's fetch of uv puts the binary in place only when its hash is the pinned one."""
+    storage.put(EMULATED_BUCKET, "uv", b"\x7fELF uv")
+    env = {UV_URL_ENV: f"gs://{EMULATED_BUCKET}/uv", STORAGE_ENDPOINT_ENV: storage.endpoint}
+    good = UvFetch({**env, UV_SHA256_ENV: hashlib.sha256(b"\x7fELF uv").hexdigest(), UV_ENV: str(tmp_path / "a/uv")})
+    assert good.environ()[UV_ENV] == str(tmp_path / "a/uv") and (tmp_path / "a/uv").read_bytes() == b"\x7fELF uv"
+    bad = UvFetch({**env, UV_SHA256_ENV: "0" * 64, UV_ENV: str(tmp_path / "b/uv")})
+    with pytest.raises(UvMissing, match="SHA-256 mismatch"):
+        bad.environ()
+    assert not any((tmp_path / "b").iterdir())
+
+
+def test_a_failed_background_upload_fails_the_booting_jobs_with_its_reason(bundle, storage, monkeypatch):
+    """Staging runs while the slice is created; when it fails, the boot watch raises at once
+    (the VMs would wait for the object in vain), and the next launch stages again."""
+    config = TpuClusterConfig(emulate=True, emulator_endpoint="unused:1")
+    bootstrapper = HostBootstrapper(config, "unused:1")
+    staging = BundleStorage(EMULATED_BUCKET, endpoint=storage.endpoint, token=lambda: "token")
+    monkeypatch.setattr(bootstrapper, "_storage", lambda: staging)
+
+    def refuse(staged):
+        raise FrayTpuError("HTTP 403 Forbidden")
+
+    monkeypatch.setattr(staging, "upload", refuse)
+    bootstrapper.startup_script("v2-alpha-tpuv5-lite")
+    with pytest.raises(FrayTpuError, match="403"):
+        bootstrapper.wait_staged(60)
+    with pytest.raises(BootstrapFailed, match="staging the host bundle for Python 3.10 .* failed: HTTP 403"):
+        watch_boot(lambda slice_id: [{}] * 4, {0: 4}, deadline=time.monotonic() + 60, poll_interval=0.05,
+                   stop=threading.Event(), progress=lambda line: None)
+    monkeypatch.setattr(staging, "upload", BundleStorage.upload.__get__(staging))
+    bootstrapper.startup_script("v2-alpha-tpuv5-lite")
+    bootstrapper.wait_staged(60)
+    assert staging_failure() is None and not staging.missing(bundle) and not staging.missing(bundle.uv)

@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "fray_tpu"
 # What the VM side may import beyond itself: the contract and small shared leaves.
 VM_SIDE_MAY_IMPORT = ("fray_tpu.contract", "fray_tpu.errors", "fray_tpu.tls", "fray_tpu.topology",
-                      "fray_tpu.tpu_client", "fray_tpu.proto", "fray_tpu.uv_command")
+                      "fray_tpu.tpu_client", "fray_tpu.proto", "fray_tpu.uv_command", "fray_tpu.gcsfetch")
 
 
 def _modules() -> dict[str, Path]:
