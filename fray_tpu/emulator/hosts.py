@@ -6,8 +6,9 @@ signals its process group AND every process carrying its token, so processes tha
 their own session (an agent's per-attempt process group) end with the host too.
 
 Each VM also has its own ``/run``, a tmpfs as on a real VM: a directory in ``/dev/shm`` (when
-this machine has one; else on disk) that a reboot empties and the VM's deletion removes. A run
-directory whose emulator process died is removed when the next emulator starts.
+this machine has one with room for the node; else on disk) that a reboot empties and the VM's
+deletion removes. A run directory whose emulator process died is removed when the next emulator
+starts.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ STARTUP_LOG_FILE = "startup-script.log"
 PROCESS_EXIT_TIMEOUT = 10.0
 _KILL_ROUNDS = 3
 SHARED_MEMORY = Path("/dev/shm")
+# What one VM's /run may hold (the unpacked host bundle is ~90 MB), and what shared memory keeps
+# free for everything else: a node whose VMs would cross that boots with its /run on disk, so a
+# 256-host emulation cannot fill this machine's memory.
+RUN_DIR_BUDGET_BYTES = 128 << 20
+SHARED_MEMORY_RESERVE_BYTES = 2 << 30
 _RUN_ROOT = re.compile(r"^fray-tpu-emulator-(\d+)-[0-9a-f]+$")
 
 
@@ -171,11 +177,11 @@ def _signal_hosts(hosts: list[Host], signum: int) -> None:
                 pass
 
 
-def _run_root(root: Path, instance_id: str) -> Path:
-    """Where this emulator's VMs keep their /run: shared memory when this machine has it. Run
+def _shared_run_root(instance_id: str) -> Path | None:
+    """Where this emulator's VMs keep their /run in shared memory, if this machine has it. Run
     roots of emulators that are gone are removed first."""
     if not (SHARED_MEMORY.is_dir() and os.access(SHARED_MEMORY, os.W_OK)):
-        return root / "run"
+        return None
     for entry in SHARED_MEMORY.iterdir():
         match = _RUN_ROOT.match(entry.name)
         if match and not Path(f"/proc/{match.group(1)}").exists():
@@ -214,7 +220,21 @@ class HostRuntime:
         self.images = ImageStore(root / "images")
         self.images.prebuild(DEFAULT_PROFILE)
         self._image_override: str | None = None
-        self._run_root = _run_root(root, instance_id)
+        self._shared_run_root = _shared_run_root(instance_id)
+        self._disk_run_root = root / "run"
+
+    def _run_root_for(self, vms: int) -> Path:
+        """Shared memory while it has room for ``vms`` more VMs beside the ones living there
+        (counted at their budget, filled or not), else disk."""
+        if self._shared_run_root is None:
+            return self._disk_run_root
+        with self._lock:
+            living = sum(1 for node_hosts in self._hosts.values() for host in node_hosts
+                         if not host.stopped and host.run_dir.is_relative_to(self._shared_run_root))
+        free = shutil.disk_usage(SHARED_MEMORY).free
+        if free - (living + vms) * RUN_DIR_BUDGET_BYTES >= SHARED_MEMORY_RESERVE_BYTES:
+            return self._shared_run_root
+        return self._disk_run_root
 
     def set_image(self, profile: str | None) -> None:
         """Boot every later node from ``profile`` whatever its runtime version (None: by version)."""
@@ -224,6 +244,7 @@ class HostRuntime:
 
     def boot(self, boot: HostBoot) -> None:
         node_dir = self.root / boot.zone / f"{boot.node_id}-{boot.uid}"
+        run_root = self._run_root_for(len(boot.ips))
         hosts = [
             Host(
                 node_name=boot.name,
@@ -232,7 +253,7 @@ class HostRuntime:
                 worker=worker,
                 ip=ip,
                 workdir=node_dir / f"worker-{worker}",
-                run_dir=self._run_root / f"{boot.node_id}-{boot.uid}" / f"worker-{worker}",
+                run_dir=run_root / f"{boot.node_id}-{boot.uid}" / f"worker-{worker}",
                 token=f"{self._instance_id}-{boot.uid}-{worker}",
                 metadata=_host_metadata(boot, worker),
             )
@@ -351,4 +372,6 @@ class HostRuntime:
         with self._lock:
             hosts = [host for node_hosts in self._hosts.values() for host in node_hosts if not host.stopped]
         _kill_hosts(hosts, stop_metadata=True)
-        shutil.rmtree(self._run_root, ignore_errors=True)
+        for run_root in (self._shared_run_root, self._disk_run_root):
+            if run_root is not None:
+                shutil.rmtree(run_root, ignore_errors=True)
