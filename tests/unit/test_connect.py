@@ -138,3 +138,18 @@ def test_gc_deletes_a_refused_self_delete_even_of_a_job_the_journal_calls_runnin
                            refused={("refused", "us-west4-a"): "self-delete refused: PERMISSION_DENIED: ..."})
     assert [o.observation.name for o in orphans] == ["refused"]
     assert "could not delete it (self-delete refused: PERMISSION_DENIED" in orphans[0].reason
+
+
+def test_controller_service_host_rule():
+    """FRAY_TPU_CONTROLLER_HOST wins; the emulator listens on loopback; production listens on (and
+    advertises) this machine's address on its default route, loopback only when it has none."""
+    from fray_tpu.actors.controller import BIND_HOST_ENV, service_host
+
+    production = TpuClusterConfig(project="p")
+    emulated = TpuClusterConfig(emulate=True)
+    vpc = lambda: "10.128.0.7"  # noqa: E731 - the route probe, injected
+    assert service_host(production, {BIND_HOST_ENV: " 10.1.2.3 "}, vpc) == "10.1.2.3"
+    assert service_host(emulated, {BIND_HOST_ENV: "127.0.0.9"}, vpc) == "127.0.0.9"
+    assert service_host(emulated, {}, vpc) == "127.0.0.1"
+    assert service_host(production, {}, vpc) == "10.128.0.7"
+    assert service_host(production, {}, lambda: None) == "127.0.0.1"
