@@ -26,6 +26,7 @@ Deadlines are absolute ``time.monotonic()`` values.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -192,12 +193,8 @@ class ReadySlice:
 
     def reordered(self, order: Sequence[int]) -> ReadySlice:
         """The same slice with its endpoints (and external IPs) in ``order`` (endpoint indexes)."""
-        return _replace_ready(self, endpoints=tuple(self.endpoints[i] for i in order),
-                              external_ips=tuple(self.external_ips[i] for i in order) if self.external_ips else ())
-
-
-def _replace_ready(ready: ReadySlice, **changes) -> ReadySlice:
-    return ReadySlice(**{**vars(ready), **changes})
+        return dataclasses.replace(self, endpoints=tuple(self.endpoints[i] for i in order),
+                                   external_ips=tuple(self.external_ips[i] for i in order) if self.external_ips else ())
 
 
 def missing_external_ips(spec: SliceSpec, observation: SliceObservation) -> CreateVerdict | None:
