@@ -43,6 +43,9 @@ from fray_tpu.contract import (
 
 ZONAL_CONFIG_PHRASE = "could not be found in the zonal accelerator configurations"
 PREEMPTED_WHILE_CREATING_PHRASE = "while in state PREEMPTED"
+# An organization policy constraint refused the request ("Constraint constraints/compute.vmExternalIpAccess
+# violated for project N ..."): GCE answers 412 conditionNotMet, FAILED_PRECONDITION in gRPC.
+ORG_POLICY_PHRASE = "Constraint constraints/"
 
 
 class CreateAction(enum.Enum):
@@ -118,6 +121,11 @@ def classify(code: int, message_text: str, details: Iterable[object] = (), *, ca
                            "ask for more quota or free some in this region")
         return verdict(CreateAction.NEXT_ZONE, f"zone quota {', '.join(quotas) or 'exhausted'}",
                        "ask for more quota or free some in this zone")
+    if code == code_pb2.FAILED_PRECONDITION and ORG_POLICY_PHRASE in text:
+        # An organization policy holds for the whole project (e.g. vmExternalIpAccess): no zone helps.
+        return verdict(CreateAction.FATAL, "forbidden by an organization policy",
+                       "have the policy changed, or change the request it forbids (external IPs: connect=internal "
+                       "with the controller inside the VPC)")
     if code == code_pb2.FAILED_PRECONDITION and on_operation:
         return verdict(CreateAction.NEXT_ZONE, "out of reserved capacity")
     if code == code_pb2.INTERNAL and on_operation and capacity == "spot":

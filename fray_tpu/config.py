@@ -20,8 +20,14 @@ queued              FRAY_TPU_QUEUED              create queued resources, not no
 reservation         FRAY_TPU_RESERVATION         reservation name for capacity=reserved (none)
 network             FRAY_TPU_NETWORK             VPC network (the project's default)
 subnetwork          FRAY_TPU_SUBNETWORK          subnetwork (the network's default)
-external_ips        FRAY_TPU_EXTERNAL_IPS        give workers external IPs (false: the
-                                                 controller runs inside the VPC)
+external_ips        FRAY_TPU_EXTERNAL_IPS        give workers external IPs (true with
+                                                 connect=external, else false)
+connect             FRAY_TPU_CONNECT             how the controller reaches the agents: internal
+                                                 (it runs in the VPC and dials the workers'
+                                                 internal addresses) | external (the workers get
+                                                 external IPs and it dials those) (internal)
+network_tag         FRAY_TPU_NETWORK_TAG         network tag every node carries, for the firewall
+                                                 rules of README "Ports and firewall" (fray-tpu)
 service_account     FRAY_TPU_SERVICE_ACCOUNT     service account email of the VMs (default)
 staging_bucket      FRAY_TPU_STAGING_BUCKET      Cloud Storage bucket the host bundle is staged in;
                                                  required for TPU jobs unless emulate=true
@@ -90,6 +96,10 @@ from fray_tpu.naming import validate_extra_labels
 SPEC_PREFIX = "tpu"
 ENV_PREFIX = "FRAY_TPU_"
 CAPACITY_CLASSES = ("spot", "preemptible", "on-demand", "reserved")
+CONNECT_MODES = ("internal", "external")
+DEFAULT_NETWORK_TAG = "fray-tpu"
+# GCE network tags: RFC 1035 labels, lower case, at most 63 characters.
+NETWORK_TAG_PATTERN = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _CAPACITY_ALIASES = {"on_demand": "on-demand", "ondemand": "on-demand", "standard": "on-demand"}
 DEFAULT_AGENT_PORT = 8477
 # Ski rental: an idle slice kept for as long as a cold start takes (create + boot + agent: 2-5
@@ -170,7 +180,10 @@ class TpuClusterConfig:
     reservation: str | None = None
     network: str | None = None
     subnetwork: str | None = None
-    external_ips: bool = False
+    # None: as ``connect`` needs (true for external); always a bool after construction.
+    external_ips: bool | None = None
+    connect: str = "internal"
+    network_tag: str = DEFAULT_NETWORK_TAG
     service_account: str | None = None
     staging_bucket: str | None = None
     host_python: str | None = None
@@ -198,6 +211,7 @@ class TpuClusterConfig:
         self.zones = [z.strip().lower() for z in self.zones if z.strip()]
         self.regions = [r.strip().lower() for r in self.regions if r.strip()]
         self.capacity = _CAPACITY_ALIASES.get(self.capacity.strip().lower(), self.capacity.strip().lower())
+        self.connect = self.connect.strip().lower()
         self._validate()
 
     # ---- derived values ------------------------------------------------------------------
@@ -269,6 +283,24 @@ class TpuClusterConfig:
             raise ConfigError(
                 f"Unknown capacity {self.capacity!r}{_nearest_hint(self.capacity, CAPACITY_CLASSES)}; "
                 f"valid: {', '.join(CAPACITY_CLASSES)}"
+            )
+        if self.connect not in CONNECT_MODES:
+            raise ConfigError(
+                f"Unknown connect={self.connect!r}{_nearest_hint(self.connect, CONNECT_MODES)}; valid: "
+                f"{', '.join(CONNECT_MODES)} (internal: the controller runs in the workers' VPC; external: "
+                "the workers get external IPs and the controller dials those)"
+            )
+        if self.external_ips is None:
+            self.external_ips = self.connect == "external"
+        elif self.connect == "external" and not self.external_ips:
+            raise ConfigError(
+                "connect=external dials the workers' external IPs, but external_ips=false creates them "
+                "without any: drop external_ips (connect=external implies it) or use connect=internal"
+            )
+        if not NETWORK_TAG_PATTERN.match(self.network_tag):
+            raise ConfigError(
+                f"network_tag={self.network_tag!r} is not a GCE network tag: 1-63 characters of lower-case "
+                "letters, digits and '-', starting with a letter and not ending with '-' (e.g. fray-tpu)"
             )
         if self.queued and self.capacity == "preemptible":
             raise ConfigError("Queued resources have no 'preemptible' tier: use capacity=spot (or on-demand, reserved) with queued=true")

@@ -26,6 +26,7 @@ Deadlines are absolute ``time.monotonic()`` values.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -40,6 +41,7 @@ from google.rpc import code_pb2
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from fray_tpu import naming
+from fray_tpu.config import CONNECT_MODES, DEFAULT_NETWORK_TAG
 from fray_tpu.cloud_errors import CreateAction, CreateRateLimiter, CreateVerdict, classify, classify_call_error
 from fray_tpu.errors import (
     CapacityUnavailableError,
@@ -95,6 +97,10 @@ class SliceSpec:
     network: str | None = None
     subnetwork: str | None = None
     external_ips: bool = False
+    # How the controller reaches the agents: "internal" (the workers' internal addresses) or
+    # "external" (their access_config.external_ip; needs external_ips).
+    connect: str = "internal"
+    network_tag: str = DEFAULT_NETWORK_TAG
     service_account: str | None = None
     queued: bool = False
     # Queued resources only: ``projects/P/locations/Z/reservations/R`` for reserved capacity.
@@ -110,6 +116,10 @@ class SliceSpec:
                 f"slice {self.name!r}: queued resources offer spot, on-demand or reserved capacity, "
                 "not preemptible; use capacity='spot' or queued=False"
             )
+        if self.connect not in CONNECT_MODES:
+            raise ValueError(f"slice {self.name!r}: connect {self.connect!r} is not one of {', '.join(CONNECT_MODES)}")
+        if self.connect == "external" and not self.external_ips:
+            raise ValueError(f"slice {self.name!r}: connect='external' needs external_ips=True")
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,8 @@ class SliceObservation:
     expected_endpoints: int | None = None  # workers of the accelerator type, when known
     verdict: CreateVerdict | None = None  # what the create error means, when creation failed
     stale_for: float = 0.0  # seconds since the listing this comes from last succeeded (API outage)
+    # Each endpoint's access_config.external_ip ("" for none), in the order of ``endpoints``.
+    external_ips: tuple[str, ...] = ()
 
     @property
     def lost(self) -> bool:
@@ -163,7 +175,44 @@ class ReadySlice:
     spec: SliceSpec
     zone: str
     resource_name: str
+    # The workers' internal addresses: what they use among themselves (JAX, Megascale) and what
+    # identifies each host (its published address, the certificate pinned for it).
     endpoints: tuple[str, ...]
+    # Each endpoint's access_config.external_ip ("" for none), in the same order.
+    external_ips: tuple[str, ...] = ()
+
+    def dial_address(self, ip: str) -> str:
+        """The address the controller dials for the worker at internal address ``ip``."""
+        if self.spec.connect == "internal":
+            return ip
+        index = self.endpoints.index(ip)
+        if index >= len(self.external_ips) or not self.external_ips[index]:
+            raise ProvisioningError(f"connect=external, but no external IP is known for worker {ip} of "
+                                    f"{self.resource_name} (the node lists none)")
+        return self.external_ips[index]
+
+    def reordered(self, order: Sequence[int]) -> ReadySlice:
+        """The same slice with its endpoints (and external IPs) in ``order`` (endpoint indexes)."""
+        return dataclasses.replace(self, endpoints=tuple(self.endpoints[i] for i in order),
+                                   external_ips=tuple(self.external_ips[i] for i in order) if self.external_ips else ())
+
+
+def missing_external_ips(spec: SliceSpec, observation: SliceObservation) -> CreateVerdict | None:
+    """With connect=external, the verdict on a READY node some of whose workers have no external
+    IP (an organization policy may strip or forbid them): nothing to dial, and no retry helps."""
+    if spec.connect != "external":
+        return None
+    external = observation.external_ips
+    missing = [i for i in range(len(observation.endpoints)) if i >= len(external) or not external[i]]
+    if not missing:
+        return None
+    return CreateVerdict(
+        CreateAction.FATAL, "no external IP to dial",
+        f"node {observation.name} is READY but worker(s) {', '.join(map(str, missing))} of {len(observation.endpoints)} "
+        "have no access_config.external_ip",
+        "external IPs may be forbidden by an organization policy (constraints/compute.vmExternalIpAccess): "
+        "run the controller inside the workers' VPC with connect=internal, or have the policy allow them",
+    )
 
 
 @dataclass(frozen=True)
@@ -193,11 +242,6 @@ def queued_resource_name(project: str, zone: str, name: str) -> str:
     return f"{zone_parent(project, zone)}/queuedResources/{name}"
 
 
-# Every node carries this network tag: firewall rules for the agent port (controller → VMs) and
-# the JAX/Megascale ports (VM ↔ VM) target it (README, "Ports and firewall").
-NETWORK_TAG = "fray-tpu"
-
-
 def node_request(spec: SliceSpec) -> tpu_v2.Node:
     """The ``Node`` body of a CreateNode (or of a queued resource's node spec) for ``spec``."""
     node = tpu_v2.Node(
@@ -205,7 +249,9 @@ def node_request(spec: SliceSpec) -> tpu_v2.Node:
         runtime_version=spec.runtime_version,
         labels=dict(spec.labels),
         metadata=dict(spec.metadata),
-        tags=[NETWORK_TAG],
+        # Firewall rules for the agent port (controller -> VMs) and the JAX/Megascale ports
+        # (VM <-> VM) target this tag (README, "Ports and firewall").
+        tags=[spec.network_tag],
         network_config=tpu_v2.NetworkConfig(
             network=spec.network or "",
             subnetwork=spec.subnetwork or "",
@@ -494,6 +540,7 @@ def _node_observation(node: tpu_v2.Node, zone: str, qr: tpu_v2.QueuedResource | 
         state=_enum_name(node.state),
         health=_enum_name(node.health) if node.health else None,
         endpoints=tuple(endpoint.ip_address for endpoint in node.network_endpoints),
+        external_ips=tuple(endpoint.access_config.external_ip for endpoint in node.network_endpoints),
         labels=dict(node.labels),
         error=None,
         queued_state=_qr_state_name(qr) if qr is not None else None,
@@ -826,7 +873,8 @@ class SliceProvisioner:
                 last = observation
                 report(observation.describe())
                 if observation.ready:
-                    return ReadySlice(spec, zone, observation.resource_name, observation.endpoints)
+                    return missing_external_ips(spec, observation) or ReadySlice(
+                        spec, zone, observation.resource_name, observation.endpoints, observation.external_ips)
                 if observation.state == CREATE_FAILED:
                     return observation.verdict or CreateVerdict(
                         CreateAction.FATAL, "create failed", observation.error or "no reason given"

@@ -87,7 +87,7 @@ class ControllerService:
         self._lock = threading.RLock()
         self.closed = False
         self._server = RpcServer(self.dispatch_remote, self.credentials,
-                                 host or os.environ.get(BIND_HOST_ENV, "127.0.0.1"), name="controller")
+                                 host or service_host(cluster.config), name="controller")
         self.address = self._server.address
         self._stop = threading.Event()
         threading.Thread(target=self._housekeeping, daemon=True, name="controller-housekeeping").start()
@@ -118,10 +118,16 @@ class ControllerService:
         with self._lock:
             if parent is not None and parent not in self._state.submissions:
                 raise ConfigError(f"unknown parent submission {parent!r}")
-        if translated.tpu_type is not None and not self.cluster.config.emulate and _is_loopback(self.address):
+        config = self.cluster.config
+        if translated.tpu_type is not None and not config.emulate and _is_loopback(self.address):
             log.warning("job %s runs on TPU VMs, but the controller service listens on %s: its tasks cannot reach "
                         "actors in this process, current_client(), or report their exceptions. Set %s to this "
                         "machine's VPC address.", request.name, self.address, BIND_HOST_ENV)
+        elif translated.tpu_type is not None and config.connect == "external" and not os.environ.get(BIND_HOST_ENV):
+            log.warning("job %s runs on TPU VMs reached at their external IPs (connect=external); its tasks dial "
+                        "this controller service back at %s (this machine's address on its default route): set %s "
+                        "to an address the VMs can reach, and allow TCP to it from them.", request.name,
+                        self.address, BIND_HOST_ENV)
         job_id = self.cluster.launch(translated.request)
         deadline = time.monotonic() + translated.timeout if translated.timeout is not None else None
         with self._lock:
@@ -309,6 +315,44 @@ class ControllerService:
         self._stop.set()
         self._server.stop()
         links.clear_local_service(self)
+
+
+# Any address off this machine: connecting a UDP socket to it sends nothing, it only makes the
+# kernel pick the source address of the route there (the default route, on a GCE VM its VPC NIC).
+_ROUTE_PROBE = ("10.255.255.254", 9)
+
+
+def default_route_source() -> str | None:
+    """This machine's address on its default route, or None when it has none."""
+    import socket
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(_ROUTE_PROBE)
+        return probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+
+
+def service_host(config: Any, environ: Any = None, route_source: Any = default_route_source) -> str:
+    """Where the controller service listens, which is also the address its jobs' processes dial
+    (``FRAY_TPU_CONTROLLER``): ``FRAY_TPU_CONTROLLER_HOST`` when set; on the emulator loopback
+    (its VMs are loopback addresses of this machine); otherwise this machine's address on its
+    default route (on a GCE VM in the workers' VPC, the address they reach with connect=internal;
+    a controller outside the VPC, connect=external, sets the variable to one the VMs can reach)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(BIND_HOST_ENV, "").strip():
+        return environ[BIND_HOST_ENV].strip()
+    if config.emulate:
+        return "127.0.0.1"
+    found = route_source()
+    if found is None:
+        log.warning("this machine has no default route; the controller service listens on 127.0.0.1, which TPU VMs "
+                    "cannot reach: set %s", BIND_HOST_ENV)
+        return "127.0.0.1"
+    return found
 
 
 def _is_loopback(address: str) -> bool:

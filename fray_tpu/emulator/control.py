@@ -109,6 +109,21 @@ class Control:
         self._world.vanish_node(name)
         self._emulator.pump()
 
+    def forbid_external_ips(self, value: bool = True) -> None:
+        """An organization policy (constraints/compute.vmExternalIpAccess) forbids external IPs:
+        creates with ``enable_external_ips`` from now on fail on their operation with
+        FAILED_PRECONDITION, and the node goes away."""
+        with self._world.cond:
+            self._world.external_ips_forbidden = value
+
+    def deny_permission(self, service_account: str, permission: str = "tpu.nodes.delete") -> None:
+        """Calls made with ``service_account``'s token (a VM's, from its metadata server) that need
+        ``permission`` answer 403 PERMISSION_DENIED, as when its IAM roles lack it."""
+        if not permission.startswith("tpu."):
+            raise ValueError(f"permission {permission!r} is not a Cloud TPU permission (tpu.nodes.delete, ...)")
+        with self._world.cond:
+            self._world.denied_permissions.setdefault(service_account, set()).add(permission)
+
     def hold_creating(self, pattern: str) -> None:
         """Keep nodes (in CREATING) and queued resources (in WAITING_FOR_RESOURCES) whose id starts
         with ``pattern`` (or whose full name does, if ``pattern`` contains '/') until released."""
@@ -258,6 +273,11 @@ class Control:
         """Boot every later node from the image ``profile`` (fray_tpu.emulator.images); None: by runtime version."""
         self._hosts.set_image(profile)
 
+    def host_connections(self, node: str) -> list[dict[str, int]]:
+        """Per VM of the node's latest incarnation, TCP connections accepted so far at each of
+        its external addresses (the NAT to the VM's own address): ``{"ip:port": count}``."""
+        return self._hosts.connections(self._uid(node))
+
     def storage_endpoint(self) -> str:
         """The emulated Cloud Storage JSON API (``http://host:port``) the controller and the VMs use."""
         return self._emulator.storage.endpoint
@@ -344,6 +364,15 @@ class EmulatorControl:
 
     def vanish_node(self, name: str) -> None:
         self._call("vanish_node", name=name)
+
+    def forbid_external_ips(self, value: bool = True) -> None:
+        self._call("forbid_external_ips", value=value)
+
+    def deny_permission(self, service_account: str, permission: str = "tpu.nodes.delete") -> None:
+        self._call("deny_permission", service_account=service_account, permission=permission)
+
+    def host_connections(self, node: str) -> list[dict[str, int]]:
+        return self._call("host_connections", node=node)
 
     def repair_node(self, name: str, seconds: float) -> None:
         self._call("repair_node", name=name, seconds=seconds)

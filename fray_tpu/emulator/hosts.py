@@ -27,6 +27,7 @@ from pathlib import Path
 from fray_tpu import contract
 from fray_tpu.emulator.images import DEFAULT_PROFILE, INHERIT_CONTROLLER, ImageStore, check_profile, profile_for_runtime, script_environment
 from fray_tpu.emulator.metadata import HostMetadata, MetadataServer
+from fray_tpu.emulator.nat import NatForward
 from fray_tpu.emulator.state import HostBoot
 from fray_tpu.topology import get_tpu_topology
 
@@ -59,6 +60,8 @@ class Host:
     image: str = "ubuntu-22.04"
     script: str | None = None
     server: MetadataServer | None = None
+    external_ip: str = ""  # access_config.external_ip: NAT'd to ``ip``, on no interface of the VM
+    nat: NatForward | None = None
     process: subprocess.Popen | None = None
     frozen: bool = False
     stopped: bool = False
@@ -72,6 +75,7 @@ class Host:
             "node": self.node_name,
             "worker": self.worker,
             "ip": self.ip,
+            "external_ip": self.external_ip or None,
             "metadata_endpoint": self.server.address if self.server else None,
             "pid": self.process.pid if self.process else None,
             "workdir": str(self.workdir),
@@ -128,13 +132,17 @@ def _host_metadata(boot: HostBoot, worker: int) -> HostMetadata:
         contract.ATTR_TPU_ENV: _tpu_env(boot, worker),
     }
     hostname = _hostname(boot, worker)
+    interface = {"ip": boot.ips[worker], "network": f"projects/{boot.project_number}/networks/default"}
+    if boot.external_ips:
+        interface["access-configs"] = {"0": {"external-ip": boot.external_ips[worker], "type": "ONE_TO_ONE_NAT"}}
     instance = {
         "name": hostname,
         "hostname": f"{hostname}.{boot.zone}.c.{boot.project}.internal",
         "id": str(boot.uid * 1000 + worker),
         "zone": f"projects/{boot.project_number}/zones/{boot.zone}",
         "machine-type": f"projects/{boot.project_number}/machineTypes/ct-emulated",
-        "network-interfaces": {"0": {"ip": boot.ips[worker], "network": f"projects/{boot.project_number}/networks/default"}},
+        "network-interfaces": {"0": interface},
+        "service-account": boot.service_account,
     }
     project = {"project-id": boot.project, "numeric-project-id": str(boot.project_number)}
     return HostMetadata(attributes, instance, project)
@@ -206,6 +214,8 @@ def _kill_hosts(hosts: list[Host], stop_metadata: bool) -> None:
             host.stopped = True
             if host.server is not None:
                 host.server.close()
+            if host.nat is not None:
+                host.nat.close()
 
 
 class HostRuntime:
@@ -256,6 +266,7 @@ class HostRuntime:
                 run_dir=run_root / f"{boot.node_id}-{boot.uid}" / f"worker-{worker}",
                 token=f"{self._instance_id}-{boot.uid}-{worker}",
                 metadata=_host_metadata(boot, worker),
+                external_ip=boot.external_ips[worker] if boot.external_ips else "",
             )
             for worker, ip in enumerate(boot.ips)
         ]
@@ -271,6 +282,8 @@ class HostRuntime:
             (host.workdir / "tmp").mkdir(exist_ok=True)
             host.run_dir.mkdir(parents=True, exist_ok=True)
             host.server = MetadataServer(host.ip, host.metadata)
+            if host.external_ip:
+                host.nat = NatForward(host.external_ip, host.ip, boot.agent_port)
             if script is not None:
                 host.process = self._start_script(host, script)
 
@@ -364,6 +377,10 @@ class HostRuntime:
         """The agent service's own log on the VM (not the serial console)."""
         path = self._host(uid, worker).workdir / contract.EMULATED_STATE_SUBDIR / contract.AGENT_LOG_NAME
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def connections(self, uid: int) -> list[dict[str, int]]:
+        """Per VM, the connections its external address's NAT carried (empty: no external IP)."""
+        return [{host.nat.external: host.nat.accepted} if host.nat else {} for host in self._node_hosts(uid)]
 
     def guest_attributes(self, uid: int) -> list[dict[str, dict[str, str]]]:
         return [host.metadata.guest_attributes() for host in self._node_hosts(uid)]

@@ -27,6 +27,21 @@ REQUEST_READ_TIMEOUT = 30.0
 Tree = dict[str, "Tree | str | Callable[[], Tree | str]"]
 
 
+# A VM's access token names its service account, so that the emulated APIs know the caller
+# (Google's tokens are opaque, but Google knows whose they are).
+TOKEN_PREFIX = "emulated-token"
+
+
+def access_token_for(service_account: str) -> str:
+    return f"{TOKEN_PREFIX}.{service_account}"
+
+
+def principal_of(token: str) -> str | None:
+    """The service account a VM's access token was issued for; None for any other token."""
+    prefix = f"{TOKEN_PREFIX}."
+    return token[len(prefix):] if token.startswith(prefix) else None
+
+
 def _etag(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -39,6 +54,8 @@ class HostMetadata:
         self._preempted = False
         self._guest: dict[str, dict[str, str]] = {}
         self._closed = False
+        instance = dict(instance)
+        service_account = instance.pop("service-account", "default")
         self._tree: Tree = {
             "instance": {
                 **instance,
@@ -49,10 +66,11 @@ class HostMetadata:
                 "service-accounts": {
                     "default": {
                         "aliases": "default",
-                        "email": instance.get("service-account", "default"),
+                        "email": service_account,
                         "scopes": "https://www.googleapis.com/auth/cloud-platform",
                         "token": lambda: json.dumps(
-                            {"access_token": "emulated-token", "expires_in": 3599, "token_type": "Bearer"}
+                            {"access_token": access_token_for(service_account),
+                             "expires_in": 3599, "token_type": "Bearer"}
                         ),
                     }
                 },

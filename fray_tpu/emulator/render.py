@@ -54,7 +54,9 @@ def node_pb(record: "NodeRecord") -> message.Message:
     del node.network_endpoints[:]
     order = record.endpoint_order or range(len(record.ips))
     for worker in order:
-        node.network_endpoints.add(ip_address=record.ips[worker], port=record.agent_port)
+        endpoint = node.network_endpoints.add(ip_address=record.ips[worker], port=record.agent_port)
+        if record.external_ips:
+            endpoint.access_config.external_ip = record.external_ips[worker]
     return node
 
 

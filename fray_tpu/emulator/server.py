@@ -18,6 +18,7 @@ from google.protobuf import any_pb2, empty_pb2, message
 from google.rpc import status_pb2
 
 from fray_tpu.emulator import catalog, control
+from fray_tpu.emulator.metadata import principal_of
 from fray_tpu.emulator.render import node_pb, operation_pb, queued_resource_pb
 from fray_tpu.emulator.state import page_names
 from fray_tpu.emulator.validation import ApiError, invalid, not_found, parse_location, parse_resource_name
@@ -203,6 +204,23 @@ def _project_and_zone(request) -> tuple[str, str | None]:
     return "", None
 
 
+def _caller(context: grpc.ServicerContext) -> str | None:
+    """The service account whose VM token the call carries (None: another caller, such as the
+    controller with its own credentials)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return principal_of(value[len("Bearer "):].strip())
+    return None
+
+
+def _resource(request) -> str:
+    for field_name in ("name", "parent"):
+        value = getattr(request, field_name, "")
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
 def _handler(world, method: str, request_type, call: Callable, with_context: bool = False):
     def serve(request, context: grpc.ServicerContext):
         failure = world.record_call(method)
@@ -211,6 +229,9 @@ def _handler(world, method: str, request_type, call: Callable, with_context: boo
         refusal = world.refusal(method, *_project_and_zone(request))
         if refusal is not None:
             _abort(context, refusal)
+        denied = world.permission_refusal(method, _caller(context), _resource(request))
+        if denied is not None:
+            _abort(context, denied)
         try:
             return call(request, context) if with_context else call(request)
         except ApiError as error:

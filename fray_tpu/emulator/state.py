@@ -29,6 +29,7 @@ from fray_tpu.emulator.validation import (
     check_labels,
     check_metadata,
     check_resource_id,
+    check_tags,
     check_runtime_version,
     invalid,
     not_found,
@@ -52,6 +53,13 @@ QR_EXPIRED_MESSAGE = (
     "Queued resource {name} could not be provisioned before the valid_until time of its queueing "
     "policy; there was not enough capacity in the zone"
 )
+# An organization policy (constraints/compute.vmExternalIpAccess) forbids the VMs' external IPs:
+# GCE's wording (its 412 conditionNotMet); that the TPU API reports it on the create operation is
+# our reading, unverified against a real project.
+EXTERNAL_IP_POLICY_MESSAGE = (
+    "Constraint constraints/compute.vmExternalIpAccess violated for project {project}. Add instance "
+    "projects/{project}/zones/{zone}/instances/{node} to the constraint to use external IP with it."
+)
 _MAX_ADVANCE_PASSES = 16
 MAX_OPERATIONS = 10_000
 
@@ -73,6 +81,10 @@ class HostBoot:
     metadata: dict[str, str]
     labels: dict[str, str]
     hostname_endpoints: bool = False  # serve worker-network-endpoints in the newer hostname-only format
+    # One per VM when the node was created with enable_external_ips: a second loopback address,
+    # NAT'd to the VM's own (the VM never sees it on an interface, as on GCE).
+    external_ips: tuple[str, ...] = ()
+    service_account: str = ""  # the VMs' service account (the project's default compute one if unset)
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,9 @@ class NodeRecord:
     create_time: float
     due: float | None
     stockout: bool = False
+    create_error: tuple[int, str] | None = None  # the create operation fails with this when due
     ips: tuple[str, ...] = ()
+    external_ips: tuple[str, ...] = ()  # access_config.external_ip per worker (enable_external_ips)
     create_operation: str | None = None
     queued_resource: str = ""
     multislice: bool = False
@@ -105,6 +119,12 @@ class NodeRecord:
     agent_port: int = catalog.DEFAULT_AGENT_PORT
     health: str | None = None  # a fault-set Node.Health name; None: derived from the state
     endpoint_order: tuple[int, ...] | None = None  # a fault-set order of network_endpoints
+
+
+def service_account_of(record: NodeRecord) -> str:
+    """The node's service account: as created, else the project's default compute one."""
+    email = record.spec.service_account.email
+    return email or f"{catalog.project_number(record.location.project)}-compute@developer.gserviceaccount.com"
 
 
 @dataclass(frozen=True)
@@ -208,6 +228,21 @@ REFUSAL_KINDS: dict[str, frozenset[str] | None] = {
 }
 
 
+# The IAM permission each method needs (what a denied service account's call is refused for).
+METHOD_PERMISSIONS = {
+    "CreateNode": "tpu.nodes.create",
+    "GetNode": "tpu.nodes.get",
+    "ListNodes": "tpu.nodes.list",
+    "DeleteNode": "tpu.nodes.delete",
+    "GetGuestAttributes": "tpu.nodes.get",
+    "CreateQueuedResource": "tpu.queuedResources.create",
+    "GetQueuedResource": "tpu.queuedResources.get",
+    "ListQueuedResources": "tpu.queuedResources.list",
+    "DeleteQueuedResource": "tpu.queuedResources.delete",
+    "GetOperation": "tpu.operations.get",
+}
+
+
 @dataclass
 class InjectedFailure:
     code: int
@@ -284,6 +319,9 @@ class World:
         self.never_finish = False
         self.reverse_endpoints = False  # nodes made READY list their endpoints in reverse worker order
         self.hostname_endpoints = False  # hosts booted serve hostname-only worker-network-endpoints
+        self.external_ips_forbidden = False  # an org policy forbids external IPs: such creates fail
+        # Service account email -> the permissions it lacks (calls made with its token are refused).
+        self.denied_permissions: dict[str, set[str]] = {}
         self.withdrawn: set[tuple[str, str]] = set()  # (zone, accelerator type) no longer offered
         self._effects: list[Effect] = []
         self.dirty = False
@@ -334,6 +372,15 @@ class World:
                     return refusal_error(refusal.kind, method, project, zone)
             return None
 
+    def permission_refusal(self, method: str, principal: str | None, resource: str) -> ApiError | None:
+        """403 when the caller (a VM's service account, by its token) lacks ``method``'s permission."""
+        permission = METHOD_PERMISSIONS.get(method)
+        if principal is None or permission is None:
+            return None
+        with self.cond:
+            denied = permission in self.denied_permissions.get(principal, ())
+        return validation.permission_denied(permission, resource) if denied else None
+
     def _new_operation(self, location: Location, target: str, verb: str) -> OperationRecord:
         self._forget_old_operations()
         stamp = int(self._wall() * 1000)
@@ -367,6 +414,7 @@ class World:
         check_runtime_version(node.runtime_version, accelerator_type)
         check_labels(dict(node.labels))
         check_metadata(dict(node.metadata))
+        check_tags(list(node.tags))
         name = f"{location.name}/nodes/{node_id}"
         if name in self.nodes:
             raise ApiError(code_pb2.ALREADY_EXISTS, f"Resource '{name}' already exists")
@@ -413,6 +461,10 @@ class World:
             due = now + (stockout_delay if stockout else self.timings.create_delay)
             record = self._add_node(location, node_id, name, accelerator_type, node, due)
             record.stockout = stockout
+            if self.external_ips_forbidden and node.network_config.enable_external_ips:
+                # GCE refuses the VMs, so the create operation fails (the POST itself is accepted).
+                record.create_error = (code_pb2.FAILED_PRECONDITION, EXTERNAL_IP_POLICY_MESSAGE.format(
+                    project=catalog.project_number(location.project), zone=location.zone, node=node_id))
             operation = self._new_operation(location, name, "create")
             record.create_operation = operation.name
             self.changed()
@@ -466,6 +518,8 @@ class World:
         record.state = "READY"
         record.due = None
         record.ips = tuple(self._ips.allocate() for _ in range(record.vm_count))
+        if record.spec.network_config.enable_external_ips:
+            record.external_ips = tuple(self._ips.allocate() for _ in range(record.vm_count))
         if self.reverse_endpoints:
             record.endpoint_order = tuple(reversed(range(record.vm_count)))
         spec = record.spec
@@ -487,6 +541,8 @@ class World:
                     metadata=dict(spec.metadata),
                     labels=dict(spec.labels),
                     hostname_endpoints=self.hostname_endpoints,
+                    external_ips=record.external_ips,
+                    service_account=service_account_of(record),
                 ),
             )
         )
@@ -495,10 +551,14 @@ class World:
             self._finish(operation, now + self.timings.operation_lag, response=node_pb(record))
 
     def _fail_stockout(self, record: NodeRecord, now: float) -> None:
+        message_text = STOCKOUT_MESSAGE.format(zone=record.location.zone, eid=uuid.uuid4().hex[:16])
+        self._fail_create(record, now, (code_pb2.RESOURCE_EXHAUSTED, message_text))
+
+    def _fail_create(self, record: NodeRecord, now: float, error: tuple[int, str]) -> None:
+        """The create fails on its operation and the node goes away."""
         operation = self.operations.get(record.create_operation or "")
         if operation is not None and not operation.done:
-            message_text = STOCKOUT_MESSAGE.format(zone=record.location.zone, eid=uuid.uuid4().hex[:16])
-            self._finish(operation, now, error=(code_pb2.RESOURCE_EXHAUSTED, message_text))
+            self._finish(operation, now, error=error)
         del self.nodes[record.name]
 
     def preempt_node(self, name: str) -> NodeRecord:
@@ -771,6 +831,8 @@ class World:
                 return False
             if record.stockout:
                 self._fail_stockout(record, now)
+            elif record.create_error is not None:
+                self._fail_create(record, now, record.create_error)
             else:
                 self._make_ready(record, now)
             return True
@@ -897,5 +959,7 @@ class World:
             self.never_finish = False
             self.reverse_endpoints = False
             self.hostname_endpoints = False
+            self.external_ips_forbidden = False
+            self.denied_permissions.clear()
             self.withdrawn.clear()
             self.changed()

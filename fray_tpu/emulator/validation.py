@@ -19,6 +19,9 @@ METADATA_KEY_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 MAX_NODE_ID_LENGTH = 63
 MAX_LABELS = 64
 MAX_METADATA_BYTES = 512 * 1024
+# GCE network tags (what firewall rules target): RFC 1035 labels, at most 64 per instance.
+NETWORK_TAG_PATTERN = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+MAX_NETWORK_TAGS = 64
 _LOCATION = re.compile(r"^projects/(?P<project>[^/]+)/locations/(?P<zone>[^/]+)$")
 
 
@@ -181,6 +184,17 @@ def check_labels(labels: dict[str, str]) -> None:
             raise invalid(f"Invalid label key {key!r}: keys must match {LABEL_KEY_PATTERN.pattern}")
         if not LABEL_VALUE_PATTERN.match(value):
             raise invalid(f"Invalid label value {value!r} for key {key!r}: values must match {LABEL_VALUE_PATTERN.pattern}")
+
+
+def check_tags(tags: list[str]) -> None:
+    if len(tags) > MAX_NETWORK_TAGS:
+        raise invalid(f"Too many network tags: {len(tags)} (at most {MAX_NETWORK_TAGS})")
+    for tag in tags:
+        if not NETWORK_TAG_PATTERN.match(tag):
+            raise invalid(
+                f"Invalid value for field 'node.tags': {tag!r}. Network tags must be 1-63 characters long and "
+                "match the regular expression [a-z]([-a-z0-9]*[a-z0-9])?"
+            )
 
 
 def check_metadata(metadata: dict[str, str]) -> None:

@@ -493,21 +493,9 @@ def cmd_slices(ctx: Context) -> int:
         for r in rows)))
     for r in rows:
         if r["self_delete_refused"]:
-            print(f"{r['name']}: {r['self_delete_refused']} (it keeps running until deleted: fray-tpu gc)")
+            print(f"{r['name']}: {r['self_delete_refused']} (it keeps running, and billing, until deleted: "
+                  "`fray-tpu gc --yes` deletes it)")
     return EXIT_OK
-
-
-def self_delete_refusal(ctx: Context, observation) -> str | None:
-    """What a READY node's agents published when the TPU API refused their lease self-delete."""
-    from fray_tpu.contract import GUEST_NAMESPACE, GUEST_SELF_DELETE_REFUSED
-
-    if not observation.ready:
-        return None
-    try:
-        workers = ctx.provisioner().guest_attributes(observation.zone, observation.name, GUEST_NAMESPACE)
-    except Exception:  # noqa: BLE001 - a listing must not fail on one node's attributes
-        return None
-    return next((w[GUEST_SELF_DELETE_REFUSED] for w in workers if w.get(GUEST_SELF_DELETE_REFUSED)), None)
 
 
 def warm_text(row: dict[str, Any]) -> str | None:
@@ -522,6 +510,7 @@ def describe_slices(ctx: Context, observed: list) -> list[dict[str, Any]]:
     the resource, else from the API (one get per resource unknown to this journal)."""
     from fray_tpu import naming
     from fray_tpu.costs import PriceTable, slice_rate, usd_for
+    from fray_tpu.ops.gc import self_delete_refusal
 
     journal = ctx.journal()
     recorded = {(r.name, r.zone): r for r in journal.resources()}
@@ -548,7 +537,7 @@ def describe_slices(ctx: Context, observed: list) -> list[dict[str, Any]]:
             "created": created, "age_seconds": round(now - created, 1) if created else None,
             "usd_per_hour": round(usd_for(chips, price, 3600.0), 4) if price is not None else None,
             "usd_so_far": round(usd_for(chips, price, now - created), 4) if price is not None and created else None,
-            "self_delete_refused": self_delete_refusal(ctx, o),
+            "self_delete_refused": self_delete_refusal(ctx.provisioner(), o),
         })
         since = warm_since.get((o.name, o.zone))
         if since is not None:

@@ -137,12 +137,13 @@ def _position_check(config: TpuClusterConfig, position: Callable[[], ControllerP
     if config.emulate:
         return Check(name, OK, "emulated hosts listen on loopback: this machine reaches them")
     where = position()
-    if config.external_ips:
-        found = "workers get external IPs; the controller reaches them from anywhere"
+    if config.connect == "external":
+        found = (f"connect=external: the controller dials the workers' external IPs (open TCP {config.agent_port} "
+                 f"to the tag {config.network_tag} from this machine's address)")
         return Check(name, OK, found + (f" (controller on GCE in {where.zone})" if where and where.zone else ""))
     if where is None:
-        return Check(name, FAIL, "workers have no external IPs (external_ips=false) and this controller is not on GCE",
-                     "run the controller on a GCE VM in the workers' VPC, or set external_ips=true")
+        return Check(name, FAIL, "connect=internal dials the workers' internal addresses, and this controller is not on GCE",
+                     "run the controller on a GCE VM in the workers' VPC, or set connect=external")
     wanted = config.network or "default"
     network = (where.network or "").rsplit("/", 1)[-1]
     if network and network != wanted.rsplit("/", 1)[-1]:

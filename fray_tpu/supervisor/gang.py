@@ -187,7 +187,7 @@ class Gang:
             if missing:
                 dead[slice_id] = f"no certificate was pinned for {', '.join(missing)} when the slice booted"
                 continue
-            self._clients[slice_id] = [self._client(ip, certs[ip]) for ip in ready.endpoints]
+            self._clients[slice_id] = [self._client(ready, ip, certs[ip]) for ip in ready.endpoints]
         if dead:
             return Connected(dead, {}, {})
         booting = {s: len(ready.endpoints) for s, ready in enumerate(slices) if s not in self._clients}
@@ -207,7 +207,7 @@ class Gang:
                 if isinstance(certs, str):
                     dead[slice_id] = certs
                     continue
-                self._clients[slice_id] = [self._client(ip, cert) for ip, cert in zip(endpoints, certs)]
+                self._clients[slice_id] = [self._client(slices[slice_id], ip, cert) for ip, cert in zip(endpoints, certs)]
             if dead:
                 return Connected(dead, {}, {})
         give_up = {slice_id: threading.Event() for slice_id in self._clients}
@@ -283,8 +283,9 @@ class Gang:
         seen = observe_slices(provisioner, {s: slices[s] for s in watched})
         return {s: f"{slices[s].spec.name} was lost while {while_}" for s in lost_slices(seen)}
 
-    def _client(self, ip: str, cert_pem: bytes) -> channel.AgentClient:
-        return channel.AgentClient(f"{ip}:{self.config.agent_port}", secret=self.credentials.secret,
+    def _client(self, ready: ReadySlice, ip: str, cert_pem: bytes) -> channel.AgentClient:
+        """A client of the agent at internal address ``ip``, dialled where ``connect`` says."""
+        return channel.AgentClient(f"{ready.dial_address(ip)}:{self.config.agent_port}", secret=self.credentials.secret,
                                    pinned_cert_pem=cert_pem)
 
     def upload(self, bundle, slice_of: Callable[[int], int]) -> dict[int, str]:

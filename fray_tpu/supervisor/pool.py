@@ -43,7 +43,7 @@ POOL_JOB_ID = "warm-pool"  # the journal's job id of a slice the pool holds betw
 def host_certificates(ready: ReadySlice, clients: Sequence[channel.AgentClient]) -> dict[str, bytes]:
     """Each host's address -> the certificate its client pins (the one its agent published at boot)."""
     by_address = {client.address.rsplit(":", 1)[0]: client.pinned_cert_pem for client in clients}
-    return {ip: by_address[ip] for ip in ready.endpoints}
+    return {ip: by_address[ready.dial_address(ip)] for ip in ready.endpoints}
 
 
 @dataclass
@@ -92,7 +92,7 @@ class WarmPool:
         are reused, so a large slice costs no new TLS handshakes, and each keeps pinning the
         certificate its host published when the slice booted). The agents are handed over to
         the pool's secret here: cleaned, and deaf to the job's secret."""
-        if sorted(c.address.rsplit(":", 1)[0] for c in clients) != sorted(ready.endpoints):
+        if sorted(c.address.rsplit(":", 1)[0] for c in clients) != sorted(map(ready.dial_address, ready.endpoints)):
             for client in clients:
                 client.close()
             return "the job never connected to all of its agents"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from fray_tpu import channel, naming, tls
 from fray_tpu import contract as md
 from fray_tpu.config import TpuClusterConfig
-from fray_tpu.errors import CapacityUnavailableError, FrayTpuError
+from fray_tpu.errors import CapacityUnavailableError, FrayTpuError, ProvisioningError
 from fray_tpu.hostboot import bootstrapper_for
 from fray_tpu.state.journal import Journal, ResourceRow, ResourceState
 from fray_tpu.placement import FailNow, GroupPlacement, Placed
@@ -102,6 +102,8 @@ class SliceKeeper:
             network=self.config.network,
             subnetwork=self.config.subnetwork,
             external_ips=self.config.external_ips,
+            connect=self.config.connect,
+            network_tag=self.config.network_tag,
             service_account=self.config.service_account,
             queued=self.plan.queued,
         )
@@ -112,7 +114,8 @@ class SliceKeeper:
         return SliceShape(
             tpu_type=self.plan.tpu_type, capacity=self.plan.capacity, runtime_version=self.plan.runtime_version,
             queued=self.plan.queued, network=self.config.network, subnetwork=self.config.subnetwork,
-            external_ips=self.config.external_ips, service_account=self.config.service_account,
+            external_ips=self.config.external_ips, network_tag=self.config.network_tag,
+            service_account=self.config.service_account,
             image=hashlib.sha256(script.encode()).hexdigest(),
         )
 
@@ -152,14 +155,28 @@ class SliceKeeper:
                 raise FrayTpuError(f"journal slice {name} does not match job {self.job_id} (expected {spec.name}): "
                                    f"was the journal written by another fray-tpu version?")
             self.slices[slice_id] = ReadySlice(spec, zone, node_resource_name(self.context.provisioner.project, zone, name),
-                                               tuple(endpoints))
+                                               tuple(endpoints), self._external_ips(name, zone, endpoints))
+
+    def _external_ips(self, name: str, zone: str, endpoints: list[str]) -> tuple[str, ...]:
+        """The external IPs of a slice taken back from the journal (which keeps only the internal
+        addresses), in the journal's endpoint order: asked of the API when connect=external."""
+        if self.config.connect != "external":
+            return ()
+        try:
+            observed = self.context.provisioner.observe(zone).get(name)
+        except ProvisioningError as error:
+            log.warning("could not list %s for the external IPs of %s (%s); it cannot be dialled", zone, name, error)
+            return ()
+        if observed is None:
+            return ()
+        by_ip = dict(zip(observed.endpoints, observed.external_ips))
+        return tuple(by_ip.get(ip, "") for ip in endpoints)
 
     def reorder(self, slice_id: int, order: list[int]) -> None:
         """Put the slice's endpoints in worker order (``order``: endpoint indexes), here and in the journal."""
-        ready = self.slices[slice_id]
-        endpoints = tuple(ready.endpoints[i] for i in order)
-        self.slices[slice_id] = dataclasses.replace(ready, endpoints=endpoints)
-        self.journal.update_resource(ready.spec.name, ready.zone, endpoints=list(endpoints))
+        ready = self.slices[slice_id].reordered(order)
+        self.slices[slice_id] = ready
+        self.journal.update_resource(ready.spec.name, ready.zone, endpoints=list(ready.endpoints))
 
     @property
     def complete(self) -> bool:

@@ -23,6 +23,7 @@ class SliceShape:
     network: str | None
     subnetwork: str | None
     external_ips: bool
+    network_tag: str
     service_account: str | None
     image: str  # what the VMs booted: the startup script's digest (agent version included)
 

@@ -308,6 +308,44 @@ def test_stop_without_a_controller_reattaches_and_releases(fake_gcp, tmp_path):
     assert status.json["status"] == "stopped" and status.json["live_slices"] == [], status.json.get("error_message")
 
 
+def test_refused_self_delete_is_shown_by_slices_and_collected_by_gc(fake_gcp, tmp_path):
+    """The driver dies with its job running; the lease lapses; the VM's service account lacks
+    tpu.nodes.delete, so its self-delete is refused (403): the agent publishes that as a guest
+    attribute, `fray-tpu slices` shows it for the slice with the account to grant, and
+    `fray-tpu gc --yes` deletes the slice (the agents meant it gone), leaving nothing."""
+    account = "trainer@fray-tpu-test.iam.gserviceaccount.com"
+    fake_gcp.control.deny_permission(account, "tpu.nodes.delete")
+    spec = spec_for(fake_gcp.endpoint, tmp_path / "state", lease_period="3", service_account=account)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(host_deadline=HOST_DEADLINE, tpu_type="v5litepod-4", job_timeout=JOB_TIMEOUT))
+    started = subprocess.run([sys.executable, str(driver), spec, str(make_workspace(tmp_path / "workspace"))],
+                             capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert started.returncode == 0, started.stderr
+    [node] = fake_gcp.control.leaks()["nodes"]
+    name = node["name"].rsplit("/", 1)[-1]
+
+    def refusal_listed():
+        listed = cli("slices", "--json", "--spec", spec, check_json=True)
+        assert listed.returncode == EXIT_OK, listed.stderr
+        rows = [r for r in listed.json["slices"] if r["name"] == name]
+        return rows[0]["self_delete_refused"] if rows and rows[0]["self_delete_refused"] else None
+
+    refusal = wait_for(refusal_listed, "the refused self-delete to be published", JOB_TIMEOUT)
+    assert refusal.startswith("self-delete refused: PERMISSION_DENIED: Permission 'tpu.nodes.delete' denied")
+    assert f"grant roles/tpu.admin (or a role with tpu.nodes.delete) to service account {account}" in refusal
+    assert fake_gcp.control.counters().get("GetGuestAttributes", 0) >= 1
+    assert [n["state"] for n in fake_gcp.control.leaks()["nodes"]] == ["READY"], "the refused delete deleted it"
+    table = cli("slices", "--spec", spec)
+    assert table.returncode == EXIT_OK, table.stderr
+    assert "(self-delete refused)" in table.stdout and f"{name}: self-delete refused: PERMISSION_DENIED" in table.stdout
+    assert "fray-tpu gc --yes" in table.stdout
+
+    collected = cli("gc", "--yes", "--spec", spec)
+    assert collected.returncode == EXIT_OK, collected.stderr
+    assert f"deleted {name}" in collected.stdout and "could not delete it" in collected.stdout
+    assert fake_gcp.control.leaks()["nodes"] == []
+
+
 # -- emulator --------------------------------------------------------------------------------------
 
 def test_emulator_subcommand_serves_and_announces_its_endpoint(tmp_path):

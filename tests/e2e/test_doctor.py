@@ -85,7 +85,7 @@ def test_real_project_checks_position_and_delivery(fake_gcp):
     finally:
         client.transport.close()
     by_name = {c.name: c for c in off_gce}
-    assert by_name["controller position"].status == FAIL and "external_ips=true" in by_name["controller position"].fix
+    assert by_name["controller position"].status == FAIL and "connect=external" in by_name["controller position"].fix
     assert by_name["host bundle delivery"].status == WARN and "Cloud NAT" in by_name["host bundle delivery"].fix
     assert by_name["zones"].status == SKIP
     assert {c.name: c for c in elsewhere}["controller position"].status == FAIL

@@ -95,7 +95,7 @@ def main():
     cluster = TpuCluster(
         TpuClusterConfig(emulate=True, emulator_endpoint=args["endpoint"], poll_interval=0.2,
                          lease_period=args["lease_period"], state_dir=args["state_dir"], queued=args["queued"],
-                         keep_warm=0),
+                         connect=args["connect"], keep_warm=0),
         detach_on_exit=args["detach"],
     )
     job_ids = []
@@ -132,7 +132,7 @@ class Driver:
     """The driver subprocess, its stdout lines on a queue, its stderr in a file."""
 
     def __init__(self, tmp_path: Path, endpoint: str, *, jobs: list[str], then: str, lease_period: float,
-                 detach: bool = False, queued: bool = False):
+                 detach: bool = False, queued: bool = False, connect: str = "internal"):
         self.state_dir = tmp_path / "state"
         self.out_dir = tmp_path / "out"
         workspace = tmp_path / "workspace"
@@ -143,6 +143,7 @@ class Driver:
         script.write_text(DRIVER_SOURCE)
         self.stderr_path = tmp_path / "driver.stderr"
         args = dict(endpoint=endpoint, lease_period=lease_period, state_dir=str(self.state_dir), detach=detach, queued=queued,
+                    connect=connect,
                     jobs=jobs, out_dir=str(self.out_dir), workspace=str(workspace), tick_seconds=TICK_SECONDS,
                     host_deadline=HOST_DEADLINE, start_timeout=DRIVER_START_TIMEOUT, then=then)
         with open(self.stderr_path, "wb") as stderr:
@@ -218,9 +219,10 @@ def start_driver(drivers: list[Driver], *args, **kwargs) -> Driver:
     return driver
 
 
-def controller(endpoint: str, state_dir: Path, lease_period: float = REATTACH_LEASE_SECONDS) -> TpuCluster:
+def controller(endpoint: str, state_dir: Path, lease_period: float = REATTACH_LEASE_SECONDS,
+               connect: str = "internal") -> TpuCluster:
     return TpuCluster(TpuClusterConfig(emulate=True, emulator_endpoint=endpoint, poll_interval=0.2,
-                                       lease_period=lease_period, state_dir=str(state_dir),
+                                       lease_period=lease_period, state_dir=str(state_dir), connect=connect,
                                        keep_warm=0))  # reattaching is checked here; the warm pool elsewhere
 
 
@@ -301,6 +303,34 @@ def test_sigkilled_driver_is_reattached_by_a_new_controller(fake_gcp, tmp_path, 
         assert {info.job_id: info for info in third.list_jobs()} == final
     finally:
         third.shutdown(timeout=JOB_TIMEOUT)
+
+
+def test_reattach_with_connect_external_dials_the_external_ips_again(fake_gcp, tmp_path, drivers):
+    """connect=external across a restart: the journal keeps only the internal addresses, so the
+    restarted controller asks the API for the external ones and dials the agents there again
+    (the NAT of the VM's external address carries new connections); the job then finishes."""
+    driver = start_driver(drivers, tmp_path, fake_gcp.endpoint, jobs=["outside"], then="block",
+                          lease_period=REATTACH_LEASE_SECONDS, connect="external")
+    [job_id] = driver.running_jobs()
+    [node] = job_nodes(fake_gcp.control, job_id)
+    node_id = node["name"].rsplit("/", 1)[-1]
+    [[(external, before)]] = [list(c.items()) for c in fake_gcp.control.host_connections(node_id)]
+    assert before >= 1
+    driver.process.send_signal(signal.SIGKILL)
+    driver.wait_exit(30)
+
+    restarted = controller(fake_gcp.endpoint, driver.state_dir, connect="external")
+    try:
+        assert {info.job_id: info.status for info in restarted.list_jobs()} == {job_id: JobStatus.RUNNING}
+        wait_for(lambda: fake_gcp.control.host_connections(node_id)[0][external] > before,
+                 f"the restarted controller to dial {external}", JOB_TIMEOUT)
+        driver.release("outside")
+        info = restarted.wait(job_id, timeout=JOB_TIMEOUT)
+        assert info.status == JobStatus.SUCCEEDED, info.error_message
+        restarted.wait_released(job_id, timeout=JOB_TIMEOUT)
+        assert job_nodes(fake_gcp.control, job_id) == []
+    finally:
+        restarted.shutdown(timeout=JOB_TIMEOUT)
 
 
 # -- SIGKILL and nobody comes back --------------------------------------------------------------

@@ -23,6 +23,8 @@ def quota(quota_id: str) -> error_details_pb2.QuotaFailure:
     [
         (code_pb2.RESOURCE_EXHAUSTED, "There is no more capacity in the zone", [], "spot", True, CreateAction.NEXT_ZONE),
         (code_pb2.FAILED_PRECONDITION, "Insufficient reserved capacity", [], "reserved", True, CreateAction.NEXT_ZONE),
+        (code_pb2.FAILED_PRECONDITION, "Constraint constraints/compute.vmExternalIpAccess violated for project 1.", [],
+         "spot", True, CreateAction.FATAL),
         (code_pb2.INTERNAL, "An internal error has occurred", [], "spot", True, CreateAction.NEXT_ZONE),
         (code_pb2.INTERNAL, "An internal error has occurred", [], "on-demand", True, CreateAction.FATAL),
         (code_pb2.INVALID_ARGUMENT, "Operation not supported while in state PREEMPTED", [], "spot", True,

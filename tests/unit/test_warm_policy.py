@@ -19,7 +19,8 @@ from fray_tpu.supervisor.warm_policy import (
 )
 
 SHAPE = SliceShape(tpu_type="v5litepod-16", capacity="spot", runtime_version="v2-alpha-tpuv5-lite", queued=False,
-                   network=None, subnetwork=None, external_ips=False, service_account=None, image="abc")
+                   network=None, subnetwork=None, external_ips=False, network_tag="fray-tpu", service_account=None,
+                   image="abc")
 ZONES = ["us-west4-a", "europe-west4-b"]
 
 
@@ -29,7 +30,7 @@ def warm(name: str, zone: str = "us-west4-a", since: float = 0.0, shape: SliceSh
 
 @pytest.mark.parametrize("field, value", [
     ("tpu_type", "v5litepod-8"), ("capacity", "on-demand"), ("runtime_version", "v2-alpha-tpuv5"),
-    ("queued", True), ("network", "other"), ("subnetwork", "sub"), ("external_ips", True),
+    ("queued", True), ("network", "other"), ("subnetwork", "sub"), ("external_ips", True), ("network_tag", "other-tag"),
     ("service_account", "sa@p.iam"), ("image", "def"),
 ])
 def test_any_difference_in_shape_does_not_fit(field, value):
