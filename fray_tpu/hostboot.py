@@ -52,6 +52,7 @@ class HostBootstrapper:
         self._emulator_endpoint = emulator_endpoint
         self._lock = threading.Lock()
         self._scripts: dict[str, str] = {}
+        self._staging: tuple[str, str] | None = None
         self._credentials = None
 
     def _token(self) -> str:
@@ -76,6 +77,14 @@ class HostBootstrapper:
                               "(FRAY_TPU_STAGING_BUCKET) to a bucket the controller can write and the VMs' service "
                               "account can read (the VMs reach it over Private Google Access)")
         return BundleStorage(self._config.staging_bucket.removeprefix("gs://"), token=self._token)
+
+    def staging(self) -> tuple[str, str]:
+        """The staging bucket's API root (as the VMs reach it) and name."""
+        with self._lock:
+            if self._staging is None:
+                storage = self._storage()
+                self._staging = (storage.endpoint, storage.bucket)
+            return self._staging
 
     def startup_script(self, runtime_version: str) -> str:
         """The startup-script for ``runtime_version``: builds and stages its bundle on first use."""
