@@ -185,7 +185,11 @@ def describe_environments(results: Sequence[tuple[int, int, PrepareResult]]) -> 
             timing = "" if source == ENV_SOURCE_LOCAL else " " + _spread(
                 [r.env_seconds or r.env_build_seconds for _, r in chosen])
             parts.append(f"{what} on {where}{timing}")
-        notes = [f"worker {w}: {r.env_note}" for w, r in hosts if r.env_note and r.source == ENV_SOURCE_BUILT]
+        # The builders' notes (their uploads), the slowest download's, and every refused archive.
+        downloads = [(w, r) for w, r in hosts if r.source == ENV_SOURCE_BUCKET and r.env_note]
+        slowest = max(downloads, key=lambda item: item[1].env_seconds)[0] if downloads else None
+        notes = [f"worker {w}: {r.env_note}" for w, r in hosts if r.env_note and (
+            r.source == ENV_SOURCE_BUILT or w == slowest)]
         digests = ", ".join(sorted({r.env_digest[:12] for _, r in hosts}))
         lines.append(f"slice-{slice_id}: Python environment {digests}: {'; '.join(parts)}"
                      + (f" ({'; '.join(notes)})" if notes else ""))

@@ -364,7 +364,7 @@ class PythonEnvStore:
         A broken cache never fails the job: the host builds instead."""
         name = bucket.object_name(digest)
         env_dir = self.env_dir(digest)
-        archive = self._scratch_file(digest, ".tar.gz")
+        archive = self._scratch_file(digest, ".tar")
         try:
             resource = self._await_archive(name, digest, bucket, objects, log)
             if resource is None:
@@ -387,7 +387,7 @@ class PythonEnvStore:
                 log(note)
                 return False, generation, note
             self._make_local(env_dir, request, log)
-            return True, "", (f"downloaded {bucket.url(name)} ({int(resource.get('size', 0)) / 1e6:.0f} MB) in "
+            return True, "", (f"downloaded {bucket.url(name)} ({int(resource.get('size', 0)) / 1e6:.1f} MB) in "
                               f"{downloaded:.1f}s, unpacked in {time.monotonic() - started - downloaded:.1f}s")
         except EnvironmentBuildError:
             raise
@@ -403,7 +403,7 @@ class PythonEnvStore:
                 replace_generation: str, log: Callable[[str], None]) -> str:
         """Share what this host built; returns what happened. Never fails the job."""
         name = bucket.object_name(digest)
-        archive = self._scratch_file(digest, ".tar.gz")
+        archive = self._scratch_file(digest, ".tar")
         started = time.monotonic()
         try:
             sha256 = pack(self.env_dir(digest), archive, self._manifest(digest, request),
@@ -412,7 +412,7 @@ class PythonEnvStore:
             created = objects.upload(name, archive, {SHA256_METADATA: sha256}, replace_generation)
             if created is None:
                 return f"not uploaded: another host put {bucket.url(name)} there first"
-            return (f"uploaded {bucket.url(name)} ({archive.stat().st_size / 1e6:.0f} MB, packed in {packed:.1f}s) "
+            return (f"uploaded {bucket.url(name)} ({archive.stat().st_size / 1e6:.1f} MB, packed in {packed:.1f}s) "
                     f"in {time.monotonic() - started:.1f}s")
         except (FrayTpuError, OSError) as error:
             note = f"could not upload {bucket.url(name)}: {error}"
