@@ -334,14 +334,15 @@ class PythonEnvStore:
         return self._scratch / f"{digest}.{os.getpid()}.{threading.get_ident()}{suffix}"
 
     def _await_archive(self, name: str, digest: str, bucket: EnvBucket, objects: BucketObjects,
-                       log: Callable[[str], None]) -> dict | None:
-        """The archive's resource; a host that is not its gang's builder waits for it up to
-        ``bucket.wait_seconds`` (and fails with the builder's failure, when it reports one)."""
+                       log: Callable[[str], None], refused: str = "") -> dict | None:
+        """The archive's resource (of another generation than ``refused``); a host that is not
+        its gang's builder waits for it up to ``bucket.wait_seconds`` (and fails with the
+        builder's failure, when it reports one)."""
         deadline = time.monotonic() + (0.0 if bucket.builder else bucket.wait_seconds)
         waiting = False
         while True:
             resource = objects.stat(name)
-            if resource is not None:
+            if resource is not None and resource["generation"] != refused:
                 return resource
             if not bucket.builder:
                 failure = objects.read_text(bucket.failure_name(digest))
@@ -365,19 +366,25 @@ class PythonEnvStore:
         name = bucket.object_name(digest)
         env_dir = self.env_dir(digest)
         archive = self._scratch_file(digest, ".tar")
+        refused_generation, refusal = "", ""
         try:
-            resource = self._await_archive(name, digest, bucket, objects, log)
-            if resource is None:
-                return False, "0", f"not in {bucket.url(name)} yet"
-            generation = resource["generation"]
-            recorded = (resource.get("metadata") or {}).get(SHA256_METADATA, "")
-            started = time.monotonic()
-            actual = objects.download(name, generation, archive)
-            if actual != recorded:
-                note = (f"refused {bucket.url(name)} (generation {generation}): its SHA-256 is {actual[:16]}, not the "
-                        f"{recorded[:16] or '(none)'} its uploader recorded")
-                log(note)
-                return False, generation, note
+            while True:
+                resource = self._await_archive(name, digest, bucket, objects, log, refused=refused_generation)
+                if resource is None:
+                    return False, refused_generation or "0", refusal or f"not in {bucket.url(name)} yet"
+                generation = resource["generation"]
+                recorded = (resource.get("metadata") or {}).get(SHA256_METADATA, "")
+                started = time.monotonic()
+                actual = objects.download(name, generation, archive)
+                if actual == recorded:
+                    break
+                refusal = (f"refused {bucket.url(name)} (generation {generation}): its SHA-256 is {actual[:16]}, "
+                           f"not the {recorded[:16] or '(none)'} its uploader recorded")
+                log(refusal)
+                if bucket.builder or refused_generation:
+                    return False, generation, refusal
+                # The gang's builder refuses it too and replaces it: wait for that, not build.
+                refused_generation = generation
             downloaded = time.monotonic() - started
             manifest = unpack(archive, env_dir)
             if manifest.get("digest") != digest or manifest.get("platform") != host_platform():
@@ -387,7 +394,7 @@ class PythonEnvStore:
                 log(note)
                 return False, generation, note
             self._make_local(env_dir, request, log)
-            return True, "", (f"downloaded {bucket.url(name)} ({int(resource.get('size', 0)) / 1e6:.1f} MB) in "
+            return True, "", (f"{refusal}; " if refusal else "") + (f"downloaded {bucket.url(name)} ({int(resource.get('size', 0)) / 1e6:.1f} MB) in "
                               f"{downloaded:.1f}s, unpacked in {time.monotonic() - started - downloaded:.1f}s")
         except EnvironmentBuildError:
             raise
