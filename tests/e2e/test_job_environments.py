@@ -173,6 +173,32 @@ def test_a_tampered_environment_archive_is_refused_and_rebuilt(env_cluster, fake
     assert replaced["generation"] != tampered and replaced["size"] == resource["size"]  # a good archive again
 
 
+def test_two_jobs_racing_to_upload_one_environment_leave_one_whole_archive(
+        env_cluster, fake_gcp, package_index, workspace, tmp_path, caplog):
+    """Two jobs launched together need the same new environment: each gang's worker 0 builds it
+    and uploads create-only; exactly one upload creates the archive, the other is refused (412)
+    and keeps its build; both jobs succeed and a third job downloads the archive on every host."""
+    def launch(name: str) -> str:
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        return env_cluster.launch(_request(name, report_packages, [str(out_dir)], Path(workspace),
+                                           pip_packages=["six", "iniconfig", "tomli"]))
+
+    with caplog.at_level(logging.INFO, logger="fray_tpu"):
+        jobs = [launch("env-race-a"), launch("env-race-b")]
+        infos = [finish(env_cluster, job) for job in jobs]
+        assert [i.status for i in infos] == [JobStatus.SUCCEEDED] * 2, [i.error_message for i in infos]
+        raced = _environment_lines(caplog)
+        caplog.clear()
+        third = finish(env_cluster, launch("env-race-c"))
+    assert third.status == JobStatus.SUCCEEDED, third.error_message
+    assert len(raced) == 2 and sum("uploaded gs://" in line for line in raced) == 1, raced
+    # Either both built (one upload refused) or the slower gang's builder found the archive already.
+    assert sum("another host put" in line for line in raced) + sum("built with uv" not in line for line in raced) == 1
+    [after] = _environment_lines(caplog)
+    assert f"downloaded from the bucket on {HOSTS} hosts" in after, after
+
+
 def _storage_json(endpoint: str, name: str) -> dict:
     url = f"{endpoint}/storage/v1/b/{EMULATED_BUCKET}/o/{urllib.parse.quote(name, safe='')}"
     with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer test"})) as response:
