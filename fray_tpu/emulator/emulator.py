@@ -123,6 +123,8 @@ class Emulator:
                 self.hosts.set_preempted(effect.uid, None, True)
             elif effect.kind == "kill":
                 self.hosts.kill(effect.uid)
+            elif effect.kind == "discard":
+                self.hosts.discard(effect.uid)
         except Exception:
             LOG.exception("emulator could not %s the hosts of node uid %s", effect.kind, effect.uid)
 
