@@ -59,6 +59,8 @@ def fill_test_wheelhouse() -> Path:
 # VMs; plain jax does not). Faithful hosts have nothing else; the staging bucket's environment
 # archives keep this cheap after the session's first build.
 JAX_PACKAGES = tuple(pinned_like_this_interpreter("jax", "jaxlib", "requests"))
+# What Client API tasks on the hosts need of the controller's packages: their actor links are gRPC.
+CLIENT_PACKAGES = tuple(pinned_like_this_interpreter("grpcio", "protobuf"))
 
 
 def job_wheelhouse_dir() -> Path:
@@ -67,7 +69,7 @@ def job_wheelhouse_dir() -> Path:
 
 
 def fill_job_wheelhouse() -> Path:
-    return fill_wheelhouse(job_wheelhouse_dir(), JAX_PACKAGES)
+    return fill_wheelhouse(job_wheelhouse_dir(), [*JAX_PACKAGES, *CLIENT_PACKAGES])
 
 
 def job_python_version() -> str:
@@ -112,6 +114,7 @@ def package_index() -> Iterator[LoopbackIndex]:
 
 @pytest.fixture(scope="session")
 def job_package_index() -> Iterator[LoopbackIndex]:
-    """The jobs' host-side packages (``JAX_PACKAGES`` and their dependencies) as an index on 127.0.0.1."""
+    """The jobs' host-side packages (``JAX_PACKAGES``, ``CLIENT_PACKAGES`` and their dependencies)
+    as an index on 127.0.0.1."""
     with LoopbackIndex(job_wheelhouse_dir()) as index:
         yield index
