@@ -59,8 +59,9 @@ def fill_test_wheelhouse() -> Path:
 # VMs; plain jax does not). Faithful hosts have nothing else; the staging bucket's environment
 # archives keep this cheap after the session's first build.
 JAX_PACKAGES = tuple(pinned_like_this_interpreter("jax", "jaxlib", "requests"))
-# What Client API tasks on the hosts need of the controller's packages: their actor links are gRPC.
-CLIENT_PACKAGES = tuple(pinned_like_this_interpreter("grpcio", "protobuf"))
+# What Client API tasks on the hosts need of the controller's packages: their actor links are gRPC,
+# and an actor served on a host makes its TLS certificate with cryptography.
+CLIENT_PACKAGES = tuple(pinned_like_this_interpreter("grpcio", "protobuf", "cryptography"))
 
 
 def job_wheelhouse_dir() -> Path:
