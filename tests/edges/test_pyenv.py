@@ -120,9 +120,12 @@ def test_a_lock_made_against_one_index_installs_from_a_mirror(store, package_ind
     the mirror serves the same files, so the locked versions install, hashes checked."""
     workspace = uv_workspace(tmp_path)
     lock_workspace(workspace, package_index.url, f"six=={LOCKED_SIX}")
+    # A host of its own: the module's store may hold this very environment (the digest is the
+    # content, not the index), and then would ask no index at all.
+    host = PythonEnvStore(tmp_path / "host", UvSettings.from_environ())
     with LoopbackIndex(package_index.wheelhouse) as mirror:
-        env = store.ensure(EnvRequest(workspace_dir=workspace, python_version=JOB_PYTHON, index_url=mirror.url),
-                           lambda line: None)
+        env = host.ensure(EnvRequest(workspace_dir=workspace, python_version=JOB_PYTHON, index_url=mirror.url),
+                          lambda line: None)
         assert mirror.requests > 0
     assert _run_in(env, _INSPECT)["versions"]["six"] == LOCKED_SIX
 
