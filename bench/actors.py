@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -31,8 +32,12 @@ from benchlib import emit  # noqa: E402
 from channel import percentile, start_agent  # noqa: E402
 from fake_gcp.process import EmulatorProcess  # noqa: E402
 
+from fray_tpu.package_index import LoopbackIndex, cache_dir, fill_wheelhouse, pinned_like_this_interpreter  # noqa: E402
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 TPU_TYPE = "v5litepod-4"
+# What the TPU host's caller needs of the controller's packages (its actor link is gRPC).
+HOST_PACKAGES = pinned_like_this_interpreter("grpcio", "protobuf")
 JOB_TIMEOUT = 300.0
 RESULT_PREFIX = "actor-bench "
 
@@ -86,11 +91,14 @@ def bench_actors(calls: int) -> None:
     workspace = tempfile.mkdtemp(prefix="fray-tpu-bench-actors-ws-")
     (Path(state) / "emulator").mkdir()
     emulator = EmulatorProcess(root=Path(state) / "emulator").start()
-    # The host's task imports gRPC for its actor link: on the faithful image that would need an
-    # index in the job's environment, so the hosts boot the image that inherits the controller's.
-    emulator.control.set_image("inherit-controller")
+    # The host's task imports gRPC for its actor link: faithful hosts have nothing of the
+    # controller's, so its job environment installs gRPC (at the controller's versions) from a
+    # wheelhouse served on loopback.
+    wheelhouse = fill_wheelhouse(cache_dir() / "actors", HOST_PACKAGES)
+    index = LoopbackIndex(wheelhouse)
+    os.environ.setdefault("FRAY_TPU_PYTHON_DOWNLOADS", "never")
     client = TpuClient(TpuClusterConfig(emulate=True, emulator_endpoint=emulator.endpoint, state_dir=state,
-                                        poll_interval=0.2))
+                                        poll_interval=0.2, index_url=index.url))
     try:
         cpu_actor = client.create_actor(Echo, name="bench-cpu")
         emit({"metric": "actor_roundtrip", "path": "driver->cpu-actor", **summary(timed_calls(cpu_actor.echo, calls))})
@@ -99,7 +107,8 @@ def bench_actors(calls: int) -> None:
               **summary(timed_calls(hosted.handle.echo, calls))})
         job = client.submit(JobRequest(
             name="bench-tpu-caller", entrypoint=Entrypoint.from_callable(call_from_tpu_host, args=(hosted.handle, calls)),
-            resources=ResourceConfig.with_tpu(TPU_TYPE), environment=create_environment(workspace=workspace)))
+            resources=ResourceConfig.with_tpu(TPU_TYPE),
+            environment=create_environment(workspace=workspace, pip_packages=HOST_PACKAGES)))
         job.wait(timeout=JOB_TIMEOUT)
         line = next(line for line in job.logs() if RESULT_PREFIX in line)
         samples = json.loads(line.split(RESULT_PREFIX, 1)[1])
@@ -107,6 +116,7 @@ def bench_actors(calls: int) -> None:
         hosted.shutdown()
     finally:
         client.shutdown(wait=False)
+        index.close()
         emulator.stop()
         shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(workspace, ignore_errors=True)

@@ -10,10 +10,15 @@ the same time (they share this machine's cores, as the emulator's hosts do).
 - ``cold``: hosts that never built anything (empty uv / pip cache, no environment);
 - ``cached``: the same hosts building the environment again after it was deleted, their
   download caches warm (what a new environment costs a host that built one before);
-- ``reused`` (uv only): the environment is still there (every later attempt and job on the host).
+- ``reused`` (uv only): the environment is still there (every later attempt and job on the host);
+- ``bucket_gang`` (uv): 4 fresh hosts as one gang sharing a staging bucket (the emulator's
+  Cloud Storage, on loopback): worker 0 builds and uploads the archive, the others wait for it
+  and download it;
+- ``bucket_download`` (uv): 4 more fresh hosts (a later job on new VMs) download the archive the
+  gang uploaded, build nothing.
 
 Each metric line gives the slowest host's seconds (the gang waits for it) and the median; the
-summary line gives ``pip / uv`` ratios for cold and cached.
+summary line gives ``pip / uv`` ratios for cold and cached, and ``uv cold / bucket_download``.
 
     .venv/bin/python bench/pyenv.py
 """
@@ -33,7 +38,9 @@ from pathlib import Path
 from benchlib import emit, rounded
 
 from fray_tpu.contract import PYTHON_DOWNLOADS_ENV
+from fray_tpu.emulator.storage import EMULATED_BUCKET, StorageServer
 from fray_tpu.package_index import LoopbackIndex, cache_dir, fill_wheelhouse, pinned_like_this_interpreter
+from fray_tpu.worker.envarchive import EnvBucket
 from fray_tpu.worker.pyenv import RUNNER_REQUIREMENTS, EnvRequest, PythonEnvStore, UvSettings
 
 HOSTS = 4  # a v5litepod-16
@@ -46,6 +53,20 @@ def uv_build(host: Path, index_url: str) -> float:
     started = time.monotonic()
     store.ensure(EnvRequest(pip_packages=PACKAGES, index_url=index_url), lambda line: None)
     return time.monotonic() - started
+
+
+def bucket_builds(storage: StorageServer):
+    """A build on one host of a gang sharing ``storage``: worker-0 is the builder."""
+    def build(host: Path, index_url: str) -> float:
+        store = PythonEnvStore(host / "agent", UvSettings.from_environ(), storage_token=lambda: "bench-token")
+        bucket = EnvBucket(storage.endpoint, EMULATED_BUCKET, builder=host.name.endswith("-0"), wait_seconds=600,
+                           attempt_id="bench")
+        started = time.monotonic()
+        env = store.ensure(EnvRequest(pip_packages=PACKAGES, index_url=index_url), lambda line: None, bucket)
+        if env.source not in ("built", "bucket"):
+            raise RuntimeError(f"{host.name} got its environment from {env.source!r}, expected a build or a download")
+        return time.monotonic() - started
+    return build
 
 
 def uv_forget_env(host: Path) -> None:
@@ -97,12 +118,25 @@ def main() -> int:
             for host in hosts:
                 uv_forget_env(host)
             slowest["uv", "cached"] = report("uv", "cached", on_all_hosts(uv_build, hosts, index.url))
+            storage = StorageServer("127.0.0.1", root / "bucket")
+            storage.start()
+            try:
+                gang = [root / f"gang-worker-{i}" for i in range(HOSTS)]
+                later = [root / f"later-worker-{i}" for i in range(HOSTS)]
+                slowest["uv", "bucket_gang"] = report("uv", "bucket_gang", on_all_hosts(
+                    bucket_builds(storage), gang, index.url))
+                slowest["uv", "bucket_download"] = report("uv", "bucket_download", on_all_hosts(
+                    bucket_builds(storage), later, index.url))
+            finally:
+                storage.close()
             slowest["pip", "cold"] = report("pip", "cold", on_all_hosts(pip_build, hosts, index.url))
             slowest["pip", "cached"] = report("pip", "cached", on_all_hosts(pip_build, hosts, index.url))
         emit({"metric": "pyenv_summary", "packages": list(PACKAGES), "hosts": HOSTS,
               "uv_reused_s": rounded(slowest["uv", "reused"], 3),
               "pip_over_uv_cold": rounded(slowest["pip", "cold"] / slowest["uv", "cold"], 2),
-              "pip_over_uv_cached": rounded(slowest["pip", "cached"] / slowest["uv", "cached"], 2)})
+              "pip_over_uv_cached": rounded(slowest["pip", "cached"] / slowest["uv", "cached"], 2),
+              "uv_cold_over_bucket_download": rounded(slowest["uv", "cold"] / slowest["uv", "bucket_download"], 2),
+              "uv_cold_over_bucket_gang": rounded(slowest["uv", "cold"] / slowest["uv", "bucket_gang"], 2)})
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

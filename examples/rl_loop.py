@@ -123,7 +123,8 @@ def rollout(curriculum, weights, rollout_id: int) -> None:
 
 # -- the coordinator (a CPU job) ---------------------------------------------------------------
 
-def coordinator(run_id: str, workspace: str, rollouts: int, reports_per_rollout: int) -> None:
+def coordinator(run_id: str, workspace: str, rollouts: int, reports_per_rollout: int,
+                host_packages: tuple[str, ...] = ()) -> None:
     from fray_tpu.client import current_client
     from fray_tpu.client_api import Entrypoint, JobRequest, ResourceConfig, create_environment
 
@@ -132,7 +133,8 @@ def coordinator(run_id: str, workspace: str, rollouts: int, reports_per_rollout:
     weights = client.host_actor(WeightVersions, name=f"{run_id}-weights")
     print(COORDINATOR_LINE + json.dumps({"curriculum": curriculum.handle.endpoint,
                                          "weights": weights.handle.endpoint}), flush=True)
-    environment = create_environment(workspace=workspace)
+    # The TPU hosts' jobs call the actors over gRPC: their environments install it (host_packages).
+    environment = create_environment(workspace=workspace, pip_packages=list(host_packages))
 
     def tpu_job(name: str, fn, *args) -> JobRequest:
         return JobRequest(name=name, entrypoint=Entrypoint.from_callable(fn, args=args),
@@ -155,12 +157,15 @@ def coordinator(run_id: str, workspace: str, rollouts: int, reports_per_rollout:
 
 
 def coordinator_request(run_id: str, workspace: str, rollouts: int = ROLLOUTS,
-                        reports_per_rollout: int = REPORTS_PER_ROLLOUT):
+                        reports_per_rollout: int = REPORTS_PER_ROLLOUT, host_packages: tuple[str, ...] = ()):
+    """The coordinator job; ``host_packages`` go into the TPU jobs' environments (gRPC and
+    protobuf at the controller's versions, from the cluster's ``index_url``)."""
     from fray_tpu.client_api import Entrypoint, JobRequest, ResourceConfig, create_environment
 
     return JobRequest(
         name=f"{run_id}-coordinator",
-        entrypoint=Entrypoint.from_callable(coordinator, args=(run_id, workspace, rollouts, reports_per_rollout)),
+        entrypoint=Entrypoint.from_callable(coordinator, args=(run_id, workspace, rollouts, reports_per_rollout,
+                                                               tuple(host_packages))),
         resources=ResourceConfig.with_cpu(cpu=0.5, preemptible=False),
         environment=create_environment(workspace=workspace),
         max_retries_failure=0,

@@ -15,6 +15,11 @@ The preemption comes with a notice, as Cloud TPU spot VMs get one: the emulator 
 ``preempted`` metadata flag ``PREEMPTION_NOTICE_SECONDS`` before it kills the hosts, the agent
 reports it and fray-tpu stops the gang and counts a preemption.
 
+The job gets JAX from its own environment, built with uv on the host (the VMs have nothing of
+the controller's): ``main`` serves the demo's wheelhouse on loopback as the package index, as
+``examples/multislice_jax.py`` does; the slice that replaces the preempted one downloads the
+environment the first built from the staging bucket.
+
 Run: ``python examples/train_with_preemption.py [--checkpoint-dir DIR] [--emulator-endpoint HOST:PORT]``
 (without an endpoint, fray-tpu starts an emulator of its own).
 """
@@ -46,6 +51,8 @@ LEARNING_RATE = 0.03
 PREEMPTION_NOTICE_SECONDS = 1.0
 CHECKPOINT_WAIT_SECONDS = 90.0
 JOB_TIMEOUT_SECONDS = 120.0
+# What the job imports, at the controller's versions (the callable is pickled here); numpy comes with jax.
+JOB_PACKAGES = ("jax", "jaxlib")
 CHECKPOINT_PATTERN = re.compile(r"ckpt-(\d+)\.npz")
 RESUMED_LINE = re.compile(r"resumed from checkpoint at step (\d+)")
 
@@ -157,14 +164,16 @@ def wait_for_checkpoint(directory: Path, timeout: float) -> Path:
 
 
 def run_example(checkpoint_dir: str, emulator_endpoint: str | None = None, state_dir: str | None = None,
-                poll_interval: float = 0.2) -> ExampleResult:
+                poll_interval: float = 0.2, index_url: str | None = None) -> ExampleResult:
     """Launch ``train`` on the emulator, preempt it once a checkpoint exists, let it resume.
     ``state_dir`` is the controller's journal directory (default: a new temporary one, so the
-    demo never meets another fray-tpu controller's state)."""
+    demo never meets another fray-tpu controller's state); ``index_url`` the package index the
+    host installs JAX from."""
     from fray_tpu.cluster import TpuCluster
     from fray_tpu.config import TpuClusterConfig
     from fray_tpu.emulator.control import EmulatorControl
     from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, ResourceConfig
+    from fray_tpu.package_index import pinned_like_this_interpreter
 
     import numpy as np
 
@@ -172,7 +181,7 @@ def run_example(checkpoint_dir: str, emulator_endpoint: str | None = None, state
     directory.mkdir(parents=True, exist_ok=True)
     cluster = TpuCluster(TpuClusterConfig(
         emulate=True, emulator_endpoint=emulator_endpoint, poll_interval=poll_interval, lease_period=30.0,
-        state_dir=state_dir or tempfile.mkdtemp(prefix="fray-tpu-train-state-"),
+        state_dir=state_dir or tempfile.mkdtemp(prefix="fray-tpu-train-state-"), index_url=index_url,
     ))
     watcher = _ResumeWatcher()
     # monitor() forwards the job's lines to this logger at INFO; let them reach the watcher.
@@ -186,7 +195,8 @@ def run_example(checkpoint_dir: str, emulator_endpoint: str | None = None, state
             name="train-with-preemption",
             entrypoint=Entrypoint.from_callable(train, args=[str(directory)]),
             resources=ResourceConfig.with_tpu(TPU_TYPE),
-            environment=EnvironmentConfig.create(workspace=os.path.dirname(os.path.abspath(__file__))),
+            environment=EnvironmentConfig.create(workspace=os.path.dirname(os.path.abspath(__file__)),
+                                                 pip_packages=pinned_like_this_interpreter(*JOB_PACKAGES)),
             max_retries_preemption=1,
         ))
         # The cluster knows its emulator's endpoint once the job is launched (it may have started it).
@@ -223,7 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     checkpoint_dir = args.checkpoint_dir or tempfile.mkdtemp(prefix="fray-tpu-train-ckpt-")
-    result = run_example(checkpoint_dir, args.emulator_endpoint)
+    from fray_tpu.package_index import LoopbackIndex, cache_dir, fill_wheelhouse, pinned_like_this_interpreter
+
+    # The demo's wheelhouse (the same packages), filled once; emulated hosts download no interpreter.
+    packages = pinned_like_this_interpreter(*JOB_PACKAGES)
+    wheelhouse = fill_wheelhouse(cache_dir() / "demo", [*packages, *pinned_like_this_interpreter("cloudpickle")])
+    os.environ.setdefault("FRAY_TPU_PYTHON_DOWNLOADS", "never")
+    with LoopbackIndex(wheelhouse) as index:
+        result = run_example(checkpoint_dir, args.emulator_endpoint, index_url=index.url)
     print(f"job {result.status} after {result.attempts} attempt(s); preemptions: {result.preemptions}")
     print(f"resumed from step {result.resumed_from_step}; final step {result.final_step}, loss {result.final_loss:.6f}")
     print(f"slices still alive after the job: {result.slices_left}")

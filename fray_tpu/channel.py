@@ -35,7 +35,15 @@ from fray_tpu.attempt_events import (  # noqa: F401 - channel.LogBatch etc. are 
     LogBatch,
     PreemptionNotice,
 )
-from fray_tpu.contract import AUTH_METADATA_KEY, BASE_ENV_DIGEST, FAILURE_KIND_KEY, PrepareFailureKind
+from fray_tpu.contract import (
+    AUTH_METADATA_KEY,
+    BASE_ENV_DIGEST,
+    ENV_SOURCE_BUCKET,
+    ENV_SOURCE_BUILT,
+    ENV_SOURCE_LOCAL,
+    FAILURE_KIND_KEY,
+    PrepareFailureKind,
+)
 from fray_tpu.errors import DeadlineExceeded, FrayTpuError
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
 
@@ -91,6 +99,7 @@ class AttemptSpec:
     extras: list[str] = field(default_factory=list)
     python_version: str = ""
     index_url: str = ""
+    env_cache: EnvCache | None = None
 
     @staticmethod
     def for_callable(attempt_id: str, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None,
@@ -108,12 +117,28 @@ class AttemptSpec:
             env=self.env, workspace_digest=self.workspace_digest, pip_packages=self.pip_packages,
             extras=self.extras, python_version=self.python_version, index_url=self.index_url,
         )
+        if self.env_cache is not None:
+            message.env_cache.CopyFrom(worker_pb2.EnvCache(
+                storage_endpoint=self.env_cache.storage_endpoint, bucket=self.env_cache.bucket,
+                builder=self.env_cache.builder, wait_seconds=self.env_cache.wait_seconds))
         if self.pickled_callable is not None:
             message.callable.pickled = self.pickled_callable
         else:
             message.binary.command = self.command
             message.binary.args.extend(self.args)
         return message
+
+
+@dataclass(frozen=True)
+class EnvCache:
+    """Where a gang's hosts share job environments (the staging bucket) and one host's part:
+    the ``builder`` builds a missing environment at once, the others wait ``wait_seconds`` for
+    its archive first."""
+
+    storage_endpoint: str
+    bucket: str
+    builder: bool
+    wait_seconds: float
 
 
 @dataclass(frozen=True)
@@ -125,24 +150,50 @@ class PrepareResult:
     cleanup_notes: list[str]
     env_digest: str = ""
     env_build_seconds: float = 0.0
+    env_source: str = ""  # ENV_SOURCE_* ("" from an agent that does not say)
+    env_seconds: float = 0.0
+    env_note: str = ""
+
+    @property
+    def source(self) -> str:
+        if self.env_source:
+            return self.env_source
+        return ENV_SOURCE_LOCAL if self.env_reused else ENV_SOURCE_BUILT
 
 
-def describe_environments(results: Sequence[PrepareResult]) -> str | None:
-    """One progress line on the job environments a gang's Prepares found or built, or None when
-    every host runs on its agent's interpreter."""
-    own = [r for r in results if r.env_digest and r.env_digest != BASE_ENV_DIGEST]
-    built = [r for r in own if not r.env_reused]
-    reused = [r for r in own if r.env_reused]
-    if not own:
-        return None
-    parts = []
-    if built:
-        seconds = [r.env_build_seconds for r in built]
-        parts.append(f"built on {len(built)} host(s) in {max(seconds):.1f}s (slowest), {min(seconds):.1f}s (fastest)")
-    if reused:
-        parts.append(f"reused the cached environment on {len(reused)} host(s)")
-    digests = sorted({r.env_digest[:12] for r in own})
-    return f"Python environment {', '.join(digests)}: {'; '.join(parts)}"
+def _spread(seconds: list[float]) -> str:
+    if len(seconds) == 1:
+        return f"in {seconds[0]:.1f}s"
+    return f"in {max(seconds):.1f}s (slowest), {min(seconds):.1f}s (fastest)"
+
+
+def describe_environments(results: Sequence[tuple[int, int, PrepareResult]]) -> list[str]:
+    """Progress lines on the job environments a gang's Prepares found, fetched or built: one
+    per slice, from ``(slice id, worker id, result)``; none for hosts on their agent's
+    interpreter."""
+    lines = []
+    for slice_id in sorted({s for s, _, r in results if r.env_digest and r.env_digest != BASE_ENV_DIGEST}):
+        hosts = sorted((w, r) for s, w, r in results
+                       if s == slice_id and r.env_digest and r.env_digest != BASE_ENV_DIGEST)
+        parts = []
+        for source, what in ((ENV_SOURCE_BUILT, "built with uv"), (ENV_SOURCE_BUCKET, "downloaded from the bucket"),
+                             (ENV_SOURCE_LOCAL, "reused from the host's own cache")):
+            chosen = [(w, r) for w, r in hosts if r.source == source]
+            if not chosen:
+                continue
+            where = f"worker {chosen[0][0]}" if len(chosen) == 1 else f"{len(chosen)} hosts"
+            timing = "" if source == ENV_SOURCE_LOCAL else " " + _spread(
+                [r.env_seconds or r.env_build_seconds for _, r in chosen])
+            parts.append(f"{what} on {where}{timing}")
+        # The builders' notes (their uploads), the slowest download's, and every refused archive.
+        downloads = [(w, r) for w, r in hosts if r.source == ENV_SOURCE_BUCKET and r.env_note]
+        slowest = max(downloads, key=lambda item: item[1].env_seconds)[0] if downloads else None
+        notes = [f"worker {w}: {r.env_note}" for w, r in hosts if r.env_note and (
+            r.source == ENV_SOURCE_BUILT or w == slowest)]
+        digests = ", ".join(sorted({r.env_digest[:12] for _, r in hosts}))
+        lines.append(f"slice-{slice_id}: Python environment {digests}: {'; '.join(parts)}"
+                     + (f" ({'; '.join(notes)})" if notes else ""))
+    return lines
 
 
 @dataclass(frozen=True)
@@ -345,6 +396,7 @@ class AgentClient:
             attempt_id=response.attempt_id, prepare_seconds=response.prepare_seconds,
             env_reused=response.env_reused, python=response.python, cleanup_notes=list(response.cleanup_notes),
             env_digest=response.env_digest, env_build_seconds=response.env_build_seconds,
+            env_source=response.env_source, env_seconds=response.env_seconds, env_note=response.env_note,
         )
 
     def cancel(self, attempt_id: str, grace: float) -> bool:

@@ -62,6 +62,7 @@ EMULATOR_START_TIMEOUT = 60.0
 STOP_REQUESTS_DIR = "stop-requests"
 STOP_REQUEST_POLL_SECONDS = 1.0
 SHUTDOWN_TIMEOUT = 600.0
+EMULATED_STORAGE_DIR = "emulated-storage"
 
 
 
@@ -385,8 +386,11 @@ class TpuCluster(Cluster):
             return self._context
 
     def _start_emulator(self) -> str:
+        # Its VMs go with it, its bucket stays (under the state directory), as a real bucket
+        # outlives the VMs: the next run finds the host bundle and job environments staged.
         command = [sys.executable, "-m", "fray_tpu.emulator", "--exit-with-parent",
-                   "--agent-port", str(self.config.agent_port), "--root", str(self._workdir / "emulator")]
+                   "--agent-port", str(self.config.agent_port), "--root", str(self._workdir / "emulator"),
+                   "--storage-root", str(self.state_dir / EMULATED_STORAGE_DIR)]
         self._emulator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
         line = _read_line(self._emulator.stdout, EMULATOR_START_TIMEOUT)
         if not line:

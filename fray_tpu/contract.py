@@ -56,6 +56,11 @@ FAILURE_KIND_KEY = "fray-tpu-failure-kind"
 
 # PrepareResponse.env_digest of an attempt that runs on the agent's own interpreter.
 BASE_ENV_DIGEST = "base"
+# PrepareResponse.env_source: where the host got the job environment this time.
+ENV_SOURCE_BASE = "base"  # the agent's own interpreter
+ENV_SOURCE_LOCAL = "local"  # already on the host (an earlier attempt or job built or fetched it)
+ENV_SOURCE_BUCKET = "bucket"  # downloaded from the staging bucket, built by another host
+ENV_SOURCE_BUILT = "built"  # built here with uv
 
 
 class PrepareFailureKind(str, enum.Enum):

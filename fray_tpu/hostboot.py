@@ -56,6 +56,7 @@ class HostBootstrapper:
         self._uploads: dict[str, Future] = {}
         # Not daemon threads: a controller process that exits right after a launch finishes the upload.
         self._uploader = ThreadPoolExecutor(1, thread_name_prefix="host-bundle-upload")
+        self._staging: tuple[str, str] | None = None
         self._credentials = None
 
     def _token(self) -> str:
@@ -80,6 +81,14 @@ class HostBootstrapper:
                               "(FRAY_TPU_STAGING_BUCKET) to a bucket the controller can write and the VMs' service "
                               "account can read (the VMs reach it over Private Google Access)")
         return BundleStorage(self._config.staging_bucket.removeprefix("gs://"), token=self._token)
+
+    def staging(self) -> tuple[str, str]:
+        """The staging bucket's API root (as the VMs reach it) and name."""
+        with self._lock:
+            if self._staging is None:
+                storage = self._storage()
+                self._staging = (storage.endpoint, storage.bucket)
+            return self._staging
 
     def startup_script(self, runtime_version: str) -> str:
         """The startup-script for ``runtime_version``: builds its bundle on first use and stages

@@ -56,8 +56,9 @@ def _host_site() -> str:
 
 
 def pytest_configure(config):
-    # The one download of a session, from the real registry, before the guard goes up (cached).
+    # The downloads of a session, from the real registry, before the guard goes up (cached).
     package_fixtures.fill_test_wheelhouse()
+    package_fixtures.fill_job_wheelhouse()
     loopback_guard.install()
     metadata = _start_fake_metadata()
     os.environ.update(

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fray_tpu.emulator.images import python_stand_ins as stand_in_python_dirs
-from fray_tpu.package_index import LoopbackIndex, fill_wheelhouse
+from fray_tpu.package_index import LoopbackIndex, fill_wheelhouse, pinned_like_this_interpreter
 from fray_tpu.uv_command import find_uv
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,26 @@ def wheelhouse_dir() -> Path:
 
 def fill_test_wheelhouse() -> Path:
     return fill_wheelhouse(wheelhouse_dir(), TEST_WHEELS)
+
+
+# What end-to-end jobs that run JAX on the hosts install there, from their own index: jax and
+# jaxlib at the controller's versions (what a test pickles here loads there), and requests, which
+# JAX's Cloud TPU detection imports to read the metadata server (jax[tpu] brings it on real TPU
+# VMs; plain jax does not). Faithful hosts have nothing else; the staging bucket's environment
+# archives keep this cheap after the session's first build.
+JAX_PACKAGES = tuple(pinned_like_this_interpreter("jax", "jaxlib", "requests"))
+# What Client API tasks on the hosts need of the controller's packages: their actor links are gRPC,
+# and an actor served on a host makes its TLS certificate with cryptography.
+CLIENT_PACKAGES = tuple(pinned_like_this_interpreter("grpcio", "protobuf", "cryptography"))
+
+
+def job_wheelhouse_dir() -> Path:
+    """The wheels of the jobs' host-side packages, per controller Python (they hold binaries)."""
+    return wheelhouse_dir().parent / f"jobs-{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def fill_job_wheelhouse() -> Path:
+    return fill_wheelhouse(job_wheelhouse_dir(), [*JAX_PACKAGES, *CLIENT_PACKAGES])
 
 
 def job_python_version() -> str:
@@ -90,4 +110,12 @@ def lock_workspace(workspace: Path, index_url: str, *pins: str, python: str | No
 def package_index() -> Iterator[LoopbackIndex]:
     """The test wheelhouse as a simple index on 127.0.0.1."""
     with LoopbackIndex(wheelhouse_dir()) as index:
+        yield index
+
+
+@pytest.fixture(scope="session")
+def job_package_index() -> Iterator[LoopbackIndex]:
+    """The jobs' host-side packages (``JAX_PACKAGES``, ``CLIENT_PACKAGES`` and their dependencies)
+    as an index on 127.0.0.1."""
+    with LoopbackIndex(job_wheelhouse_dir()) as index:
         yield index

@@ -25,6 +25,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
     parser.add_argument("--root", help="directory for the hosts' working directories (default: a temp dir)")
+    parser.add_argument("--storage-root", help="directory of the emulated Cloud Storage, kept after exit "
+                        "(default: under --root, removed with it)")
     parser.add_argument("--agent-port", type=int, default=catalog.DEFAULT_AGENT_PORT, help="port in network_endpoints")
     parser.add_argument("--zero-delays", action="store_true", help="every timing 0 (benchmarks)")
     parser.add_argument("--timings", help='JSON object of timings to override, e.g. \'{"create_delay": 2}\'')
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    emulator = Emulator(timings=timings, root=args.root, host=args.host, port=args.port, agent_port=args.agent_port)
+    emulator = Emulator(timings=timings, root=args.root, host=args.host, port=args.port, agent_port=args.agent_port,
+                        storage_root=args.storage_root)
     endpoint = emulator.start()
     try:
         print(

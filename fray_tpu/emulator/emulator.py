@@ -43,11 +43,14 @@ class Emulator:
         agent_port: int = catalog.DEFAULT_AGENT_PORT,
         first_octet: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        storage_root: str | Path | None = None,
     ):
         self.initial_timings = timings or EmulatorTimings()
         self._owns_root = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="fray-tpu-emulator-"))
         self.root.mkdir(parents=True, exist_ok=True)
+        # Cloud Storage outlives the emulator when given a root of its own, as a bucket outlives VMs.
+        self.storage_root = Path(storage_root) if storage_root is not None else self.root / "storage"
         self._host = host
         self._port = port
         self._clock = clock
@@ -74,7 +77,7 @@ class Emulator:
             raise OSError(f"could not bind the emulator to {self._host}:{self._port}; pick another port or 0")
         self._server.start()
         self.endpoint = f"{self._host}:{bound}"
-        self.storage = StorageServer(self._host, self.root / "storage")
+        self.storage = StorageServer(self._host, self.storage_root)
         self.storage.start()
         self._ticker = threading.Thread(target=self._tick_forever, name="emulator-ticker", daemon=True)
         self._ticker.start()
@@ -120,6 +123,8 @@ class Emulator:
                 self.hosts.set_preempted(effect.uid, None, True)
             elif effect.kind == "kill":
                 self.hosts.kill(effect.uid)
+            elif effect.kind == "discard":
+                self.hosts.discard(effect.uid)
         except Exception:
             LOG.exception("emulator could not %s the hosts of node uid %s", effect.kind, effect.uid)
 

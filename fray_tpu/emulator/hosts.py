@@ -197,6 +197,13 @@ def _shared_run_root(instance_id: str) -> Path | None:
     return SHARED_MEMORY / f"fray-tpu-emulator-{os.getpid()}-{instance_id}"
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _kill_hosts(hosts: list[Host], stop_metadata: bool) -> None:
     if not hosts:
         return
@@ -355,6 +362,20 @@ class HostRuntime:
         """SIGKILL the hosts' processes; ending the VM (``stop_metadata``) also stops its metadata server."""
         hosts = self._node_hosts(uid) if worker is None else [self._host(uid, worker)]
         _kill_hosts([host for host in hosts if not host.stopped], stop_metadata)
+
+    def discard(self, uid: int) -> None:
+        """A deleted node's disks go, as on Google (a JAX job environment is half a GB per host),
+        but for the serial console's and the agent's logs, which stay readable for diagnosis."""
+        for host in self._node_hosts(uid):
+            for path in host.workdir.iterdir() if host.workdir.exists() else ():
+                if path.name == STARTUP_LOG_FILE:
+                    continue
+                if path.name == contract.EMULATED_STATE_SUBDIR and path.is_dir():
+                    for inner in path.iterdir():
+                        if inner.name != contract.AGENT_LOG_NAME:
+                            _remove(inner)
+                    continue
+                _remove(path)
 
     def freeze(self, uid: int, worker: int) -> None:
         host = self._host(uid, worker)

@@ -89,7 +89,8 @@ class HostBoot:
 
 @dataclass(frozen=True)
 class Effect:
-    """A side effect for the host runtime: ``boot`` (with ``boot``), ``preempt_flag`` or ``kill``."""
+    """A side effect for the host runtime: ``boot`` (with ``boot``), ``preempt_flag``, ``kill`` or
+    ``discard`` (a deleted node's disks)."""
 
     kind: str
     uid: int
@@ -838,6 +839,8 @@ class World:
             return True
         if record.state == "DELETING" and self._due(record.due, now):
             del self.nodes[record.name]
+            if record.ips:
+                self._effects.append(Effect("discard", record.uid))
             return True
         if record.state == "REPAIRING" and self._due(record.due, now):
             record.state = "READY"

@@ -144,7 +144,7 @@ class BinaryPayload(_message.Message):
     def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AttemptSpec(_message.Message):
-    __slots__ = ("attempt_id", "job_id", "task_id", "task_index", "callable", "binary", "env", "workspace_digest", "pip_packages", "extras", "python_version", "index_url")
+    __slots__ = ("attempt_id", "job_id", "task_id", "task_index", "callable", "binary", "env", "workspace_digest", "pip_packages", "extras", "python_version", "index_url", "env_cache")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class AttemptSpec(_message.Message):
     EXTRAS_FIELD_NUMBER: _ClassVar[int]
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     INDEX_URL_FIELD_NUMBER: _ClassVar[int]
+    ENV_CACHE_FIELD_NUMBER: _ClassVar[int]
     attempt_id: str
     job_id: str
     task_id: str
@@ -176,10 +177,23 @@ class AttemptSpec(_message.Message):
     extras: _containers.RepeatedScalarFieldContainer[str]
     python_version: str
     index_url: str
-    def __init__(self, attempt_id: _Optional[str] = ..., job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_index: _Optional[int] = ..., callable: _Optional[_Union[CallablePayload, _Mapping]] = ..., binary: _Optional[_Union[BinaryPayload, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., workspace_digest: _Optional[str] = ..., pip_packages: _Optional[_Iterable[str]] = ..., extras: _Optional[_Iterable[str]] = ..., python_version: _Optional[str] = ..., index_url: _Optional[str] = ...) -> None: ...
+    env_cache: EnvCache
+    def __init__(self, attempt_id: _Optional[str] = ..., job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_index: _Optional[int] = ..., callable: _Optional[_Union[CallablePayload, _Mapping]] = ..., binary: _Optional[_Union[BinaryPayload, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., workspace_digest: _Optional[str] = ..., pip_packages: _Optional[_Iterable[str]] = ..., extras: _Optional[_Iterable[str]] = ..., python_version: _Optional[str] = ..., index_url: _Optional[str] = ..., env_cache: _Optional[_Union[EnvCache, _Mapping]] = ...) -> None: ...
+
+class EnvCache(_message.Message):
+    __slots__ = ("storage_endpoint", "bucket", "builder", "wait_seconds")
+    STORAGE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    BUILDER_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    storage_endpoint: str
+    bucket: str
+    builder: bool
+    wait_seconds: float
+    def __init__(self, storage_endpoint: _Optional[str] = ..., bucket: _Optional[str] = ..., builder: _Optional[bool] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("attempt_id", "prepare_seconds", "env_reused", "python", "cleanup_notes", "env_digest", "env_build_seconds")
+    __slots__ = ("attempt_id", "prepare_seconds", "env_reused", "python", "cleanup_notes", "env_digest", "env_build_seconds", "env_source", "env_seconds", "env_note")
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PREPARE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENV_REUSED_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +201,9 @@ class PrepareResponse(_message.Message):
     CLEANUP_NOTES_FIELD_NUMBER: _ClassVar[int]
     ENV_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ENV_BUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENV_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ENV_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENV_NOTE_FIELD_NUMBER: _ClassVar[int]
     attempt_id: str
     prepare_seconds: float
     env_reused: bool
@@ -194,7 +211,10 @@ class PrepareResponse(_message.Message):
     cleanup_notes: _containers.RepeatedScalarFieldContainer[str]
     env_digest: str
     env_build_seconds: float
-    def __init__(self, attempt_id: _Optional[str] = ..., prepare_seconds: _Optional[float] = ..., env_reused: _Optional[bool] = ..., python: _Optional[str] = ..., cleanup_notes: _Optional[_Iterable[str]] = ..., env_digest: _Optional[str] = ..., env_build_seconds: _Optional[float] = ...) -> None: ...
+    env_source: str
+    env_seconds: float
+    env_note: str
+    def __init__(self, attempt_id: _Optional[str] = ..., prepare_seconds: _Optional[float] = ..., env_reused: _Optional[bool] = ..., python: _Optional[str] = ..., cleanup_notes: _Optional[_Iterable[str]] = ..., env_digest: _Optional[str] = ..., env_build_seconds: _Optional[float] = ..., env_source: _Optional[str] = ..., env_seconds: _Optional[float] = ..., env_note: _Optional[str] = ...) -> None: ...
 
 class StartRequest(_message.Message):
     __slots__ = ("attempt_id",)

@@ -303,16 +303,16 @@ class Gang:
         return failed
 
     def prepare(self, specs: Sequence[channel.AttemptSpec]
-                ) -> tuple[list[channel.PrepareResult], dict[int, tuple[TaskOutcome, str]]]:
+                ) -> tuple[dict[int, channel.PrepareResult], dict[int, tuple[TaskOutcome, str]]]:
         """Prepare every host; returns what the prepared hosts answered, and how each task whose
-        host could not be prepared ended."""
+        host could not be prepared ended, by task index."""
         clients = self.clients()
-        prepared: list[channel.PrepareResult] = []
+        prepared: dict[int, channel.PrepareResult] = {}
         problems: dict[int, tuple[TaskOutcome, str]] = {}
 
         def prepare(index: int) -> None:
             try:
-                prepared.append(clients[index].prepare(specs[index]))
+                prepared[index] = clients[index].prepare(specs[index])
             except channel.ChannelError as error:
                 problems[index] = (prepare_outcome(classify_prepare_error(error)), str(error))
 

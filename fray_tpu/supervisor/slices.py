@@ -188,6 +188,11 @@ class SliceKeeper:
         ready = self.slices[slice_id]
         return self.context.provisioner.guest_attributes(ready.zone, ready.spec.name, md.GUEST_NAMESPACE)
 
+    def staging(self) -> tuple[str, str]:
+        """The staging bucket (API root as the VMs reach it, name) the host bundle travels
+        through, which also carries the job environments hosts build."""
+        return bootstrapper_for(self.config, self.context.emulator_endpoint).staging()
+
     def ensure(self, attempt: int) -> None:
         """Acquire every missing slice, every slice of the attempt in one zone
         (``placement.GroupPlacement``): in parallel in a zone; when one cannot be had there, what

@@ -29,6 +29,11 @@ from fray_tpu.supervisor.takeover import sort_journaled
 from fray_tpu.workspace import check_workspace_lock, pack_workspace
 from fray_tpu.multislice import TaskSlot
 
+# How long a gang's other hosts wait for the first host's build of a missing job environment
+# before building it themselves: longer than most builds (a minute or two from a mirror), short
+# enough that a builder lost mid-build delays the gang by little more than a build.
+ENV_BUILDER_WAIT_SECONDS = 300.0
+
 
 @dataclass
 class ResumeState:
@@ -224,10 +229,18 @@ class TpuJobSupervisor(JobSupervisor):
             workspace_digest=self._bundle.digest if self._bundle else "",
             pip_packages=list(self.plan.pip_packages), extras=list(self.plan.extras),
             python_version=self.plan.python_version, index_url=self.plan.index_url,
+            env_cache=self._env_cache(slot),
         )
         if payload.kind == "callable":
             return channel.AttemptSpec(attempt_id, pickled_callable=payload.pickled, **common)
         return channel.AttemptSpec(attempt_id, command=payload.command, args=list(payload.args), **common)
+
+    def _env_cache(self, slot: TaskSlot) -> channel.EnvCache:
+        """The staging bucket shares the job's environment between hosts and jobs: the gang's
+        first host builds it when no host has before, the others download what it uploads."""
+        endpoint, bucket = self.slices.staging()
+        return channel.EnvCache(storage_endpoint=endpoint, bucket=bucket, builder=slot.index == 0,
+                                wait_seconds=ENV_BUILDER_WAIT_SECONDS)
 
     def _upload_workspace(self) -> dict[int, str]:
         """Returns the slices that could not take the workspace (treated like lost hosts: the
@@ -243,8 +256,9 @@ class TpuJobSupervisor(JobSupervisor):
 
     def _prepare(self, specs: Sequence[channel.AttemptSpec]) -> AttemptVerdict | None:
         prepared, problems = self.gang.prepare(specs)
-        if (environments := channel.describe_environments(prepared)) is not None:
-            self.progress(environments)
+        for line in channel.describe_environments(
+                [(self.slots[i].slice_id, self.slots[i].worker_id, result) for i, result in sorted(prepared.items())]):
+            self.progress(line)
         if not problems:
             return None
         ends = [TaskEnd(self.slots[i].index, self.slots[i].slice_id, self.slots[i].worker_id, outcome,

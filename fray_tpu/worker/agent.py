@@ -191,7 +191,8 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         for note in notes:
             LOG.info("attempt %s: %s", spec.attempt_id, note)
         workspace = self._workspace(spec)
-        python, env_vars, env_reused, env_digest, env_build_seconds = self._python_env(spec, workspace)
+        env = self._python_env(spec, workspace)
+        python = env.python
         attempt_dir = self._attempts_dir / spec.attempt_id
         shutil.rmtree(attempt_dir, ignore_errors=True)
         attempt_dir.mkdir(parents=True)
@@ -204,7 +205,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             argv = [spec.binary.command, *spec.binary.args]
         slot.attempt = Attempt(
             spec.attempt_id,
-            LaunchPlan(argv=argv, env=self._attempt_env(spec, env_vars, workspace), cwd=workspace or attempt_dir,
+            LaunchPlan(argv=argv, env=self._attempt_env(spec, dict(env.env_vars), workspace), cwd=workspace or attempt_dir,
                        hold=callable_payload),
             host=self._cleaner,
             is_preempted=self._preempted.is_set,
@@ -212,8 +213,9 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         slot.attempt.prespawn()
         return worker_pb2.PrepareResponse(
             attempt_id=spec.attempt_id, prepare_seconds=time.monotonic() - began,
-            env_reused=env_reused, python=python, cleanup_notes=notes, env_digest=env_digest,
-            env_build_seconds=env_build_seconds,
+            env_reused=env.reused, python=python, cleanup_notes=notes, env_digest=env.digest,
+            env_build_seconds=env.seconds if env.source == contract.ENV_SOURCE_BUILT else 0.0,
+            env_source=env.source, env_seconds=env.seconds, env_note=env.note,
         )
 
     def _workspace(self, spec: worker_pb2.AttemptSpec) -> Path | None:
@@ -227,17 +229,23 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.CONTROLLER, str(error)) from error
 
     def _python_env(self, spec: worker_pb2.AttemptSpec, workspace: Path | None):
-        from fray_tpu.worker.pyenv import EnvRequest, PythonEnvStore, UvSettings, needs_own_env
+        from fray_tpu.worker.envarchive import EnvBucket, MetadataToken
+        from fray_tpu.worker.pyenv import EnvRequest, PythonEnv, PythonEnvStore, UvSettings, needs_own_env
 
         request = EnvRequest(pip_packages=tuple(spec.pip_packages), extras=tuple(spec.extras), workspace_dir=workspace,
                              python_version=spec.python_version, index_url=spec.index_url)
+        cache = spec.env_cache if spec.HasField("env_cache") else None
+        bucket = None if cache is None else EnvBucket(cache.storage_endpoint, cache.bucket, builder=cache.builder,
+                                                      wait_seconds=cache.wait_seconds, attempt_id=spec.attempt_id)
         try:
             if not needs_own_env(request):
-                return sys.executable, {}, True, BASE_ENV_DIGEST, 0.0
+                return PythonEnv(sys.executable, {}, BASE_ENV_DIGEST, contract.ENV_SOURCE_BASE)
             if self._pyenvs is None:
                 self._pyenvs = PythonEnvStore(self.settings.state_dir / "pyenvs",
-                                              UvSettings.from_environ(self.uv.environ()))
-            env = self._pyenvs.ensure(request, lambda line: LOG.info("attempt %s env: %s", spec.attempt_id, line))
+                                              UvSettings.from_environ(self.uv.environ()),
+                                              storage_token=MetadataToken())
+            env = self._pyenvs.ensure(request, lambda line: LOG.info("attempt %s env: %s", spec.attempt_id, line),
+                                      bucket)
         except (EnvironmentBuildError, ConfigError) as error:
             # The request's to fix (an unresolvable requirement, a stale lock, a Python uv cannot
             # find): building it again anywhere gives the same answer.
@@ -247,7 +255,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
                                 f"{', uv.lock of the workspace' if request.locked else ''}) could not be built: "
                                 f"{error}") from error
         self._counters["envs_reused" if env.reused else "envs_created"] += 1
-        return env.python, dict(env.env_vars), env.reused, env.digest, env.build_seconds
+        return env
 
     def _attempt_env(self, spec: worker_pb2.AttemptSpec, env_vars: dict[str, str],
                      workspace: Path | None) -> dict[str, str]:

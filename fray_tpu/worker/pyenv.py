@@ -26,6 +26,11 @@ agent's settings (``UvSettings.from_environ``).
 
 An environment directory counts only once its completion marker exists; builds run under a
 per-digest file lock, and a directory without the marker (a crashed build) is rebuilt.
+
+The digest names the content only (what is installed, on which Python), never where packages
+came from (a loopback index on a random port, a mirror): hosts of later jobs, on fresh VMs, find
+the environment an earlier host built in the staging bucket (``fray_tpu.worker.envarchive``),
+keyed by that digest and the host's platform.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -46,9 +52,18 @@ from pathlib import Path
 import cloudpickle
 
 import fray_tpu
-from fray_tpu.contract import BASE_ENV_DIGEST, PYTHON_DIRS_ENV, PYTHON_DOWNLOADS_ENV
-from fray_tpu.errors import ConfigError, EnvironmentBuildError
+from fray_tpu.contract import (
+    BASE_ENV_DIGEST,
+    ENV_SOURCE_BASE,
+    ENV_SOURCE_BUCKET,
+    ENV_SOURCE_BUILT,
+    ENV_SOURCE_LOCAL,
+    PYTHON_DIRS_ENV,
+    PYTHON_DOWNLOADS_ENV,
+)
+from fray_tpu.errors import ConfigError, EnvironmentBuildError, FrayTpuError
 from fray_tpu.uv_command import INDEX_VARS, REDIRECTING_VARS, find_uv, is_locked_workspace, run_streaming, uv_message
+from fray_tpu.worker.envarchive import SHA256_METADATA, BucketObjects, EnvBucket, host_platform, pack, unpack
 from fray_tpu.worker.keylocks import KeyLocks
 
 try:
@@ -68,19 +83,28 @@ RUNNER_REQUIREMENTS = ("cloudpickle>=3.0,<4",)
 # The agent's packages every environment sees (through a .pth after its own site-packages).
 RUNTIME_PACKAGES = (fray_tpu, cloudpickle)
 # Bump when the environment layout changes, so old environments stop matching.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+# How often a host waiting for its gang's builder looks for the archive.
+ARCHIVE_POLL_SECONDS = 1.0
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
 
 
 @dataclass(frozen=True)
 class PythonEnv:
-    """The interpreter an attempt runs with, the variables that activate it, and its identity."""
+    """The interpreter an attempt runs with, the variables that activate it, its identity, and
+    how this host got it (``ENV_SOURCE_*``), in how long, with what else happened (``note``:
+    the upload, an archive refused)."""
 
     python: str
     env_vars: dict[str, str]
     digest: str
-    reused: bool
-    build_seconds: float = 0.0
+    source: str
+    seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def reused(self) -> bool:
+        return self.source in (ENV_SOURCE_BASE, ENV_SOURCE_LOCAL)
 
 
 @dataclass(frozen=True)
@@ -197,15 +221,20 @@ def resolve_extras(workspace_dir: Path | None, extras: list[str]) -> list[str]:
 class PythonEnvStore:
     """The host's environments, one directory per content digest under ``root``, and uv's cache."""
 
-    def __init__(self, root: Path, uv: UvSettings, *, build_timeout: float = DEFAULT_BUILD_TIMEOUT_SECONDS) -> None:
+    def __init__(self, root: Path, uv: UvSettings, *, build_timeout: float = DEFAULT_BUILD_TIMEOUT_SECONDS,
+                 storage_token: Callable[[], str] | None = None) -> None:
+        """``storage_token`` gives the bearer token for the staging bucket (the VM's service
+        account); environments are shared through a bucket only with one."""
         self.root = Path(root)
         self.uv = uv
         self.build_timeout = build_timeout
+        self._storage_token = storage_token
         self._envs = self.root / "envs"
         self._locks = self.root / "locks"
         self._cache = self.root / "uv-cache"
         self._runtime = self.root / "runtime"
-        for directory in (self._envs, self._locks, self._cache, self._runtime):
+        self._scratch = self.root / "scratch"
+        for directory in (self._envs, self._locks, self._cache, self._runtime, self._scratch):
             directory.mkdir(parents=True, exist_ok=True)
         self._digest_locks = KeyLocks(self._locks, "building Python environment")
         self._link_runtime()
@@ -236,7 +265,6 @@ class PythonEnvStore:
         identity: dict[str, object] = {
             "format": FORMAT_VERSION,
             "python": request.python_version or agent_python_version(),
-            "index_url": request.index_url,
             "requirements": self.requirements(request),
         }
         if request.locked:
@@ -249,32 +277,166 @@ class PythonEnvStore:
     def env_dir(self, digest: str) -> Path:
         return self._envs / digest
 
-    def ensure(self, request: EnvRequest, log: Callable[[str], None]) -> PythonEnv:
-        """The environment for ``request``, building it on first use."""
+    def ensure(self, request: EnvRequest, log: Callable[[str], None], bucket: EnvBucket | None = None) -> PythonEnv:
+        """The environment for ``request``: on this host already, else from ``bucket`` (when
+        given), else built here (and then uploaded to ``bucket``)."""
         digest = self.digest_for(request)
         if digest == BASE_ENV_DIGEST:
-            return PythonEnv(python=sys.executable, env_vars={}, digest=digest, reused=True)
+            return PythonEnv(python=sys.executable, env_vars={}, digest=digest, source=ENV_SOURCE_BASE)
         env_dir = self.env_dir(digest)
         if (env_dir / COMPLETE_MARKER).exists():
-            return self._env(digest, reused=True)
-        with self._digest_locks.exclusive(digest, self.build_timeout + VENV_TIMEOUT_SECONDS + 60):
+            return self._env(digest, ENV_SOURCE_LOCAL)
+        wait = 0.0 if bucket is None or bucket.builder else bucket.wait_seconds
+        with self._digest_locks.exclusive(digest, self.build_timeout + VENV_TIMEOUT_SECONDS + wait + 60):
             if (env_dir / COMPLETE_MARKER).exists():
-                return self._env(digest, reused=True)
+                return self._env(digest, ENV_SOURCE_LOCAL)
             started = time.monotonic()
+            if env_dir.exists():
+                log(f"removing the unfinished environment {env_dir} left by an interrupted build")
+                shutil.rmtree(env_dir)
+            objects = None
+            if bucket is not None and self._storage_token is not None:
+                objects = BucketObjects(bucket.endpoint, bucket.bucket, self._storage_token)
+            replace_generation, notes = "0", []
+            if objects is not None:
+                fetched, replace_generation, note = self._fetch(digest, request, bucket, objects, log)
+                notes.append(note)
+                if fetched:
+                    seconds = time.monotonic() - started
+                    log(f"Python environment {digest[:12]} ready in {seconds:.1f}s: {note}")
+                    return self._env(digest, ENV_SOURCE_BUCKET, seconds, note)
             source = "uv.lock" + (f" extras {list(request.extras)}" if request.extras else "") if request.locked else ""
             contents = " + ".join(filter(None, [source, ", ".join(self.requirements(request))])) or "no packages"
             log(f"building Python environment {digest[:12]} with uv: Python "
                 f"{request.python_version or agent_python_version()}, {contents}")
             try:
                 self._build(env_dir, request, log)
-            except BaseException:
+            except BaseException as error:
                 shutil.rmtree(env_dir, ignore_errors=True)
+                if objects is not None and bucket.builder and isinstance(error, (EnvironmentBuildError, ConfigError)):
+                    self._report_failure(objects, bucket, digest, error, log)
                 raise
+            built = time.monotonic() - started
+            notes.append(f"built in {built:.1f}s")
+            if objects is not None:
+                notes.append(self._upload(digest, request, bucket, objects, replace_generation, log))
             seconds = time.monotonic() - started
-            log(f"Python environment {digest[:12]} ready in {seconds:.1f}s")
-            return self._env(digest, reused=False, build_seconds=seconds)
+            note = "; ".join(filter(None, notes))
+            log(f"Python environment {digest[:12]} ready in {seconds:.1f}s: {note}")
+            return self._env(digest, ENV_SOURCE_BUILT, seconds, note)
 
-    def _env(self, digest: str, *, reused: bool, build_seconds: float = 0.0) -> PythonEnv:
+    def _manifest(self, digest: str, request: EnvRequest) -> dict:
+        return {"digest": digest, "format": FORMAT_VERSION, "platform": host_platform(),
+                "python": request.python_version or agent_python_version(), "locked": request.locked,
+                "requirements": self.requirements(request)}
+
+    def _scratch_file(self, digest: str, suffix: str) -> Path:
+        return self._scratch / f"{digest}.{os.getpid()}.{threading.get_ident()}{suffix}"
+
+    def _await_archive(self, name: str, digest: str, bucket: EnvBucket, objects: BucketObjects,
+                       log: Callable[[str], None], refused: str = "") -> dict | None:
+        """The archive's resource (of another generation than ``refused``); a host that is not
+        its gang's builder waits for it up to ``bucket.wait_seconds`` (and fails with the
+        builder's failure, when it reports one)."""
+        deadline = time.monotonic() + (0.0 if bucket.builder else bucket.wait_seconds)
+        waiting = False
+        while True:
+            resource = objects.stat(name)
+            if resource is not None and resource["generation"] != refused:
+                return resource
+            if not bucket.builder:
+                failure = objects.read_text(bucket.failure_name(digest))
+                if failure is not None:
+                    raise EnvironmentBuildError(f"the host building it for the gang failed: {failure}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if waiting:
+                    log(f"no {bucket.url(name)} after waiting {bucket.wait_seconds:.0f}s for the gang's builder: "
+                        f"building it here")
+                return None
+            if not waiting:
+                log(f"waiting up to {bucket.wait_seconds:.0f}s for the gang's builder to upload {bucket.url(name)}")
+                waiting = True
+            time.sleep(min(ARCHIVE_POLL_SECONDS, remaining))
+
+    def _fetch(self, digest: str, request: EnvRequest, bucket: EnvBucket, objects: BucketObjects,
+               log: Callable[[str], None]) -> tuple[bool, str, str]:
+        """Try the bucket: (fetched, the generation a build should replace, what happened).
+        A broken cache never fails the job: the host builds instead."""
+        name = bucket.object_name(digest)
+        env_dir = self.env_dir(digest)
+        archive = self._scratch_file(digest, ".tar")
+        refused_generation, refusal = "", ""
+        try:
+            while True:
+                resource = self._await_archive(name, digest, bucket, objects, log, refused=refused_generation)
+                if resource is None:
+                    return False, refused_generation or "0", refusal or f"not in {bucket.url(name)} yet"
+                generation = resource["generation"]
+                recorded = (resource.get("metadata") or {}).get(SHA256_METADATA, "")
+                started = time.monotonic()
+                actual = objects.download(name, generation, archive)
+                if actual == recorded:
+                    break
+                refusal = (f"refused {bucket.url(name)} (generation {generation}): its SHA-256 is {actual[:16]}, "
+                           f"not the {recorded[:16] or '(none)'} its uploader recorded")
+                log(refusal)
+                if bucket.builder or refused_generation:
+                    return False, generation, refusal
+                # The gang's builder refuses it too and replaces it: wait for that, not build.
+                refused_generation = generation
+            downloaded = time.monotonic() - started
+            manifest = unpack(archive, env_dir)
+            if manifest.get("digest") != digest or manifest.get("platform") != host_platform():
+                shutil.rmtree(env_dir, ignore_errors=True)
+                note = (f"refused {bucket.url(name)} (generation {generation}): it holds environment "
+                        f"{manifest.get('digest')} for {manifest.get('platform')}")
+                log(note)
+                return False, generation, note
+            self._make_local(env_dir, request, log)
+            return True, "", (f"{refusal}; " if refusal else "") + (f"downloaded {bucket.url(name)} ({int(resource.get('size', 0)) / 1e6:.1f} MB) in "
+                              f"{downloaded:.1f}s, unpacked in {time.monotonic() - started - downloaded:.1f}s")
+        except EnvironmentBuildError:
+            raise
+        except (FrayTpuError, OSError, ValueError, tarfile.TarError) as error:
+            shutil.rmtree(env_dir, ignore_errors=True)
+            note = f"could not use {bucket.url(name)}: {error}"
+            log(note)
+            return False, "0", note
+        finally:
+            archive.unlink(missing_ok=True)
+
+    def _upload(self, digest: str, request: EnvRequest, bucket: EnvBucket, objects: BucketObjects,
+                replace_generation: str, log: Callable[[str], None]) -> str:
+        """Share what this host built; returns what happened. Never fails the job."""
+        name = bucket.object_name(digest)
+        archive = self._scratch_file(digest, ".tar")
+        started = time.monotonic()
+        try:
+            sha256 = pack(self.env_dir(digest), archive, self._manifest(digest, request),
+                          excluded_files=(RUNTIME_PTH_NAME, COMPLETE_MARKER))
+            packed = time.monotonic() - started
+            created = objects.upload(name, archive, {SHA256_METADATA: sha256}, replace_generation)
+            if created is None:
+                return f"not uploaded: another host put {bucket.url(name)} there first"
+            return (f"uploaded {bucket.url(name)} ({archive.stat().st_size / 1e6:.1f} MB, packed in {packed:.1f}s) "
+                    f"in {time.monotonic() - started:.1f}s")
+        except (FrayTpuError, OSError) as error:
+            note = f"could not upload {bucket.url(name)}: {error}"
+            log(note)
+            return note
+        finally:
+            archive.unlink(missing_ok=True)
+
+    def _report_failure(self, objects: BucketObjects, bucket: EnvBucket, digest: str, error: BaseException,
+                        log: Callable[[str], None]) -> None:
+        """Tell the gang's waiting hosts the build failed (so they fail with it, at once)."""
+        try:
+            objects.put_text(bucket.failure_name(digest), str(error))
+        except (FrayTpuError, OSError) as report_error:
+            log(f"could not report the failed build to the gang's other hosts: {report_error}")
+
+    def _env(self, digest: str, source: str, seconds: float = 0.0, note: str = "") -> PythonEnv:
         env_dir = self.env_dir(digest)
         bin_dir = env_dir / "bin"
         return PythonEnv(
@@ -287,8 +449,9 @@ class PythonEnvStore:
                 "PYTHONPATH": "",
             },
             digest=digest,
-            reused=reused,
-            build_seconds=build_seconds,
+            source=source,
+            seconds=seconds,
+            note=note,
         )
 
     def _uv_environ(self, env_dir: Path) -> dict[str, str]:
@@ -332,16 +495,35 @@ class PythonEnvStore:
         self._uv(["pip", "install", "--python", env_python, "--no-deps", *index, "-r", str(exported)],
                  "install the packages of the workspace's uv.lock", cwd=workspace, env=env, log=log)
 
-    def _build(self, env_dir: Path, request: EnvRequest, log: Callable[[str], None]) -> None:
-        if env_dir.exists():
-            log(f"removing the unfinished environment {env_dir} left by an interrupted build")
-            shutil.rmtree(env_dir)
-        env = self._uv_environ(env_dir)
+    def _venv(self, env_dir: Path, request: EnvRequest, log: Callable[[str], None]) -> None:
+        """An empty relocatable environment on this host's interpreter of the job's Python."""
         python = request.python_version or agent_python_version()
+        self._uv(["venv", "--relocatable", "--no-project", "--no-config", "--python", python, str(env_dir)],
+                 f"create a Python {python} environment", cwd=self.root, env=self._uv_environ(env_dir), log=log)
+
+    def _make_local(self, env_dir: Path, request: EnvRequest, log: Callable[[str], None]) -> None:
+        """An unpacked environment made this host's: the interpreter links and ``pyvenv.cfg`` of
+        an empty environment made here (the interpreter may live elsewhere than on the host
+        that built it), then what every environment gets."""
+        skeleton = self._scratch_file(env_dir.name, ".skeleton")
+        shutil.rmtree(skeleton, ignore_errors=True)
+        try:
+            self._venv(skeleton, request, log)
+            for link in (skeleton / "bin").iterdir():
+                if link.name.startswith("python") and link.is_symlink():
+                    target = env_dir / "bin" / link.name
+                    target.unlink(missing_ok=True)
+                    target.symlink_to(os.readlink(link))
+            shutil.copyfile(skeleton / "pyvenv.cfg", env_dir / "pyvenv.cfg")
+        finally:
+            shutil.rmtree(skeleton, ignore_errors=True)
+        self._finish(env_dir, request)
+
+    def _build(self, env_dir: Path, request: EnvRequest, log: Callable[[str], None]) -> None:
+        env = self._uv_environ(env_dir)
         index = ["--default-index", request.index_url] if request.index_url else []
         cwd = Path(request.workspace_dir) if request.workspace_dir is not None else self.root
-        self._uv(["venv", "--no-project", "--no-config", "--python", python, str(env_dir)],
-                 f"create a Python {python} environment", cwd=self.root, env=env, log=log)
+        self._venv(env_dir, request, log)
         env_python = str(env_dir / "bin" / "python")
         if request.locked:
             self._install_lock(env_dir, env_python, request, index, env, log)
@@ -349,6 +531,11 @@ class PythonEnvStore:
         if requirements:
             self._uv(["pip", "install", "--python", env_python, *index, *requirements],
                      f"install {', '.join(requirements)}", cwd=cwd, env=env, log=log)
+        self._finish(env_dir, request)
+
+    def _finish(self, env_dir: Path, request: EnvRequest) -> None:
+        """What no archive carries (it names this host's paths), then the completion marker."""
+        env_python = str(env_dir / "bin" / "python")
         purelib = subprocess.run(
             [env_python, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             capture_output=True, text=True, check=True, timeout=60,
@@ -356,5 +543,6 @@ class PythonEnvStore:
         # After the environment's own site-packages: a fray-tpu the job installs itself wins.
         (Path(purelib) / RUNTIME_PTH_NAME).write_text(f"{self._runtime}\n")
         marker = env_dir / COMPLETE_MARKER
-        marker.with_suffix(".tmp").write_text(json.dumps({"requirements": requirements, "locked": request.locked}))
+        marker.with_suffix(".tmp").write_text(json.dumps({"requirements": self.requirements(request),
+                                                          "locked": request.locked}))
         os.replace(marker.with_suffix(".tmp"), marker)

@@ -10,21 +10,22 @@ import json
 
 import pytest
 from client_jobs import Counter, HostInfo, fail_on_tpu, succeed, tpu_task_calls_actor
+from package_fixtures import CLIENT_PACKAGES
 
 from fray_tpu.client import TpuClient
 from fray_tpu.client_api import Entrypoint, JobRequest, JobStatus, ResourceConfig, create_environment
 from fray_tpu.config import TpuClusterConfig
 
-# Client API tasks import gRPC on the hosts (see inherit_controller_image).
-pytestmark = pytest.mark.usefixtures("inherit_controller_image")
+# Client API tasks call actors over gRPC: on faithful hosts, their environments install it.
 
 TIMEOUT = 180.0
 
 
 @pytest.fixture(scope="module")
-def client(emulator_process):
+def client(emulator_process, job_package_index):
     c = TpuClient(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2,
-                                   lease_period=30.0, capacity_deadline=60.0, keep_warm=0))
+                                   lease_period=30.0, capacity_deadline=60.0, keep_warm=0,
+                                   index_url=job_package_index.url))
     yield c
     c.shutdown(wait=False)
 
@@ -32,7 +33,8 @@ def client(emulator_process):
 def tpu_job(name: str, fn, args, workspace: str, tpu_type: str = "v5litepod-16", slices: int = 1, **fields):
     return JobRequest(name=name, entrypoint=Entrypoint.from_callable(fn, args=tuple(args)),
                       resources=ResourceConfig.with_tpu(tpu_type, slice_count=slices),
-                      environment=create_environment(workspace=workspace), **fields)
+                      environment=create_environment(workspace=workspace, pip_packages=list(CLIENT_PACKAGES)),
+                      **fields)
 
 
 def release(client: TpuClient, job_id: str) -> None:
@@ -78,7 +80,8 @@ def test_actor_group_on_a_slice_has_one_member_per_vm(client, fake_gcp, workspac
     releases the slice."""
     resources = ResourceConfig.with_tpu("v5litepod-16")
     group = client.create_actor_group(HostInfo, name="tpu-actors", count=4, resources=resources,
-                                      environment=create_environment(workspace=workspace))
+                                      environment=create_environment(workspace=workspace,
+                                                                     pip_packages=list(CLIENT_PACKAGES)))
     handles = group.wait_ready(timeout=TIMEOUT)
     where = [h.where() for h in handles]
     assert [index for index, _, _ in where] == [0, 1, 2, 3]

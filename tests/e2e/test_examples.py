@@ -34,12 +34,13 @@ def train_with_preemption():
     return train_with_preemption
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.usefixtures("inherit_controller_image")  # JAX on the hosts: see the fixture
-def test_training_survives_a_preemption_and_resumes_from_its_checkpoint(train_with_preemption, fake_gcp, tmp_path):
+@pytest.mark.timeout(180)
+def test_training_survives_a_preemption_and_resumes_from_its_checkpoint(train_with_preemption, fake_gcp,
+                                                                        job_package_index, tmp_path):
+    """On the faithful image, JAX from the job's environment (the loopback index, then the bucket)."""
     checkpoints = tmp_path / "checkpoints"
     result = train_with_preemption.run_example(str(checkpoints), emulator_endpoint=fake_gcp.endpoint,
-                                               state_dir=str(tmp_path / "state"))
+                                               state_dir=str(tmp_path / "state"), index_url=job_package_index.url)
 
     assert result.status == "succeeded", result.error_message
     assert (result.attempts, result.preemptions) == (2, 1)

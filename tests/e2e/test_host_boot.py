@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -89,6 +90,14 @@ def progress_lines(cluster: TpuCluster, job_id: str) -> list[str]:
     return [line[len(PROGRESS_PREFIX):] for line in lines if line.startswith(PROGRESS_PREFIX)]
 
 
+def environment_downloads(cluster: TpuCluster, job_id: str) -> int:
+    """How many hosts downloaded the job's environment from the bucket (it travels there too,
+    besides the bundle), as the progress lines count them."""
+    found = (count for line in progress_lines(cluster, job_id)
+             for count in re.findall(r"downloaded from the bucket on (?:(\d+) hosts|worker \d+)", line))
+    return sum(int(count or 1) for count in found)
+
+
 def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job(
         cluster, fake_gcp, workspace, out_dir, stdlib_job):
     """Every host of 2 × v5litepod-16 starts from a clean environment with the image's Python
@@ -115,8 +124,8 @@ def test_two_slices_boot_the_faithful_image_from_the_bundle_and_run_a_stdlib_job
         for phase in ("started", "interpreter", "bundle", "deps", "service", "serving"):
             assert f"{phase} +" in line, line
     after = fake_gcp.control.storage_counters()
-    assert after["uploads"] - before["uploads"] <= 2, (before, after)
-    assert after["downloads"] - before["downloads"] == 2 * 8, (before, after)
+    assert after["uploads"] - before["uploads"] <= 3, (before, after)  # the bundle, uv, the job's environment
+    assert after["downloads"] - before["downloads"] == 2 * 8 + environment_downloads(cluster, job_id), (before, after)
 
 
 def test_no_node_metadata_holds_a_private_key_or_the_job_secret(cluster, fake_gcp, tpu_client, workspace, out_dir,
@@ -267,4 +276,5 @@ def test_a_rebooted_host_and_a_crashed_agent_come_back_and_the_job_finishes(clus
     # slice: two downloads (the bundle, uv) per VM of each incarnation, none for the reboot itself
     # or the restarted agent.
     incarnations = sum("READY 4/4 endpoints" in line for line in progress_lines(cluster, job_id))
-    assert after["downloads"] - before["downloads"] == 2 * 4 * incarnations, (before, after, incarnations)
+    assert after["downloads"] - before["downloads"] == 2 * 4 * incarnations + environment_downloads(cluster, job_id), (
+        before, after, incarnations)

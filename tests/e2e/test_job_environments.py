@@ -1,6 +1,7 @@
-"""Job environments end to end on the Cloud TPU emulator: every host builds the job's environment
-with uv from the loopback index, later jobs reuse it, and an environment that cannot be built
-fails the job at once with uv's words (issue 11). The ``fake_gcp`` fixture fails any test that
+"""Job environments end to end on the Cloud TPU emulator: the gang's first host builds the job's
+environment with uv from the loopback index and shares it through the staging bucket, the other
+hosts and later jobs (on fresh VMs) download it, a tampered archive is refused, and an
+environment that cannot be built fails the job at once with uv's words (issue 11). The ``fake_gcp`` fixture fails any test that
 leaves a node or queued resource alive.
 
 The job's Python here is the controller's (the default: a pickled callable only loads on the
@@ -10,9 +11,13 @@ major.minor that pickled it); tests/edges/test_pyenv.py covers a Python other th
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
+import re
 import sys
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import cloudpickle
@@ -23,6 +28,7 @@ from test_tpu_cluster import JOB_TIMEOUT, finish, read_json_files, tpu_request
 
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
+from fray_tpu.emulator.storage import EMULATED_BUCKET
 from fray_tpu.fray_api import EnvironmentConfig, JobStatus
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -93,8 +99,122 @@ def test_every_host_builds_the_locked_environment_and_the_next_attempt_reuses_it
     assert all(r["prefix"] != sys.prefix and "pyenvs" in r["prefix"] for r in reports.values())
     lines = _environment_lines(caplog)
     assert len(lines) == 2, lines
-    assert f"built on {HOSTS} host(s)" in lines[0] and "reused" not in lines[0], lines
-    assert f"reused the cached environment on {HOSTS} host(s)" in lines[1] and "built" not in lines[1], lines
+    # One builder per gang: worker 0 builds and uploads, the other hosts download its archive.
+    assert "built with uv on worker 0" in lines[0] and f"downloaded from the bucket on {HOSTS - 1} hosts" in lines[0]
+    assert "uploaded gs://" in lines[0] and "reused" not in lines[0], lines
+    assert f"reused from the host's own cache on {HOSTS} hosts" in lines[1] and "built" not in lines[1], lines
+
+
+def report_packages(out_dir: str) -> None:
+    import six
+
+    write_json(Path(out_dir) / f"host-{os.environ['FRAY_TASK_INDEX']}.json",
+               {"six": six.__version__, "prefix": sys.prefix})
+
+
+def _archive_name(line: str) -> str:
+    """The environment archive the builder's note names (gs://BUCKET/NAME)."""
+    match = re.search(r"uploaded gs://([^/]+)/(\S+\.tar)", line)
+    assert match, line
+    return match.group(2)
+
+
+def test_an_environment_one_job_built_is_downloaded_by_a_later_job_on_fresh_vms(
+        env_cluster, fake_gcp, package_index, workspace, tmp_path, caplog):
+    """The first job's worker 0 builds the environment and uploads it; the second job, on new
+    VMs (no warm pool: keep_warm=0), downloads it on every host, builds nothing and asks the
+    index nothing."""
+    def run(name: str, out_dir: Path) -> list[str]:
+        out_dir.mkdir()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fray_tpu"):
+            info = finish(env_cluster, env_cluster.launch(_request(name, report_packages, [str(out_dir)],
+                                                                   Path(workspace), pip_packages=["six", "iniconfig"])))
+        assert info.status == JobStatus.SUCCEEDED, info.error_message
+        assert {r["six"] for r in read_json_files(out_dir, "host-*.json").values()} == {NEWEST_SIX}
+        return _environment_lines(caplog)
+
+    first = run("env-first", tmp_path / "first")
+    assert len(first) == 1 and "built with uv on worker 0" in first[0], first
+    index_requests = package_index.requests
+    nodes_before = fake_gcp.control.counters().get("CreateNode", 0)
+    second = run("env-second", tmp_path / "second")
+    assert fake_gcp.control.counters().get("CreateNode", 0) == nodes_before + 1  # a fresh slice
+    assert len(second) == 1 and f"downloaded from the bucket on {HOSTS} hosts" in second[0], second
+    assert "built" not in second[0] and "reused" not in second[0], second
+    assert package_index.requests == index_requests
+
+
+def test_a_tampered_environment_archive_is_refused_and_rebuilt(env_cluster, fake_gcp, package_index, workspace,
+                                                               tmp_path, caplog):
+    """Someone overwrites the archive (keeping the recorded SHA-256): the next job's hosts refuse
+    it, worker 0 builds again and replaces it, the others download the replacement; the job
+    succeeds, and the line says what was refused."""
+    def run(name: str, out_dir: Path) -> list[str]:
+        out_dir.mkdir()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fray_tpu"):
+            info = finish(env_cluster, env_cluster.launch(_request(name, report_packages, [str(out_dir)],
+                                                                   Path(workspace), pip_packages=["six", "tomli"])))
+        assert info.status == JobStatus.SUCCEEDED, info.error_message
+        return _environment_lines(caplog)
+
+    [first] = run("env-untampered", tmp_path / "first")
+    name = _archive_name(first)
+    storage = fake_gcp.control.storage_endpoint()
+    resource = _storage_json(storage, name)
+    _overwrite_object(storage, name, b"tampered", resource["metadata"])
+    tampered = _storage_json(storage, name)["generation"]
+    [second] = run("env-tampered", tmp_path / "second")
+    assert "built with uv on worker 0" in second and f"downloaded from the bucket on {HOSTS - 1} hosts" in second
+    assert "refused gs://" in second and "its uploader recorded" in second, second
+    assert f"(generation {tampered})" in second
+    replaced = _storage_json(storage, name)
+    assert replaced["generation"] != tampered and replaced["size"] == resource["size"]  # a good archive again
+
+
+def test_two_jobs_racing_to_upload_one_environment_leave_one_whole_archive(
+        env_cluster, fake_gcp, package_index, workspace, tmp_path, caplog):
+    """Two jobs launched together need the same new environment: each gang's worker 0 builds it
+    and uploads create-only; exactly one upload creates the archive, the other is refused (412)
+    and keeps its build; both jobs succeed and a third job downloads the archive on every host."""
+    def launch(name: str) -> str:
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        return env_cluster.launch(_request(name, report_packages, [str(out_dir)], Path(workspace),
+                                           pip_packages=["six", "iniconfig", "tomli"]))
+
+    with caplog.at_level(logging.INFO, logger="fray_tpu"):
+        jobs = [launch("env-race-a"), launch("env-race-b")]
+        infos = [finish(env_cluster, job) for job in jobs]
+        assert [i.status for i in infos] == [JobStatus.SUCCEEDED] * 2, [i.error_message for i in infos]
+        raced = _environment_lines(caplog)
+        caplog.clear()
+        third = finish(env_cluster, launch("env-race-c"))
+    assert third.status == JobStatus.SUCCEEDED, third.error_message
+    assert len(raced) == 2 and sum("uploaded gs://" in line for line in raced) == 1, raced
+    # Either both built (one upload refused) or the slower gang's builder found the archive already.
+    assert sum("another host put" in line for line in raced) + sum("built with uv" not in line for line in raced) == 1
+    [after] = _environment_lines(caplog)
+    assert f"downloaded from the bucket on {HOSTS} hosts" in after, after
+
+
+def _storage_json(endpoint: str, name: str) -> dict:
+    url = f"{endpoint}/storage/v1/b/{EMULATED_BUCKET}/o/{urllib.parse.quote(name, safe='')}"
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer test"})) as response:
+        return json.loads(response.read())
+
+
+def _overwrite_object(endpoint: str, name: str, data: bytes, metadata: dict) -> None:
+    """An upload over the object without any precondition, keeping the metadata it had."""
+    query = urllib.parse.urlencode({"uploadType": "resumable", "name": name})
+    start = urllib.request.Request(f"{endpoint}/upload/storage/v1/b/{EMULATED_BUCKET}/o?{query}", method="POST",
+                                   data=json.dumps({"metadata": metadata}).encode(),
+                                   headers={"Authorization": "Bearer test", "Content-Type": "application/json"})
+    with urllib.request.urlopen(start) as response:
+        session = response.headers["Location"]
+    with urllib.request.urlopen(urllib.request.Request(session, method="PUT", data=data)) as response:
+        response.read()
 
 
 def _assert_failed_at_once(cluster: TpuCluster, info, *needles: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fake_gcp import wait_for
+from package_fixtures import CLIENT_PACKAGES
 
 from fray_tpu.actors.handles import TpuActorHandle
 from fray_tpu.client import TpuClient
@@ -20,8 +21,6 @@ from fray_tpu.client_api import JobStatus
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.naming import LABEL_JOB, label_value
 
-# Client API tasks import gRPC on the hosts (see inherit_controller_image).
-pytestmark = pytest.mark.usefixtures("inherit_controller_image")
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TIMEOUT = 240.0
@@ -40,9 +39,11 @@ def rl_loop():
 
 
 @pytest.fixture(scope="module")
-def client(emulator_process):
+def client(emulator_process, job_package_index):
+    # The rollouts' and trainer's hosts install gRPC (CLIENT_PACKAGES) from this index.
     c = TpuClient(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2,
-                                   lease_period=30.0, capacity_deadline=60.0, keep_warm=0))
+                                   lease_period=30.0, capacity_deadline=60.0, keep_warm=0,
+                                   index_url=job_package_index.url))
     yield c
     c.shutdown(wait=False)
 
@@ -52,7 +53,8 @@ def job_named(client: TpuClient, name: str):
 
 
 def test_rl_loop_survives_a_rollout_preemption(rl_loop, client, fake_gcp, workspace):
-    coordinator = client.submit(rl_loop.coordinator_request("rl-test", workspace, reports_per_rollout=REPORTS))
+    coordinator = client.submit(rl_loop.coordinator_request("rl-test", workspace, reports_per_rollout=REPORTS,
+                                                                  host_packages=CLIENT_PACKAGES))
     endpoints = wait_for(lambda: rl_loop.coordinator_report(coordinator.logs(), "curriculum"),
                          "the coordinator to host its actors", TIMEOUT)
     curriculum = TpuActorHandle(endpoints["curriculum"])  # the driver calls an actor inside a job

@@ -17,13 +17,14 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cloudpickle
 import pytest
 from fake_gcp import wait_for
 from fake_gcp.host_jobs import wait_for_file, write_json
+from package_fixtures import JAX_PACKAGES
 
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
@@ -138,10 +139,11 @@ def meet_peer(out_dir: str, me: str, peer: str, fail: bool) -> None:
 # -- fixtures and helpers -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cluster(emulator_process):
+def cluster(emulator_process, job_package_index):
     c = TpuCluster(TpuClusterConfig(
         emulate=True,
         emulator_endpoint=emulator_process.endpoint,
+        index_url=job_package_index.url,  # for the jobs that install JAX_PACKAGES
         poll_interval=0.2,
         lease_period=30.0,
         capacity_deadline=60.0,
@@ -163,13 +165,13 @@ def fresh_cluster(emulator_process, **config) -> Iterator[TpuCluster]:
 
 
 def tpu_request(name: str, fn, args, workspace: str, tpu_type: str = "v5litepod-16", slices: int = 1,
-                **kwargs) -> JobRequest:
+                pip_packages: Sequence[str] = (), **kwargs) -> JobRequest:
     regions = kwargs.pop("regions", None)
     return JobRequest(
         name=name,
         entrypoint=Entrypoint.from_callable(fn, args=list(args)),
         resources=ResourceConfig.with_tpu(tpu_type, slice_count=slices, regions=regions),
-        environment=EnvironmentConfig.create(workspace=workspace),
+        environment=EnvironmentConfig.create(workspace=workspace, pip_packages=list(pip_packages)),
         **kwargs,
     )
 
@@ -246,9 +248,11 @@ def test_single_slice_succeeds_with_tagged_output(cluster, fake_gcp, workspace, 
 
 # -- multislice: env on every host and one JAX group of all 8 processes ------------------------------
 
-@pytest.mark.usefixtures("inherit_controller_image")  # JAX on the hosts: see the fixture
 def test_multislice_env_and_global_jax_collective(cluster, fake_gcp, workspace, out_dir):
-    job_id = cluster.launch(tpu_request("multi-jax", record_env_and_allgather, [str(out_dir)], workspace, slices=2))
+    """On faithful hosts, with JAX from the job's own environment (built by uv from the loopback
+    index once per session, then downloaded from the staging bucket)."""
+    job_id = cluster.launch(tpu_request("multi-jax", record_env_and_allgather, [str(out_dir)], workspace, slices=2,
+                                        pip_packages=JAX_PACKAGES))
     info = finish(cluster, job_id)
     assert info.status == JobStatus.SUCCEEDED, info.error_message
     assert len(info.tasks) == 8 and all(t.status == JobStatus.SUCCEEDED for t in info.tasks)
@@ -429,7 +433,6 @@ def test_two_slices_fail_over_as_a_group_into_one_zone(cluster, fake_gcp, worksp
 
 
 @pytest.mark.parametrize("slices", [1, 2])
-@pytest.mark.usefixtures("inherit_controller_image")  # JAX on the hosts: see the fixture
 def test_jax_cloud_tpu_detection_agrees_with_fray_when_endpoints_are_listed_out_of_order(
         cluster, fake_gcp, workspace, out_dir, slices):
     """The API lists every node's endpoints in reverse worker order (fault control); fray-tpu
@@ -437,7 +440,7 @@ def test_jax_cloud_tpu_detection_agrees_with_fray_when_endpoints_are_listed_out_
     every host the process id, process count and coordinator fray-tpu set."""
     fake_gcp.control.reverse_endpoints(True)
     job_id = cluster.launch(tpu_request("detect", record_jax_cloud_tpu_detection, [str(out_dir)], workspace,
-                                        slices=slices))
+                                        slices=slices, pip_packages=JAX_PACKAGES))
     info = finish(cluster, job_id)
     assert info.status == JobStatus.SUCCEEDED, info.error_message
     found = read_json_files(out_dir, "detect-*.json")
@@ -450,12 +453,12 @@ def test_jax_cloud_tpu_detection_agrees_with_fray_when_endpoints_are_listed_out_
         assert result["coordinator"].split(":")[0] == env["FRAY_JAX_COORDINATOR_ADDRESS"].split(":")[0]
 
 
-@pytest.mark.usefixtures("inherit_controller_image")  # JAX on the hosts: see the fixture
 def test_hostname_only_worker_endpoints_are_handled(cluster, fake_gcp, workspace, out_dir):
     """Hosts serve the newer hostname-only worker-network-endpoints: agents still find their own
     address and JAX's detection still gives each host fray-tpu's process id and count."""
     fake_gcp.control.hostname_endpoints(True)
-    job_id = cluster.launch(tpu_request("hostnames", record_jax_cloud_tpu_detection, [str(out_dir), False], workspace))
+    job_id = cluster.launch(tpu_request("hostnames", record_jax_cloud_tpu_detection, [str(out_dir), False], workspace,
+                                        pip_packages=JAX_PACKAGES))
     info = finish(cluster, job_id)
     assert info.status == JobStatus.SUCCEEDED, info.error_message
     found = read_json_files(out_dir, "detect-*.json")

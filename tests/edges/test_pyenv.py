@@ -57,7 +57,7 @@ def test_nothing_requested_on_the_agents_python_is_the_agents_interpreter(store,
     lines: list[str] = []
     own = f"{sys.version_info.major}.{sys.version_info.minor}"
     env = store.ensure(EnvRequest(python_version=own, index_url=package_index.url), lines.append)
-    assert env == PythonEnv(python=sys.executable, env_vars={}, digest="base", reused=True)
+    assert env == PythonEnv(python=sys.executable, env_vars={}, digest="base", source="base")
     assert lines == []
 
 
@@ -67,7 +67,7 @@ def test_packages_install_with_uv_on_the_jobs_python_and_the_env_is_reused(store
     for the same content is reused without asking the index anything."""
     lines: list[str] = []
     env = store.ensure(_request(package_index, "six"), lines.append)
-    assert env.reused is False and env.build_seconds > 0
+    assert env.reused is False and env.source == "built" and env.seconds > 0
     assert any("building Python environment" in line and f"Python {JOB_PYTHON}" in line for line in lines), lines
     seen = _run_in(env, _INSPECT)
     assert seen["python"] == JOB_PYTHON != f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -85,13 +85,14 @@ def test_packages_install_with_uv_on_the_jobs_python_and_the_env_is_reused(store
 
 
 def test_the_digest_is_the_content(store, package_index, tmp_path) -> None:
-    """Another Python, index or requirement is another environment; the order of packages is not."""
+    """Another Python or requirement is another environment; the order of packages is not, nor
+    where the packages come from (the loopback index's random port, a mirror)."""
     base = store.digest_for(_request(package_index, "six", "tomli"))
     assert store.digest_for(_request(package_index, "tomli", "six")) == base
     assert store.digest_for(_request(package_index, "six")) != base
     assert store.digest_for(_request(package_index, "six", "tomli", python_version="3.13")) != base
     assert store.digest_for(EnvRequest(pip_packages=("six", "tomli"), python_version=JOB_PYTHON,
-                                       index_url="http://127.0.0.1:1/simple/")) != base
+                                       index_url="http://127.0.0.1:1/simple/")) == base
 
 
 def test_a_locked_workspace_gets_exactly_the_locked_versions_plus_extras_and_packages(
@@ -119,9 +120,12 @@ def test_a_lock_made_against_one_index_installs_from_a_mirror(store, package_ind
     the mirror serves the same files, so the locked versions install, hashes checked."""
     workspace = uv_workspace(tmp_path)
     lock_workspace(workspace, package_index.url, f"six=={LOCKED_SIX}")
+    # A host of its own: the module's store may hold this very environment (the digest is the
+    # content, not the index), and then would ask no index at all.
+    host = PythonEnvStore(tmp_path / "host", UvSettings.from_environ())
     with LoopbackIndex(package_index.wheelhouse) as mirror:
-        env = store.ensure(EnvRequest(workspace_dir=workspace, python_version=JOB_PYTHON, index_url=mirror.url),
-                           lambda line: None)
+        env = host.ensure(EnvRequest(workspace_dir=workspace, python_version=JOB_PYTHON, index_url=mirror.url),
+                          lambda line: None)
         assert mirror.requests > 0
     assert _run_in(env, _INSPECT)["versions"]["six"] == LOCKED_SIX
 

@@ -60,17 +60,6 @@ def fake_gcp(emulator_process: EmulatorProcess) -> Iterator[FakeGcp]:
 
 
 @pytest.fixture
-def inherit_controller_image(fake_gcp: FakeGcp) -> Iterator[None]:
-    """Hosts boot the emulator's ``inherit-controller`` image (its environment and interpreter),
-    not the faithful default: only for jobs that import JAX on the hosts, or the Client API's
-    gRPC-based actor links, which a faithful host would have to install from an index into
-    every job environment for the controller's Python (the demo's path for JAX)."""
-    fake_gcp.control.set_image("inherit-controller")
-    yield
-    fake_gcp.control.set_image(None)
-
-
-@pytest.fixture
 def emulator_control(fake_gcp: FakeGcp) -> EmulatorControl:
     return fake_gcp.control
 
