@@ -97,11 +97,17 @@ def metadata(monkeypatch):
     server.close()
 
 
+def put_object(storage, tmp_path, name: str, data: bytes) -> None:
+    staged = tmp_path / f"staged-{name}"
+    staged.write_bytes(data)
+    storage.put_file(EMULATED_BUCKET, name, staged)
+
+
 def test_a_vm_waits_for_an_object_still_being_staged_and_then_gives_up(storage, metadata, tmp_path):
     """An object that appears while the VM asks (the controller uploads while the slice is
     created) is fetched; one that never appears fails after the wait, saying so."""
     url = f"gs://{EMULATED_BUCKET}/late"
-    threading.Timer(0.3, storage.put, args=(EMULATED_BUCKET, "late", b"staged late")).start()
+    threading.Timer(0.3, put_object, args=(storage, tmp_path, "late", b"staged late")).start()
     got = gcsfetch.fetch(storage.endpoint, url, str(tmp_path / "late"), attempts=2, missing_wait=30)
     assert got == hashlib.sha256(b"staged late").hexdigest() and (tmp_path / "late").read_bytes() == b"staged late"
     began = time.monotonic()
@@ -113,7 +119,7 @@ def test_a_vm_waits_for_an_object_still_being_staged_and_then_gives_up(storage, 
 
 def test_uv_is_fetched_verified_and_a_tampered_one_refused(storage, metadata, tmp_path):
     """The agent's fetch of uv puts the binary in place only when its hash is the pinned one."""
-    storage.put(EMULATED_BUCKET, "uv", b"\x7fELF uv")
+    put_object(storage, tmp_path, "uv", b"\x7fELF uv")
     env = {UV_URL_ENV: f"gs://{EMULATED_BUCKET}/uv", STORAGE_ENDPOINT_ENV: storage.endpoint}
     good = UvFetch({**env, UV_SHA256_ENV: hashlib.sha256(b"\x7fELF uv").hexdigest(), UV_ENV: str(tmp_path / "a/uv")})
     assert good.environ()[UV_ENV] == str(tmp_path / "a/uv") and (tmp_path / "a/uv").read_bytes() == b"\x7fELF uv"
