@@ -197,6 +197,18 @@ def _shared_run_root(instance_id: str) -> Path | None:
     return SHARED_MEMORY / f"fray-tpu-emulator-{os.getpid()}-{instance_id}"
 
 
+def _available_memory() -> int:
+    """MemAvailable: shared memory is RAM that the hosts' own processes need too."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -241,14 +253,14 @@ class HostRuntime:
         self._disk_run_root = root / "run"
 
     def _run_root_for(self, vms: int) -> Path:
-        """Shared memory while it has room for ``vms`` more VMs beside the ones living there
-        (counted at their budget, filled or not), else disk."""
+        """Shared memory while it (and this machine's available memory) has room for ``vms`` more
+        VMs beside the ones living there (counted at their budget, filled or not), else disk."""
         if self._shared_run_root is None:
             return self._disk_run_root
         with self._lock:
             living = sum(1 for node_hosts in self._hosts.values() for host in node_hosts
                          if not host.stopped and host.run_dir.is_relative_to(self._shared_run_root))
-        free = shutil.disk_usage(SHARED_MEMORY).free
+        free = min(shutil.disk_usage(SHARED_MEMORY).free, _available_memory())
         if free - (living + vms) * RUN_DIR_BUDGET_BYTES >= SHARED_MEMORY_RESERVE_BYTES:
             return self._shared_run_root
         return self._disk_run_root
