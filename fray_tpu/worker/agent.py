@@ -27,6 +27,7 @@ from fray_tpu.worker.attempt import Attempt, LaunchPlan
 from fray_tpu.worker.auth import SecretInterceptor
 from fray_tpu.worker.lease import Lease
 from fray_tpu.worker.settings import AgentSettings
+from fray_tpu.worker.spare import SpareRunners
 
 LOG = logging.getLogger("fray_tpu.worker")
 # Bounds what even an unauthenticated peer can make the agent buffer (gRPC reads a message
@@ -94,6 +95,10 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         self._bundles = BundleStore(settings.state_dir / "bundles")
         self._pyenvs = None
         self.lease = Lease(settings.lease_seconds, self._lease_expired)
+        self.spares = SpareRunners(self._cleaner, settings.state_dir / "spare", allowed=lambda: not self.lease.expired)
+        # The interpreter and starting environment of the last attempt that ran a callable: what
+        # the spare runner is kept ready for.
+        self._runner_env: tuple[str, dict[str, str]] | None = None
         self.auth = SecretInterceptor(settings.secret_sha256, persist_path=settings.state_dir / SECRET_FILE)
         self._identity = worker_pb2.WorkerIdentity(
             worker_number=settings.worker_number, node_name=settings.node_name,
@@ -126,6 +131,9 @@ class Agent(worker_pb2_grpc.WorkerServicer):
                 bundle_upload_skips=self._counters["upload_skips"],
                 envs_created=self._counters["envs_created"],
                 envs_reused=self._counters["envs_reused"],
+                spare_runners_started=self.spares.counts.started,
+                spare_runners_used=self.spares.counts.used,
+                spare_runners_discarded=self.spares.counts.discarded,
             ),
             lease_remaining_seconds=self.lease.remaining(),
             uptime_seconds=time.monotonic() - self._started_at,
@@ -195,25 +203,35 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         shutil.rmtree(attempt_dir, ignore_errors=True)
         attempt_dir.mkdir(parents=True)
         callable_payload = spec.WhichOneof("payload") == "callable"
+        env = self._attempt_env(spec, env_vars, workspace)
+        spare = None
         if callable_payload:
             payload = attempt_dir / "payload.pkl"
             payload.write_bytes(spec.callable.pickled)
-            argv = [python, "-m", "fray_tpu.worker.runner", str(payload)]
+            argv = [python, "-m", contract.RUNNER_MODULE, str(payload)]
+            spare = self.spares.take(python, env)
+            self._runner_env = (python, self._runner_base_env(env_vars))
         else:
             argv = [spec.binary.command, *spec.binary.args]
         slot.attempt = Attempt(
             spec.attempt_id,
-            LaunchPlan(argv=argv, env=self._attempt_env(spec, env_vars, workspace), cwd=workspace or attempt_dir,
-                       hold=callable_payload),
+            LaunchPlan(argv=argv, env=env, cwd=workspace or attempt_dir, hold=callable_payload, spare=spare),
             host=self._cleaner,
             is_preempted=self._preempted.is_set,
+            on_exit=self._keep_spare_ready,
         )
         slot.attempt.prespawn()
         return worker_pb2.PrepareResponse(
             attempt_id=spec.attempt_id, prepare_seconds=time.monotonic() - began,
             env_reused=env_reused, python=python, cleanup_notes=notes, env_digest=env_digest,
-            env_build_seconds=env_build_seconds,
+            env_build_seconds=env_build_seconds, spare_runner_used=spare is not None,
         )
+
+    def _keep_spare_ready(self) -> None:
+        """After an attempt's exit (and a hand-over): a spare runner for the next attempt, in
+        the environment the last one used."""
+        if self._runner_env is not None:
+            self.spares.keep_ready(*self._runner_env)
 
     def _workspace(self, spec: worker_pb2.AttemptSpec) -> Path | None:
         if not spec.workspace_digest:
@@ -247,11 +265,18 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         self._counters["envs_reused" if env.reused else "envs_created"] += 1
         return env.python, dict(env.env_vars), env.reused, env.digest, env.build_seconds
 
-    def _attempt_env(self, spec: worker_pb2.AttemptSpec, env_vars: dict[str, str],
-                     workspace: Path | None) -> dict[str, str]:
+    @staticmethod
+    def _runner_base_env(env_vars: dict[str, str]) -> dict[str, str]:
+        """What every attempt's environment starts from: the agent's, the job environment's
+        activation variables; nothing of any job."""
         env = dict(os.environ)
         env.update(env_vars)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _attempt_env(self, spec: worker_pb2.AttemptSpec, env_vars: dict[str, str],
+                     workspace: Path | None) -> dict[str, str]:
+        env = self._runner_base_env(env_vars)
         env.update(spec.env)
         env.update({
             contract.ATTEMPT_ID_ENV: spec.attempt_id,
@@ -326,6 +351,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
                 current.attempt.cancel(LEASE_CANCEL_GRACE_SECONDS, reason="lease expired: the controller stopped renewing")
             except cleanup.HostNotClean:
                 LOG.exception("could not stop attempt %s after the lease lapsed", current.attempt_id)
+        self.spares.discard("the controller's lease lapsed")
         if not self.settings.self_delete:
             return
         if self.settings.worker_number != 0:
@@ -364,6 +390,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             except ValueError as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             self._identity.job = request.holder
+        self._keep_spare_ready()
         LOG.info("handed over to %s (%d cleanup notes)", request.holder, len(notes))
         return worker_pb2.HandOverResponse(cleanup_notes=notes)
 
@@ -412,6 +439,11 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         current = self._current
         if current is not None and current.attempt is not None:
             current.attempt.notify_preempted()
+
+    def stop(self, grace_seconds: float, reason: str) -> None:
+        """The agent stops: the current attempt, then the spare runner."""
+        self.stop_current(grace_seconds, reason)
+        self.spares.close(reason)
 
     def stop_current(self, grace_seconds: float, reason: str) -> None:
         current = self._current

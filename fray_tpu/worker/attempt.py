@@ -7,6 +7,7 @@ lines become one `LogBatch` event, so throughput does not depend on lines being 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import selectors
 import signal
@@ -24,6 +25,7 @@ from fray_tpu.proto import worker_pb2
 from fray_tpu.worker import cleanup
 from fray_tpu.worker.classify import classify_exit, find_bad_host_line
 from fray_tpu.worker.events import EventLog
+from fray_tpu.worker.spare import SpareRunner
 
 READ_SIZE = 1 << 20
 PIPE_SIZE = 1 << 20
@@ -49,6 +51,9 @@ class LaunchPlan:
     # Start the runner at prepare time, loaded and waiting on stdin for the go byte, so that
     # starting the gang costs a write instead of a Python start-up (the runner honours HOLD_ENV).
     hold: bool = False
+    # A held plan's runner already started (`spare.py`): it gets `env`, `cwd` and the payload
+    # file (argv's last item) on its stdin instead of being spawned.
+    spare: SpareRunner | None = None
 
 
 def shortened_tail(data: bytes, limit: int) -> bytes:
@@ -101,12 +106,14 @@ class LineSplitter:
 
 class Attempt:
     def __init__(self, attempt_id: str, plan: LaunchPlan, *, is_preempted: Callable[[], bool],
-                 host: cleanup.ProcessTracker | None = None, events: EventLog | None = None):
+                 host: cleanup.ProcessTracker | None = None, events: EventLog | None = None,
+                 on_exit: Callable[[], None] | None = None):
         self.attempt_id = attempt_id
         self.events = events or EventLog()
         self._plan = plan
         self._host = host or cleanup.ProcessTracker()
         self._is_preempted = is_preempted
+        self._on_exit = on_exit
         self._lock = threading.Lock()
         self._state = worker_pb2.PREPARED
         self._token = uuid.uuid4().hex
@@ -152,6 +159,9 @@ class Attempt:
                 started=worker_pb2.Started(pid=self._process.pid, timestamp=time.time())))
 
     def _spawn(self) -> None:
+        if self._plan.spare is not None and self._hand_to_spare(self._plan.spare):
+            self._follow_process()
+            return
         self._host.record(self._token)
         env = dict(self._plan.env)
         env[cleanup.TOKEN_ENV] = self._token
@@ -175,6 +185,29 @@ class Attempt:
                                  f"{type(error).__name__}: {error}").encode()
             self._finish(returncode=127, started=False)
             return
+        self._follow_process()
+
+    def _hand_to_spare(self, spare: SpareRunner) -> bool:
+        """Make the claimed spare runner this attempt's process; False (the spare killed) when
+        it died meanwhile, and a process is spawned instead."""
+        self._token = spare.token
+        env = {**self._plan.env, cleanup.TOKEN_ENV: spare.token, HOLD_ENV: "1"}
+        header = json.dumps({"env": env, "cwd": str(self._plan.cwd), "payload": self._plan.argv[-1]})
+        try:
+            spare.process.stdin.write(header.encode() + b"\n")
+            spare.process.stdin.flush()
+        except OSError:
+            spare.process.kill()
+            spare.process.wait()
+            for pipe in (spare.process.stdin, spare.process.stdout, spare.process.stderr):
+                pipe.close()
+            self._host.forget(spare.token)
+            self._token = uuid.uuid4().hex
+            return False
+        self._process = spare.process
+        return True
+
+    def _follow_process(self) -> None:
         self._host.started(self._process.pid)
         for pipe in (self._process.stdout, self._process.stderr):
             try:
@@ -243,6 +276,8 @@ class Attempt:
             reader.join(DRAIN_SECONDS)
         with self._lock:
             self._finish(returncode=returncode, started=self._state == worker_pb2.RUNNING)
+        if self._on_exit is not None:
+            self._on_exit()
 
     def _finish(self, *, returncode: int, started: bool) -> None:
         tail = self._stderr_tail.lstrip(b"\n").decode("utf-8", errors="replace")
