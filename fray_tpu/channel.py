@@ -125,6 +125,7 @@ class PrepareResult:
     cleanup_notes: list[str]
     env_digest: str = ""
     env_build_seconds: float = 0.0
+    spare_runner_used: bool = False  # the attempt runs in the host's pre-started runner
 
 
 def describe_environments(results: Sequence[PrepareResult]) -> str | None:
@@ -226,6 +227,10 @@ class AgentClient:
             ],
         )
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        # Bundle digests the agent is known to hold. Its store evicts only when a new bundle is
+        # committed, and only its holder uploads, through this client (the warm pool passes the
+        # client on with the slice): an upload through it resets what is known.
+        self._bundles_held: set[str] = set()
 
     def close(self) -> None:
         self._channel.close()
@@ -304,7 +309,8 @@ class AgentClient:
 
     def upload_bundle(self, bundle) -> bool:
         """Uploads a packed workspace (`digest`, `path`, `size`) unless the host has it; True if sent."""
-        if self.has_bundle(bundle.digest):
+        if bundle.digest in self._bundles_held or self.has_bundle(bundle.digest):
+            self._bundles_held.add(bundle.digest)
             return False
         path = Path(bundle.path)
         # Generous for big bundles: at least 10 MB/s.
@@ -323,6 +329,7 @@ class AgentClient:
         for attempt in range(RETRIES + 1):
             try:
                 self._stub.UploadBundle(chunks(), timeout=timeout, metadata=self._metadata)
+                self._bundles_held = {bundle.digest}  # the commit may have evicted the others
                 return True
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE and attempt < RETRIES:
@@ -345,6 +352,7 @@ class AgentClient:
             attempt_id=response.attempt_id, prepare_seconds=response.prepare_seconds,
             env_reused=response.env_reused, python=response.python, cleanup_notes=list(response.cleanup_notes),
             env_digest=response.env_digest, env_build_seconds=response.env_build_seconds,
+            spare_runner_used=response.spare_runner_used,
         )
 
     def cancel(self, attempt_id: str, grace: float) -> bool:
@@ -401,6 +409,9 @@ def _agent_info(response: worker_pb2.DescribeResponse) -> AgentInfo:
             "bundle_upload_skips": response.cache.bundle_upload_skips,
             "envs_created": response.cache.envs_created,
             "envs_reused": response.cache.envs_reused,
+            "spare_runners_started": response.cache.spare_runners_started,
+            "spare_runners_used": response.cache.spare_runners_used,
+            "spare_runners_discarded": response.cache.spare_runners_discarded,
         },
         lease_remaining_seconds=response.lease_remaining_seconds,
         uptime_seconds=response.uptime_seconds,

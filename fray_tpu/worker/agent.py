@@ -38,6 +38,7 @@ SERVER_THREADS = 32
 KEEP_FINISHED_ATTEMPTS = 4
 LEASE_CANCEL_GRACE_SECONDS = 10.0
 SELF_DELETE_BACKUP_DELAY_SECONDS = 30.0
+PREEMPTED_REFUSAL = "this VM is being preempted"
 SECRET_FILE = "secret.sha256"  # the secret handed over last (a warm slice), kept across agent restarts
 _ATTEMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -377,6 +378,9 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             if busy is not None and busy.state in (worker_pb2.PREPARING, worker_pb2.RUNNING):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"attempt {busy.attempt_id} is still active on this host; cancel it before a hand-over")
+            if self._preempted.is_set():
+                # A host about to go away is handed to no one (the pool deletes its slice).
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, PREEMPTED_REFUSAL)
             try:
                 notes = self._cleaner.clean()
             except cleanup.HostNotClean as error:

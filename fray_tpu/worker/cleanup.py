@@ -315,6 +315,9 @@ class HostCleaner(ProcessTracker):
         # Held while cleaning and while a spare runner starts, so a clean never meets a spare
         # half started (its token recorded, its pid not yet known).
         self._clean_lock = threading.Lock()
+        # Held while a spare runner is forked and registered, and while the agent's descendants
+        # are listed: a spare between fork and registration is never taken for an attempt's.
+        self._spawn_lock = threading.Lock()
         # Spare runners not claimed by an attempt: token -> pid. Cleaning spares them.
         self._spares: dict[str, int] = {}
         # Whether an attempt may have run since the last clean (a hand-over followed by a Prepare
@@ -344,10 +347,11 @@ class HostCleaner(ProcessTracker):
         (``claim_spare``) or gone (``spare_gone``)."""
         with self._clean_lock:
             self._append_record(token)
-            process = subprocess.Popen(self.tracked_argv(token, argv), **popen)
-            with self._lock:
-                self._spares[token] = process.pid
-                self._mains.add(process.pid)
+            with self._spawn_lock:
+                process = subprocess.Popen(self.tracked_argv(token, argv), **popen)
+                with self._lock:
+                    self._spares[token] = process.pid
+                    self._mains.add(process.pid)
         return process
 
     def claim_spare(self, token: str) -> None:
@@ -411,11 +415,12 @@ class HostCleaner(ProcessTracker):
 
     def _agent_descendants(self) -> list[int]:
         """Every live descendant of this (subreaper) agent, after reaping the orphans that died."""
-        with self._lock:
-            keep = set(self._mains)
-            spares = set(self._spares.values())
-        reap_orphans(keep)
-        return [pid for pid in live_descendants(os.getpid()) if pid not in spares]
+        with self._spawn_lock:
+            with self._lock:
+                keep = set(self._mains)
+                spares = set(self._spares.values())
+            reap_orphans(keep)
+            return [pid for pid in live_descendants(os.getpid()) if pid not in spares]
 
     def forget(self, token: str) -> None:
         """An attempt ended with every process of it gone: the next clean need not look for it.

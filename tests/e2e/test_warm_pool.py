@@ -168,6 +168,43 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
     assert cluster.job_cost(first).started_warm == 0
 
 
+def record_process(out_file: str) -> None:
+    """Write the job's variables as it sees them and the ones its process was started with."""
+    started_with = dict(item.split("=", 1) for item in
+                        Path("/proc/self/environ").read_bytes().decode().split("\0") if "=" in item)
+    write_json(Path(out_file), {"env": dict(os.environ), "started_with": started_with,
+                                "jax_loaded": "jax" in sys.modules})
+
+
+def test_a_job_on_a_warm_slice_runs_in_the_pre_started_runner_with_its_own_environment(clusters, workspace,
+                                                                                        tmp_path):
+    """The second job of the shape runs in the runner its warm host started ahead (started
+    before the job existed: none of its variables at exec), with the second job's variables and
+    none of the first's, JAX not imported; a job that needs other startup variables
+    (PYTHONHASHSEED) starts a runner of its own."""
+    cluster = clusters()
+
+    def run(name: str, env: dict[str, str]) -> dict:
+        out = tmp_path / f"{name}.json"
+        job = cluster.launch(JobRequest(name=name, entrypoint=Entrypoint.from_callable(record_process, args=[str(out)]),
+                                        resources=ResourceConfig.with_tpu("v5litepod-4"),
+                                        environment=EnvironmentConfig.create(workspace=workspace, env_vars=env)))
+        assert run_to_end(cluster, job, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+        seen = json.loads(out.read_text())
+        assert seen["env"]["FRAY_TPU_JOB_ID"] == job
+        return seen
+
+    first = run("first", {"FIRST_JOB_ONLY": "1"})
+    assert "FRAY_TPU_JOB_ID" in first["started_with"]  # a cold slice: the runner started with the job
+    second = run("second", {"SECOND_JOB_ONLY": "2"})
+    assert "FRAY_TPU_JOB_ID" not in second["started_with"]
+    assert second["env"]["SECOND_JOB_ONLY"] == "2" and "FIRST_JOB_ONLY" not in second["env"]
+    assert not second["jax_loaded"]
+    hashed = run("hashed", {"PYTHONHASHSEED": "5"})
+    assert hashed["started_with"]["PYTHONHASHSEED"] == "5"
+    assert "FRAY_TPU_JOB_ID" in hashed["started_with"]
+
+
 def test_a_job_of_another_shape_creates_its_own_slice(clusters, fake_gcp, workspace):
     """A warm v5litepod-4 is not given to a v5litepod-8 job, nor to an on-demand v5litepod-4 job."""
     cluster = clusters()
