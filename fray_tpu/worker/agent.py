@@ -39,6 +39,7 @@ KEEP_FINISHED_ATTEMPTS = 4
 LEASE_CANCEL_GRACE_SECONDS = 10.0
 SELF_DELETE_BACKUP_DELAY_SECONDS = 30.0
 PREEMPTED_REFUSAL = "this VM is being preempted"
+SPARE_AFTER_START_SECONDS = 2.0
 SECRET_FILE = "secret.sha256"  # the secret handed over last (a warm slice), kept across agent restarts
 _ATTEMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -219,7 +220,6 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             LaunchPlan(argv=argv, env=env, cwd=workspace or attempt_dir, hold=callable_payload, spare=spare),
             host=self._cleaner,
             is_preempted=self._preempted.is_set,
-            on_exit=self._keep_spare_ready,
         )
         slot.attempt.prespawn()
         return worker_pb2.PrepareResponse(
@@ -228,11 +228,10 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             env_build_seconds=env_build_seconds, spare_runner_used=spare is not None,
         )
 
-    def _keep_spare_ready(self) -> None:
-        """After an attempt's exit (and a hand-over): a spare runner for the next attempt, in
-        the environment the last one used."""
+    def _keep_spare_ready(self, *, after: float = 0.0, unless=lambda: False) -> None:
+        """A spare runner for the next attempt, in the environment the last one used."""
         if self._runner_env is not None:
-            self.spares.keep_ready(*self._runner_env)
+            self.spares.keep_ready(*self._runner_env, after=after, unless=unless)
 
     def _workspace(self, spec: worker_pb2.AttemptSpec) -> Path | None:
         if not spec.workspace_digest:
@@ -313,7 +312,10 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         if self.lease.expired:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "the controller's lease expired; renew it before starting an attempt")
-        attempt.start()
+        if attempt.start():
+            # For the job's next attempt (a retry), once this one is past its start.
+            self._keep_spare_ready(after=SPARE_AFTER_START_SECONDS,
+                                   unless=lambda: attempt.state != worker_pb2.RUNNING)
         yield from attempt.events.follow(1, context.is_active)
 
     def Watch(self, request, context):

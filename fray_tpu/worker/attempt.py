@@ -106,14 +106,12 @@ class LineSplitter:
 
 class Attempt:
     def __init__(self, attempt_id: str, plan: LaunchPlan, *, is_preempted: Callable[[], bool],
-                 host: cleanup.ProcessTracker | None = None, events: EventLog | None = None,
-                 on_exit: Callable[[], None] | None = None):
+                 host: cleanup.ProcessTracker | None = None, events: EventLog | None = None):
         self.attempt_id = attempt_id
         self.events = events or EventLog()
         self._plan = plan
         self._host = host or cleanup.ProcessTracker()
         self._is_preempted = is_preempted
-        self._on_exit = on_exit
         self._lock = threading.Lock()
         self._state = worker_pb2.PREPARED
         self._token = uuid.uuid4().hex
@@ -139,15 +137,16 @@ class Attempt:
             if self._plan.hold and self._state == worker_pb2.PREPARED and self._process is None:
                 self._spawn()
 
-    def start(self) -> None:
-        """Runs the attempt once (spawning it, or releasing a held one); later calls do nothing."""
+    def start(self) -> bool:
+        """Runs the attempt once (spawning it, or releasing a held one); later calls do nothing.
+        Returns whether this call started it."""
         with self._lock:
             if self._state != worker_pb2.PREPARED:
-                return
+                return False
             if self._process is None:
                 self._spawn()
                 if self._state == worker_pb2.EXITED:
-                    return
+                    return False
             if self._plan.hold:
                 try:
                     self._process.stdin.write(GO_BYTE)
@@ -157,6 +156,7 @@ class Attempt:
             self._state = worker_pb2.RUNNING
             self.events.append(worker_pb2.AttemptEvent(
                 started=worker_pb2.Started(pid=self._process.pid, timestamp=time.time())))
+            return True
 
     def _spawn(self) -> None:
         if self._plan.spare is not None and self._hand_to_spare(self._plan.spare):
@@ -276,8 +276,6 @@ class Attempt:
             reader.join(DRAIN_SECONDS)
         with self._lock:
             self._finish(returncode=returncode, started=self._state == worker_pb2.RUNNING)
-        if self._on_exit is not None:
-            self._on_exit()
 
     def _finish(self, *, returncode: int, started: bool) -> None:
         tail = self._stderr_tail.lstrip(b"\n").decode("utf-8", errors="replace")

@@ -396,7 +396,12 @@ class HostCleaner(ProcessTracker):
     def members(self, token: str, main_pid: int) -> list[int]:
         """Live processes of the attempt: its group, its token, its cgroup, and while it owns the
         agent's descendants (a subreaper's orphans included), all of them."""
-        found = set(super().members(token, main_pid))
+        if self._owns_descendants(token):
+            # Every process of the attempt (its group, whatever kept its token) descends from this
+            # subreaper agent, orphans re-parented to it: one look at the process table is enough.
+            found = set(self._agent_descendants())
+        else:
+            found = set(super().members(token, main_pid))
         if self.cgroups is not None:
             found.update(self.cgroups.members(token))
         if self._owns_descendants(token):

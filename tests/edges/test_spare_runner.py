@@ -12,6 +12,7 @@ from pathlib import Path
 import cloudpickle
 
 from fake_gcp import wait_for
+from fray_tpu import tls
 from fray_tpu.channel import AttemptExit, AttemptSpec
 from worker_host import collect, make_slice, one_host, processes_marked, teardown_slice  # noqa: F401 (fixture)
 
@@ -42,6 +43,25 @@ def run_report(client, tmp_path: Path, env: dict[str, str]):
     return prepared, json.loads(out.read_text())
 
 
+def hand_over(client) -> None:
+    """What the warm pool does between jobs: the host cleaned and handed to a new secret."""
+    secret = tls.make_secret()
+    client.hand_over(secret, "next-holder")
+    client.use_secret(secret)
+
+
+def block_until(path: str) -> None:
+    """Wait (bounded) for ``path`` to exist; runs on the host, where tests/ is not importable."""
+    import threading
+    import time
+
+    deadline, pause = time.monotonic() + EVENT_TIMEOUT, threading.Event()
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{path} never appeared")
+        pause.wait(0.05)
+
+
 def spare_started(client, count: int = 1) -> None:
     wait_for(lambda: client.describe().cache["spare_runners_started"] >= count, "a spare runner to be started",
              SPARE_TIMEOUT)
@@ -52,13 +72,14 @@ def live_processes_besides_the_agent(host) -> list[int]:
 
 
 def test_the_next_attempt_runs_in_the_spare_runner_with_only_its_own_environment(one_host, tmp_path):
-    """After an attempt, the agent pre-starts a runner; the next attempt runs in it (Prepare and
+    """At a hand-over, the agent pre-starts a runner; the next attempt runs in it (Prepare and
     the counters say so; the process was started before the attempt, without its variables),
     sees exactly its own variables (none of the previous attempt's), runs in its own directory
     (first on its import path), and finds JAX not imported (JAX reads its variables when imported)."""
     client = one_host.clients[0]
     first, before = run_report(client, tmp_path, {"FRAY_FIRST_JOB_ONLY": "1", "MEGASCALE_SLICE_ID": "0"})
     assert not first.spare_runner_used
+    hand_over(client)
     spare_started(client)
 
     second, seen = run_report(client, tmp_path, {"MEGASCALE_SLICE_ID": "1", "JAX_PLATFORMS": "cpu"})
@@ -81,6 +102,7 @@ def test_an_attempt_that_needs_other_startup_variables_starts_its_own_runner(one
     for the next attempt of the usual environment."""
     client = one_host.clients[0]
     run_report(client, tmp_path, {})
+    hand_over(client)
     spare_started(client)
     own, seen = run_report(client, tmp_path, {"PYTHONHASHSEED": "7"})
     assert not own.spare_runner_used
@@ -89,10 +111,28 @@ def test_an_attempt_that_needs_other_startup_variables_starts_its_own_runner(one
     assert usual.spare_runner_used
 
 
+def test_an_attempt_past_its_start_has_a_spare_ready_for_its_retry(one_host, tmp_path):
+    """A while after an attempt started (never during a gang's start), the agent pre-starts the
+    runner its retry will use; the running attempt is unaffected."""
+    client = one_host.clients[0]
+    go = tmp_path / "go"
+    attempt_id = f"attempt-{uuid.uuid4().hex[:12]}"
+    client.prepare(AttemptSpec.for_callable(attempt_id, block_until, (str(go),)))
+    stream = client.start(attempt_id)
+    assert client.describe().cache["spare_runners_started"] == 0  # not while it starts (2 s)
+    spare_started(client)
+    assert client.describe().current_attempt.state == "RUNNING"
+    go.write_text("")
+    assert collect(stream, EVENT_TIMEOUT)[-1].code == 0
+    retry, _ = run_report(client, tmp_path, {})
+    assert retry.spare_runner_used
+
+
 def test_the_spare_runner_does_not_outlive_the_agent(one_host, tmp_path):
     """Stopping the agent (SIGTERM, as the service manager does) kills its spare runner too."""
     host, client = one_host.hosts[0], one_host.clients[0]
     run_report(client, tmp_path, {})
+    hand_over(client)
     spare_started(client)
     spares = wait_for(lambda: live_processes_besides_the_agent(host), "the spare runner's process", SPARE_TIMEOUT)
     host.process.terminate()
@@ -108,6 +148,7 @@ def test_a_lapsed_lease_discards_the_spare_runner(tmp_path):
         (client,) = test_slice.wait_until_up()
         host = test_slice.hosts[0]
         run_report(client, tmp_path, {})
+        hand_over(client)
         spare_started(client)
         client.renew_lease(1.0)
         wait_for(lambda: client.describe().cache["spare_runners_discarded"] >= 1, "the spare to be discarded",
