@@ -311,6 +311,9 @@ class HostCleaner(ProcessTracker):
         self._deadline_seconds = deadline_seconds
         self.cgroups = AttemptCgroups.create(state_dir)
         self._subreaper = is_child_subreaper()
+        # Tokens an earlier agent on this host recorded: processes that agent started are not
+        # this one's descendants, so only the token (and the cgroup) finds them.
+        self._earlier_tokens = self.recorded_tokens()
         self._lock = threading.Lock()
         # Held while cleaning and while a spare runner starts, so a clean never meets a spare
         # half started (its token recorded, its pid not yet known).
@@ -445,7 +448,12 @@ class HostCleaner(ProcessTracker):
         """Live processes of earlier attempts: by token, by cgroup, and every descendant of a
         subreaper agent (nothing else of the agent runs between attempts)."""
         spare_tokens, spare_pids = self._spared()
-        found = set(processes_with_tokens(tokens - spare_tokens))
+        searched = tokens - spare_tokens
+        if self._subreaper:
+            # What this agent started descends from it (orphans re-parented to it): reading every
+            # process's environment is needed only for what an earlier agent started.
+            searched &= self._earlier_tokens
+        found = set(processes_with_tokens(searched))
         if self.cgroups is not None:
             for token in self.cgroups.tokens() - spare_tokens:
                 found.update(self.cgroups.members(token))
@@ -494,6 +502,7 @@ class HostCleaner(ProcessTracker):
             notes.extend(self._free_devices(deadline))
         with self._lock:
             self._dirty = self._owner is not None
+            self._earlier_tokens = set()
         return notes
 
     def _free_devices(self, deadline: float) -> list[str]:
