@@ -97,7 +97,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         self._bundles = BundleStore(settings.state_dir / "bundles")
         self._pyenvs = None
         self.lease = Lease(settings.lease_seconds, self._lease_expired)
-        self.spares = SpareRunners(self._cleaner, settings.state_dir / "spare", allowed=lambda: not self.lease.expired)
+        self.spares = SpareRunners(self._cleaner, settings.state_dir / "spare", allowed=self._spare_allowed)
         # The interpreter and starting environment of the last attempt that ran a callable: what
         # the spare runner is kept ready for.
         self._runner_env: tuple[str, dict[str, str]] | None = None
@@ -228,10 +228,14 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             env_build_seconds=env_build_seconds, spare_runner_used=spare is not None,
         )
 
-    def _keep_spare_ready(self, *, after: float = 0.0, unless=lambda: False) -> None:
+    def _spare_allowed(self) -> bool:
+        """No runner waits for a job after the controller's lease lapsed, nor on a host about to go."""
+        return not self.lease.expired and not self._preempted.is_set()
+
+    def _keep_spare_ready(self, *, when=lambda: None) -> None:
         """A spare runner for the next attempt, in the environment the last one used."""
         if self._runner_env is not None:
-            self.spares.keep_ready(*self._runner_env, after=after, unless=unless)
+            self.spares.keep_ready(*self._runner_env, when=when)
 
     def _workspace(self, spec: worker_pb2.AttemptSpec) -> Path | None:
         if not spec.workspace_digest:
@@ -313,9 +317,9 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "the controller's lease expired; renew it before starting an attempt")
         if attempt.start():
-            # For the job's next attempt (a retry), once this one is past its start.
-            self._keep_spare_ready(after=SPARE_AFTER_START_SECONDS,
-                                   unless=lambda: attempt.state != worker_pb2.RUNNING)
+            # For the job's next attempt (a retry): once this one is past its start, or has ended
+            # (its retry's Prepare then finds the interpreter starting, or up).
+            self._keep_spare_ready(when=lambda: attempt.wait(SPARE_AFTER_START_SECONDS))
         yield from attempt.events.follow(1, context.is_active)
 
     def Watch(self, request, context):

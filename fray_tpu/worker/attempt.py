@@ -201,6 +201,7 @@ class Attempt:
             spare.process.wait()
             for pipe in (spare.process.stdin, spare.process.stdout, spare.process.stderr):
                 pipe.close()
+            self._host.exited(spare.process.pid)
             self._host.forget(spare.token)
             self._token = uuid.uuid4().hex
             return False

@@ -1,9 +1,9 @@
 """The host's spare runner: `python -m fray_tpu.worker.runner --spare`, started ahead of the next
 attempt, so that starting a job on a warm host costs a write to a pipe instead of an interpreter
 start. It is started when the host is handed over (a slice entering the warm pool, or taken from
-it) and, for the next attempt of the same job, a while after an attempt started
-(`SPARE_AFTER_START_SECONDS`): never while a gang is starting or ending, when every core of the
-host is the job's.
+it) and, for the next attempt of the same job (a retry), when an attempt exits or has run for a
+while (`agent.SPARE_AFTER_START_SECONDS`), whichever comes first: never while a gang is starting,
+when every core of the host is the job's; and not on a host being preempted.
 
 A spare is started with the agent's environment and the job environment's activation variables
 only (nothing of any job), imports nothing of any job, and serves one attempt: the one that
@@ -64,25 +64,21 @@ class SpareRunners:
 
     cleaner: HostCleaner
     directory: Path
-    # Whether a spare may be started now (not after the controller's lease lapsed).
+    # Whether a spare may be started now (not after the controller's lease lapsed, nor on a preempted host).
     allowed: Callable[[], bool] = lambda: True
     counts: SpareCounts = field(default_factory=SpareCounts)
     _spare: SpareRunner | None = None
     _closed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _woken: threading.Event = field(default_factory=threading.Event)  # set when closed: no delayed start
 
-    def keep_ready(self, python: str, env: Mapping[str, str], *, after: float = 0.0,
-                   unless: Callable[[], bool] = lambda: False) -> None:
+    def keep_ready(self, python: str, env: Mapping[str, str], *, when: Callable[[], object] = lambda: None) -> None:
         """Have a spare for ``python`` with ``env`` (the environment an attempt would start
-        from, before its job's variables) ready, starting it in the background ``after``
-        seconds, unless by then ``unless()``."""
-        threading.Thread(target=self._fill, args=(python, dict(env), after, unless), daemon=True,
-                         name="spare-runner").start()
+        from, before its job's variables) ready, starting it in the background once ``when()``
+        returns."""
+        threading.Thread(target=self._fill, args=(python, dict(env), when), daemon=True, name="spare-runner").start()
 
-    def _fill(self, python: str, env: dict[str, str], after: float, unless: Callable[[], bool]) -> None:
-        if self._woken.wait(after) or unless():
-            return
+    def _fill(self, python: str, env: dict[str, str], when: Callable[[], object]) -> None:
+        when()
         with self._lock:
             if self._closed or not self.allowed():
                 return
@@ -122,7 +118,6 @@ class SpareRunners:
         """Kill the spare and start no more (the agent stops)."""
         with self._lock:
             self._closed = True
-        self._woken.set()
         self.discard(reason)
 
     def discard(self, reason: str) -> None:

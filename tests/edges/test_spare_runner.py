@@ -128,6 +128,30 @@ def test_an_attempt_past_its_start_has_a_spare_ready_for_its_retry(one_host, tmp
     assert retry.spare_runner_used
 
 
+def test_an_attempt_that_ends_at_once_leaves_a_spare_for_its_retry(one_host, tmp_path):
+    """An attempt that ends before it has run for a while (a task that raises at once): the
+    agent starts the spare at its exit, and the retry runs in it, with its own variables."""
+    client = one_host.clients[0]
+    first, _ = run_report(client, tmp_path, {"FRAY_FIRST_ATTEMPT_ONLY": "1"})
+    assert not first.spare_runner_used
+    spare_started(client)
+    retry, seen = run_report(client, tmp_path, {})
+    assert retry.spare_runner_used
+    assert "FRAY_FIRST_ATTEMPT_ONLY" not in seen["env"] and seen["env"]["FRAY_TPU_ATTEMPT_ID"] == retry.attempt_id
+
+
+def test_a_host_being_preempted_starts_no_spare(one_host, tmp_path):
+    """Once the VM's `preempted` flag is up, an attempt's exit starts no spare runner (the
+    host is about to go, and nothing may wait on it for a job)."""
+    host, client = one_host.hosts[0], one_host.clients[0]
+    host.metadata.set_preempted("TRUE")
+    wait_for(lambda: client.describe().preempted, "the agent to see the preempted flag", SPARE_TIMEOUT)
+    run_report(client, tmp_path, {})
+    retry, _ = run_report(client, tmp_path, {})
+    assert not retry.spare_runner_used
+    assert client.describe().cache["spare_runners_started"] == 0
+
+
 def test_the_spare_runner_does_not_outlive_the_agent(one_host, tmp_path):
     """Stopping the agent (SIGTERM, as the service manager does) kills its spare runner too."""
     host, client = one_host.hosts[0], one_host.clients[0]
@@ -137,6 +161,19 @@ def test_the_spare_runner_does_not_outlive_the_agent(one_host, tmp_path):
     spares = wait_for(lambda: live_processes_besides_the_agent(host), "the spare runner's process", SPARE_TIMEOUT)
     host.process.terminate()
     host.process.wait(EVENT_TIMEOUT)
+    wait_for(lambda: not live_processes_besides_the_agent(host), f"the spare runner {spares} to be gone",
+             SPARE_TIMEOUT)
+
+
+def test_the_spare_runner_ends_when_the_agent_is_killed(one_host, tmp_path):
+    """An agent that dies without stopping anything (SIGKILL): its spare runner reads the end
+    of its stdin (the agent held the only writer) and exits; no runner waits for a job."""
+    host, client = one_host.hosts[0], one_host.clients[0]
+    run_report(client, tmp_path, {})
+    hand_over(client)
+    spare_started(client)
+    spares = wait_for(lambda: live_processes_besides_the_agent(host), "the spare runner's process", SPARE_TIMEOUT)
+    host.kill_agent()
     wait_for(lambda: not live_processes_besides_the_agent(host), f"the spare runner {spares} to be gone",
              SPARE_TIMEOUT)
 
