@@ -130,14 +130,6 @@ socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, c
 
 # -- helpers --------------------------------------------------------------------------------------
 
-
-
-
-
-
-
-
-
 def all_running(directory: Path, prefix: str, what: str) -> float:
     """When the last of the gang's 4 processes started running (``prefix-INDEX`` stamps)."""
     return max(until(lambda: len(found := stamps(directory, prefix)) >= HOSTS and found, what,
@@ -468,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "ray_detail": {k: ([rounded(x) for x in v] if isinstance(v, list) else rounded(v) if isinstance(v, float) else v)
                        for k, v in ray.items()},
         "guard_refusals": refused[:10], "guard_refusal_count": len(refused),
-        "live_slices_at_end": fray["live_slices_before_shutdown"],
+        "live_slices_before_shutdown": fray["live_slices_before_shutdown"],  # the warm pool's slice
         "emulator_resources_left": fray["emulator_resources_left"],
         "bench_seconds": rounded(time.monotonic() - bench_began),
     }

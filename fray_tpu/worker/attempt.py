@@ -266,9 +266,12 @@ class Attempt:
         returncode = process.wait()
         self._host.exited(process.pid)
         # Whatever the main process left behind would hold the TPU: the attempt ends with it, and
-        # its exit is reported only once they are gone.
-        self._signal_everything(signal.SIGKILL)
-        if cleanup.wait_until(lambda: not self._members(), time.monotonic() + KILL_WAIT_SECONDS, 0.01):
+        # its exit is reported only once they are gone (mostly nothing is left: one look).
+        gone = not self._members()
+        if not gone:
+            self._signal_everything(signal.SIGKILL)
+            gone = cleanup.wait_until(lambda: not self._members(), time.monotonic() + KILL_WAIT_SECONDS, 0.01)
+        if gone:
             self._host.forget(self._token)
         reader.join(DRAIN_SECONDS)
         if reader.is_alive():

@@ -60,16 +60,19 @@ class ProcessInfo:
 
 
 def processes() -> Iterator[ProcessInfo]:
-    for entry in _PROC.iterdir():
-        if not entry.name.isdigit():
+    # Plain os calls and bytes: this runs on every attempt's exit and clean (a few hundred
+    # processes on a VM), where pathlib and text decoding cost more than the reads.
+    for name in os.listdir(_PROC):
+        if not name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            with open(f"{_PROC}/{name}/stat", "rb") as f:
+                stat = f.read()
         except OSError:
             continue
         # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        yield ProcessInfo(pid=int(entry.name), ppid=int(fields[1]), pgid=int(fields[2]), state=fields[0])
+        fields = stat[stat.rfind(b")") + 2 :].split(None, 3)
+        yield ProcessInfo(pid=int(name), ppid=int(fields[1]), pgid=int(fields[2]), state=fields[0].decode())
 
 
 def live_group_members(pgid: int) -> list[int]:
@@ -77,10 +80,11 @@ def live_group_members(pgid: int) -> list[int]:
     return [p.pid for p in processes() if p.pgid == pgid and p.live]
 
 
-def live_descendants(pid: int) -> list[int]:
-    """Live processes below `pid` in the process tree (not `pid` itself)."""
+def live_descendants(pid: int, table: list[ProcessInfo] | None = None) -> list[int]:
+    """Live processes below `pid` in the process tree (not `pid` itself), from `table` (a
+    reading of the process table) or a new reading."""
     children: dict[int, list[ProcessInfo]] = {}
-    for info in processes():
+    for info in processes() if table is None else table:
         children.setdefault(info.ppid, []).append(info)
     found, frontier = [], [pid]
     while frontier:
@@ -105,11 +109,12 @@ def is_child_subreaper() -> bool:
     return _libc().prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) == 0 and value.value == 1
 
 
-def reap_orphans(keep: set[int]) -> None:
+def reap_orphans(keep: set[int], table: list[ProcessInfo] | None = None) -> None:
     """Collects the exit status of dead orphans adopted by this subreaper, except `keep` (children
-    whose status their own `Popen.wait` collects: taking it would make theirs look like 0)."""
+    whose status their own `Popen.wait` collects: taking it would make theirs look like 0), from
+    `table` (a reading of the process table) or a new reading."""
     me = os.getpid()
-    for info in processes():
+    for info in processes() if table is None else table:
         if info.ppid == me and not info.live and info.pid not in keep:
             try:
                 os.waitpid(info.pid, os.WNOHANG)
@@ -407,8 +412,6 @@ class HostCleaner(ProcessTracker):
             found = set(super().members(token, main_pid))
         if self.cgroups is not None:
             found.update(self.cgroups.members(token))
-        if self._owns_descendants(token):
-            found.update(self._agent_descendants())
         found.discard(os.getpid())
         return sorted(found)
 
@@ -427,8 +430,9 @@ class HostCleaner(ProcessTracker):
             with self._lock:
                 keep = set(self._mains)
                 spares = set(self._spares.values())
-            reap_orphans(keep)
-            return [pid for pid in live_descendants(os.getpid()) if pid not in spares]
+            table = list(processes())
+            reap_orphans(keep, table)
+            return [pid for pid in live_descendants(os.getpid(), table) if pid not in spares]
 
     def forget(self, token: str) -> None:
         """An attempt ended with every process of it gone: the next clean need not look for it.
