@@ -63,7 +63,7 @@ POLL_INTERVAL = 0.05
 WAIT_POLL_SECONDS = 0.005
 STEP_DEADLINE_SECONDS = 45.0
 TOTAL_BUDGET_SECONDS = 170.0
-WARM_JOB_SAMPLES = 3
+WARM_JOB_SAMPLES = 5
 READY_DEADLINE_SECONDS = 30.0
 # /proc/PID/syscall of a process blocked in read(0, ...) on x86_64: a spare runner waiting for its job.
 READ_STDIN_SYSCALL = ["0", "0x0"]
@@ -450,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     emit({"bench": "vs_ray", "metric": "warm_job_over_floor", "fray_tpu_s": rounded(fray["warm_job_s"]),
           "floor_s": rounded(floor), "ratio": rounded(fray["warm_job_s"] / floor), "target": 2.0,
           "creates_for_warm_jobs": fray["warm_job_creates"],
+          "back_to_back_s": rounded(fray["warm_job_back_to_back_s"]),
+          "back_to_back_ratio": rounded(fray["warm_job_back_to_back_s"] / floor),
           "phases_median": {k: rounded(v) for k, v in fray["warm_job_phases"].items()},
           "back_to_back_phases_median": {k: rounded(v) for k, v in fray["warm_job_back_to_back_phases"].items()},
           "what": "a second job on a warm slice, launch -> 4 hosts running, against 4 bare runner processes"})

@@ -4,8 +4,8 @@
 one per host, so that a job's start costs no interpreter start): it imports nothing of any job
 (no JAX: JAX reads its variables when imported) and waits on stdin for one JSON line naming the
 attempt's environment, working directory and payload file; it takes them as its own (the whole
-`os.environ` replaced, `sys.path[0]` the directory, as `-m` would have made it) and goes on as
-below.
+`os.environ` replaced, `sys.path` as a runner started there with the attempt's PYTHONPATH
+would have it) and goes on as below.
 
 Imports every module named in `FRAY_TPU_RUNNER_PRELOAD` (comma-separated; the emulator's JAX
 cluster plugin, for instance), then unpickles `(callable, args, kwargs)` from the payload file
@@ -54,15 +54,29 @@ def receive_attempt() -> str | None:
     attempt = json.loads(header)
     env, cwd = attempt["env"], attempt["cwd"]
     os.chdir(cwd)
+    sys.path[:] = import_path(sys.path, os.environ.get("PYTHONPATH", ""), cwd, env.get("PYTHONPATH", ""))
     os.environ.clear()
     os.environ.update(env)
-    sys.path[0] = cwd
-    for entry in reversed([e for e in env.get("PYTHONPATH", "").split(os.pathsep) if e]):
-        if entry not in sys.path:
-            sys.path.insert(1, entry)
     sys.argv[1:] = [attempt["payload"]]
     backend_hook()
     return attempt["payload"]
+
+
+def import_path(path: list[str], started_with: str, cwd: str, wanted: str) -> list[str]:
+    """The ``sys.path`` a runner started in ``cwd`` with PYTHONPATH ``wanted`` would have, from
+    the ``path`` of one started with PYTHONPATH ``started_with``: the same interpreter and site,
+    so only the first entry (the directory, as ``-m`` puts it) and the PYTHONPATH entries after it
+    differ (no directory first under PYTHONSAFEPATH). Absolute and without duplicates, as
+    ``site`` leaves it."""
+    def entries(value: str) -> list[str]:
+        return [os.path.abspath(entry) for entry in value.split(os.pathsep) if entry]
+
+    safe = getattr(sys.flags, "safe_path", False)
+    started = set(entries(started_with))
+    rest = path if safe else path[1:]
+    while rest and rest[0] in started:
+        rest = rest[1:]
+    return list(dict.fromkeys([*([] if safe else [os.path.abspath(cwd)]), *entries(wanted), *rest]))
 
 
 def backend_hook() -> None:

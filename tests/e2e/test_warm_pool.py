@@ -23,7 +23,7 @@ from fake_gcp.host_jobs import wait_for_file, write_json
 from fray_tpu import channel
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
-from fray_tpu.contract import GUEST_AGENT_ADDRESS, GUEST_NAMESPACE, GUEST_TLS_CERT
+from fray_tpu.contract import GUEST_AGENT_ADDRESS, GUEST_NAMESPACE, GUEST_TLS_CERT, RUNNER_SPARE_ARG
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 from fray_tpu.naming import LABEL_CONTROLLER, LABEL_JOB, label_value
 from fray_tpu.supervisor.credentials import JobCredentials
@@ -101,6 +101,19 @@ def cli(*args: str) -> dict:
                           timeout=CLI_TIMEOUT, env=env)
     assert done.returncode in (0, 1), done.stderr
     return json.loads(done.stdout)
+
+
+def spare_runners(root: Path) -> list[int]:
+    """Pids of the emulated hosts' pre-started runners (``runner --spare``, working under ``root``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and RUNNER_SPARE_ARG.encode() in (entry / "cmdline").read_bytes().split(b"\0")
+                    and Path(os.readlink(entry / "cwd")).is_relative_to(root) and process_alive(int(entry.name))):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def warm_names(cluster: TpuCluster) -> list[str]:
@@ -227,15 +240,18 @@ def test_a_job_of_another_shape_creates_its_own_slice(clusters, fake_gcp, worksp
 # -- leaving the pool ----------------------------------------------------------------------------
 
 def test_keep_warm_expiry_deletes_the_slice(clusters, fake_gcp, workspace):
-    """An idle warm slice is deleted (one delete call) once keep_warm has passed; its idle time
-    is the pool's waste, not the job's cost."""
+    """An idle warm slice is deleted (one delete call) once keep_warm has passed, and its host's
+    pre-started runner with it; its idle time is the pool's waste, not the job's cost."""
     cluster = clusters(keep_warm=2.0)
     launched = time.time()
     job = cluster.launch(request("brief", succeed, [], workspace))
     assert run_to_end(cluster, job, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     released = time.time()
     assert len(warm_names(cluster)) == 1
+    hosts_root = fake_gcp.process.root / "hosts"
+    wait_for(lambda: spare_runners(hosts_root), "the warm host's pre-started runner", 30)
     wait_for(lambda: not nodes(fake_gcp.control, **{LABEL_JOB: job}), "the warm slice to be deleted on expiry", 30)
+    wait_for(lambda: not spare_runners(hosts_root), "the deleted slice's pre-started runner to be gone", 30)
     assert warm_names(cluster) == []
     assert fake_gcp.control.counters()["DeleteNode"] == 1
     wait_for(lambda: cluster.pool_waste().slices_warm_now == 0, "the warm period to be closed", 30)

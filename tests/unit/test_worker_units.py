@@ -214,3 +214,16 @@ def test_a_spare_runner_serves_only_attempts_whose_startup_variables_match():
     for name, value in [("PYTHONHASHSEED", "0"), ("LD_PRELOAD", "/lib/x.so"), ("LC_ALL", "C"), ("LANG", "en_US.UTF-8"),
                         ("MALLOC_ARENA_MAX", "2"), ("TZ", "UTC"), ("HOME", "/home/job")]:
         assert startup_view({**job_env, name: value}) != startup_view(spare_env), name
+
+
+def test_a_spare_runner_takes_the_import_path_a_runner_started_for_the_attempt_would_have():
+    """The directory first, then the attempt's PYTHONPATH entries (absolute, in order), then the
+    interpreter's own path; the spare's own PYTHONPATH entries are dropped, duplicates kept once."""
+    from fray_tpu.worker.runner import import_path
+
+    spare_path = ["/state/spare", "/agent/site", "/agent/extra", "/usr/lib/python311.zip", "/usr/lib/python3.11",
+                  "/env/site-packages"]
+    assert import_path(spare_path, "/agent/site:/agent/extra", "/ws", "/ws:/job/lib::/env/site-packages") == [
+        "/ws", "/job/lib", "/env/site-packages", "/usr/lib/python311.zip", "/usr/lib/python3.11"]
+    assert import_path(spare_path[:1] + spare_path[3:], "", "/attempts/a1", "") == [
+        "/attempts/a1", "/usr/lib/python311.zip", "/usr/lib/python3.11", "/env/site-packages"]
