@@ -373,13 +373,14 @@ class AgentClient:
 
     # -- streams --------------------------------------------------------------------------
 
-    def start(self, attempt_id: str, **buffer: int) -> EventStream:
-        """Starts a prepared attempt; iterate the result for its events, ending with AttemptExit."""
-        return EventStream(self, attempt_id, from_seq=0, **buffer)
+    def start(self, attempt_id: str, *, read: bool = True, **buffer: int) -> EventStream:
+        """Starts a prepared attempt; iterate the result for its events, ending with AttemptExit
+        (with ``read=False``, call its ``read()`` first)."""
+        return EventStream(self, attempt_id, from_seq=0, read=read, **buffer)
 
-    def watch(self, attempt_id: str, from_seq: int = 1, **buffer: int) -> EventStream:
+    def watch(self, attempt_id: str, from_seq: int = 1, *, read: bool = True, **buffer: int) -> EventStream:
         """Events of an attempt from `from_seq` on (resume after a controller restart)."""
-        return EventStream(self, attempt_id, from_seq=max(from_seq, 1), **buffer)
+        return EventStream(self, attempt_id, from_seq=max(from_seq, 1), read=read, **buffer)
 
     def _open_stream(self, attempt_id: str, from_seq: int):
         if from_seq == 0:
@@ -489,7 +490,7 @@ class EventStream:
     stream; the attempt itself keeps running (use `AgentClient.cancel` to stop it).
     """
 
-    def __init__(self, client: AgentClient, attempt_id: str, *, from_seq: int,
+    def __init__(self, client: AgentClient, attempt_id: str, *, from_seq: int, read: bool = True,
                  buffer_events: int = STREAM_BUFFER_EVENTS, buffer_bytes: int = STREAM_BUFFER_BYTES):
         self.attempt_id = attempt_id
         self.last_seq = max(from_seq - 1, 0)
@@ -499,17 +500,31 @@ class EventStream:
         self._call = None
         self._finished = False
         self._first_from_seq = from_seq
-        self._reader = threading.Thread(target=self._read, name=f"events-{attempt_id}@{client.address}",
-                                        daemon=True)
-        self._reader.start()
+        # The first call leaves from the caller's thread, not the reader's: a gang's Start calls
+        # go out back to back instead of each behind a thread's start (the call is sent when made).
+        try:
+            self._call = client._open_stream(attempt_id, from_seq)
+        except ValueError:
+            self._call = None  # the client is closed: the reader reports it
+        self._reader = threading.Thread(target=self._read, args=(self._call,),
+                                        name=f"events-{attempt_id}@{client.address}", daemon=True)
+        if read:
+            self.read()
 
-    def _read(self) -> None:
+    def read(self) -> None:
+        """Start reading the events ahead (at construction unless ``read=False``: a gang's calls
+        are all sent first, then each reader thread started)."""
+        if self._reader.ident is None:
+            self._reader.start()
+
+    def _read(self, opened) -> None:
         from_seq = self._first_from_seq
         disconnected_at: float | None = None
         pause = 0.05
         while not self._closed.is_set():
             try:
-                self._call = self._client._open_stream(self.attempt_id, from_seq)
+                self._call = opened if opened is not None else self._client._open_stream(self.attempt_id, from_seq)
+                opened = None
                 if self._closed.is_set():
                     self._call.cancel()
                     return
@@ -583,7 +598,8 @@ class EventStream:
         call = self._call
         if call is not None:
             call.cancel()
-        self._reader.join(5)
+        if self._reader.ident is not None:
+            self._reader.join(5)
 
     def __enter__(self) -> EventStream:
         return self

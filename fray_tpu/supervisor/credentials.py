@@ -80,5 +80,10 @@ class JobCredentials:
         return {address: pem.encode() for address, pem in json.loads(stored).items()}
 
     @classmethod
-    def load(cls, journal: Journal, job_id: str) -> JobCredentials:
-        return cls(journal.load_secret(job_id, SECRET_NAME).decode())
+    def stored(cls, journal: Journal, job_id: str) -> JobCredentials | None:
+        """The job's credentials; None when they were never written (the controller died
+        before the job's first attempt started, which waits for them)."""
+        try:
+            return cls(journal.load_secret(job_id, SECRET_NAME).decode())
+        except KeyError:
+            return None

@@ -87,13 +87,17 @@ class TpuGangRun(AttemptRun):
         """Start the attempt on every host, or with ``from_seqs`` follow one an earlier
         controller started, from each host's sequence number."""
         if from_seqs is None:
-            self._follow_all(lambda c: c.start(self.attempt_id))
+            self._follow_all(lambda c: c.start(self.attempt_id, read=False))
         else:
             seqs = dict(zip(self._clients, from_seqs))
-            self._follow_all(lambda c: c.watch(self.attempt_id, seqs[c]))
+            self._follow_all(lambda c: c.watch(self.attempt_id, seqs[c], read=False))
 
     def _follow_all(self, open_stream: Callable[[channel.AgentClient], channel.EventStream]) -> None:
-        self._streams = in_parallel(open_stream, self._clients)
+        # Opening a stream sends its call: from this thread, one host after the other, the gang's
+        # calls leave within a millisecond; the threads that read them are started after.
+        self._streams = [open_stream(client) for client in self._clients]
+        for stream in self._streams:
+            stream.read()
         for index, stream in enumerate(self._streams):
             threading.Thread(target=self._follow, args=(index, stream), daemon=True,
                              name=f"events-{self.attempt_id}-{index}").start()

@@ -43,12 +43,11 @@ class ResumeState:
     extra: dict
 
     @classmethod
-    def from_journal(cls, row: JobRow, journal: Journal) -> ResumeState:
+    def from_journal(cls, row: JobRow, journal: Journal, credentials: JobCredentials) -> ResumeState:
         takeover = sort_journaled(journal.resources(job_id=row.job_id))
         slices = {slice_id: (r.name, r.attempt, r.zone, list(r.endpoints)) for slice_id, r in takeover.adopt.items()}
         return cls(attempt=row.attempt, attempt_id=row.attempt_id, slices=slices, leftovers=takeover.delete,
-                   counters=dict(row.counters),
-                   extra=dict(row.extra), credentials=JobCredentials.load(journal, row.job_id))
+                   counters=dict(row.counters), extra=dict(row.extra), credentials=credentials)
 
 
 @dataclass
