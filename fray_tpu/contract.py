@@ -121,7 +121,9 @@ RUNNER_SPARE_ARG = "--spare"
 # flags): a spare runner serves only an attempt whose values of these equal its own.
 # PYTHONPATH is not among them: the spare puts the attempt's entries on sys.path itself.
 RUNNER_STARTUP_ENV_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "LC_")
-RUNNER_STARTUP_ENV_NAMES = ("LANG", "LANGUAGE", "TZ", "HOME")  # HOME: the user site directory
+# HOME: the user site directory; the last two are read by the .pth hooks of setuptools and
+# coverage, which run while the interpreter starts.
+RUNNER_STARTUP_ENV_NAMES = ("LANG", "LANGUAGE", "TZ", "HOME", "SETUPTOOLS_USE_DISTUTILS", "COVERAGE_PROCESS_START")
 # "module:function": the runner calls the job's callable as function(fn, args, kwargs), so the
 # Client API can run it inside its client context without the payload naming the shell.
 RUNNER_TASK_MAIN_ENV = "FRAY_TPU_RUNNER_TASK_MAIN"

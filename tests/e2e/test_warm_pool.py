@@ -144,7 +144,7 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
     daemons = wait_for(lambda: len(list(tmp_path.glob("daemon-*.json"))) == 4
                        and [json.loads(p.read_text()) for p in tmp_path.glob("daemon-*.json")],
                        "the first job's 4 daemons", JOB_TIMEOUT)
-    first_secret = JobCredentials.load(cluster.journal(), first).secret
+    first_secret = JobCredentials.stored(cluster.journal(), first).secret
     go.write_text("")
     assert run_to_end(cluster, first, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert len(warm_names(cluster)) == 1
@@ -161,7 +161,7 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
     (row,) = cluster.journal().resources(job_id=second)
     assert warm_node["name"].rsplit("/", 1)[-1] == row.name
 
-    second_credentials = JobCredentials.load(cluster.journal(), second)
+    second_credentials = JobCredentials.stored(cluster.journal(), second)
     pinned = second_credentials.load_slice_certs(cluster.journal(), second, row.name)
     assert pinned == published_certs(tpu_client, warm_node["name"])
     assert sorted(pinned) == sorted(row.endpoints)

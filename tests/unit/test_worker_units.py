@@ -212,7 +212,8 @@ def test_a_spare_runner_serves_only_attempts_whose_startup_variables_match():
                "JAX_PLATFORMS": "cpu", "PATH": "/env/bin:/bin"}
     assert startup_view(job_env) == startup_view(spare_env)
     for name, value in [("PYTHONHASHSEED", "0"), ("LD_PRELOAD", "/lib/x.so"), ("LC_ALL", "C"), ("LANG", "en_US.UTF-8"),
-                        ("MALLOC_ARENA_MAX", "2"), ("TZ", "UTC"), ("HOME", "/home/job")]:
+                        ("MALLOC_ARENA_MAX", "2"), ("TZ", "UTC"), ("HOME", "/home/job"),
+                        ("SETUPTOOLS_USE_DISTUTILS", "stdlib"), ("COVERAGE_PROCESS_START", "/ws/.coveragerc")]:
         assert startup_view({**job_env, name: value}) != startup_view(spare_env), name
 
 
