@@ -11,7 +11,9 @@ claims it receives the attempt's whole environment with its payload (`runner.rec
 It is kept for the environment (interpreter) the last attempt used; an attempt that needs
 another interpreter, or other values of the variables an interpreter reads while it starts
 (`contract.RUNNER_STARTUP_ENV_*`), starts its own process as before. A spare is discarded when
-another environment is wanted, when the lease lapses, and when the agent stops.
+another environment is wanted, when the lease lapses, and when the agent stops; it exits by
+itself when the agent dies (its stdin, whose only writer the agent held, ends), and goes with
+its VM when the slice is deleted (leaving the warm pool).
 """
 
 from __future__ import annotations
