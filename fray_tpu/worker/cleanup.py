@@ -337,17 +337,17 @@ class HostCleaner(ProcessTracker):
         self._mains: set[int] = set()
 
     def record(self, token: str) -> None:
-        """Remembers an attempt's token before its process exists, so a crash cannot lose it."""
+        """Remembers an attempt's token before its process exists, so an agent crash cannot lose it."""
         self._append_record(token)
         with self._lock:
             self._owner = token
             self._dirty = True
 
     def _append_record(self, token: str) -> None:
+        # Written, not synced: what a crashed agent wrote is in the page cache for the next one;
+        # only an OS crash loses it, and that ends every process it could name.
         with self._record.open("a") as f:
             f.write(token + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
     def start_spare(self, token: str, argv: list[str], **popen: object) -> subprocess.Popen:
         """Start a spare runner under ``token`` (recorded first, like an attempt's, so that an
