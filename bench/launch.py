@@ -40,6 +40,7 @@ import argparse
 import logging
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -385,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.shutdown(timeout=STEP_DEADLINE_SECONDS)
         emulator.stop()
         watchdog.cancel()
+        shutil.rmtree(directory, ignore_errors=True)  # the hosts' environments: gigabytes per run
     summary.update({"live_slices_at_end": len(leftovers), "bench_seconds": rounded(time.monotonic() - bench_started)})
     emit(summary)
     return 0 if not leftovers else 1

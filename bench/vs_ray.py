@@ -13,7 +13,10 @@ the moment the driver asks (wall clock, the same machine, one process run).
   ``cold`` = ``TpuCluster(...)`` + ``launch()`` -> all 4 running (slice creation, 4 agents'
   boot, workspace upload, attempt start); ``warm_job`` = a second job of the same shape on the
   same controller, which takes the first job's slice from the warm pool (no create call: the
-  emulator's ``CreateNode`` count is reported; hand-over, prepare, start); ``warm_attempt`` = a retry on the SAME slices
+  emulator's ``CreateNode`` count is reported; hand-over, prepare, start), launched once the warm
+  slice is ready (untimed: each host's pre-started runner waits on its stdin, as Ray's warm gang
+  waits for the last group's CPUs; ``warm_job_back_to_back`` is the same job launched the moment
+  the previous one released its slice, while those runners still start); ``warm_attempt`` = a retry on the SAME slices
   (agents up): in a job with ``max_retries_failure=1`` task 0 raises at once in attempt 1, and
   the sample is its raise -> all 4 hosts running attempt 2 (failure report, judgement, upload,
   prepare, start). This is the closest analogue of Ray's warm gang.
@@ -60,7 +63,10 @@ POLL_INTERVAL = 0.05
 WAIT_POLL_SECONDS = 0.005
 STEP_DEADLINE_SECONDS = 45.0
 TOTAL_BUDGET_SECONDS = 170.0
-WARM_JOB_SAMPLES = 3
+WARM_JOB_SAMPLES = 5
+READY_DEADLINE_SECONDS = 30.0
+# /proc/PID/syscall of a process blocked in read(0, ...) on x86_64: a spare runner waiting for its job.
+READ_STDIN_SYSCALL = ["0", "0x0"]
 FLOOR_RUNS = 3
 ISOLATED_ENV = "FRAY_TPU_BENCH_NETNS"
 GUARD_LOG_ENV = "FRAY_TPU_BENCH_GUARD_LOG"
@@ -124,18 +130,30 @@ socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, c
 
 # -- helpers --------------------------------------------------------------------------------------
 
-
-
-
-
-
-
-
-
 def all_running(directory: Path, prefix: str, what: str) -> float:
     """When the last of the gang's 4 processes started running (``prefix-INDEX`` stamps)."""
     return max(until(lambda: len(found := stamps(directory, prefix)) >= HOSTS and found, what,
                      STEP_DEADLINE_SECONDS, WAIT_POLL_SECONDS))
+
+
+def spare_runners_waiting(root: Path) -> int:
+    """Spare runners (``runner --spare``) of this run's emulated hosts (their directory under
+    ``root``) blocked reading their stdin: loaded, waiting for a job."""
+    from fray_tpu.contract import RUNNER_SPARE_ARG
+
+    waiting = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if RUNNER_SPARE_ARG.encode() not in (entry / "cmdline").read_bytes().split(b"\0"):
+                continue
+            if not Path(os.readlink(entry / "cwd")).is_relative_to(root):
+                continue
+            waiting += (entry / "syscall").read_text().split()[:2] == READ_STDIN_SYSCALL
+        except OSError:
+            continue
+    return waiting
 
 
 def median_seconds(call, calls: int, warmup: int = 20) -> float:
@@ -255,6 +273,7 @@ def measure_fray(directory: Path, calls: int) -> dict:
     from fray_tpu.config import TpuClusterConfig
     from fray_tpu.emulator import EmulatorTimings
     from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
+    from launch import ProgressClock
 
     out = directory / "fray"
     out.mkdir()
@@ -290,12 +309,30 @@ def measure_fray(directory: Path, calls: int) -> dict:
         finish(cluster, job)
 
         creates_before = emulator.control.counters().get("CreateNode", 0)
-        warm_samples = []
-        for run in range(WARM_JOB_SAMPLES):
+        clock = ProgressClock()
+
+        def warm_job_seconds(tag: str, phases: dict[str, list[float]]) -> float:
             began = time.time()
-            job = cluster.launch(request(f"warm{run}", jobs.gang_member, [str(out), f"warm{run}"]))
-            warm_samples.append(all_running(out, f"warm{run}", "fray-tpu's second job") - began)
+            job = cluster.launch(request(tag, jobs.gang_member, [str(out), tag]))
+            running = all_running(out, tag, "fray-tpu's second job")
+            marks = {"taken": clock.first(job, r"slice-0: took warm slice"),
+                     "start_sent": clock.first(job, r"attempt 1: starting on ")}
+            previous_name, previous = "launch", began
+            for name, at in [*marks.items(), ("running", running)]:
+                if at is not None:
+                    phases.setdefault(f"{previous_name}->{name}", []).append(at - previous)
+                    previous_name, previous = name, at
             finish(cluster, job)
+            return running - began
+
+        warm_samples, warm_phases = [], {}
+        for run in range(WARM_JOB_SAMPLES):
+            until(lambda: spare_runners_waiting(directory / "emulator") >= HOSTS,
+                  "the warm slice's pre-started runners to wait for a job", READY_DEADLINE_SECONDS, WAIT_POLL_SECONDS)
+            warm_samples.append(warm_job_seconds(f"warm{run}", warm_phases))
+        back_to_back, back_to_back_phases = [], {}
+        for run in range(WARM_JOB_SAMPLES):
+            back_to_back.append(warm_job_seconds(f"b2b{run}", back_to_back_phases))
         warm_job = statistics.median(warm_samples)
         warm_creates = emulator.control.counters().get("CreateNode", 0) - creates_before
 
@@ -321,6 +358,9 @@ def measure_fray(directory: Path, calls: int) -> dict:
         emulator.stop()
     return {"emulator_start_s": emulator_seconds, "cold_s": cold, "warm_job_s": warm_job,
             "warm_job_samples": warm_samples, "warm_job_creates": warm_creates,
+            "warm_job_phases": {k: statistics.median(v) for k, v in warm_phases.items()},
+            "warm_job_back_to_back_s": statistics.median(back_to_back), "warm_job_back_to_back_samples": back_to_back,
+            "warm_job_back_to_back_phases": {k: statistics.median(v) for k, v in back_to_back_phases.items()},
             "warm_attempt_s": warm_attempt, "roundtrip_s": roundtrip, "live_slices_before_shutdown": len(leftovers),
             "emulator_resources_left": sum(len(v) for v in leaks.values())}
 
@@ -399,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
          "4 hosts running (slice created, agents booted)"),
         ("warm_gang", "warm_job_s", "warm_s",
          "Ray: new placement group + 4 tasks on the running Ray; fray-tpu: a second job of the shape, on the "
-         "first job's slice from the warm pool"),
+         "first job's slice from the warm pool, its pre-started runners waiting"),
+        ("warm_gang_back_to_back", "warm_job_back_to_back_s", "warm_s",
+         "fray-tpu: the same, launched as soon as the previous job released the slice (its runners still "
+         "starting) vs Ray's warm gang"),
         ("warm_attempt", "warm_attempt_s", "warm_s",
          "fray-tpu: retry on the same slices (task 0 raises -> 4 hosts running attempt 2) vs Ray's warm gang"),
         ("control_roundtrip", "roundtrip_s", "roundtrip_s",
@@ -412,19 +455,25 @@ def main(argv: list[str] | None = None) -> int:
     emit({"bench": "vs_ray", "metric": "warm_job_over_floor", "fray_tpu_s": rounded(fray["warm_job_s"]),
           "floor_s": rounded(floor), "ratio": rounded(fray["warm_job_s"] / floor), "target": 2.0,
           "creates_for_warm_jobs": fray["warm_job_creates"],
+          "back_to_back_s": rounded(fray["warm_job_back_to_back_s"]),
+          "back_to_back_ratio": rounded(fray["warm_job_back_to_back_s"] / floor),
+          "phases_median": {k: rounded(v) for k, v in fray["warm_job_phases"].items()},
+          "back_to_back_phases_median": {k: rounded(v) for k, v in fray["warm_job_back_to_back_phases"].items()},
           "what": "a second job on a warm slice, launch -> 4 hosts running, against 4 bare runner processes"})
     summary = {
         "bench": "vs_ray", "metric": "summary", **unit, "ray": ray_label, "network_isolation": isolation,
-        "fray_tpu": {k: ([rounded(x) for x in v] if isinstance(v, list) else rounded(v)) for k, v in fray.items()},
+        "fray_tpu": {k: ([rounded(x) for x in v] if isinstance(v, list) else rounded(v)) for k, v in fray.items()
+                     if not isinstance(v, dict)},
         "ray_detail": {k: ([rounded(x) for x in v] if isinstance(v, list) else rounded(v) if isinstance(v, float) else v)
                        for k, v in ray.items()},
         "guard_refusals": refused[:10], "guard_refusal_count": len(refused),
-        "live_slices_at_end": fray["live_slices_before_shutdown"],
+        "live_slices_before_shutdown": fray["live_slices_before_shutdown"],  # the warm pool's slice
         "emulator_resources_left": fray["emulator_resources_left"],
         "bench_seconds": rounded(time.monotonic() - bench_began),
     }
     emit(summary)
     watchdog.cancel()
+    shutil.rmtree(directory, ignore_errors=True)  # the hosts' environments: about 1.5 GB per run
     return 0 if fray["emulator_resources_left"] == 0 else 1
 
 

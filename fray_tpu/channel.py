@@ -153,6 +153,7 @@ class PrepareResult:
     env_source: str = ""  # ENV_SOURCE_* ("" from an agent that does not say)
     env_seconds: float = 0.0
     env_note: str = ""
+    spare_runner_used: bool = False  # the attempt runs in the host's pre-started runner
 
     @property
     def source(self) -> str:
@@ -277,6 +278,10 @@ class AgentClient:
             ],
         )
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        # Bundle digests the agent is known to hold. Its store evicts only when a new bundle is
+        # committed, and only its holder uploads, through this client (the warm pool passes the
+        # client on with the slice): an upload through it resets what is known.
+        self._bundles_held: set[str] = set()
 
     def close(self) -> None:
         self._channel.close()
@@ -355,7 +360,8 @@ class AgentClient:
 
     def upload_bundle(self, bundle) -> bool:
         """Uploads a packed workspace (`digest`, `path`, `size`) unless the host has it; True if sent."""
-        if self.has_bundle(bundle.digest):
+        if bundle.digest in self._bundles_held or self.has_bundle(bundle.digest):
+            self._bundles_held.add(bundle.digest)
             return False
         path = Path(bundle.path)
         # Generous for big bundles: at least 10 MB/s.
@@ -374,6 +380,7 @@ class AgentClient:
         for attempt in range(RETRIES + 1):
             try:
                 self._stub.UploadBundle(chunks(), timeout=timeout, metadata=self._metadata)
+                self._bundles_held = {bundle.digest}  # the commit may have evicted the others
                 return True
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE and attempt < RETRIES:
@@ -397,6 +404,7 @@ class AgentClient:
             env_reused=response.env_reused, python=response.python, cleanup_notes=list(response.cleanup_notes),
             env_digest=response.env_digest, env_build_seconds=response.env_build_seconds,
             env_source=response.env_source, env_seconds=response.env_seconds, env_note=response.env_note,
+            spare_runner_used=response.spare_runner_used,
         )
 
     def cancel(self, attempt_id: str, grace: float) -> bool:
@@ -417,13 +425,14 @@ class AgentClient:
 
     # -- streams --------------------------------------------------------------------------
 
-    def start(self, attempt_id: str, **buffer: int) -> EventStream:
-        """Starts a prepared attempt; iterate the result for its events, ending with AttemptExit."""
-        return EventStream(self, attempt_id, from_seq=0, **buffer)
+    def start(self, attempt_id: str, *, read: bool = True, **buffer: int) -> EventStream:
+        """Starts a prepared attempt; iterate the result for its events, ending with AttemptExit
+        (with ``read=False``, call its ``read()`` first)."""
+        return EventStream(self, attempt_id, from_seq=0, read=read, **buffer)
 
-    def watch(self, attempt_id: str, from_seq: int = 1, **buffer: int) -> EventStream:
+    def watch(self, attempt_id: str, from_seq: int = 1, *, read: bool = True, **buffer: int) -> EventStream:
         """Events of an attempt from `from_seq` on (resume after a controller restart)."""
-        return EventStream(self, attempt_id, from_seq=max(from_seq, 1), **buffer)
+        return EventStream(self, attempt_id, from_seq=max(from_seq, 1), read=read, **buffer)
 
     def _open_stream(self, attempt_id: str, from_seq: int):
         if from_seq == 0:
@@ -453,6 +462,9 @@ def _agent_info(response: worker_pb2.DescribeResponse) -> AgentInfo:
             "bundle_upload_skips": response.cache.bundle_upload_skips,
             "envs_created": response.cache.envs_created,
             "envs_reused": response.cache.envs_reused,
+            "spare_runners_started": response.cache.spare_runners_started,
+            "spare_runners_used": response.cache.spare_runners_used,
+            "spare_runners_discarded": response.cache.spare_runners_discarded,
         },
         lease_remaining_seconds=response.lease_remaining_seconds,
         uptime_seconds=response.uptime_seconds,
@@ -530,7 +542,7 @@ class EventStream:
     stream; the attempt itself keeps running (use `AgentClient.cancel` to stop it).
     """
 
-    def __init__(self, client: AgentClient, attempt_id: str, *, from_seq: int,
+    def __init__(self, client: AgentClient, attempt_id: str, *, from_seq: int, read: bool = True,
                  buffer_events: int = STREAM_BUFFER_EVENTS, buffer_bytes: int = STREAM_BUFFER_BYTES):
         self.attempt_id = attempt_id
         self.last_seq = max(from_seq - 1, 0)
@@ -540,17 +552,31 @@ class EventStream:
         self._call = None
         self._finished = False
         self._first_from_seq = from_seq
-        self._reader = threading.Thread(target=self._read, name=f"events-{attempt_id}@{client.address}",
-                                        daemon=True)
-        self._reader.start()
+        # The first call leaves from the caller's thread, not the reader's: a gang's Start calls
+        # go out back to back instead of each behind a thread's start (the call is sent when made).
+        try:
+            self._call = client._open_stream(attempt_id, from_seq)
+        except ValueError:
+            self._call = None  # the client is closed: the reader reports it
+        self._reader = threading.Thread(target=self._read, args=(self._call,),
+                                        name=f"events-{attempt_id}@{client.address}", daemon=True)
+        if read:
+            self.read()
 
-    def _read(self) -> None:
+    def read(self) -> None:
+        """Start reading the events ahead (at construction unless ``read=False``: a gang's calls
+        are all sent first, then each reader thread started)."""
+        if self._reader.ident is None:
+            self._reader.start()
+
+    def _read(self, opened) -> None:
         from_seq = self._first_from_seq
         disconnected_at: float | None = None
         pause = 0.05
         while not self._closed.is_set():
             try:
-                self._call = self._client._open_stream(self.attempt_id, from_seq)
+                self._call = opened if opened is not None else self._client._open_stream(self.attempt_id, from_seq)
+                opened = None
                 if self._closed.is_set():
                     self._call.cancel()
                     return
@@ -624,7 +650,8 @@ class EventStream:
         call = self._call
         if call is not None:
             call.cancel()
-        self._reader.join(5)
+        if self._reader.ident is not None:
+            self._reader.join(5)
 
     def __enter__(self) -> EventStream:
         return self

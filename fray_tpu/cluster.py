@@ -51,6 +51,7 @@ from fray_tpu.supervisor.job import JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
 from fray_tpu.supervisor.pool import WarmPool
 from fray_tpu.supervisor.local import LocalJobSupervisor
+from fray_tpu.supervisor.credentials import JobCredentials
 from fray_tpu.supervisor.slices import ControllerContext
 from fray_tpu.supervisor.tpu import ResumeState, TpuJobSupervisor
 from fray_tpu.supervisor.watch import PROGRESS_PREFIX
@@ -298,7 +299,15 @@ class TpuCluster(Cluster):
             plan: JobPlan = pickle.loads(row.plan_blob)
             self._zones_used.update(plan.zones)
             journal.update_job(row.job_id, controller_id=self.controller_id)
-            resume = ResumeState.from_journal(row, journal)
+            credentials = JobCredentials.stored(journal, row.job_id)
+            if credentials is None:
+                # Its slices were made or handed over for a secret nobody holds: they answer no one.
+                record.set_status(JobStatus.FAILED, "the controller running this job exited before its first attempt "
+                                  "started; no attempt ran, launch it again")
+                held = [r for r in journal.resources(job_id=row.job_id, live_only=True) if r.state != ResourceState.WARM]
+                self._delete_journaled(journal, held, "a slice of a job whose controller died before it started")
+                continue
+            resume = ResumeState.from_journal(row, journal, credentials)
             supervisor = TpuJobSupervisor(record, plan, self._controller_context(), resume=resume)
             self._supervisors[row.job_id] = supervisor
             log.info("reattaching to job %s (%s), attempt %d", row.job_id, row.name, row.attempt)
@@ -308,7 +317,11 @@ class TpuCluster(Cluster):
         """A dead controller's warm slices answer no one (its pool's secret died with it): delete
         them now rather than pay until their lease lapses."""
         warm = [r for r in journal.resources(live_only=True) if r.state == ResourceState.WARM]
-        if not warm:
+        self._delete_journaled(journal, warm, "a warm slice of a dead controller")
+
+    def _delete_journaled(self, journal: Journal, rows: list, what: str) -> None:
+        """Delete these journaled resources in the background (``what`` names them in errors)."""
+        if not rows:
             return
         provisioner = self._controller_context().provisioner
 
@@ -319,11 +332,11 @@ class TpuCluster(Cluster):
                                    queued=row.kind == "queued")
                 journal.update_resource(row.name, row.zone, state=ResourceState.DELETED, deleted_at=time.time())
             except Exception as error:  # noqa: BLE001 - reported; gc finds it by label
-                log.error("could not delete %s, a warm slice of a dead controller: %s", row.name, error)
+                log.error("could not delete %s, %s: %s", row.name, what, error)
 
-        for row in warm:
+        for row in rows:
             self._zones_used.add(row.zone)
-            threading.Thread(target=delete, args=(row,), daemon=True, name=f"delete-warm-{row.name}").start()
+            threading.Thread(target=delete, args=(row,), daemon=True, name=f"delete-{row.name}").start()
 
     # -- wiring --------------------------------------------------------------------------------
     def _cluster_spec(self) -> str:

@@ -118,6 +118,17 @@ RUNNER_PRELOAD_ENV = "FRAY_TPU_RUNNER_PRELOAD"
 # "1": the runner was started ahead of the gang and waits on stdin for RUNNER_GO_BYTE.
 RUNNER_HOLD_ENV = "FRAY_TPU_RUNNER_HOLD"
 RUNNER_GO_BYTE = b"g"
+# `python -m fray_tpu.worker.runner --spare`: a runner started before its job exists (the agent
+# keeps one per host for the next attempt). It reads one line of JSON from stdin, {"env", "cwd",
+# "payload"}, takes that environment and directory as its own, then runs as a held runner.
+RUNNER_SPARE_ARG = "--spare"
+# Variables the interpreter reads while it starts (locale, allocator, loader, Python's own
+# flags): a spare runner serves only an attempt whose values of these equal its own.
+# PYTHONPATH is not among them: the spare puts the attempt's entries on sys.path itself.
+RUNNER_STARTUP_ENV_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "LC_")
+# HOME: the user site directory; the last two are read by the .pth hooks of setuptools and
+# coverage, which run while the interpreter starts.
+RUNNER_STARTUP_ENV_NAMES = ("LANG", "LANGUAGE", "TZ", "HOME", "SETUPTOOLS_USE_DISTUTILS", "COVERAGE_PROCESS_START")
 # "module:function": the runner calls the job's callable as function(fn, args, kwargs), so the
 # Client API can run it inside its client context without the payload naming the shell.
 RUNNER_TASK_MAIN_ENV = "FRAY_TPU_RUNNER_TASK_MAIN"

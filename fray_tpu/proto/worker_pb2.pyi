@@ -96,18 +96,24 @@ class AttemptStatus(_message.Message):
     def __init__(self, attempt_id: _Optional[str] = ..., state: _Optional[_Union[AttemptState, str]] = ..., pid: _Optional[int] = ..., last_seq: _Optional[int] = ..., classification: _Optional[_Union[Classification, str]] = ...) -> None: ...
 
 class CacheStats(_message.Message):
-    __slots__ = ("bundles_cached", "bundle_uploads", "bundle_upload_skips", "envs_created", "envs_reused")
+    __slots__ = ("bundles_cached", "bundle_uploads", "bundle_upload_skips", "envs_created", "envs_reused", "spare_runners_started", "spare_runners_used", "spare_runners_discarded")
     BUNDLES_CACHED_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_UPLOADS_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_UPLOAD_SKIPS_FIELD_NUMBER: _ClassVar[int]
     ENVS_CREATED_FIELD_NUMBER: _ClassVar[int]
     ENVS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    SPARE_RUNNERS_STARTED_FIELD_NUMBER: _ClassVar[int]
+    SPARE_RUNNERS_USED_FIELD_NUMBER: _ClassVar[int]
+    SPARE_RUNNERS_DISCARDED_FIELD_NUMBER: _ClassVar[int]
     bundles_cached: int
     bundle_uploads: int
     bundle_upload_skips: int
     envs_created: int
     envs_reused: int
-    def __init__(self, bundles_cached: _Optional[int] = ..., bundle_uploads: _Optional[int] = ..., bundle_upload_skips: _Optional[int] = ..., envs_created: _Optional[int] = ..., envs_reused: _Optional[int] = ...) -> None: ...
+    spare_runners_started: int
+    spare_runners_used: int
+    spare_runners_discarded: int
+    def __init__(self, bundles_cached: _Optional[int] = ..., bundle_uploads: _Optional[int] = ..., bundle_upload_skips: _Optional[int] = ..., envs_created: _Optional[int] = ..., envs_reused: _Optional[int] = ..., spare_runners_started: _Optional[int] = ..., spare_runners_used: _Optional[int] = ..., spare_runners_discarded: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("identity", "health", "health_message", "preempted", "current_attempt", "cache", "lease_remaining_seconds", "uptime_seconds")
@@ -193,7 +199,7 @@ class EnvCache(_message.Message):
     def __init__(self, storage_endpoint: _Optional[str] = ..., bucket: _Optional[str] = ..., builder: _Optional[bool] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("attempt_id", "prepare_seconds", "env_reused", "python", "cleanup_notes", "env_digest", "env_build_seconds", "env_source", "env_seconds", "env_note")
+    __slots__ = ("attempt_id", "prepare_seconds", "env_reused", "python", "cleanup_notes", "env_digest", "env_build_seconds", "env_source", "env_seconds", "env_note", "spare_runner_used")
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PREPARE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENV_REUSED_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +210,7 @@ class PrepareResponse(_message.Message):
     ENV_SOURCE_FIELD_NUMBER: _ClassVar[int]
     ENV_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENV_NOTE_FIELD_NUMBER: _ClassVar[int]
+    SPARE_RUNNER_USED_FIELD_NUMBER: _ClassVar[int]
     attempt_id: str
     prepare_seconds: float
     env_reused: bool
@@ -214,7 +221,8 @@ class PrepareResponse(_message.Message):
     env_source: str
     env_seconds: float
     env_note: str
-    def __init__(self, attempt_id: _Optional[str] = ..., prepare_seconds: _Optional[float] = ..., env_reused: _Optional[bool] = ..., python: _Optional[str] = ..., cleanup_notes: _Optional[_Iterable[str]] = ..., env_digest: _Optional[str] = ..., env_build_seconds: _Optional[float] = ..., env_source: _Optional[str] = ..., env_seconds: _Optional[float] = ..., env_note: _Optional[str] = ...) -> None: ...
+    spare_runner_used: bool
+    def __init__(self, attempt_id: _Optional[str] = ..., prepare_seconds: _Optional[float] = ..., env_reused: _Optional[bool] = ..., python: _Optional[str] = ..., cleanup_notes: _Optional[_Iterable[str]] = ..., env_digest: _Optional[str] = ..., env_build_seconds: _Optional[float] = ..., env_source: _Optional[str] = ..., env_seconds: _Optional[float] = ..., env_note: _Optional[str] = ..., spare_runner_used: _Optional[bool] = ...) -> None: ...
 
 class StartRequest(_message.Message):
     __slots__ = ("attempt_id",)

@@ -5,12 +5,18 @@ its hash.
 The channel's TLS identity is not the job's: every agent makes its own key on its VM and
 publishes its certificate as a guest attribute, which the gang pins per host when it connects
 (``fray_tpu.hostboot``). A slice taken warm keeps the certificates pinned when it booted: they
-are kept beside the secret, so a restarted controller pins the same ones."""
+are kept beside the secret, so a restarted controller pins the same ones.
+
+Those files are written (and synced) beside the job's start, not before each step of it
+(``BackgroundWrites``): the supervisor waits for them before the attempt starts, the first moment
+a controller restarted after a crash would need them to reattach; before that, a job whose
+controller died has nothing to reattach to, and its slices delete themselves when the lease lapses."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fray_tpu import tls
@@ -18,6 +24,33 @@ from fray_tpu.state.journal import Journal
 
 SECRET_NAME = "channel-secret"
 SLICE_CERTS_PREFIX = "tls-certs-of-"
+
+
+class BackgroundWrites:
+    """Journal writes made on threads of their own; ``wait`` for them (and their errors)."""
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
+
+    def submit(self, write: Callable[..., None], *args: object) -> None:
+        def run() -> None:
+            try:
+                write(*args)
+            except BaseException as error:  # noqa: BLE001 - re-raised by wait()
+                self._errors.append(error)
+
+        thread = threading.Thread(target=run, daemon=True, name="journal-write")
+        thread.start()
+        self._threads.append(thread)
+
+    def wait(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+        if self._errors:
+            error, self._errors = self._errors[0], []
+            raise error
 
 
 @dataclass(frozen=True)
@@ -47,5 +80,10 @@ class JobCredentials:
         return {address: pem.encode() for address, pem in json.loads(stored).items()}
 
     @classmethod
-    def load(cls, journal: Journal, job_id: str) -> JobCredentials:
-        return cls(journal.load_secret(job_id, SECRET_NAME).decode())
+    def stored(cls, journal: Journal, job_id: str) -> JobCredentials | None:
+        """The job's credentials; None when they were never written (the controller died
+        before the job's first attempt started, which waits for them)."""
+        try:
+            return cls(journal.load_secret(job_id, SECRET_NAME).decode())
+        except KeyError:
+            return None

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # rounds instead of starting 256 threads every interval; a frozen host delays only the few
 # hosts that share its thread, by one timeout each.
 LEASE_RENEWAL_THREADS = 64
+# A slice whose every agent answered this recently (the last attempt's events, a hand-over) is
+# up: forming the gang again does not ask each agent once more.
+RECENT_ANSWER_SECONDS = 2.0
 
 
 class Liveness:
@@ -44,6 +47,11 @@ class Liveness:
     def heard(self, address: str) -> None:
         with self._lock:
             self._last[address] = self._clock()
+
+    def answered_within(self, address: str, seconds: float) -> bool:
+        with self._lock:
+            last = self._last.get(address)
+        return last is not None and self._clock() - last <= seconds
 
     def silent(self, addresses: Sequence[str]) -> set[str]:
         now = self._clock()
@@ -79,13 +87,17 @@ class TpuGangRun(AttemptRun):
         """Start the attempt on every host, or with ``from_seqs`` follow one an earlier
         controller started, from each host's sequence number."""
         if from_seqs is None:
-            self._follow_all(lambda c: c.start(self.attempt_id))
+            self._follow_all(lambda c: c.start(self.attempt_id, read=False))
         else:
             seqs = dict(zip(self._clients, from_seqs))
-            self._follow_all(lambda c: c.watch(self.attempt_id, seqs[c]))
+            self._follow_all(lambda c: c.watch(self.attempt_id, seqs[c], read=False))
 
     def _follow_all(self, open_stream: Callable[[channel.AgentClient], channel.EventStream]) -> None:
-        self._streams = in_parallel(open_stream, self._clients)
+        # Opening a stream sends its call: from this thread, one host after the other, the gang's
+        # calls leave within a millisecond; the threads that read them are started after.
+        self._streams = [open_stream(client) for client in self._clients]
+        for stream in self._streams:
+            stream.read()
         for index, stream in enumerate(self._streams):
             threading.Thread(target=self._follow, args=(index, stream), daemon=True,
                              name=f"events-{self.attempt_id}-{index}").start()
@@ -176,7 +188,9 @@ class Gang:
         ``hostboot.BootstrapFailed`` when the bootstrap failed on every host, ``JobStopped``
         when stopped meanwhile. Throughout, the slices are watched (every poll interval): a slice
         the cloud reports lost ends the wait at once (``lost``: the attempt is a preemption; the
-        other slices' clients are kept for the next one), and so does a stop."""
+        other slices' clients are kept for the next one), and so does a stop. A slice whose every
+        agent answered within ``RECENT_ANSWER_SECONDS`` (a retry, a slice just handed over) is
+        not waited for: it is up, and in worker order since it was first connected."""
         dead: dict[int, str] = {}
         deadline = time.monotonic() + self.config.boot_deadline
         for slice_id, ready in enumerate(slices):
@@ -210,9 +224,13 @@ class Gang:
                 self._clients[slice_id] = [self._client(slices[slice_id], ip, cert) for ip, cert in zip(endpoints, certs)]
             if dead:
                 return Connected(dead, {}, {})
-        give_up = {slice_id: threading.Event() for slice_id in self._clients}
-        waiting = {slice_id: len(clients) for slice_id, clients in self._clients.items()}
-        up = dict.fromkeys(self._clients, 0)
+        unconfirmed = {slice_id: clients for slice_id, clients in self._clients.items()
+                       if not all(self.liveness.answered_within(c.address, RECENT_ANSWER_SECONDS) for c in clients)}
+        if not unconfirmed:
+            return Connected(dead, {}, {})
+        give_up = {slice_id: threading.Event() for slice_id in unconfirmed}
+        waiting = {slice_id: len(clients) for slice_id, clients in unconfirmed.items()}
+        up = dict.fromkeys(unconfirmed, 0)
         reported: dict[channel.AgentClient, int] = {}
         lost: dict[int, str] = {}
         settled = threading.Condition()
@@ -224,7 +242,7 @@ class Gang:
                     up[slice_id] += 1
                     count = up[slice_id]
                     reported[client] = info.worker_number
-                total = len(self._clients[slice_id])
+                total = len(unconfirmed[slice_id])
                 # A line per quarter of the slice, not per host (each is a journal write).
                 if count == total or count % max(1, total // 4) == 0:
                     self._progress(f"slice-{slice_id}: booting, {count}/{total} agents up")
@@ -238,14 +256,14 @@ class Gang:
 
         def watch_slices(done: threading.Event) -> None:
             while not done.is_set():
-                gone = self._lost(provisioner, slices, self._clients, "its agents started")
+                gone = self._lost(provisioner, slices, unconfirmed, "its agents started")
                 if gone:
                     with settled:
                         lost.update(gone)
                         settled.notify_all()
                 done.wait(self.config.poll_interval)
 
-        for slice_id, clients in self._clients.items():
+        for slice_id, clients in unconfirmed.items():
             for client in clients:
                 threading.Thread(target=wait_up, args=(slice_id, client), daemon=True,
                                  name=f"wait-up-{client.address}").start()
@@ -262,7 +280,7 @@ class Gang:
         finally:
             done.set()
         reordered: dict[int, list[int]] = {}
-        for slice_id, clients in self._clients.items():
+        for slice_id, clients in unconfirmed.items():
             if slice_id in dead:
                 continue
             try:
@@ -324,8 +342,11 @@ class Gang:
         return self._clients.pop(slice_id, [])
 
     def adopt(self, slice_id: int, clients: list[channel.AgentClient]) -> None:
-        """Connected clients of a slice taken warm (already presenting this job's secret)."""
+        """Connected clients of a slice taken warm (already presenting this job's secret, which
+        each agent just accepted: a sign of life)."""
         self._clients[slice_id] = clients
+        for client in clients:
+            self.liveness.heard(client.address)
 
     def drop(self, slice_id: int) -> None:
         for client in self._clients.pop(slice_id, []):

@@ -153,9 +153,16 @@ class WarmPool:
         with self._lock:
             candidates = [p.warm for p in self._slices.values() if p.journal is journal]
             chosen = [self._slices.pop(w.name) for w in choose(candidates, shape, zones, count)]
+        def usable(pooled: PooledSlice) -> bool:
+            # The cloud's word and the agents' (a preempted host refuses the hand-over), at once.
+            lost, handed = in_parallel(lambda look: look(), [lambda: self._lost(pooled.ready),
+                                                             lambda: self._hand_over(pooled, job_secret, holder)])
+            return handed and not lost
+
+        handed = in_parallel(usable, chosen)
         taken = []
-        for pooled in chosen:
-            if self._lost(pooled.ready) or not self._hand_over(pooled, job_secret, holder):
+        for pooled, ok in zip(chosen, handed):
+            if not ok:
                 self._delete(pooled, "it was lost while warm")
                 continue
             for client in pooled.clients:
@@ -171,10 +178,7 @@ class WarmPool:
 
         def hand_over(client: channel.AgentClient) -> None:
             try:
-                if client.describe(retries=1).preempted:
-                    failed.append(f"{client.address} reports preempted")
-                    return
-                client.hand_over(job_secret, holder)
+                client.hand_over(job_secret, holder)  # refused by a host that reports preempted
             except channel.ChannelError as error:
                 failed.append(str(error))
 

@@ -27,7 +27,7 @@ from fray_tpu.planning import JobPlan
 from fray_tpu.provisioner import CancelledError, ReadySlice, SliceProvisioner, SliceSpec, node_resource_name
 from fray_tpu.supervisor.attempt import in_parallel
 from fray_tpu.supervisor.capacity import CapacityWait, GiveUp
-from fray_tpu.supervisor.credentials import JobCredentials
+from fray_tpu.supervisor.credentials import BackgroundWrites, JobCredentials
 from fray_tpu.supervisor.job import JobStopped
 from fray_tpu.supervisor.phases import JobPhase
 from fray_tpu.supervisor.pool import WarmPool
@@ -52,7 +52,7 @@ class SliceKeeper:
     """The job's slices by slice id (None: not held)."""
 
     def __init__(self, job_id: str, plan: JobPlan, context: ControllerContext, journal: Journal,
-                 credentials: JobCredentials, *, stop: threading.Event, progress: Callable[[str], None],
+                 credentials: JobCredentials, writes: BackgroundWrites, *, stop: threading.Event, progress: Callable[[str], None],
                  set_phase: Callable[[JobPhase], None], count_capacity_wait: Callable[[], None]):
         self.job_id = job_id
         self.plan = plan
@@ -60,6 +60,7 @@ class SliceKeeper:
         self.config = context.config
         self.journal = journal
         self.credentials = credentials
+        self._writes = writes
         self.slices: list[ReadySlice | None] = [None] * plan.replicas
         # Each host's pinned certificate (address -> PEM) of the slices taken warm: they keep the
         # identities they booted with, so no boot is watched for them.
@@ -136,7 +137,8 @@ class SliceKeeper:
                 warm.ready, spec=dataclasses.replace(self.spec(slice_id, attempt), name=name))
             self.certs[slice_id] = warm.certificates()
             self.warm_clients[slice_id] = warm.clients
-            self.credentials.store_slice_certs(self.journal, self.job_id, name, self.certs[slice_id])
+            self._writes.submit(self.credentials.store_slice_certs, self.journal, self.job_id, name,
+                                self.certs[slice_id])
             now = time.time()
             self.journal.update_resource(name, warm.ready.zone, job_id=self.job_id, attempt=attempt, slice_id=slice_id,
                                          state=ResourceState.READY, created=now, ready_at=now)

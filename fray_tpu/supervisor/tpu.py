@@ -20,7 +20,7 @@ from fray_tpu.supervisor.records import JobRecord
 from fray_tpu.state.journal import Journal, JobRow, ResourceRow
 from fray_tpu.multislice import gang_environments
 from fray_tpu.planning import JobPlan
-from fray_tpu.supervisor.credentials import JobCredentials
+from fray_tpu.supervisor.credentials import BackgroundWrites, JobCredentials
 from fray_tpu.supervisor.gang import Connected, Gang, TpuGangRun
 from fray_tpu.supervisor.job import JobStopped, JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
@@ -48,12 +48,11 @@ class ResumeState:
     extra: dict
 
     @classmethod
-    def from_journal(cls, row: JobRow, journal: Journal) -> ResumeState:
+    def from_journal(cls, row: JobRow, journal: Journal, credentials: JobCredentials) -> ResumeState:
         takeover = sort_journaled(journal.resources(job_id=row.job_id))
         slices = {slice_id: (r.name, r.attempt, r.zone, list(r.endpoints)) for slice_id, r in takeover.adopt.items()}
         return cls(attempt=row.attempt, attempt_id=row.attempt_id, slices=slices, leftovers=takeover.delete,
-                   counters=dict(row.counters),
-                   extra=dict(row.extra), credentials=JobCredentials.load(journal, row.job_id))
+                   counters=dict(row.counters), extra=dict(row.extra), credentials=credentials)
 
 
 @dataclass
@@ -76,7 +75,8 @@ class TpuJobSupervisor(JobSupervisor):
         self.resume = resume
         self.credentials = resume.credentials if resume is not None else JobCredentials.make()
         self.account = JobAccount(generation=plan.shape.generation, capacity=plan.capacity)
-        self.slices = SliceKeeper(record.job_id, plan, context, self.journal, self.credentials,
+        self.writes = BackgroundWrites()  # the job's secret files, waited for before an attempt starts
+        self.slices = SliceKeeper(record.job_id, plan, context, self.journal, self.credentials, self.writes,
                                   stop=self.stop_requested, progress=self.progress, set_phase=record.set_phase,
                                   count_capacity_wait=self._count_capacity_wait)
         self.gang = Gang(self.config, self.credentials, self.progress)
@@ -90,7 +90,7 @@ class TpuJobSupervisor(JobSupervisor):
         if self.resume is None:
             # A stale lock fails the job here, before any slice; a reattached job passed this at launch.
             check_workspace_lock(self.plan.workspace)
-            self.credentials.store(self.journal, self.record.job_id)
+            self.writes.submit(self.credentials.store, self.journal, self.record.job_id)
         else:
             self.slices.delete_leftovers(self.resume.leftovers)
             self.slices.restore(self.resume.slices)
@@ -152,6 +152,7 @@ class TpuJobSupervisor(JobSupervisor):
         self.account.attempts.append(entry)
         self._save_account()
         try:
+            self.writes.wait()  # what a restarted controller needs to reattach, before anything runs
             run.start()
         except BaseException:
             run.close()
@@ -302,4 +303,7 @@ class TpuJobSupervisor(JobSupervisor):
         if self.slices.handed_over:
             self.account.handed_over.extend(self.slices.handed_over)
             self._save_account()
-        self.journal.delete_secrets(self.record.job_id)
+        try:
+            self.writes.wait()
+        finally:
+            self.journal.delete_secrets(self.record.job_id)

@@ -27,6 +27,7 @@ from fray_tpu.worker.attempt import Attempt, LaunchPlan
 from fray_tpu.worker.auth import SecretInterceptor
 from fray_tpu.worker.lease import Lease
 from fray_tpu.worker.settings import AgentSettings
+from fray_tpu.worker.spare import SpareRunners
 
 LOG = logging.getLogger("fray_tpu.worker")
 # Bounds what even an unauthenticated peer can make the agent buffer (gRPC reads a message
@@ -37,6 +38,8 @@ SERVER_THREADS = 32
 KEEP_FINISHED_ATTEMPTS = 4
 LEASE_CANCEL_GRACE_SECONDS = 10.0
 SELF_DELETE_BACKUP_DELAY_SECONDS = 30.0
+PREEMPTED_REFUSAL = "this VM is being preempted"
+SPARE_AFTER_START_SECONDS = 2.0
 SECRET_FILE = "secret.sha256"  # the secret handed over last (a warm slice), kept across agent restarts
 _ATTEMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -95,6 +98,10 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         self._pyenvs = None
         self.uv = uvfetch.for_process()
         self.lease = Lease(settings.lease_seconds, self._lease_expired)
+        self.spares = SpareRunners(self._cleaner, settings.state_dir / "spare", allowed=self._spare_allowed)
+        # The interpreter and starting environment of the last attempt that ran a callable: what
+        # the spare runner is kept ready for.
+        self._runner_env: tuple[str, dict[str, str]] | None = None
         self.auth = SecretInterceptor(settings.secret_sha256, persist_path=settings.state_dir / SECRET_FILE)
         self._identity = worker_pb2.WorkerIdentity(
             worker_number=settings.worker_number, node_name=settings.node_name,
@@ -127,6 +134,9 @@ class Agent(worker_pb2_grpc.WorkerServicer):
                 bundle_upload_skips=self._counters["upload_skips"],
                 envs_created=self._counters["envs_created"],
                 envs_reused=self._counters["envs_reused"],
+                spare_runners_started=self.spares.counts.started,
+                spare_runners_used=self.spares.counts.used,
+                spare_runners_discarded=self.spares.counts.discarded,
             ),
             lease_remaining_seconds=self.lease.remaining(),
             uptime_seconds=time.monotonic() - self._started_at,
@@ -191,32 +201,45 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         for note in notes:
             LOG.info("attempt %s: %s", spec.attempt_id, note)
         workspace = self._workspace(spec)
-        env = self._python_env(spec, workspace)
-        python = env.python
+        python_env = self._python_env(spec, workspace)
+        python, env_vars = python_env.python, dict(python_env.env_vars)
         attempt_dir = self._attempts_dir / spec.attempt_id
         shutil.rmtree(attempt_dir, ignore_errors=True)
         attempt_dir.mkdir(parents=True)
         callable_payload = spec.WhichOneof("payload") == "callable"
+        env = self._attempt_env(spec, env_vars, workspace)
+        spare = None
         if callable_payload:
             payload = attempt_dir / "payload.pkl"
             payload.write_bytes(spec.callable.pickled)
-            argv = [python, "-m", "fray_tpu.worker.runner", str(payload)]
+            argv = [python, "-m", contract.RUNNER_MODULE, str(payload)]
+            spare = self.spares.take(python, env)
+            self._runner_env = (python, self._runner_base_env(env_vars))
         else:
             argv = [spec.binary.command, *spec.binary.args]
         slot.attempt = Attempt(
             spec.attempt_id,
-            LaunchPlan(argv=argv, env=self._attempt_env(spec, dict(env.env_vars), workspace), cwd=workspace or attempt_dir,
-                       hold=callable_payload),
+            LaunchPlan(argv=argv, env=env, cwd=workspace or attempt_dir, hold=callable_payload, spare=spare),
             host=self._cleaner,
             is_preempted=self._preempted.is_set,
         )
         slot.attempt.prespawn()
         return worker_pb2.PrepareResponse(
             attempt_id=spec.attempt_id, prepare_seconds=time.monotonic() - began,
-            env_reused=env.reused, python=python, cleanup_notes=notes, env_digest=env.digest,
-            env_build_seconds=env.seconds if env.source == contract.ENV_SOURCE_BUILT else 0.0,
-            env_source=env.source, env_seconds=env.seconds, env_note=env.note,
+            env_reused=python_env.reused, python=python, cleanup_notes=notes, env_digest=python_env.digest,
+            env_build_seconds=python_env.seconds if python_env.source == contract.ENV_SOURCE_BUILT else 0.0,
+            env_source=python_env.source, env_seconds=python_env.seconds, env_note=python_env.note,
+            spare_runner_used=spare is not None,
         )
+
+    def _spare_allowed(self) -> bool:
+        """No runner waits for a job after the controller's lease lapsed, nor on a host about to go."""
+        return not self.lease.expired and not self._preempted.is_set()
+
+    def _keep_spare_ready(self, *, when=lambda: None) -> None:
+        """A spare runner for the next attempt, in the environment the last one used."""
+        if self._runner_env is not None:
+            self.spares.keep_ready(*self._runner_env, when=when)
 
     def _workspace(self, spec: worker_pb2.AttemptSpec) -> Path | None:
         if not spec.workspace_digest:
@@ -257,11 +280,18 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         self._counters["envs_reused" if env.reused else "envs_created"] += 1
         return env
 
-    def _attempt_env(self, spec: worker_pb2.AttemptSpec, env_vars: dict[str, str],
-                     workspace: Path | None) -> dict[str, str]:
+    @staticmethod
+    def _runner_base_env(env_vars: dict[str, str]) -> dict[str, str]:
+        """What every attempt's environment starts from: the agent's, the job environment's
+        activation variables; nothing of any job."""
         env = dict(os.environ)
         env.update(env_vars)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _attempt_env(self, spec: worker_pb2.AttemptSpec, env_vars: dict[str, str],
+                     workspace: Path | None) -> dict[str, str]:
+        env = self._runner_base_env(env_vars)
         env.update(spec.env)
         env.update({
             contract.ATTEMPT_ID_ENV: spec.attempt_id,
@@ -297,7 +327,10 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         if self.lease.expired:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "the controller's lease expired; renew it before starting an attempt")
-        attempt.start()
+        if attempt.start():
+            # For the job's next attempt (a retry): once this one is past its start, or has ended
+            # (its retry's Prepare then finds the interpreter starting, or up).
+            self._keep_spare_ready(when=lambda: attempt.wait(SPARE_AFTER_START_SECONDS))
         yield from attempt.events.follow(1, context.is_active)
 
     def Watch(self, request, context):
@@ -336,6 +369,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
                 current.attempt.cancel(LEASE_CANCEL_GRACE_SECONDS, reason="lease expired: the controller stopped renewing")
             except cleanup.HostNotClean:
                 LOG.exception("could not stop attempt %s after the lease lapsed", current.attempt_id)
+        self.spares.discard("the controller's lease lapsed")
         if not self.settings.self_delete:
             return
         if self.settings.worker_number != 0:
@@ -361,6 +395,9 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             if busy is not None and busy.state in (worker_pb2.PREPARING, worker_pb2.RUNNING):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"attempt {busy.attempt_id} is still active on this host; cancel it before a hand-over")
+            if self._preempted.is_set():
+                # A host about to go away is handed to no one (the pool deletes its slice).
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, PREEMPTED_REFUSAL)
             try:
                 notes = self._cleaner.clean()
             except cleanup.HostNotClean as error:
@@ -374,6 +411,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             except ValueError as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             self._identity.job = request.holder
+        self._keep_spare_ready()
         LOG.info("handed over to %s (%d cleanup notes)", request.holder, len(notes))
         return worker_pb2.HandOverResponse(cleanup_notes=notes)
 
@@ -422,6 +460,11 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         current = self._current
         if current is not None and current.attempt is not None:
             current.attempt.notify_preempted()
+
+    def stop(self, grace_seconds: float, reason: str) -> None:
+        """The agent stops: the current attempt, then the spare runner."""
+        self.stop_current(grace_seconds, reason)
+        self.spares.close(reason)
 
     def stop_current(self, grace_seconds: float, reason: str) -> None:
         current = self._current

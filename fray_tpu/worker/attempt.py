@@ -7,6 +7,7 @@ lines become one `LogBatch` event, so throughput does not depend on lines being 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import selectors
 import signal
@@ -24,6 +25,7 @@ from fray_tpu.proto import worker_pb2
 from fray_tpu.worker import cleanup
 from fray_tpu.worker.classify import classify_exit, find_bad_host_line
 from fray_tpu.worker.events import EventLog
+from fray_tpu.worker.spare import SpareRunner
 
 READ_SIZE = 1 << 20
 PIPE_SIZE = 1 << 20
@@ -49,6 +51,9 @@ class LaunchPlan:
     # Start the runner at prepare time, loaded and waiting on stdin for the go byte, so that
     # starting the gang costs a write instead of a Python start-up (the runner honours HOLD_ENV).
     hold: bool = False
+    # A held plan's runner already started (`spare.py`): it gets `env`, `cwd` and the payload
+    # file (argv's last item) on its stdin instead of being spawned.
+    spare: SpareRunner | None = None
 
 
 def shortened_tail(data: bytes, limit: int) -> bytes:
@@ -132,15 +137,16 @@ class Attempt:
             if self._plan.hold and self._state == worker_pb2.PREPARED and self._process is None:
                 self._spawn()
 
-    def start(self) -> None:
-        """Runs the attempt once (spawning it, or releasing a held one); later calls do nothing."""
+    def start(self) -> bool:
+        """Runs the attempt once (spawning it, or releasing a held one); later calls do nothing.
+        Returns whether this call started it."""
         with self._lock:
             if self._state != worker_pb2.PREPARED:
-                return
+                return False
             if self._process is None:
                 self._spawn()
                 if self._state == worker_pb2.EXITED:
-                    return
+                    return False
             if self._plan.hold:
                 try:
                     self._process.stdin.write(GO_BYTE)
@@ -150,8 +156,12 @@ class Attempt:
             self._state = worker_pb2.RUNNING
             self.events.append(worker_pb2.AttemptEvent(
                 started=worker_pb2.Started(pid=self._process.pid, timestamp=time.time())))
+            return True
 
     def _spawn(self) -> None:
+        if self._plan.spare is not None and self._hand_to_spare(self._plan.spare):
+            self._follow_process()
+            return
         self._host.record(self._token)
         env = dict(self._plan.env)
         env[cleanup.TOKEN_ENV] = self._token
@@ -175,6 +185,30 @@ class Attempt:
                                  f"{type(error).__name__}: {error}").encode()
             self._finish(returncode=127, started=False)
             return
+        self._follow_process()
+
+    def _hand_to_spare(self, spare: SpareRunner) -> bool:
+        """Make the claimed spare runner this attempt's process; False (the spare killed) when
+        it died meanwhile, and a process is spawned instead."""
+        self._token = spare.token
+        env = {**self._plan.env, cleanup.TOKEN_ENV: spare.token, HOLD_ENV: "1"}
+        header = json.dumps({"env": env, "cwd": str(self._plan.cwd), "payload": self._plan.argv[-1]})
+        try:
+            spare.process.stdin.write(header.encode() + b"\n")
+            spare.process.stdin.flush()
+        except OSError:
+            spare.process.kill()
+            spare.process.wait()
+            for pipe in (spare.process.stdin, spare.process.stdout, spare.process.stderr):
+                pipe.close()
+            self._host.exited(spare.process.pid)
+            self._host.forget(spare.token)
+            self._token = uuid.uuid4().hex
+            return False
+        self._process = spare.process
+        return True
+
+    def _follow_process(self) -> None:
         self._host.started(self._process.pid)
         for pipe in (self._process.stdout, self._process.stderr):
             try:
@@ -232,9 +266,12 @@ class Attempt:
         returncode = process.wait()
         self._host.exited(process.pid)
         # Whatever the main process left behind would hold the TPU: the attempt ends with it, and
-        # its exit is reported only once they are gone.
-        self._signal_everything(signal.SIGKILL)
-        if cleanup.wait_until(lambda: not self._members(), time.monotonic() + KILL_WAIT_SECONDS, 0.01):
+        # its exit is reported only once they are gone (mostly nothing is left: one look).
+        gone = not self._members()
+        if not gone:
+            self._signal_everything(signal.SIGKILL)
+            gone = cleanup.wait_until(lambda: not self._members(), time.monotonic() + KILL_WAIT_SECONDS, 0.01)
+        if gone:
             self._host.forget(self._token)
         reader.join(DRAIN_SECONDS)
         if reader.is_alive():

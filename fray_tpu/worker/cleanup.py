@@ -8,7 +8,9 @@ An attempt's processes are tracked three ways, so that none can leave:
   is inherited by every descendant and cannot be left without privileges;
 - the agent as child subreaper (`python -m fray_tpu.worker` sets it): a daemon that double-forks
   and calls `setsid` is re-parented to the agent, not to init, so every live descendant of the
-  agent is a process of an attempt (the agent runs nothing else once an attempt is prepared).
+  agent is a process of an attempt (the agent runs nothing else once an attempt is prepared),
+  except the spare runner (`spare.py`): an interpreter started for the next attempt, which runs
+  nothing of any job until an attempt claims it, and which cleaning therefore leaves alone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import glob
 import hashlib
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -57,16 +60,19 @@ class ProcessInfo:
 
 
 def processes() -> Iterator[ProcessInfo]:
-    for entry in _PROC.iterdir():
-        if not entry.name.isdigit():
+    # Plain os calls and bytes: this runs on every attempt's exit and clean (a few hundred
+    # processes on a VM), where pathlib and text decoding cost more than the reads.
+    for name in os.listdir(_PROC):
+        if not name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            with open(f"{_PROC}/{name}/stat", "rb") as f:
+                stat = f.read()
         except OSError:
             continue
         # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        yield ProcessInfo(pid=int(entry.name), ppid=int(fields[1]), pgid=int(fields[2]), state=fields[0])
+        fields = stat[stat.rfind(b")") + 2 :].split(None, 3)
+        yield ProcessInfo(pid=int(name), ppid=int(fields[1]), pgid=int(fields[2]), state=fields[0].decode())
 
 
 def live_group_members(pgid: int) -> list[int]:
@@ -74,10 +80,11 @@ def live_group_members(pgid: int) -> list[int]:
     return [p.pid for p in processes() if p.pgid == pgid and p.live]
 
 
-def live_descendants(pid: int) -> list[int]:
-    """Live processes below `pid` in the process tree (not `pid` itself)."""
+def live_descendants(pid: int, table: list[ProcessInfo] | None = None) -> list[int]:
+    """Live processes below `pid` in the process tree (not `pid` itself), from `table` (a
+    reading of the process table) or a new reading."""
     children: dict[int, list[ProcessInfo]] = {}
-    for info in processes():
+    for info in processes() if table is None else table:
         children.setdefault(info.ppid, []).append(info)
     found, frontier = [], [pid]
     while frontier:
@@ -102,11 +109,12 @@ def is_child_subreaper() -> bool:
     return _libc().prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) == 0 and value.value == 1
 
 
-def reap_orphans(keep: set[int]) -> None:
+def reap_orphans(keep: set[int], table: list[ProcessInfo] | None = None) -> None:
     """Collects the exit status of dead orphans adopted by this subreaper, except `keep` (children
-    whose status their own `Popen.wait` collects: taking it would make theirs look like 0)."""
+    whose status their own `Popen.wait` collects: taking it would make theirs look like 0), from
+    `table` (a reading of the process table) or a new reading."""
     me = os.getpid()
-    for info in processes():
+    for info in processes() if table is None else table:
         if info.ppid == me and not info.live and info.pid not in keep:
             try:
                 os.waitpid(info.pid, os.WNOHANG)
@@ -272,6 +280,9 @@ class ProcessTracker:
     def record(self, token: str) -> None:
         pass
 
+    def claim_spare(self, token: str) -> None:
+        pass
+
     def forget(self, token: str) -> None:
         pass
 
@@ -305,20 +316,69 @@ class HostCleaner(ProcessTracker):
         self._deadline_seconds = deadline_seconds
         self.cgroups = AttemptCgroups.create(state_dir)
         self._subreaper = is_child_subreaper()
+        # Tokens an earlier agent on this host recorded: processes that agent started are not
+        # this one's descendants, so only the token (and the cgroup) finds them.
+        self._earlier_tokens = self.recorded_tokens()
         self._lock = threading.Lock()
+        # Held while cleaning and while a spare runner starts, so a clean never meets a spare
+        # half started (its token recorded, its pid not yet known).
+        self._clean_lock = threading.Lock()
+        # Held while a spare runner is forked and registered, and while the agent's descendants
+        # are listed: a spare between fork and registration is never taken for an attempt's.
+        self._spawn_lock = threading.Lock()
+        # Spare runners not claimed by an attempt: token -> pid. Cleaning spares them.
+        self._spares: dict[str, int] = {}
+        # Whether an attempt may have run since the last clean (a hand-over followed by a Prepare
+        # cleans once, not twice). True at start: an earlier agent may have left anything.
+        self._dirty = True
         # The attempt whose processes are the agent's only descendants (None while one is prepared).
         self._owner: str | None = None
         # Main processes whose exit status their Popen collects.
         self._mains: set[int] = set()
 
     def record(self, token: str) -> None:
-        """Remembers an attempt's token before its process exists, so a crash cannot lose it."""
-        with self._record.open("a") as f:
-            f.write(token + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Remembers an attempt's token before its process exists, so an agent crash cannot lose it."""
+        self._append_record(token)
         with self._lock:
             self._owner = token
+            self._dirty = True
+
+    def _append_record(self, token: str) -> None:
+        # Written, not synced: what a crashed agent wrote is in the page cache for the next one;
+        # only an OS crash loses it, and that ends every process it could name.
+        with self._record.open("a") as f:
+            f.write(token + "\n")
+
+    def start_spare(self, token: str, argv: list[str], **popen: object) -> subprocess.Popen:
+        """Start a spare runner under ``token`` (recorded first, like an attempt's, so that an
+        agent restarted after a crash kills it); cleaning leaves it alone until it is claimed
+        (``claim_spare``) or gone (``spare_gone``)."""
+        with self._clean_lock:
+            self._append_record(token)
+            with self._spawn_lock:
+                process = subprocess.Popen(self.tracked_argv(token, argv), **popen)
+                with self._lock:
+                    self._spares[token] = process.pid
+                    self._mains.add(process.pid)
+        return process
+
+    def claim_spare(self, token: str) -> None:
+        """The spare runner of ``token`` becomes an attempt's main process (recorded already)."""
+        with self._lock:
+            self._spares.pop(token, None)
+            self._owner = token
+            self._dirty = True
+
+    def spare_gone(self, token: str) -> None:
+        """An unclaimed spare runner was killed and reaped: forget it."""
+        with self._lock:
+            pid = self._spares.pop(token, None)
+            self._mains.discard(pid)
+        self.forget(token)
+
+    def _spared(self) -> tuple[set[str], set[int]]:
+        with self._lock:
+            return set(self._spares), set(self._spares.values())
 
     def tracked_argv(self, token: str, argv: list[str]) -> list[str]:
         """`argv` run so that its process joins the attempt's cgroup before it execs (so nothing
@@ -344,11 +404,14 @@ class HostCleaner(ProcessTracker):
     def members(self, token: str, main_pid: int) -> list[int]:
         """Live processes of the attempt: its group, its token, its cgroup, and while it owns the
         agent's descendants (a subreaper's orphans included), all of them."""
-        found = set(super().members(token, main_pid))
+        if self._owns_descendants(token):
+            # Every process of the attempt (its group, whatever kept its token) descends from this
+            # subreaper agent, orphans re-parented to it: one look at the process table is enough.
+            found = set(self._agent_descendants())
+        else:
+            found = set(super().members(token, main_pid))
         if self.cgroups is not None:
             found.update(self.cgroups.members(token))
-        if self._owns_descendants(token):
-            found.update(self._agent_descendants())
         found.discard(os.getpid())
         return sorted(found)
 
@@ -363,10 +426,13 @@ class HostCleaner(ProcessTracker):
 
     def _agent_descendants(self) -> list[int]:
         """Every live descendant of this (subreaper) agent, after reaping the orphans that died."""
-        with self._lock:
-            keep = set(self._mains)
-        reap_orphans(keep)
-        return live_descendants(os.getpid())
+        with self._spawn_lock:
+            with self._lock:
+                keep = set(self._mains)
+                spares = set(self._spares.values())
+            table = list(processes())
+            reap_orphans(keep, table)
+            return [pid for pid in live_descendants(os.getpid(), table) if pid not in spares]
 
     def forget(self, token: str) -> None:
         """An attempt ended with every process of it gone: the next clean need not look for it.
@@ -385,14 +451,20 @@ class HostCleaner(ProcessTracker):
     def leftovers(self, tokens: set[str]) -> list[int]:
         """Live processes of earlier attempts: by token, by cgroup, and every descendant of a
         subreaper agent (nothing else of the agent runs between attempts)."""
-        found = set(processes_with_tokens(tokens))
+        spare_tokens, spare_pids = self._spared()
+        searched = tokens - spare_tokens
+        if self._subreaper:
+            # What this agent started descends from it (orphans re-parented to it): reading every
+            # process's environment is needed only for what an earlier agent started.
+            searched &= self._earlier_tokens
+        found = set(processes_with_tokens(searched))
         if self.cgroups is not None:
-            for token in self.cgroups.tokens():
+            for token in self.cgroups.tokens() - spare_tokens:
                 found.update(self.cgroups.members(token))
         if self._subreaper:
             found.update(self._agent_descendants())
         found.discard(os.getpid())
-        return sorted(found)
+        return sorted(found - spare_pids)
 
     def kill_recorded(self, tokens: set[str], deadline: float) -> list[int]:
         """Kills every live process of an earlier attempt; returns the pids it found."""
@@ -400,7 +472,7 @@ class HostCleaner(ProcessTracker):
         if not leftovers:
             return []
         if self.cgroups is not None:
-            for token in self.cgroups.tokens():
+            for token in self.cgroups.tokens() - self._spared()[0]:
                 self.cgroups.kill(token)
         kill_pids(leftovers)
         if not wait_until(lambda: not self.leftovers(tokens), deadline):
@@ -409,22 +481,32 @@ class HostCleaner(ProcessTracker):
 
     def clean(self) -> list[str]:
         """Makes the host ready for a new attempt; returns notes on what it found."""
+        with self._clean_lock:
+            return self._clean()
+
+    def _clean(self) -> list[str]:
         with self._lock:
             self._owner = None
+            if not self._dirty:
+                return []  # cleaned already, and no attempt has run since
         notes: list[str] = []
         deadline = time.monotonic() + self._deadline_seconds
         killed = self.kill_recorded(self.recorded_tokens(), deadline)
         if killed:
             notes.append(f"killed {len(killed)} leftover process(es) of earlier attempts: {killed}")
-        self._record.write_text("")
+        spare_tokens = self._spared()[0]
+        self._record.write_text("".join(t + "\n" for t in sorted(spare_tokens)))
         if self.cgroups is not None:
-            for token in self.cgroups.tokens():
+            for token in self.cgroups.tokens() - spare_tokens:
                 self.cgroups.remove(token)
         if self._lockfile.exists():
             self._lockfile.unlink()
             notes.append(f"removed stale {self._lockfile}")
         if self._check_devices:
             notes.extend(self._free_devices(deadline))
+        with self._lock:
+            self._dirty = self._owner is not None
+            self._earlier_tokens = set()
         return notes
 
     def _free_devices(self, deadline: float) -> list[str]:

@@ -73,6 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     while not stopping.wait(3600):
         pass
     LOG.info("stopping: cancelling the current attempt")
-    agent.stop_current(SHUTDOWN_GRACE_SECONDS, reason="the agent is shutting down")
+    agent.stop(SHUTDOWN_GRACE_SECONDS, reason="the agent is shutting down")
     server.stop(grace=2).wait(5)
     return 0

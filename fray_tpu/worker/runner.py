@@ -1,5 +1,12 @@
 """The process an attempt runs as: `python -m fray_tpu.worker.runner PAYLOAD_FILE`.
 
+`python -m fray_tpu.worker.runner --spare` starts one before its attempt exists (the agent keeps
+one per host, so that a job's start costs no interpreter start): it imports nothing of any job
+(no JAX: JAX reads its variables when imported) and waits on stdin for one JSON line naming the
+attempt's environment, working directory and payload file; it takes them as its own (the whole
+`os.environ` replaced, `sys.path` as a runner started there with the attempt's PYTHONPATH
+would have it) and goes on as below.
+
 Imports every module named in `FRAY_TPU_RUNNER_PRELOAD` (comma-separated; the emulator's JAX
 cluster plugin, for instance), then unpickles `(callable, args, kwargs)` from the payload file
 and calls it. Exit status 0 on success; on an exception the traceback goes to stderr and the
@@ -11,11 +18,14 @@ directory (the workspace bundle, when there is one) first on sys.path.
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import site
 import sys
 import traceback
 
-from fray_tpu.contract import CONTROLLER_PYTHON_ENV
+from fray_tpu.contract import BACKEND_ENV, CLUSTER_SPEC_ENV, CONTROLLER_PYTHON_ENV, is_tpu_spec
+from fray_tpu.contract import RUNNER_SPARE_ARG as SPARE_ARG
 from fray_tpu.contract import RUNNER_GO_BYTE as GO_BYTE
 from fray_tpu.contract import RUNNER_HOLD_ENV as HOLD_ENV
 from fray_tpu.contract import RUNNER_PRELOAD_ENV as PRELOAD_ENV
@@ -25,11 +35,58 @@ from fray_tpu.contract import RUNNER_TASK_MAIN_ENV as TASK_MAIN_ENV
 SHORT_MESSAGE_CHARS = 1500
 SHORT_MESSAGE_LINES = 20
 SHORT_TRACEBACK_FRAMES = 8
+# The interpreter-startup hook (`fray_tpu_backend.pth`) that a spare runner, started before the
+# attempt's FRAY_BACKEND / FRAY_CLUSTER_SPEC existed, runs once it has them.
+BACKEND_HOOK_PTH = "fray_tpu_backend.pth"
 
 
 def preload() -> None:
     for name in filter(None, (part.strip() for part in os.environ.get(PRELOAD_ENV, "").split(","))):
         importlib.import_module(name)
+
+
+def receive_attempt() -> str | None:
+    """A spare runner: block until the agent hands it an attempt, then become that attempt's
+    process; returns the payload file (None: the agent discarded the spare)."""
+    header = sys.stdin.buffer.readline()
+    if not header.strip():
+        return None
+    attempt = json.loads(header)
+    env, cwd = attempt["env"], attempt["cwd"]
+    os.chdir(cwd)
+    sys.path[:] = import_path(sys.path, os.environ.get("PYTHONPATH", ""), cwd, env.get("PYTHONPATH", ""))
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv[1:] = [attempt["payload"]]
+    backend_hook()
+    return attempt["payload"]
+
+
+def import_path(path: list[str], started_with: str, cwd: str, wanted: str) -> list[str]:
+    """The ``sys.path`` a runner started in ``cwd`` with PYTHONPATH ``wanted`` would have, from
+    the ``path`` of one started with PYTHONPATH ``started_with``: the same interpreter and site,
+    so only the first entry (the directory, as ``-m`` puts it) and the PYTHONPATH entries after it
+    differ (no directory first under PYTHONSAFEPATH). Absolute and without duplicates, as
+    ``site`` leaves it."""
+    def entries(value: str) -> list[str]:
+        return [os.path.abspath(entry) for entry in value.split(os.pathsep) if entry]
+
+    safe = getattr(sys.flags, "safe_path", False)
+    started = set(entries(started_with))
+    rest = path if safe else path[1:]
+    while rest and rest[0] in started:
+        rest = rest[1:]
+    return list(dict.fromkeys([*([] if safe else [os.path.abspath(cwd)]), *entries(wanted), *rest]))
+
+
+def backend_hook() -> None:
+    """What `fray_tpu_backend.pth` does at interpreter start, where that file is installed."""
+    wanted = is_tpu_spec(os.environ.get(BACKEND_ENV, "")) or is_tpu_spec(os.environ.get(CLUSTER_SPEC_ENV, ""))
+    if not wanted or "fray_tpu.backend_hook" in sys.modules:
+        return
+    site_dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    if any(os.path.exists(os.path.join(d, BACKEND_HOOK_PTH)) for d in site_dirs):
+        importlib.import_module("fray_tpu.backend_hook").install()
 
 
 def wait_for_go() -> bool:
@@ -112,11 +169,18 @@ def run_callable(payload_file: str) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m fray_tpu.worker.runner PAYLOAD_FILE", file=sys.stderr)
+        print(f"usage: python -m fray_tpu.worker.runner PAYLOAD_FILE | {SPARE_ARG}", file=sys.stderr)
         return 2
+    payload = argv[0]
+    if payload == SPARE_ARG:
+        import cloudpickle  # noqa: F401 - loaded ahead, as every attempt needs it
+
+        payload = receive_attempt()
+        if payload is None:
+            return 0
     try:
         preload()
-        return run_callable(argv[0])
+        return run_callable(payload)
     except SystemExit:
         raise
     except BaseException as error:

@@ -24,6 +24,7 @@ import json
 import logging
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -393,6 +394,37 @@ def test_driver_sigkilled_during_creation_leaves_nothing_behind(fake_gcp, tmp_pa
         restarted.wait_released(job_id, timeout=JOB_TIMEOUT)
         assert job_resources(control, job_id, "nodes") == job_resources(control, job_id, "queued_resources") == []
         assert restarted.job_counters(job_id).preemptions == 0
+    finally:
+        restarted.shutdown(timeout=JOB_TIMEOUT)
+
+
+def test_a_job_whose_controller_died_before_its_secret_was_written_fails_and_leaves_nothing(
+        fake_gcp, tmp_path, drivers):
+    """The job's secret is written beside its start (waited for before its first attempt): a
+    driver killed in between leaves a job without one, whose slice answers no secret anyone
+    holds. The controller that takes over starts (it does not trip over the job), fails the job
+    saying no attempt ran, and deletes its half-created slice."""
+    control = fake_gcp.control
+    control.hold_creating("fray-unsecret-")
+    driver = start_driver(drivers, tmp_path, fake_gcp.endpoint, jobs=["unsecret"], then="launched",
+                          lease_period=REATTACH_LEASE_SECONDS)
+    (job_id,) = driver.launched_jobs()
+    (half,) = wait_for(lambda: job_resources(control, job_id, "nodes"), "the slice to be in creation", JOB_TIMEOUT)
+    driver.process.send_signal(signal.SIGKILL)
+    driver.wait_exit(30)
+    secrets = list(driver.state_dir.rglob(f"secrets/{job_id}"))
+    assert secrets, "the driver wrote no secret to remove"
+    for directory in secrets:  # as if the kill had come before the write
+        shutil.rmtree(directory)
+    control.hold_creating(half["name"])  # no VM boots for it
+    control.release("fray-unsecret-")
+
+    restarted = controller(fake_gcp.endpoint, driver.state_dir)
+    try:
+        info = restarted.poll(job_id)
+        assert info.status == JobStatus.FAILED and "no attempt ran" in info.error_message
+        wait_for(lambda: half["name"] not in [r["name"] for r in control.leaks()["nodes"]],
+                 f"{half['name']} to be deleted by the controller that took over", JOB_TIMEOUT)
     finally:
         restarted.shutdown(timeout=JOB_TIMEOUT)
 

@@ -23,7 +23,7 @@ from fake_gcp.host_jobs import wait_for_file, write_json
 from fray_tpu import channel
 from fray_tpu.cluster import TpuCluster
 from fray_tpu.config import TpuClusterConfig
-from fray_tpu.contract import GUEST_AGENT_ADDRESS, GUEST_NAMESPACE, GUEST_TLS_CERT
+from fray_tpu.contract import GUEST_AGENT_ADDRESS, GUEST_NAMESPACE, GUEST_TLS_CERT, RUNNER_SPARE_ARG
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig
 from fray_tpu.naming import LABEL_CONTROLLER, LABEL_JOB, label_value
 from fray_tpu.supervisor.credentials import JobCredentials
@@ -103,6 +103,19 @@ def cli(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
+def spare_runners(root: Path) -> list[int]:
+    """Pids of the emulated hosts' pre-started runners (``runner --spare``, working under ``root``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and RUNNER_SPARE_ARG.encode() in (entry / "cmdline").read_bytes().split(b"\0")
+                    and Path(os.readlink(entry / "cwd")).is_relative_to(root) and process_alive(int(entry.name))):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def warm_names(cluster: TpuCluster) -> list[str]:
     return [w["name"] for w in cluster.warm_slices()]
 
@@ -131,7 +144,7 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
     daemons = wait_for(lambda: len(list(tmp_path.glob("daemon-*.json"))) == 4
                        and [json.loads(p.read_text()) for p in tmp_path.glob("daemon-*.json")],
                        "the first job's 4 daemons", JOB_TIMEOUT)
-    first_secret = JobCredentials.load(cluster.journal(), first).secret
+    first_secret = JobCredentials.stored(cluster.journal(), first).secret
     go.write_text("")
     assert run_to_end(cluster, first, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert len(warm_names(cluster)) == 1
@@ -148,7 +161,7 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
     (row,) = cluster.journal().resources(job_id=second)
     assert warm_node["name"].rsplit("/", 1)[-1] == row.name
 
-    second_credentials = JobCredentials.load(cluster.journal(), second)
+    second_credentials = JobCredentials.stored(cluster.journal(), second)
     pinned = second_credentials.load_slice_certs(cluster.journal(), second, row.name)
     assert pinned == published_certs(tpu_client, warm_node["name"])
     assert sorted(pinned) == sorted(row.endpoints)
@@ -166,6 +179,43 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
     assert run_to_end(cluster, second, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert cluster.job_cost(second).started_warm == 1
     assert cluster.job_cost(first).started_warm == 0
+
+
+def record_process(out_file: str) -> None:
+    """Write the job's variables as it sees them and the ones its process was started with."""
+    started_with = dict(item.split("=", 1) for item in
+                        Path("/proc/self/environ").read_bytes().decode().split("\0") if "=" in item)
+    write_json(Path(out_file), {"env": dict(os.environ), "started_with": started_with,
+                                "jax_loaded": "jax" in sys.modules})
+
+
+def test_a_job_on_a_warm_slice_runs_in_the_pre_started_runner_with_its_own_environment(clusters, workspace,
+                                                                                        tmp_path):
+    """The second job of the shape runs in the runner its warm host started ahead (started
+    before the job existed: none of its variables at exec), with the second job's variables and
+    none of the first's, JAX not imported; a job that needs other startup variables
+    (PYTHONHASHSEED) starts a runner of its own."""
+    cluster = clusters()
+
+    def run(name: str, env: dict[str, str]) -> dict:
+        out = tmp_path / f"{name}.json"
+        job = cluster.launch(JobRequest(name=name, entrypoint=Entrypoint.from_callable(record_process, args=[str(out)]),
+                                        resources=ResourceConfig.with_tpu("v5litepod-4"),
+                                        environment=EnvironmentConfig.create(workspace=workspace, env_vars=env)))
+        assert run_to_end(cluster, job, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+        seen = json.loads(out.read_text())
+        assert seen["env"]["FRAY_TPU_JOB_ID"] == job
+        return seen
+
+    first = run("first", {"FIRST_JOB_ONLY": "1"})
+    assert "FRAY_TPU_JOB_ID" in first["started_with"]  # a cold slice: the runner started with the job
+    second = run("second", {"SECOND_JOB_ONLY": "2"})
+    assert "FRAY_TPU_JOB_ID" not in second["started_with"]
+    assert second["env"]["SECOND_JOB_ONLY"] == "2" and "FIRST_JOB_ONLY" not in second["env"]
+    assert not second["jax_loaded"]
+    hashed = run("hashed", {"PYTHONHASHSEED": "5"})
+    assert hashed["started_with"]["PYTHONHASHSEED"] == "5"
+    assert "FRAY_TPU_JOB_ID" in hashed["started_with"]
 
 
 def test_a_job_of_another_shape_creates_its_own_slice(clusters, fake_gcp, workspace):
@@ -190,15 +240,18 @@ def test_a_job_of_another_shape_creates_its_own_slice(clusters, fake_gcp, worksp
 # -- leaving the pool ----------------------------------------------------------------------------
 
 def test_keep_warm_expiry_deletes_the_slice(clusters, fake_gcp, workspace):
-    """An idle warm slice is deleted (one delete call) once keep_warm has passed; its idle time
-    is the pool's waste, not the job's cost."""
+    """An idle warm slice is deleted (one delete call) once keep_warm has passed, and its host's
+    pre-started runner with it; its idle time is the pool's waste, not the job's cost."""
     cluster = clusters(keep_warm=2.0)
     launched = time.time()
     job = cluster.launch(request("brief", succeed, [], workspace))
     assert run_to_end(cluster, job, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     released = time.time()
     assert len(warm_names(cluster)) == 1
+    hosts_root = fake_gcp.process.root / "hosts"
+    wait_for(lambda: spare_runners(hosts_root), "the warm host's pre-started runner", 30)
     wait_for(lambda: not nodes(fake_gcp.control, **{LABEL_JOB: job}), "the warm slice to be deleted on expiry", 30)
+    wait_for(lambda: not spare_runners(hosts_root), "the deleted slice's pre-started runner to be gone", 30)
     assert warm_names(cluster) == []
     assert fake_gcp.control.counters()["DeleteNode"] == 1
     wait_for(lambda: cluster.pool_waste().slices_warm_now == 0, "the warm period to be closed", 30)

@@ -200,3 +200,31 @@ def test_an_agents_identity_is_made_once_private_and_kept_across_restarts(tmp_pa
     assert b"PRIVATE KEY" in first.key_pem and b"CERTIFICATE" in first.cert_pem
     assert stat.S_IMODE((tmp_path / "tls" / KEY_FILE).stat().st_mode) == 0o600
     assert host_tls(tmp_path) == first
+
+
+def test_a_spare_runner_serves_only_attempts_whose_startup_variables_match():
+    """The variables the interpreter reads while starting decide; PYTHONPATH and the job's own
+    variables (FRAY_*, MEGASCALE_*, JAX_*) do not, since the spare applies them itself."""
+    from fray_tpu.worker.spare import startup_view
+
+    spare_env = {"PATH": "/bin", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1", "PYTHONPATH": "/agent", "HOME": "/root"}
+    job_env = {**spare_env, "PYTHONPATH": "/workspace:/agent", "FRAY_TASK_INDEX": "3", "MEGASCALE_SLICE_ID": "1",
+               "JAX_PLATFORMS": "cpu", "PATH": "/env/bin:/bin"}
+    assert startup_view(job_env) == startup_view(spare_env)
+    for name, value in [("PYTHONHASHSEED", "0"), ("LD_PRELOAD", "/lib/x.so"), ("LC_ALL", "C"), ("LANG", "en_US.UTF-8"),
+                        ("MALLOC_ARENA_MAX", "2"), ("TZ", "UTC"), ("HOME", "/home/job"),
+                        ("SETUPTOOLS_USE_DISTUTILS", "stdlib"), ("COVERAGE_PROCESS_START", "/ws/.coveragerc")]:
+        assert startup_view({**job_env, name: value}) != startup_view(spare_env), name
+
+
+def test_a_spare_runner_takes_the_import_path_a_runner_started_for_the_attempt_would_have():
+    """The directory first, then the attempt's PYTHONPATH entries (absolute, in order), then the
+    interpreter's own path; the spare's own PYTHONPATH entries are dropped, duplicates kept once."""
+    from fray_tpu.worker.runner import import_path
+
+    spare_path = ["/state/spare", "/agent/site", "/agent/extra", "/usr/lib/python311.zip", "/usr/lib/python3.11",
+                  "/env/site-packages"]
+    assert import_path(spare_path, "/agent/site:/agent/extra", "/ws", "/ws:/job/lib::/env/site-packages") == [
+        "/ws", "/job/lib", "/env/site-packages", "/usr/lib/python311.zip", "/usr/lib/python3.11"]
+    assert import_path(spare_path[:1] + spare_path[3:], "", "/attempts/a1", "") == [
+        "/attempts/a1", "/usr/lib/python311.zip", "/usr/lib/python3.11", "/env/site-packages"]

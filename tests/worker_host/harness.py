@@ -23,6 +23,7 @@ import pytest
 
 from fray_tpu import tls
 from fray_tpu.channel import AgentClient
+from fray_tpu.contract import RUNNER_SPARE_ARG
 from fray_tpu.worker import metadata as md
 from fray_tpu.worker import identity
 
@@ -170,6 +171,20 @@ class AgentHost:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def waiting_spare_runners(self) -> list[int]:
+        """The agent's pre-started runners no attempt has claimed (they work in their own
+        directory; a claimed one works in its attempt's, and counts as the attempt's process)."""
+        spare_dir = self.state_dir / "spare"
+        found = []
+        for pid in processes_marked(self.marker):
+            try:
+                if (RUNNER_SPARE_ARG.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                        and Path(os.readlink(f"/proc/{pid}/cwd")) == spare_dir):
+                    found.append(pid)
+            except OSError:
+                continue
+        return found
 
 
 @dataclass
