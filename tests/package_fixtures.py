@@ -119,3 +119,17 @@ def job_package_index() -> Iterator[LoopbackIndex]:
     as an index on 127.0.0.1."""
     with LoopbackIndex(job_wheelhouse_dir()) as index:
         yield index
+
+
+@pytest.fixture(scope="module")
+def job_index_client(emulator_process, job_package_index):
+    """A Client API controller on the emulator whose jobs' hosts install their packages (e.g.
+    ``CLIENT_PACKAGES``: gRPC for actor links) from ``job_package_index``."""
+    from fray_tpu.client import TpuClient
+    from fray_tpu.config import TpuClusterConfig
+
+    client = TpuClient(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2,
+                                        lease_period=30.0, capacity_deadline=60.0, keep_warm=0,
+                                        index_url=job_package_index.url))
+    yield client
+    client.shutdown(wait=False)

@@ -134,17 +134,21 @@ class BucketObjects:
         request.add_header("Authorization", f"Bearer {self._token()}")
         return urllib.request.urlopen(request, timeout=STORAGE_TIMEOUT_SECONDS)
 
-    def stat(self, name: str) -> dict | None:
-        """The object's resource, or None when there is none."""
+    def _get(self, name: str, query: str, parse: Callable[[bytes], object]):
+        """GET the object (its resource, or with ``?alt=media`` its data) parsed; None when there is none."""
         def send():
-            with self._open(urllib.request.Request(self._object_url(name))) as response:
-                return json.loads(response.read())
+            with self._open(urllib.request.Request(self._object_url(name) + query)) as response:
+                return parse(response.read())
         try:
             return self._call(f"GET {name}", send)
         except urllib.error.HTTPError as error:
             if error.code == 404:
                 return None
             raise StorageError(f"Cloud Storage refused reading gs://{self.bucket}/{name}: HTTP {error.code}") from None
+
+    def stat(self, name: str) -> dict | None:
+        """The object's resource, or None when there is none."""
+        return self._get(name, "", json.loads)
 
     def download(self, name: str, generation: str, dest: Path) -> str:
         """Write that generation of the object to ``dest``; returns its SHA-256. None-such
@@ -211,16 +215,7 @@ class BucketObjects:
                                    f"HTTP {error.code}") from None
 
     def read_text(self, name: str) -> str | None:
-        def send():
-            with self._open(urllib.request.Request(f"{self._object_url(name)}?alt=media")) as response:
-                return response.read().decode(errors="replace")
-        try:
-            return self._call(f"GET {name}", send)
-        except urllib.error.HTTPError as error:
-            if error.code == 404:
-                return None
-            raise StorageError(f"Cloud Storage refused reading gs://{self.bucket}/{name}: HTTP {error.code}") from None
-
+        return self._get(name, "?alt=media", lambda data: data.decode(errors="replace"))
 
 def _host_specific(relative: str, excluded_files: tuple[str, ...]) -> bool:
     parts = relative.split("/")

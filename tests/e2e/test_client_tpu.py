@@ -14,7 +14,6 @@ from package_fixtures import CLIENT_PACKAGES
 
 from fray_tpu.client import TpuClient
 from fray_tpu.client_api import Entrypoint, JobRequest, JobStatus, ResourceConfig, create_environment
-from fray_tpu.config import TpuClusterConfig
 
 # Client API tasks call actors over gRPC: on faithful hosts, their environments install it.
 
@@ -22,12 +21,8 @@ TIMEOUT = 180.0
 
 
 @pytest.fixture(scope="module")
-def client(emulator_process, job_package_index):
-    c = TpuClient(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2,
-                                   lease_period=30.0, capacity_deadline=60.0, keep_warm=0,
-                                   index_url=job_package_index.url))
-    yield c
-    c.shutdown(wait=False)
+def client(job_index_client):
+    return job_index_client
 
 
 def tpu_job(name: str, fn, args, workspace: str, tpu_type: str = "v5litepod-16", slices: int = 1, **fields):

@@ -119,20 +119,26 @@ def _archive_name(line: str) -> str:
     return match.group(2)
 
 
+def _environment_lines_of_job(cluster, caplog, name: str, out_dir: Path, workspace, pip_packages: list[str]) -> list[str]:
+    """Run ``report_packages`` with ``pip_packages`` to success; its environment progress lines."""
+    out_dir.mkdir()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fray_tpu"):
+        info = finish(cluster, cluster.launch(_request(name, report_packages, [str(out_dir)], Path(workspace),
+                                                       pip_packages=pip_packages)))
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    return _environment_lines(caplog)
+
+
 def test_an_environment_one_job_built_is_downloaded_by_a_later_job_on_fresh_vms(
         env_cluster, fake_gcp, package_index, workspace, tmp_path, caplog):
     """The first job's worker 0 builds the environment and uploads it; the second job, on new
     VMs (no warm pool: keep_warm=0), downloads it on every host, builds nothing and asks the
     index nothing."""
     def run(name: str, out_dir: Path) -> list[str]:
-        out_dir.mkdir()
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="fray_tpu"):
-            info = finish(env_cluster, env_cluster.launch(_request(name, report_packages, [str(out_dir)],
-                                                                   Path(workspace), pip_packages=["six", "iniconfig"])))
-        assert info.status == JobStatus.SUCCEEDED, info.error_message
+        lines = _environment_lines_of_job(env_cluster, caplog, name, out_dir, workspace, ["six", "iniconfig"])
         assert {r["six"] for r in read_json_files(out_dir, "host-*.json").values()} == {NEWEST_SIX}
-        return _environment_lines(caplog)
+        return lines
 
     first = run("env-first", tmp_path / "first")
     assert len(first) == 1 and "built with uv on worker 0" in first[0], first
@@ -151,13 +157,7 @@ def test_a_tampered_environment_archive_is_refused_and_rebuilt(env_cluster, fake
     it, worker 0 builds again and replaces it, the others download the replacement; the job
     succeeds, and the line says what was refused."""
     def run(name: str, out_dir: Path) -> list[str]:
-        out_dir.mkdir()
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="fray_tpu"):
-            info = finish(env_cluster, env_cluster.launch(_request(name, report_packages, [str(out_dir)],
-                                                                   Path(workspace), pip_packages=["six", "tomli"])))
-        assert info.status == JobStatus.SUCCEEDED, info.error_message
-        return _environment_lines(caplog)
+        return _environment_lines_of_job(env_cluster, caplog, name, out_dir, workspace, ["six", "tomli"])
 
     [first] = run("env-untampered", tmp_path / "first")
     name = _archive_name(first)

@@ -231,6 +231,13 @@ def job_nodes(control, job_id: str) -> list[dict]:
     return [n for n in control.leaks()["nodes"] if n["labels"].get(LABEL_JOB) == label_value(job_id)]
 
 
+def assert_succeeds_and_leaves_nothing(cluster: TpuCluster, fake_gcp, job_id: str) -> None:
+    info = cluster.wait(job_id, timeout=JOB_TIMEOUT)
+    assert info.status == JobStatus.SUCCEEDED, info.error_message
+    cluster.wait_released(job_id, timeout=JOB_TIMEOUT)
+    assert job_nodes(fake_gcp.control, job_id) == []
+
+
 def monitored_lines(caplog) -> list[str]:
     """The job output lines ``monitor`` logged (only one job is monitored per test)."""
     return [r.getMessage() for r in caplog.records if r.name == "fray_tpu.job" and r.getMessage().startswith("[slice-")]
@@ -326,10 +333,7 @@ def test_reattach_with_connect_external_dials_the_external_ips_again(fake_gcp, t
         wait_for(lambda: fake_gcp.control.host_connections(node_id)[0][external] > before,
                  f"the restarted controller to dial {external}", JOB_TIMEOUT)
         driver.release("outside")
-        info = restarted.wait(job_id, timeout=JOB_TIMEOUT)
-        assert info.status == JobStatus.SUCCEEDED, info.error_message
-        restarted.wait_released(job_id, timeout=JOB_TIMEOUT)
-        assert job_nodes(fake_gcp.control, job_id) == []
+        assert_succeeds_and_leaves_nothing(restarted, fake_gcp, job_id)
     finally:
         restarted.shutdown(timeout=JOB_TIMEOUT)
 
@@ -550,9 +554,6 @@ def test_detached_driver_leaves_the_job_running_for_a_new_controller(fake_gcp, t
     try:
         assert restarted.poll(job_id).status == JobStatus.RUNNING
         driver.release("detached")
-        info = restarted.wait(job_id, timeout=JOB_TIMEOUT)
-        assert info.status == JobStatus.SUCCEEDED, info.error_message
-        restarted.wait_released(job_id, timeout=JOB_TIMEOUT)
-        assert job_nodes(fake_gcp.control, job_id) == []
+        assert_succeeds_and_leaves_nothing(restarted, fake_gcp, job_id)
     finally:
         restarted.shutdown(timeout=JOB_TIMEOUT)

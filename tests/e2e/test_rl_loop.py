@@ -18,7 +18,6 @@ from package_fixtures import CLIENT_PACKAGES
 from fray_tpu.actors.handles import TpuActorHandle
 from fray_tpu.client import TpuClient
 from fray_tpu.client_api import JobStatus
-from fray_tpu.config import TpuClusterConfig
 from fray_tpu.naming import LABEL_JOB, label_value
 
 
@@ -39,13 +38,8 @@ def rl_loop():
 
 
 @pytest.fixture(scope="module")
-def client(emulator_process, job_package_index):
-    # The rollouts' and trainer's hosts install gRPC (CLIENT_PACKAGES) from this index.
-    c = TpuClient(TpuClusterConfig(emulate=True, emulator_endpoint=emulator_process.endpoint, poll_interval=0.2,
-                                   lease_period=30.0, capacity_deadline=60.0, keep_warm=0,
-                                   index_url=job_package_index.url))
-    yield c
-    c.shutdown(wait=False)
+def client(job_index_client):
+    return job_index_client
 
 
 def job_named(client: TpuClient, name: str):

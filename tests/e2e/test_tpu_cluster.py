@@ -22,7 +22,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from fake_gcp import wait_for
+from fake_gcp import process_alive, wait_for
 from fake_gcp.host_jobs import wait_for_file, write_json
 from package_fixtures import JAX_PACKAGES
 
@@ -216,12 +216,6 @@ def run_noting_zones(cluster, fake_gcp, go: Path, request_for) -> tuple[str, set
     return job_id, zones, finish(cluster, job_id)
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def wait_all_tasks_running(cluster: TpuCluster, job_id: str) -> None:

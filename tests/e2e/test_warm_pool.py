@@ -17,7 +17,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from fake_gcp import run_to_end, wait_for
+from fake_gcp import process_alive, run_to_end, wait_for
 from fake_gcp.host_jobs import wait_for_file, write_json
 
 from fray_tpu import channel
@@ -87,12 +87,6 @@ def nodes(control, **labels: str) -> list[dict]:
             if all(n["labels"].get(k) == label_value(v) for k, v in labels.items())]
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def cli(*args: str) -> dict:

@@ -17,14 +17,6 @@ from fray_tpu.worker.envarchive import BucketObjects, StorageError
 NAME = "fray-tpu/envs/example.tar"
 
 
-@pytest.fixture
-def storage(tmp_path):
-    server = StorageServer("127.0.0.1", tmp_path / "bucket")
-    server.start()
-    yield server
-    server.close()
-
-
 def _objects(storage: StorageServer) -> BucketObjects:
     return BucketObjects(storage.endpoint, EMULATED_BUCKET, lambda: "token")
 

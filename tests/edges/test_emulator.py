@@ -22,6 +22,7 @@ from fake_gcp import (
     node_state,
     operations_never_finish,
     polling,
+    process_alive,
     queued_resource_state,
     stocked_out,
     wait_for,
@@ -92,12 +93,6 @@ def metadata_get(endpoint: str, path: str, flavor: bool = True) -> str:
         return response.read().decode()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def process_state(pid: int) -> str:
@@ -319,9 +314,9 @@ def test_startup_script_runs_on_every_host_with_its_own_metadata(fake_gcp, tpu_c
 
     pids = [h["pid"] for h in hosts]
     detached = [int((Path(h["workdir"]) / "detached.pid").read_text()) for h in hosts]
-    assert all(pid_alive(pid) for pid in pids + detached)
+    assert all(process_alive(pid) for pid in pids + detached)
     delete_node(tpu_client, node.name)
-    wait_for(lambda: not any(pid_alive(pid) for pid in pids + detached), "every host process to end")
+    wait_for(lambda: not any(process_alive(pid) for pid in pids + detached), "every host process to end")
     assert not any(h["alive"] for h in fake_gcp.control.hosts(node.name))
 
 
@@ -578,7 +573,7 @@ def test_emulator_process_prints_endpoint_and_stops_cleanly_on_sigterm(tmp_path)
     finally:
         exit_code = process.stop()
     assert exit_code == 0
-    wait_for(lambda: not pid_alive(hosts[0]["pid"]), "the host to end with the emulator")
+    wait_for(lambda: not process_alive(hosts[0]["pid"]), "the host to end with the emulator")
     assert not os.path.exists(f"/proc/{process.pid}")
 
 

@@ -26,14 +26,6 @@ JOB_PYTHON = job_python_version()
 TOKEN = "host-token"
 
 
-@pytest.fixture
-def storage(tmp_path):
-    server = StorageServer("127.0.0.1", tmp_path / "bucket")
-    server.start()
-    yield server
-    server.close()
-
-
 def _host(tmp_path: Path, name: str) -> PythonEnvStore:
     return PythonEnvStore(tmp_path / name, UvSettings.from_environ(), storage_token=lambda: TOKEN)
 

@@ -18,20 +18,12 @@ from fray_tpu import gcsfetch
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.contract import STORAGE_ENDPOINT_ENV, UV_ENV, UV_SHA256_ENV, UV_URL_ENV, VERSION
 from fray_tpu.emulator.metadata import HostMetadata, MetadataServer
-from fray_tpu.emulator.storage import EMULATED_BUCKET, StorageServer
+from fray_tpu.emulator.storage import EMULATED_BUCKET
 from fray_tpu.errors import ConfigError, FrayTpuError
 from fray_tpu.hostboot import BootstrapFailed, HostBootstrapper, staging_failure, watch_boot
 from fray_tpu.hostbundle import BundleStorage, HostTarget, build_host_bundle, check_host_python, runtime_python
 from fray_tpu.uv_command import UvMissing
 from fray_tpu.worker.uvfetch import UvFetch
-
-
-@pytest.fixture
-def storage(tmp_path):
-    server = StorageServer("127.0.0.1", tmp_path / "storage")
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -19,6 +18,7 @@ from fray_tpu.channel import (
     LogBatch,
     PrepareFailed,
 )
+from fake_gcp import process_alive
 from worker_host import collect, make_slice, teardown_slice
 
 EVENT_TIMEOUT = 30.0
@@ -174,18 +174,12 @@ def test_cancel_kills_the_whole_tree_including_a_child_that_ignores_sigterm(slic
     started = time.monotonic()
     assert client.cancel(attempt_id, grace=0.5) is True
     assert time.monotonic() - started < 10
-    assert not _alive(child_pid), "the child that ignores SIGTERM survived the cancel"
+    assert not process_alive(child_pid), "the child that ignores SIGTERM survived the cancel"
     finished = exit_of(collect(stream, EVENT_TIMEOUT))
     assert finished.classification == Classification.CANCELLED
     assert client.cancel(attempt_id, grace=0.5) is False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def test_watch_resumes_from_a_sequence_number(slice4):

@@ -16,6 +16,7 @@ from fray_tpu import tls
 from fray_tpu.channel import AgentAuthError, AgentClient, AttemptExit, AttemptSpec, ChannelError, Classification
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
 from fray_tpu.worker.cleanup import CGROUPS_ENV, AttemptCgroups
+from fake_gcp import process_alive
 from fake_gcp.host_jobs import SCRUBBED_DAEMON
 from worker_host import collect, make_slice, one_host, processes_marked, teardown_slice  # noqa: F401 (fixture)
 
@@ -33,12 +34,6 @@ def wait_for(condition, what: str, timeout: float = EVENT_TIMEOUT):
         time.sleep(0.02)
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def files_under(path: Path) -> list[Path]:
@@ -134,7 +129,7 @@ def test_a_stale_lockfile_and_leftovers_of_an_earlier_attempt_are_removed_before
 
     # The agent crashes and comes back: its attempt's processes are still running.
     host.kill_agent()
-    assert alive(started.pid) and alive(escaped_pid)
+    assert process_alive(started.pid) and process_alive(escaped_pid)
     host.start_agent()
     client = one_host.client(host)
     client.wait_until_up(time.monotonic() + EVENT_TIMEOUT)
@@ -144,7 +139,7 @@ def test_a_stale_lockfile_and_leftovers_of_an_earlier_attempt_are_removed_before
     second = f"attempt-{uuid.uuid4().hex[:8]}"
     result = client.prepare(AttemptSpec(second, command="true"))
     assert not lockfile.exists()
-    assert not alive(started.pid) and not alive(escaped_pid)
+    assert not process_alive(started.pid) and not process_alive(escaped_pid)
     notes = "\n".join(result.cleanup_notes)
     assert "leftover" in notes and "libtpu_lockfile" in notes
     assert collect(client.start(second), EVENT_TIMEOUT)[-1].code == 0
@@ -168,7 +163,7 @@ def test_processes_an_attempt_leaves_behind_end_with_it(one_host, tmp_path):
     events = collect(client.start(attempt_id), EVENT_TIMEOUT)
     assert events[-1].code == 0
     if daemon_pid_file.exists() and daemon_pid_file.read_text():
-        assert not alive(int(daemon_pid_file.read_text()))
+        assert not process_alive(int(daemon_pid_file.read_text()))
     # The agent's pre-started runner for a next attempt (started at this one's exit) is no leftover.
     assert set(processes_marked(host.marker)) - set(host.waiting_spare_runners()) == {host.process.pid}
 
@@ -198,7 +193,7 @@ def test_a_daemon_that_scrubbed_its_environment_and_called_setsid_ends_with_its_
         started = client.start(attempt_id)
         daemon = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), "the daemon's pid"))
         assert collect(started, EVENT_TIMEOUT)[-1].code == 0
-        assert not alive(daemon), f"the daemon {daemon} outlived its attempt"
+        assert not process_alive(daemon), f"the daemon {daemon} outlived its attempt"
     finally:
         teardown_slice(test_slice)
 

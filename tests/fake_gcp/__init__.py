@@ -3,7 +3,7 @@ client pointed at it, fault scenarios, and the leak check (see ``fixtures``)."""
 
 from .client import make_tpu_client, polling
 from .harness import PROJECT, TEST_TIMINGS, FakeGcp, leak_report
-from .process import EmulatorProcess
+from .process import EmulatorProcess, process_alive
 from .scenarios import (
     create_node,
     delete_node,

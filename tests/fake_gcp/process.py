@@ -19,6 +19,15 @@ START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 15.0
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie or a dead one has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
 class EmulatorProcess:
     """A running ``python -m fray_tpu.emulator`` with its endpoint and a control client."""
 
