@@ -40,12 +40,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +83,11 @@ RUNNER_REQUIREMENTS = ("cloudpickle>=3.0,<4",)
 RUNTIME_PACKAGES = (fray_tpu, cloudpickle)
 # Bump when the environment layout changes, so old environments stop matching.
 FORMAT_VERSION = 4
-# How often a host waiting for its gang's builder looks for the archive.
+# How often a host waiting for its gang's builder looks for the archive: soon at first (an
+# environment of a few packages is built in well under a second), then less and less often, so a
+# long build's waiting hosts ask the bucket about once a second each.
+ARCHIVE_FIRST_POLL_SECONDS = 0.05
+ARCHIVE_POLL_GROWTH = 1.5
 ARCHIVE_POLL_SECONDS = 1.0
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
 
@@ -141,6 +144,14 @@ class UvSettings:
         dirs = tuple(d for d in env.get(PYTHON_DIRS_ENV, "").split(os.pathsep) if d.strip())
         downloads = env.get(PYTHON_DOWNLOADS_ENV, "").strip().lower() not in ("never", "false", "0", "no")
         return UvSettings(uv=uv, python_dirs=dirs, python_downloads=downloads)
+
+
+def archive_poll_pauses() -> Iterator[float]:
+    """The pauses between a waiting host's looks for its builder's archive."""
+    pause = ARCHIVE_FIRST_POLL_SECONDS
+    while True:
+        yield pause
+        pause = min(pause * ARCHIVE_POLL_GROWTH, ARCHIVE_POLL_SECONDS)
 
 
 def agent_python_version() -> str:
@@ -295,7 +306,7 @@ class PythonEnvStore:
                 log(f"removing the unfinished environment {env_dir} left by an interrupted build")
                 shutil.rmtree(env_dir)
             objects = None
-            if bucket is not None and self._storage_token is not None:
+            if bucket is not None and self._storage_token is not None and self._worth_sharing(request):
                 objects = BucketObjects(bucket.endpoint, bucket.bucket, self._storage_token)
             replace_generation, notes = "0", []
             if objects is not None:
@@ -325,6 +336,12 @@ class PythonEnvStore:
             log(f"Python environment {digest[:12]} ready in {seconds:.1f}s: {note}")
             return self._env(digest, ENV_SOURCE_BUILT, seconds, note)
 
+    def _worth_sharing(self, request: EnvRequest) -> bool:
+        """An environment without packages is only an interpreter's venv: making it (tens of
+        milliseconds) is quicker than fetching, checking and unpacking an archive of it, and its
+        gang's hosts need not wait for a builder."""
+        return request.locked or bool(self.requirements(request))
+
     def _manifest(self, digest: str, request: EnvRequest) -> dict:
         return {"digest": digest, "format": FORMAT_VERSION, "platform": host_platform(),
                 "python": request.python_version or agent_python_version(), "locked": request.locked,
@@ -340,6 +357,7 @@ class PythonEnvStore:
         builder's failure, when it reports one)."""
         deadline = time.monotonic() + (0.0 if bucket.builder else bucket.wait_seconds)
         waiting = False
+        pauses = archive_poll_pauses()
         while True:
             resource = objects.stat(name)
             if resource is not None and resource["generation"] != refused:
@@ -357,7 +375,7 @@ class PythonEnvStore:
             if not waiting:
                 log(f"waiting up to {bucket.wait_seconds:.0f}s for the gang's builder to upload {bucket.url(name)}")
                 waiting = True
-            time.sleep(min(ARCHIVE_POLL_SECONDS, remaining))
+            time.sleep(min(next(pauses), remaining))
 
     def _fetch(self, digest: str, request: EnvRequest, bucket: EnvBucket, objects: BucketObjects,
                log: Callable[[str], None]) -> tuple[bool, str, str]:
@@ -535,13 +553,13 @@ class PythonEnvStore:
 
     def _finish(self, env_dir: Path, request: EnvRequest) -> None:
         """What no archive carries (it names this host's paths), then the completion marker."""
-        env_python = str(env_dir / "bin" / "python")
-        purelib = subprocess.run(
-            [env_python, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            capture_output=True, text=True, check=True, timeout=60,
-        ).stdout.strip()
+        # A venv's site-packages on POSIX, found without starting its interpreter (tens of ms).
+        purelibs = list(env_dir.glob("lib/python*/site-packages"))
+        if len(purelibs) != 1:
+            raise EnvironmentBuildError(f"the environment {env_dir} has {len(purelibs)} lib/python*/site-packages "
+                                        f"directories, not one: it is not a virtual environment uv made")
         # After the environment's own site-packages: a fray-tpu the job installs itself wins.
-        (Path(purelib) / RUNTIME_PTH_NAME).write_text(f"{self._runtime}\n")
+        (purelibs[0] / RUNTIME_PTH_NAME).write_text(f"{self._runtime}\n")
         marker = env_dir / COMPLETE_MARKER
         marker.with_suffix(".tmp").write_text(json.dumps({"requirements": self.requirements(request),
                                                           "locked": request.locked}))

@@ -4,6 +4,7 @@ directory, its own uv cache); what one builds and uploads, another downloads and
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from fray_tpu.emulator.storage import EMULATED_BUCKET, StorageServer
 from fray_tpu.errors import EnvironmentBuildError
 from fray_tpu.package_index import LoopbackIndex
 from fray_tpu.worker.envarchive import SHA256_METADATA, EnvBucket
-from fray_tpu.worker.pyenv import EnvRequest, PythonEnv, PythonEnvStore, UvSettings
+from fray_tpu.worker.pyenv import EnvRequest, PythonEnv, PythonEnvStore, UvSettings, archive_poll_pauses
 
 JOB_PYTHON = job_python_version()
 TOKEN = "host-token"
@@ -165,3 +166,26 @@ def test_the_builders_failure_fails_the_waiting_hosts_at_once(tmp_path, storage,
     with pytest.raises(EnvironmentBuildError, match=r"the host building it for the gang failed: (.|\n)*six==99.0"):
         _host(tmp_path, "w").ensure(request, lambda line: None, _bucket(storage, builder=False, wait=60))
     assert time.monotonic() - started < 30
+
+
+def test_an_environment_without_packages_is_made_on_every_host_not_shared(tmp_path, storage, package_index) -> None:
+    """No packages: each host makes the venv itself (quicker than an archive of it), the builder
+    uploads nothing and a host that is not the builder does not wait for one."""
+    request = EnvRequest(python_version=JOB_PYTHON, index_url=package_index.url)
+    built = _host(tmp_path, "a").ensure(request, lambda line: None, _bucket(storage))
+    started = time.monotonic()
+    other = _host(tmp_path, "b").ensure(request, lambda line: None, _bucket(storage, builder=False, wait=120))
+    assert time.monotonic() - started < 60
+    assert built.source == other.source == "built" and built.digest == other.digest
+    assert storage.counters["uploads"] == storage.counters["downloads"] == 0
+    assert _run(other, "import sys, cloudpickle, fray_tpu.worker.runner; print(sys.version_info[:2])") == \
+        str(tuple(int(part) for part in JOB_PYTHON.split(".")))
+
+
+def test_a_waiting_host_looks_for_the_archive_soon_then_about_once_a_second() -> None:
+    """The first looks come within a fraction of a second (a small environment is built in
+    less); later ones settle at once a second, so a long build's waiting hosts ask the bucket (archive and
+    failure report) twice a second each."""
+    pauses = list(itertools.islice(archive_poll_pauses(), 40))
+    assert pauses[0] <= 0.05 and sum(pauses[:4]) < 0.5
+    assert pauses == sorted(pauses) and max(pauses) == pauses[-1] == 1.0
