@@ -90,6 +90,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from fray_tpu import topology
+from fray_tpu.contract import ACTOR_PORTS, DEFAULT_AGENT_PORT
 from fray_tpu.errors import ConfigError, UnknownRegionError
 from fray_tpu.naming import validate_extra_labels
 
@@ -101,7 +102,6 @@ DEFAULT_NETWORK_TAG = "fray-tpu"
 # GCE network tags: RFC 1035 labels, lower case, at most 63 characters.
 NETWORK_TAG_PATTERN = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _CAPACITY_ALIASES = {"on_demand": "on-demand", "ondemand": "on-demand", "standard": "on-demand"}
-DEFAULT_AGENT_PORT = 8477
 # Ski rental: an idle slice kept for as long as a cold start takes (create + boot + agent: 2-5
 # minutes on Cloud TPU for the usual slices) wastes at most one cold start's worth, and saves a
 # whole cold start whenever the next job of the shape comes within that time (RL relaunches,
@@ -323,6 +323,9 @@ class TpuClusterConfig:
         self.labels = validate_extra_labels(self.labels)
         if not 0 < self.agent_port < 65536:
             raise ConfigError(f"agent_port must be in 1..65535, got {self.agent_port}")
+        if self.agent_port in ACTOR_PORTS:
+            raise ConfigError(f"agent_port={self.agent_port} is one of the ports TPU hosts' actor servers listen on "
+                              f"({ACTOR_PORTS[0]}-{ACTOR_PORTS[-1]}): choose another (the default is {DEFAULT_AGENT_PORT})")
         if self.keep_warm < 0:
             raise ConfigError(f"keep_warm must be 0 (no warm pool) or a positive duration, got {self.keep_warm!r}")
         for name in _DURATION_FIELDS:

@@ -49,6 +49,10 @@ GUEST_SELF_DELETE_REFUSED = "self-delete-refused"  # why the TPU API refused the
 
 # -- the task channel --------------------------------------------------------------------
 DEFAULT_AGENT_PORT = 8477
+# Where a TPU host's actor servers listen, the first port free (normally one server per host: the
+# attempt's): fixed, so that with connect=external a firewall rule can open them, beside the agent
+# port, to the driver, which dials the VMs' external IPs.
+ACTOR_PORTS = (8478, 8479, 8480, 8481)
 AUTH_METADATA_KEY = "authorization"
 # Trailing metadata of a failed Prepare: whose fault it is.
 FAILURE_KIND_KEY = "fray-tpu-failure-kind"

@@ -66,8 +66,11 @@ class Group:
 
 @dataclass
 class Registration:
-    address: str
+    address: str  # where the actor listens: a TPU VM's internal address, or this machine's
     owner: str | None
+    # Where a caller outside the VPC dials it with connect=external (the VM's external IP at the
+    # same port; the address itself when it is not a VM's), once a lookup has asked.
+    outside_address: str | None = None
 
 
 @dataclass
@@ -179,10 +182,28 @@ class ControllerService:
             if current is not None and current.address == address:
                 del self._state.registry[endpoint]
 
-    def rpc_lookup(self, endpoint: str) -> str | None:
+    def rpc_lookup(self, endpoint: str, from_vm: bool = False) -> str | None:
+        """Where ``endpoint`` is reached from the caller: a TPU VM dials its peers inside the VPC;
+        this machine and its CPU jobs dial the VMs as the controller does (``connect``)."""
         with self._lock:
             registration = self._state.registry.get(endpoint)
-            return registration.address if registration else None
+        if registration is None:
+            return None
+        if from_vm or self.cluster.config.connect != "external":
+            return registration.address
+        if registration.outside_address is None:
+            registration.outside_address = self._outside_address(registration.address)
+        return registration.outside_address
+
+    def _outside_address(self, address: str) -> str:
+        """``address`` with a TPU VM's internal IP replaced by the VM's external one (the API's
+        ``access_config.external_ip`` of that endpoint), from the slices this controller holds."""
+        host, _, port = address.rpartition(":")
+        for observed in self.cluster.live_slices():
+            for internal, external in zip(observed.endpoints, observed.external_ips):
+                if internal == host and external:
+                    return f"{external}:{port}"
+        return address
 
     # -- actor groups -------------------------------------------------------------------------
     def rpc_create_group(self, actor_class: type, args: tuple, kwargs: dict, *, name: str, count: int,

@@ -67,7 +67,7 @@ class TpuActorHandle:
     def _resolve(self) -> tuple[str, Any]:
         link = links.process_link()
         if self._address is None:
-            address = link.call("lookup", self._endpoint)
+            address = link.call("lookup", self._endpoint, links.on_tpu_vm())
             if address is None:
                 raise ActorUnavailableError(f"actor {self._endpoint} is not running (never started, restarting, "
                                             f"or shut down)")

@@ -15,11 +15,11 @@ import threading
 from typing import Any
 
 from fray_tpu.actors.rpc import ClusterCredentials, RpcClient
+from fray_tpu.contract import ACTOR_PORTS, HOST_IP_ENV
 
 CONTROLLER_ENV = "FRAY_TPU_CONTROLLER"
 CREDENTIALS_ENV = "FRAY_TPU_CLUSTER_CREDENTIALS"
 SUBMISSION_ENV = "FRAY_TPU_SUBMISSION"
-HOST_IP_ENV = "FRAY_TPU_HOST_IP"
 CALL_TIMEOUT = 60.0
 
 
@@ -91,11 +91,21 @@ def own_submission() -> str | None:
     return os.environ.get(SUBMISSION_ENV) or None
 
 
+def on_tpu_vm() -> bool:
+    """True on a TPU VM (inside the VPC: its peers are dialled at their internal addresses)."""
+    return bool(os.environ.get(HOST_IP_ENV))
+
+
+def listen_ports() -> tuple[int, ...]:
+    """Where a server of this process listens: on a TPU VM the fixed actor ports first (a
+    firewall can open them to a driver outside the VPC), then any; elsewhere any free port."""
+    return (*ACTOR_PORTS, 0) if on_tpu_vm() else (0,)
+
+
 def advertise_host() -> str:
     """The address other processes of the cluster dial to reach a server in this process: the
     host's IP on a TPU VM, else the controller machine's address (CPU jobs run there)."""
-    host_ip = os.environ.get(HOST_IP_ENV)
-    if host_ip:
-        return host_ip
+    if on_tpu_vm():
+        return os.environ[HOST_IP_ENV]
     controller = os.environ.get(CONTROLLER_ENV, "")
     return controller.rsplit(":", 1)[0] if controller else "127.0.0.1"

@@ -16,8 +16,9 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -90,22 +91,43 @@ def unpack_exception(blob: bytes, text: str) -> BaseException:
     return error
 
 
+def _free(host: str, port: int) -> bool:
+    """Whether nothing listens on ``host:port`` (a bind as gRPC's, with SO_REUSEADDR, succeeds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class RpcServer:
     """Serves ``handler(method, args, kwargs)`` to holders of the credentials."""
 
     def __init__(self, handler: Callable[[str, tuple, dict], Any], credentials: ClusterCredentials,
-                 host: str = "127.0.0.1", *, max_workers: int = 64, name: str = "rpc"):
+                 host: str = "127.0.0.1", *, ports: Sequence[int] = (0,), max_workers: int = 64, name: str = "rpc"):
+        """Listens on ``host`` at the first of ``ports`` it can bind (0: any free port)."""
         self._handler = handler
         self._secret = credentials.secret.encode()
+        # so_reuseport off: a port another server holds is busy, not silently shared with it.
         self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name),
-                                   options=_OPTIONS)
+                                   options=[*_OPTIONS, ("grpc.so_reuseport", 0)])
         rpc = grpc.unary_unary_rpc_method_handler(self._call)
         self._server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler("fray_tpu.ClusterRpc", {"Call": rpc})])
-        port = self._server.add_secure_port(f"{host}:0", tls.server_credentials(credentials.cert_pem,
-                                                                              credentials.key_pem))
-        if port == 0:
-            raise OSError(f"could not listen on {host}")
+        for wanted in ports:
+            if wanted and not _free(host, wanted):
+                continue  # gRPC would log the failed bind as an error
+            try:
+                port = self._server.add_secure_port(
+                    f"{host}:{wanted}", tls.server_credentials(credentials.cert_pem, credentials.key_pem))
+            except RuntimeError:  # taken since the check (grpcio raises where older versions returned 0)
+                port = 0
+            if port:
+                break
+        else:
+            raise OSError(f"could not listen on {host} at any of the ports {', '.join(map(str, ports))}")
         self.address = f"{host}:{port}"
         self._server.start()
 

@@ -17,6 +17,7 @@ from fray_tpu.actors import link as links
 from fray_tpu.actors.handles import TpuActorHandle
 from fray_tpu.actors.rpc import RpcServer
 from fray_tpu.client_api import ActorContext, ActorUnavailableError, reset_current_actor, set_current_actor
+from fray_tpu.contract import ACTOR_PORTS
 
 log = logging.getLogger(__name__)
 UNREGISTER_TIMEOUT = 10.0
@@ -24,7 +25,7 @@ UNREGISTER_TIMEOUT = 10.0
 
 class ActorServer:
     def __init__(self, instance: Any, endpoint: str, credentials, host: str, max_concurrency: int,
-                 closing: threading.Event | None = None):
+                 closing: threading.Event | None = None, ports: tuple[int, ...] = (0,)):
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"ActorConfig.max_concurrency must be an integer >= 1, got {max_concurrency!r}")
         self._instance = instance
@@ -32,7 +33,8 @@ class ActorServer:
         # Once the actor asked to exit (shutdown event, ctx.fail), it takes no new calls.
         self._closing = closing or threading.Event()
         self._slots = threading.Semaphore(max_concurrency)
-        self._rpc = RpcServer(self._handle, credentials, host, max_workers=max(8, max_concurrency + 4), name="actor")
+        self._rpc = RpcServer(self._handle, credentials, host, ports=ports, max_workers=max(8, max_concurrency + 4),
+                              name="actor")
         self.address = self._rpc.address
 
     def _handle(self, endpoint: str, args: tuple, kwargs: dict) -> Any:
@@ -78,7 +80,11 @@ def start_actor(actor_class: type, args: tuple, kwargs: dict, *, endpoint: str, 
     finally:
         reset_current_actor(token)
     server = ActorServer(instance, endpoint, link.credentials, links.advertise_host(), max_concurrency,
-                         ctx.shutdown_event)
+                         ctx.shutdown_event, links.listen_ports())
+    if links.on_tpu_vm() and int(server.address.rsplit(":", 1)[1]) not in ACTOR_PORTS:
+        log.warning("actor %s listens on %s: the actor ports %d-%d of this VM are taken by other actor servers, so a "
+                    "driver outside the VPC (connect=external) reaches it only if the firewall opens that port",
+                    endpoint, server.address, ACTOR_PORTS[0], ACTOR_PORTS[-1])
     link.call("register", endpoint, server.address, owner)
     return ctx, server
 

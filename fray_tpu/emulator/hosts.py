@@ -302,7 +302,7 @@ class HostRuntime:
             host.run_dir.mkdir(parents=True, exist_ok=True)
             host.server = MetadataServer(host.ip, host.metadata)
             if host.external_ip:
-                host.nat = NatForward(host.external_ip, host.ip, boot.agent_port)
+                host.nat = NatForward(host.external_ip, host.ip, (boot.agent_port, *contract.ACTOR_PORTS))
             if script is not None:
                 host.process = self._start_script(host, script)
 
@@ -412,8 +412,9 @@ class HostRuntime:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def connections(self, uid: int) -> list[dict[str, int]]:
-        """Per VM, the connections its external address's NAT carried (empty: no external IP)."""
-        return [{host.nat.external: host.nat.accepted} if host.nat else {} for host in self._node_hosts(uid)]
+        """Per VM, the connections its external address's NAT carried, by ``external_ip:port``
+        (empty: no external IP, or nothing dialled it)."""
+        return [host.nat.accepted if host.nat else {} for host in self._node_hosts(uid)]
 
     def guest_attributes(self, uid: int) -> list[dict[str, dict[str, str]]]:
         return [host.metadata.guest_attributes() for host in self._node_hosts(uid)]

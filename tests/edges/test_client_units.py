@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from fray_tpu.actors import link as links
 from fray_tpu.actors.rpc import ClusterCredentials, RpcClient
 from fray_tpu.actors.serving import ActorServer
 from fray_tpu.client_api import ActorUnavailableError, Entrypoint, JobRequest, ResourceConfig
 from fray_tpu.client_requests import TASK_MAIN, placement, translate
-from fray_tpu.contract import RUNNER_TASK_MAIN_ENV
+from fray_tpu.contract import ACTOR_PORTS, HOST_IP_ENV, RUNNER_TASK_MAIN_ENV
 from fray_tpu.errors import ConfigError
 
 
@@ -85,3 +86,27 @@ def test_actor_server_refuses_calls_meant_for_another_endpoint():
 def test_max_concurrency_must_be_positive():
     with pytest.raises(ValueError, match="max_concurrency"):
         ActorServer(Target(), "g/t-0", ClusterCredentials.create(), "127.0.0.1", 0)
+
+
+def test_actor_servers_on_a_tpu_vm_take_the_fixed_actor_ports_first(monkeypatch):
+    """On a TPU VM an actor server listens at the first free actor port (a firewall can open
+    them to a driver outside the VPC), then at any port once they are all taken; elsewhere at
+    any port. A port freed is taken again."""
+    host = "127.203.0.1"
+    credentials = ClusterCredentials.create()
+    assert links.listen_ports() == (0,)
+    monkeypatch.setenv(HOST_IP_ENV, host)
+    servers = [ActorServer(Target(), f"g/t-{i}", credentials, links.advertise_host(), 1, ports=links.listen_ports())
+               for i in range(len(ACTOR_PORTS) + 1)]
+    try:
+        ports = [int(server.address.rsplit(":", 1)[1]) for server in servers]
+        assert all(server.address.startswith(f"{host}:") for server in servers)
+        assert ports[:-1] == list(ACTOR_PORTS) and ports[-1] not in ACTOR_PORTS
+        servers.pop(1).stop()
+        again = ActorServer(Target(), "g/again", credentials, host, 1, ports=links.listen_ports())
+        servers.append(again)
+        assert again.address == f"{host}:{ACTOR_PORTS[1]}"
+        assert RpcClient(again.address, credentials).invoke("g/again", ("ping",), {}, timeout=10) == "pong"
+    finally:
+        for server in servers:
+            server.stop()

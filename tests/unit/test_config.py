@@ -98,6 +98,7 @@ def test_from_env():
         ("tpu?emulate=maybe", "Bad boolean emulate='maybe'.*true or false"),
         ("tpu?emulate=true&agent_port=http", "Bad number agent_port='http'"),
         ("tpu?emulate=true&agent_port=70000", "agent_port must be in 1..65535"),
+        ("tpu?emulate=true&agent_port=8479", "agent_port=8479 is one of the ports TPU hosts. actor servers listen on"),
         ("tpu?emulate=true&api_timeout=soon", "Bad duration api_timeout='soon'"),
         ("tpu?emulate=true&poll_interval=0", "poll_interval must be a positive duration"),
         ("tpu?emulate=true&capacity=spto", "Unknown capacity 'spto'.*did you mean 'spot'"),
