@@ -20,10 +20,8 @@ a Python agent and, while the job runs, a Python attempt runner that preloads JA
 (``fray_tpu.jax_emulated_cluster``): ~130 Python processes (the RSS line), booted on a shared
 2-core machine. ``--jobs`` scales it down; the API-call and CPU figures are per zone and per job.
 
-The workspace is packed once before the jobs are launched: jobs that pack concurrently in one
-process race in ``fray_tpu.workspace`` (a pack's cache pruning deletes another pack's temporary
-``.packing-*`` archive or record; ``--no-prepack`` reproduces it). The benchmark stops at the
-first job that ends before the window.
+The jobs are launched at once and pack their (shared) workspace concurrently, as a burst of
+launches from one controller does. The benchmark stops at the first job that ends before the window.
 
 Run: ``.venv/bin/python bench/scale.py [--jobs 16] [--window 30] [--poll-interval 1.0]``.
 """
@@ -51,7 +49,6 @@ from fray_tpu.cluster import TpuCluster  # noqa: E402
 from fray_tpu.config import TpuClusterConfig  # noqa: E402
 from fray_tpu.emulator import EmulatorTimings  # noqa: E402
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig  # noqa: E402
-from fray_tpu.workspace import pack_workspace  # noqa: E402
 
 TPU_TYPE = "v5litepod-16"
 HOSTS_PER_SLICE = 4
@@ -121,8 +118,6 @@ def over_budget() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=16, help="concurrent v5litepod-16 jobs")
-    parser.add_argument("--no-prepack", action="store_true",
-                        help="do not pack the workspace before launching (reproduces the packing race, see README)")
     parser.add_argument("--window", type=float, default=30.0, help="steady-state window, seconds")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="the controller's poll_interval, seconds")
     parser.add_argument("--start-deadline", type=float, default=240.0, help="launch -> every host running, seconds")
@@ -142,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     workspace = directory / "workspace"
     workspace.mkdir()
     (workspace / "README").write_text("the scale benchmark's workspace\n")
-    if not args.no_prepack:
-        pack_workspace(workspace)  # every job then finds it in the cache (see the docstring)
     stop_file = directory / "stop"
     (directory / "emulator").mkdir()
     emulator = EmulatorProcess(timings=EmulatorTimings.zero(), root=directory / "emulator").start()

@@ -6,6 +6,7 @@ import os
 import shutil
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,22 @@ def test_a_lock_that_does_not_match_its_pyproject_fails_the_check_with_uvs_words
     with pytest.raises(EnvironmentBuildError, match=r"(?s)does not match its pyproject.toml.*run `uv lock`.*"
                                                     r"needs to be updated"):
         check_workspace_lock(workspace)
+
+
+def test_concurrent_packs_of_one_workspace_in_one_process_all_get_a_whole_archive(tmp_path):
+    """Jobs of one controller pack the same tree at once (16 launches in a burst): each pack gets
+    an archive that exists and holds every file, and the cache ends with one archive and one record."""
+    root = tmp_path / "ws"
+    for i in range(40):
+        _write(root, f"pkg/module_{i}.py", f"VALUE = {i}\n" * 50)
+    _age(root)
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        bundles = list(pool.map(lambda _: pack_workspace(root, cache_dir=cache), range(16)))
+    assert len({bundle.digest for bundle in bundles}) == 1
+    for bundle in bundles:
+        assert bundle.path.exists() and bundle.file_count == 40
+        assert len([m for m in _members(bundle).values() if m.isfile()]) == 40
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
+    assert len(list(cache.glob("*.json"))) == 1 and [p.name for p in cache.iterdir() if not p.name.endswith(".json")] \
+        == [bundles[0].path.name]
