@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tarfile
 import threading
 import time
@@ -32,17 +33,26 @@ def bundle():
 
 
 def test_the_bundle_carries_the_agent_and_its_dependencies_compiled_for_the_vm_and_uv_apart(bundle):
-    """One uncompressed archive: this fray_tpu, grpcio built for CPython 3.10, their bytecode
+    """One uncompressed archive: this fray_tpu, grpcio built for CPython 3.10 (nothing a VM never
+    imports, symbol tables stripped), their bytecode
     compiled for 3.10 (unchecked-hash: valid whatever the unpacked files' times), a manifest; uv
     is a file of its own, named by its hash, not in the archive."""
     with tarfile.open(bundle.path, mode="r:") as archive:
         names = set(archive.getnames())
         manifest = json.load(archive.extractfile("manifest.json"))
         pyc = archive.extractfile("site/fray_tpu/worker/__pycache__/main.cpython-310.pyc").read(16)
+        rust = archive.extractfile("site/cryptography/hazmat/bindings/_rust.abi3.so").read()
     assert {"site/fray_tpu/contract.py", "site/fray_tpu/worker/main.py"} <= names
     assert any(n.startswith("site/grpc/_cython/cygrpc.cpython-310-") for n in names), sorted(names)[:20]
     assert "site/grpc/__pycache__/__init__.cpython-310.pyc" in names
     assert not any(n.endswith("/uv") or n.startswith(("site/uv/", "bin/")) for n in names), sorted(names)[:20]
+    never_imported = [n for n in names if n.startswith(("site/fray_tpu/emulator/", "site/fray_tpu/ops/", "site/cffi/",
+                                                         "site/google/cloud/tpu_v1/", "site/bin/"))
+                      or n.endswith((".pyi", ".proto"))]
+    assert not never_imported, never_imported[:10]
+    assert "site/google/cloud/tpu_v2/__init__.py" in names  # the agent's self-delete calls it
+    if shutil.which("strip"):
+        assert b".symtab" not in rust, "cryptography's compiled module still carries its symbol table"
     flags = int.from_bytes(pyc[4:8], "little")
     assert flags == 0b01, flags  # hash-based, not checked against the source
     assert (manifest["fray_tpu_version"], manifest["python"], manifest["bytecode"]) == (VERSION, "3.10", True)
