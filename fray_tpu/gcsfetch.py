@@ -151,15 +151,17 @@ class _Phases:
     def reached(self, name: str, detail: str) -> None:
         self.text = f"{self.text} {name}={int(time.time() * 1000)}".strip()
         for attempt in range(PUBLISH_ATTEMPTS):
+            if attempt:
+                time.sleep(0.2 * 2 ** (attempt - 1))
             try:
                 connection, _ = _open("PUT", self._url, {"Metadata-Flavor": "Google"}, PUBLISH_TIMEOUT_SECONDS,
                                       self.text.encode())
                 connection.close()
                 break
             except (OSError, _HttpStatus, http.client.HTTPException):
-                time.sleep(0.2 * 2 ** attempt)
+                continue
         else:
-            _log(f"could not publish guest attribute {self._url.rsplit('/', 2)[-2]}")
+            _log("could not publish guest attribute " + self._url.split("/guest-attributes/", 1)[1])
         _log(f"phase {name}: {detail}")
 
 
