@@ -34,6 +34,7 @@ import importlib.metadata
 import io
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -356,7 +357,7 @@ class BundleStorage:
         self.endpoint = endpoint.rstrip("/")
         self._token = token
 
-    def _request(self, method: str, url: str, data: bytes | None = None) -> dict | None:
+    def _request(self, method: str, url: str, data: bytes | memoryview | None = None) -> dict | None:
         last: Exception | None = None
         for _ in range(STORAGE_ATTEMPTS):
             request = urllib.request.Request(url, data=data, method=method,
@@ -395,7 +396,11 @@ class BundleStorage:
 
     def upload(self, staged: HostBundle | StagedFile) -> str:
         query = urllib.parse.urlencode({"uploadType": "media", "name": staged.object_name})
-        self._request("POST", f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o?{query}", staged.path.read_bytes())
+        url = f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o?{query}"
+        # Sent from the page cache (a memory map): no copy of the 50 MB in this process.
+        with open(staged.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, \
+                memoryview(mapped) as body:
+            self._request("POST", url, body)
         return self.url(staged)
 
     def stage(self, staged: HostBundle | StagedFile) -> str:
