@@ -2,11 +2,12 @@
 
 It finds the image's ``python3``, which (one interpreter, ``fray_tpu.gcsfetch.install``) fetches
 the host bundle (``fray_tpu.hostbundle``) from Cloud Storage with the VM's own service-account
-token, verifies its SHA-256 against the hash the controller pinned here, and unpacks it (its dependencies are installed already,
-with their bytecode, for this Python and platform; no package index is ever asked), writes the
-agent's settings (among them where uv's own object is and its pinned hash: the agent fetches it
-in the background, ``fray_tpu.worker.uvfetch``), starts the agent as its own service and exits 0. On a VM with systemd the
-service is a unit (restart on crash, the whole control group stopped at shutdown, the agent's
+token, verifies its SHA-256 against the hash the controller pinned here, and unpacks it (its
+dependencies are installed already, with their bytecode, for this Python and platform; no
+package index is ever asked). The script then writes the agent's settings (among them where
+uv's own object is and its pinned hash: the agent fetches it in the background once it serves,
+``fray_tpu.worker.uvfetch``), starts the agent as its own service and exits 0. On a VM with
+systemd the service is a unit (restart on crash, the whole control group stopped at shutdown, the agent's
 stop-for-good exit code :data:`AGENT_EXIT_STOP` honoured, output to its own log); without
 systemd (the emulator's images) a detached runner does the same. A reboot runs the script again;
 an installed bundle is reused, not fetched again.
@@ -133,7 +134,10 @@ publish() {
     "http://$METADATA/computeMetadata/v1/instance/guest-attributes/__NAMESPACE__/$1" >/dev/null \
     || log "could not publish guest attribute $1"
 }
-now_ms() { if [ -n "${EPOCHREALTIME:-}" ]; then local t=${EPOCHREALTIME/[.,]/}; printf '%s' "${t:0:13}"; else date +%s%3N; fi; }
+# Milliseconds since the epoch from bash's own clock (bash 5+), else from date(1).
+now_ms() {
+  if [ -n "${EPOCHREALTIME:-}" ]; then local t=${EPOCHREALTIME/[.,]/}; printf '%s' "${t:0:13}"; else date +%s%3N; fi
+}
 PHASES=""
 phase() { PHASES="${PHASES:+$PHASES }$1=$(now_ms)"; publish __ATTR_PHASES__ "$PHASES"; log "phase $1${2:+: $2}"; }
 fail() { publish __ATTR_FAILED__ "$1: $2"; log "FAILED in phase $1: $2"; exit 1; }
@@ -190,7 +194,7 @@ else
   if [ "$CODE" = __EXIT_REPORTED__ ]; then
     fail "${GOT%%$'\t'*}" "${GOT#*$'\t'}"
   elif [ "$CODE" != 0 ]; then
-    fail interpreter "$PYTHON could not run fray-tpu's installer (exit code $CODE; its error is above on the serial console): fray-tpu's agent needs Python 3.10+: use runtime_version=tpu-ubuntu2204-base"
+    fail interpreter "$PYTHON could not run fray-tpu's installer (exit code $CODE; its error is above on the serial console): fray-tpu's agent needs Python 3.10+: use runtime_version=tpu-ubuntu2204-base, whose image ships Python 3.10"
   fi
   PHASES=$GOT
 fi

@@ -259,7 +259,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self._reply(400, _error(400, "a media upload needs a name"))
             data_file, md5 = self._body_to_file(length)
             try:
-                resource = self.server.put_file(bucket, query["name"], data_file, if_generation_match=condition, md5=md5)
+                resource = self.server.put_file(bucket, query["name"], data_file, if_generation_match=condition,
+                                                md5=md5)
             except PreconditionFailed:
                 return self._precondition_failed()
             return self._reply(200, json.dumps(resource).encode())
