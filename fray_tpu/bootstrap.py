@@ -1,12 +1,13 @@
 """The startup-script every TPU VM runs at boot (as root, on every worker, in no order).
 
-It finds the image's ``python3``, fetches the host bundle (``fray_tpu.hostbundle``) from Cloud
-Storage with the VM's own service-account token (``fray_tpu.gcsfetch``), verifies its SHA-256
-against the hash the controller pinned here, unpacks it (its dependencies are installed already,
-with their bytecode, for this Python and platform; no package index is ever asked), writes the
-agent's settings (among them where uv's own object is and its pinned hash: the agent fetches it
-in the background, ``fray_tpu.worker.uvfetch``), starts the agent as its own service and exits 0. On a VM with systemd the
-service is a unit (restart on crash, the whole control group stopped at shutdown, the agent's
+It finds the image's ``python3``, which (one interpreter, ``fray_tpu.gcsfetch.install``) fetches
+the host bundle (``fray_tpu.hostbundle``) from Cloud Storage with the VM's own service-account
+token, verifies its SHA-256 against the hash the controller pinned here, and unpacks it (its
+dependencies are installed already, with their bytecode, for this Python and platform; no
+package index is ever asked). The script then writes the agent's settings (among them where
+uv's own object is and its pinned hash: the agent fetches it in the background once it serves,
+``fray_tpu.worker.uvfetch``), starts the agent as its own service and exits 0. On a VM with
+systemd the service is a unit (restart on crash, the whole control group stopped at shutdown, the agent's
 stop-for-good exit code :data:`AGENT_EXIT_STOP` honoured, output to its own log); without
 systemd (the emulator's images) a detached runner does the same. A reboot runs the script again;
 an installed bundle is reused, not fetched again.
@@ -49,7 +50,7 @@ from fray_tpu.errors import ConfigError
 # The agent exits with this code to stop its service for good (EX_TEMPFAIL's number, unused by
 # Python itself: an uncaught exception exits 1, a signal 128+N).
 AGENT_EXIT_STOP = 75
-LOG_PREFIX = "[fray-tpu-bootstrap]"
+LOG_PREFIX = gcsfetch.LOG_PREFIX
 ENV_FILE_NAME = "agent.env"
 # An agent run at least this long resets the restart backoff to its first step.
 HEALTHY_RUN_SECONDS = 60
@@ -133,8 +134,12 @@ publish() {
     "http://$METADATA/computeMetadata/v1/instance/guest-attributes/__NAMESPACE__/$1" >/dev/null \
     || log "could not publish guest attribute $1"
 }
+# Milliseconds since the epoch from bash's own clock (bash 5+), else from date(1).
+now_ms() {
+  if [ -n "${EPOCHREALTIME:-}" ]; then local t=${EPOCHREALTIME/[.,]/}; printf '%s' "${t:0:13}"; else date +%s%3N; fi
+}
 PHASES=""
-phase() { PHASES="${PHASES:+$PHASES }$1=$(date +%s%3N)"; publish __ATTR_PHASES__ "$PHASES"; log "phase $1${2:+: $2}"; }
+phase() { PHASES="${PHASES:+$PHASES }$1=$(now_ms)"; publish __ATTR_PHASES__ "$PHASES"; log "phase $1${2:+: $2}"; }
 fail() { publish __ATTR_FAILED__ "$1: $2"; log "FAILED in phase $1: $2"; exit 1; }
 
 publish __ATTR_FAILED__ ""
@@ -143,9 +148,6 @@ phase started
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   fail interpreter "no $PYTHON on this image (PATH=$PATH); fray-tpu's agent needs Python 3.10+: use runtime_version=tpu-ubuntu2204-base (or v2-alpha-tpuv5-lite / v2-alpha-tpuv6e), whose images ship Python 3.10"
 fi
-VM_PYTHON=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>&1) \
-  || fail interpreter "$PYTHON does not run: $VM_PYTHON"
-phase interpreter "$PYTHON is Python $VM_PYTHON"
 
 if [ -n "${__AGENT_STATE_DIR_ENV__:-}" ]; then
   STATE_DIR=$__AGENT_STATE_DIR_ENV__
@@ -165,8 +167,8 @@ elif [ "${FRAY_TPU_EMULATED_HOST:-}" = 1 ]; then
 else
   RUN_DIR=$DEFAULT_RUN_DIR
 fi
-mkdir -p "$STATE_DIR/bundles" || fail bundle "cannot create the state directory $STATE_DIR"
-mkdir -p "$RUN_DIR/bundles" || fail bundle "cannot create the runtime directory $RUN_DIR"
+mkdir -p "$STATE_DIR/bundles" "$RUN_DIR/bundles" \
+  || fail bundle "cannot create the state directory $STATE_DIR and the runtime directory $RUN_DIR"
 STATE_DIR=$(cd "$STATE_DIR" && pwd)
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
 ARCHIVE=$STATE_DIR/bundles/$BUNDLE_SHA256.tar
@@ -180,35 +182,21 @@ if [ "${__INHERITED_ENV__:-}" = 1 ] && "$PYTHON" -c 'import sys, fray_tpu; sys.e
   SITE=""
   UV=$(command -v uv || true)
   UV_URL=""
+  phase interpreter "the emulator's own $PYTHON"
   phase bundle "not used: the inherit-controller image runs the emulator's own fray-tpu"
   phase deps "inherited"
-elif [ -f "$BUNDLE_DIR/.installed" ]; then
-  phase bundle "installed already in $BUNDLE_DIR (not fetched again)"
-  phase deps "installed already"
 else
-  if [ -f "$ARCHIVE" ]; then
-    phase bundle "kept from an earlier boot in $ARCHIVE (verified then; not fetched again)"
-  else
-    # Fetched whole and verified before a single member is unpacked.
-    rm -f "$ARCHIVE.partial"
-    GOT=$("$PYTHON" -c "$FETCH_PY" "$STORAGE_ENDPOINT" "$BUNDLE_URL" "$ARCHIVE.partial" __DOWNLOAD_ATTEMPTS__ 2>&1) \
-      || fail bundle "cannot fetch $BUNDLE_URL from $STORAGE_ENDPOINT: $GOT"
-    if [ "$GOT" != "$BUNDLE_SHA256" ]; then
-      rm -f "$ARCHIVE.partial"
-      fail bundle "SHA-256 mismatch for $BUNDLE_URL: expected $BUNDLE_SHA256 (pinned by the controller), got $GOT; the object was changed after it was staged, refusing to run it"
-    fi
-    mv -f "$ARCHIVE.partial" "$ARCHIVE" || fail bundle "cannot keep the verified bundle in $ARCHIVE"
-    phase bundle "fetched $BUNDLE_URL, SHA-256 verified"
+  # One interpreter for the interpreter, bundle and deps phases (fray_tpu.gcsfetch.install): it
+  # publishes each, and answers the phases so far, or the failed phase and why.
+  GOT=$("$PYTHON" -c "$FETCH_PY" install "$STORAGE_ENDPOINT" "$BUNDLE_URL" "$BUNDLE_SHA256" "$ARCHIVE" \
+    "$BUNDLE_DIR" "$BUNDLE_PYTHON" "$BUNDLE_PLATFORM" __DOWNLOAD_ATTEMPTS__ __NAMESPACE__/__ATTR_PHASES__ "$PHASES")
+  CODE=$?
+  if [ "$CODE" = __EXIT_REPORTED__ ]; then
+    fail "${GOT%%$'\t'*}" "${GOT#*$'\t'}"
+  elif [ "$CODE" != 0 ]; then
+    fail interpreter "$PYTHON could not run fray-tpu's installer (exit code $CODE; its error is above on the serial console): fray-tpu's agent needs Python 3.10+: use runtime_version=tpu-ubuntu2204-base, whose image ships Python 3.10"
   fi
-  # The controller installed the dependencies for this Python and platform (uv --target): they
-  # load only on that interpreter version.
-  [ "$VM_PYTHON" = "$BUNDLE_PYTHON" ] \
-    || fail deps "the bundle's compiled dependencies (grpcio, protobuf, cryptography) are for Python $BUNDLE_PYTHON on $BUNDLE_PLATFORM; this VM's $PYTHON is $VM_PYTHON: set host_python=$VM_PYTHON, or use a runtime whose image has Python $BUNDLE_PYTHON (tpu-ubuntu2204-base)"
-  rm -rf "$BUNDLE_DIR.partial" && mkdir -p "$BUNDLE_DIR.partial" && tar -xf "$ARCHIVE" -C "$BUNDLE_DIR.partial" \
-    || fail deps "cannot unpack $ARCHIVE into $BUNDLE_DIR.partial"
-  touch "$BUNDLE_DIR.partial/.installed" && rm -rf "$BUNDLE_DIR" && mv "$BUNDLE_DIR.partial" "$BUNDLE_DIR" \
-    || fail deps "cannot move the unpacked bundle into $BUNDLE_DIR"
-  phase deps "unpacked into $SITE"
+  PHASES=$GOT
 fi
 
 ENV_FILE=$STATE_DIR/__ENV_FILE_NAME__
@@ -327,6 +315,7 @@ def render_startup_script(spec: BootstrapSpec) -> str:
         "__AGENT_LOG__": AGENT_LOG_NAME,
         "__SERVING__": AGENT_SERVING_MARKER,
         "__DOWNLOAD_ATTEMPTS__": str(DOWNLOAD_ATTEMPTS),
+        "__EXIT_REPORTED__": str(gcsfetch.EXIT_REPORTED),
     }
     pattern = re.compile("|".join(re.escape(token) for token in sorted(replacements, key=len, reverse=True)))
     script = pattern.sub(lambda match: replacements[match.group(0)], _TEMPLATE)

@@ -116,7 +116,10 @@ class HostBootstrapper:
         started = time.monotonic()
         try:
             # One after the other, the bundle first: the VMs need it first (uv only once the agent serves).
-            urls = [storage.upload(staged) for staged in missing]
+            urls = []
+            for staged in missing:
+                urls.append(storage.upload(staged))
+                log.debug("staged %s after %.2fs", urls[-1], time.monotonic() - started)
         except FrayTpuError as error:
             reason = f"staging the host bundle for Python {python} in gs://{storage.bucket} failed: {error}"
             log.error("%s", reason)

@@ -5,7 +5,8 @@ controller's own ``fray_tpu`` package (exactly the controller's version, publish
 its dependencies installed for the VM's Python and platform (wheels fetched by the controller,
 which can reach an index, with ``pip download --only-binary=:all:``, then installed with ``uv pip
 install --target --python-version --python-platform``), with their bytecode compiled by an
-interpreter of the VM's Python version (unchecked-hash ``.pyc``: a VM does not compile grpc,
+interpreter of the VM's Python version (what a VM never imports left out, the compiled modules'
+symbol tables stripped; unchecked-hash ``.pyc``: a VM does not compile grpc,
 protobuf and cryptography at every first boot; without such an interpreter on the controller the
 bundle carries no bytecode and each VM compiles what it imports, about half a second more). The
 VM only verifies and unpacks it. The tar is not compressed: inflating it costs a VM more CPU than
@@ -33,6 +34,7 @@ import importlib.metadata
 import io
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -76,6 +78,15 @@ if "%d.%d" % sys.version_info[:2] != sys.argv[1]:
 compileall.compile_dir(sys.argv[2], quiet=2, workers=0,
                        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
 """
+# What a VM never imports, left out of the site (every byte is fetched, hashed and unpacked by
+# every VM at every first boot): the controller's emulator and operator tools, the TPU API
+# versions fray-tpu does not call (v2 only), cffi's Python side and its parser (cryptography's
+# compiled bindings load only the compiled ``_cffi_backend``), console scripts naming the
+# controller's interpreter, type stubs and .proto sources (the generated modules carry their
+# descriptors).
+_VM_UNUSED = ("fray_tpu/emulator", "fray_tpu/ops", "google/cloud/tpu_v1", "google/cloud/tpu_v2alpha1", "cffi",
+              "pycparser", "bin", "**/*.pyi", "**/*.proto")
+STRIP_TIMEOUT_SECONDS = 120.0
 # The fray_tpu package the bundle carries: the controller's own source.
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -175,8 +186,9 @@ def _package_files() -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not _PACKAGE_SKIP.search(str(p)))
 
 
-def _build_key(target: HostTarget, requirements: list[str], compiler: str | None) -> str:
-    digest = hashlib.sha256(json.dumps([target.python, target.platform, requirements, compiler is not None]).encode())
+def _build_key(target: HostTarget, requirements: list[str], compiler: str | None, strip: str | None) -> str:
+    digest = hashlib.sha256(json.dumps([target.python, target.platform, requirements, compiler is not None,
+                                        strip is not None]).encode())
     root = PACKAGE_DIR
     for path in _package_files():
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -251,6 +263,24 @@ def _install_site(target: HostTarget, requirements: list[str], wheels: Path, uv:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"))
 
 
+def _slim_site(site: Path, strip: str | None) -> None:
+    """Remove what a VM never imports, and the symbol tables of the compiled modules that carry
+    one (``strip --strip-unneeded`` keeps what the dynamic loader needs; cryptography's is 3 MB)."""
+    for pattern in _VM_UNUSED:
+        for path in site.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    if strip is None:
+        return
+    for library in sorted(site.rglob("*.so")):
+        result = subprocess.run([strip, "--strip-unneeded", str(library)], capture_output=True, text=True,
+                                timeout=STRIP_TIMEOUT_SECONDS)
+        if result.returncode != 0:
+            raise FrayTpuError(f"cannot strip {library} with {strip}: {result.stderr.strip()[-300:]}")
+
+
 def _compile_site(target: HostTarget, compiler: str, site: Path) -> None:
     try:
         result = subprocess.run([compiler, "-I", "-c", _COMPILE_PY, target.python, str(site)], capture_output=True,
@@ -287,7 +317,8 @@ def build_host_bundle(target: HostTarget | None = None, cache_dir: Path | None =
     target = target or HostTarget()
     requirements = agent_requirements()
     compiler = bytecode_compiler(target.python)
-    cache = (cache_dir or default_cache_dir()) / _build_key(target, requirements, compiler)
+    strip = shutil.which("strip")  # binutils: without it the bundle is 3 MB larger, no worse
+    cache = (cache_dir or default_cache_dir()) / _build_key(target, requirements, compiler, strip)
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -304,6 +335,7 @@ def build_host_bundle(target: HostTarget | None = None, cache_dir: Path | None =
                 _download_wheels(target, requirements, wheels)
                 uv_partial = _uv_binary(wheels, Path(scratch) / "uv")
                 _install_site(target, _site_requirements(requirements), wheels, uv_partial, site)
+                _slim_site(site, strip)
                 if compiler is not None:
                     _compile_site(target, compiler, site)
                 partial = Path(scratch) / "bundle.tar"
@@ -325,7 +357,7 @@ class BundleStorage:
         self.endpoint = endpoint.rstrip("/")
         self._token = token
 
-    def _request(self, method: str, url: str, data: bytes | None = None) -> dict | None:
+    def _request(self, method: str, url: str, data: bytes | memoryview | None = None) -> dict | None:
         last: Exception | None = None
         for _ in range(STORAGE_ATTEMPTS):
             request = urllib.request.Request(url, data=data, method=method,
@@ -364,7 +396,11 @@ class BundleStorage:
 
     def upload(self, staged: HostBundle | StagedFile) -> str:
         query = urllib.parse.urlencode({"uploadType": "media", "name": staged.object_name})
-        self._request("POST", f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o?{query}", staged.path.read_bytes())
+        url = f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o?{query}"
+        # Sent from the page cache (a memory map): no copy of the 50 MB in this process.
+        with open(staged.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, \
+                memoryview(mapped) as body:
+            self._request("POST", url, body)
         return self.url(staged)
 
     def stage(self, staged: HostBundle | StagedFile) -> str:

@@ -1,9 +1,5 @@
 import sys
 
-from fray_tpu.worker import uvfetch
-
-uvfetch.start()  # before the agent's imports: uv arrives while the agent starts
-
-from fray_tpu.worker.main import main  # noqa: E402
+from fray_tpu.worker.main import main
 
 sys.exit(main())

@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         LOG.warning("cannot become child subreaper: processes that leave an attempt's group and "
                     "environment are found only by cgroup")
     agent = Agent(settings)
-    agent.uv.start()  # if __main__ did not
     watcher = md.PreemptionWatcher(client, agent.mark_preempted)
     try:
         server = make_server(agent, settings)
@@ -61,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         LOG.error("cannot start: %s", error)
         server.stop(grace=0)
         return 1
+    agent.uv.start()
     agent.lease.start()
     watcher.start()
     LOG.info("serving on %s:%d (node %s, %s, job %s, lease %.0fs, self-delete %s)", settings.ip, settings.port,

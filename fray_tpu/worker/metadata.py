@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import json
 import os
 import threading
 import time
@@ -40,6 +41,7 @@ PREEMPTED_PATH = "instance/preempted"
 ZONE_PATH = "instance/zone"
 INTERFACE_IP_PATH = "instance/network-interfaces/0/ip"
 INTERFACE_NETWORK_PATH = "instance/network-interfaces/0/network"
+ATTRIBUTES_DIR = "instance/attributes/"
 _BASE = "/computeMetadata/v1/"
 
 
@@ -65,12 +67,13 @@ class MetadataClient:
         self.backoff = backoff
 
     def get(self, path: str, *, wait_for_change: bool = False, last_etag: str | None = None,
-            wait_seconds: int = 60) -> MetadataValue | None:
-        """The value at `path` (relative to computeMetadata/v1/), or None when it does not exist."""
-        query = {}
+            wait_seconds: int = 60, recursive: bool = False) -> MetadataValue | None:
+        """The value at `path` (relative to computeMetadata/v1/), or None when it does not exist;
+        ``recursive``: a directory's whole subtree as JSON."""
+        query = {"recursive": "true", "alt": "json"} if recursive else {}
         timeout = self.timeout
         if wait_for_change:
-            query = {"wait_for_change": "true", "timeout_sec": str(wait_seconds)}
+            query.update({"wait_for_change": "true", "timeout_sec": str(wait_seconds)})
             if last_etag:
                 query["last_etag"] = last_etag
             timeout = self.timeout + wait_seconds
@@ -129,6 +132,20 @@ class MetadataClient:
                 break
         raise MetadataError(f"metadata server {self.host} did not store guest attribute {namespace}/{key} "
                             f"after {self.attempts} tries (last: {last_problem})")
+
+    def attributes(self) -> dict[str, str]:
+        """Every attribute of the node's metadata, in one request."""
+        value = self.get(ATTRIBUTES_DIR, recursive=True)
+        if value is None:
+            return {}
+        try:
+            attributes = json.loads(value.text)
+        except ValueError:
+            attributes = None
+        if not isinstance(attributes, dict):
+            raise MetadataError(f"metadata server {self.host} answered {ATTRIBUTES_DIR}?recursive=true with "
+                                f"{value.text[:200]!r}, not a JSON object of attributes")
+        return {str(key): str(text) for key, text in attributes.items()}
 
     def attribute(self, name: str) -> str | None:
         value = self.get(f"instance/attributes/{name}")

@@ -108,14 +108,23 @@ def _full_node_name(client: md.MetadataClient, node: str) -> str:
     return f"projects/{project.text.strip()}/locations/{zone.text.strip().rsplit('/', 1)[-1]}/nodes/{node}"
 
 
+def _required(attributes: dict[str, str], name: str, client: md.MetadataClient) -> str:
+    value = attributes.get(name, "")
+    if not value.strip():
+        raise md.MetadataError(f"node metadata has no {name!r} attribute on {client.host}; the controller must set "
+                               "it when creating the node")
+    return value
+
+
 def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSettings:
     emulated = os.environ.get(EMULATED_ENV) == "1"
-    worker_text = client.required_attribute(md.ATTR_WORKER_NUMBER)
+    attributes = client.attributes()  # one request: every VM of a slice asks at once
+    worker_text = _required(attributes, md.ATTR_WORKER_NUMBER, client)
     try:
         worker_number = int(worker_text)
     except ValueError:
         raise md.MetadataError(f"metadata attribute {md.ATTR_WORKER_NUMBER}={worker_text!r} is not an integer") from None
-    endpoints = md.endpoint_ips(client.attribute(md.ATTR_WORKER_ENDPOINTS) or "")
+    endpoints = md.endpoint_ips(attributes.get(md.ATTR_WORKER_ENDPOINTS, ""))
     own = endpoints[worker_number] if worker_number < len(endpoints) else ""
     if own and not md.is_ip_address(own):
         # Hostname-only endpoints: this VM's address is its own network interface's.
@@ -130,8 +139,8 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
             f"worker {worker_number} has no entry in {md.ATTR_WORKER_ENDPOINTS} ({endpoints}); cannot tell "
             f"which address to listen on"
         )
-    node_name = _full_node_name(client, (client.attribute(md.ATTR_NODE) or "").strip())
-    secret_sha256 = client.required_attribute(md.ATTR_SECRET_SHA256).strip().lower()
+    node_name = _full_node_name(client, attributes.get(md.ATTR_NODE, "").strip())
+    secret_sha256 = _required(attributes, md.ATTR_SECRET_SHA256, client).strip().lower()
     if len(secret_sha256) != 64 or any(c not in "0123456789abcdef" for c in secret_sha256):
         raise md.MetadataError(f"metadata attribute {md.ATTR_SECRET_SHA256} is not a hex SHA-256")
     host_dir = Path(os.environ.get(HOST_DIR_ENV) or os.getcwd()) if emulated else Path("/")
@@ -140,20 +149,20 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
     return AgentSettings(
         worker_number=worker_number,
         ip=ip,
-        port=int(_parse_number(md.ATTR_AGENT_PORT, client.attribute(md.ATTR_AGENT_PORT), md.DEFAULT_AGENT_PORT)),
-        accelerator_type=client.attribute(md.ATTR_ACCELERATOR_TYPE) or "",
+        port=int(_parse_number(md.ATTR_AGENT_PORT, attributes.get(md.ATTR_AGENT_PORT), md.DEFAULT_AGENT_PORT)),
+        accelerator_type=attributes.get(md.ATTR_ACCELERATOR_TYPE, ""),
         node_name=node_name.strip(),
         secret_sha256=secret_sha256,
         tls_cert_pem=material.cert_pem,
         tls_key_pem=material.key_pem,
-        lease_seconds=_parse_number(md.ATTR_LEASE_SECONDS, client.attribute(md.ATTR_LEASE_SECONDS),
+        lease_seconds=_parse_number(md.ATTR_LEASE_SECONDS, attributes.get(md.ATTR_LEASE_SECONDS),
                                     DEFAULT_LEASE_SECONDS),
-        tls_leaf_seconds=_parse_number(md.ATTR_TLS_LEAF_SECONDS, client.attribute(md.ATTR_TLS_LEAF_SECONDS),
+        tls_leaf_seconds=_parse_number(md.ATTR_TLS_LEAF_SECONDS, attributes.get(md.ATTR_TLS_LEAF_SECONDS),
                                        DEFAULT_TLS_LEAF_SECONDS),
-        self_delete=_parse_bool(md.ATTR_SELF_DELETE, client.attribute(md.ATTR_SELF_DELETE), True),
-        api_endpoint=(client.attribute(md.ATTR_API_ENDPOINT) or "").strip() or None,
-        job=(client.attribute(md.ATTR_JOB) or "").strip(),
-        controller=(client.attribute(md.ATTR_CONTROLLER) or "").strip(),
+        self_delete=_parse_bool(md.ATTR_SELF_DELETE, attributes.get(md.ATTR_SELF_DELETE), True),
+        api_endpoint=attributes.get(md.ATTR_API_ENDPOINT, "").strip() or None,
+        job=attributes.get(md.ATTR_JOB, "").strip(),
+        controller=attributes.get(md.ATTR_CONTROLLER, "").strip(),
         state_dir=state_dir,
         host_dir=host_dir,
         emulated=emulated,

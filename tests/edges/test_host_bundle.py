@@ -5,12 +5,17 @@ staged and verify what they fetch, and that storage refuses what Google's would.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -32,17 +37,26 @@ def bundle():
 
 
 def test_the_bundle_carries_the_agent_and_its_dependencies_compiled_for_the_vm_and_uv_apart(bundle):
-    """One uncompressed archive: this fray_tpu, grpcio built for CPython 3.10, their bytecode
+    """One uncompressed archive: this fray_tpu, grpcio built for CPython 3.10 (nothing a VM never
+    imports, symbol tables stripped), their bytecode
     compiled for 3.10 (unchecked-hash: valid whatever the unpacked files' times), a manifest; uv
     is a file of its own, named by its hash, not in the archive."""
     with tarfile.open(bundle.path, mode="r:") as archive:
         names = set(archive.getnames())
         manifest = json.load(archive.extractfile("manifest.json"))
         pyc = archive.extractfile("site/fray_tpu/worker/__pycache__/main.cpython-310.pyc").read(16)
+        rust = archive.extractfile("site/cryptography/hazmat/bindings/_rust.abi3.so").read()
     assert {"site/fray_tpu/contract.py", "site/fray_tpu/worker/main.py"} <= names
     assert any(n.startswith("site/grpc/_cython/cygrpc.cpython-310-") for n in names), sorted(names)[:20]
     assert "site/grpc/__pycache__/__init__.cpython-310.pyc" in names
     assert not any(n.endswith("/uv") or n.startswith(("site/uv/", "bin/")) for n in names), sorted(names)[:20]
+    never_imported = [n for n in names if n.startswith(("site/fray_tpu/emulator/", "site/fray_tpu/ops/", "site/cffi/",
+                                                         "site/google/cloud/tpu_v1/", "site/bin/"))
+                      or n.endswith((".pyi", ".proto"))]
+    assert not never_imported, never_imported[:10]
+    assert "site/google/cloud/tpu_v2/__init__.py" in names  # the agent's self-delete calls it
+    if shutil.which("strip"):
+        assert b".symtab" not in rust, "cryptography's compiled module still carries its symbol table"
     flags = int.from_bytes(pyc[4:8], "little")
     assert flags == 0b01, flags  # hash-based, not checked against the source
     assert (manifest["fray_tpu_version"], manifest["python"], manifest["bytecode"]) == (VERSION, "3.10", True)
@@ -143,3 +157,71 @@ def test_a_failed_background_upload_fails_the_booting_jobs_with_its_reason(bundl
     bootstrapper.startup_script("v2-alpha-tpuv5-lite")
     bootstrapper.wait_staged(60)
     assert staging_failure() is None and not staging.missing(bundle) and not staging.missing(bundle.uv)
+
+
+def _tar_with(tmp_path, members: dict[str, bytes]) -> bytes:
+    path = tmp_path / "bundle.tar"
+    with tarfile.open(path, mode="w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+def _install(storage, tmp_path, sha256: str, python: str | None = None) -> subprocess.CompletedProcess:
+    """The startup-script's install step, as the script runs it: gcsfetch's source with ``-c``."""
+    return subprocess.run(
+        [sys.executable, "-c", Path(gcsfetch.__file__).read_text(), "install", storage.endpoint,
+         f"gs://{EMULATED_BUCKET}/bundle.tar", sha256, str(tmp_path / "state" / "bundle.tar"),
+         str(tmp_path / "run" / "bundle"), python or "%d.%d" % sys.version_info[:2], "manylinux_2_35_x86_64", "2",
+         "fray-tpu/boot-phases", "started=1"],
+        capture_output=True, text=True, timeout=60)
+
+
+def test_the_installer_fetches_verifies_unpacks_and_reuses_what_it_installed(storage, metadata, tmp_path):
+    """One interpreter runs the interpreter, bundle and deps phases: it publishes each, keeps the
+    verified archive on disk, unpacks it; run again it reuses the installed bundle, and after a
+    reboot (the run directory emptied) unpacks the kept archive, without a second download."""
+    data = _tar_with(tmp_path, {"site/hello.py": b"print('hi')\n"})
+    put_object(storage, tmp_path, "bundle.tar", data)
+    (tmp_path / "state").mkdir()
+    sha256 = hashlib.sha256(data).hexdigest()
+    before = storage.counters["downloads"]
+
+    first = _install(storage, tmp_path, sha256)
+    assert first.returncode == 0, first.stderr
+    assert [part.split("=")[0] for part in first.stdout.split()] == ["started", "interpreter", "bundle", "deps"]
+    assert metadata.metadata.guest_attributes()["fray-tpu"]["boot-phases"] == first.stdout.strip()
+    assert "phase bundle: fetched" in first.stderr
+    assert (tmp_path / "run/bundle/site/hello.py").read_bytes() == b"print('hi')\n"
+    assert (tmp_path / "state/bundle.tar").read_bytes() == data
+
+    again = _install(storage, tmp_path, sha256)
+    assert again.returncode == 0 and "phase bundle: installed already" in again.stderr, again.stderr
+    shutil.rmtree(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    rebooted = _install(storage, tmp_path, sha256)
+    assert rebooted.returncode == 0 and "phase bundle: kept from an earlier boot" in rebooted.stderr, rebooted.stderr
+    assert (tmp_path / "run/bundle/site/hello.py").exists()
+    assert storage.counters["downloads"] - before == 1
+
+
+def test_the_installer_refuses_a_changed_bundle_and_another_python_naming_the_phase(storage, metadata, tmp_path):
+    """A hash that is not the pinned one: the bundle phase fails and nothing is kept or unpacked.
+    A bundle for another Python: the deps phase fails naming the setting that fixes it."""
+    data = _tar_with(tmp_path, {"site/hello.py": b"print('hi')\n"})
+    put_object(storage, tmp_path, "bundle.tar", data)
+    (tmp_path / "state").mkdir()
+
+    tampered = _install(storage, tmp_path, "0" * 64)
+    assert tampered.returncode == gcsfetch.EXIT_REPORTED, tampered.stderr
+    phase, reason = tampered.stdout.strip().split("\t", 1)
+    assert phase == "bundle" and reason.startswith("SHA-256 mismatch") and "refusing to run it" in reason
+    assert not any((tmp_path / "state").iterdir()) and not (tmp_path / "run").exists()
+
+    other = _install(storage, tmp_path, hashlib.sha256(data).hexdigest(), python="3.9")
+    assert other.returncode == gcsfetch.EXIT_REPORTED, other.stderr
+    phase, reason = other.stdout.strip().split("\t", 1)
+    assert phase == "deps" and "are for Python 3.9" in reason and "set host_python=" in reason
+    assert not (tmp_path / "run" / "bundle").exists()

@@ -44,3 +44,17 @@ def test_preemption_watcher_latches_only_on_exactly_true(metadata_server):
         assert watcher.preempted
     finally:
         watcher.stop()
+
+
+def test_metadata_client_reads_every_attribute_in_one_request():
+    """attributes() asks the emulated VM metadata server for instance/attributes/ recursively: one
+    request returns every attribute verbatim (keys as written, values as strings), as the GCE server does."""
+    from fray_tpu.emulator.metadata import HostMetadata, MetadataServer
+
+    metadata = HostMetadata({"worker-number": "3", "fray-tpu-job": "j", "empty": ""}, {"name": "vm-3"}, {})
+    server = MetadataServer("127.0.0.1", metadata)
+    try:
+        client = md.MetadataClient(server.address)
+        assert client.attributes() == {"worker-number": "3", "fray-tpu-job": "j", "empty": ""}
+    finally:
+        server.close()

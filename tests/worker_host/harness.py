@@ -6,6 +6,7 @@ TPU API).
 from __future__ import annotations
 
 import hashlib
+import json
 import http.server
 import os
 import random
@@ -64,6 +65,8 @@ class FakeMetadata:
                     return self._send(200, *owner._preempted_value(query))
                 if path == "instance/name":
                     return self._send(200, owner.instance_name)
+                if path == md.ATTRIBUTES_DIR and query.get("recursive") == ["true"]:
+                    return self._send(200, json.dumps(owner.attributes))
                 if path.startswith("instance/attributes/"):
                     value = owner.attributes.get(path.removeprefix("instance/attributes/"))
                     if value is not None:
