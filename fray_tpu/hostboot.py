@@ -33,6 +33,10 @@ from fray_tpu.hostbundle import (
 log = logging.getLogger(__name__)
 EMULATED_TOKEN = "emulated-token"
 STORAGE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+# How often a slice's creation checks again that the staged objects are still in the bucket (a
+# lifecycle rule or a cleanup may delete them while a controller runs for weeks): in the
+# background, so a deleted object is uploaded again while the new slice's VMs wait for it.
+STAGED_RECHECK_SECONDS = 60.0
 
 
 class BootstrapFailed(ConfigError):
@@ -54,6 +58,8 @@ class HostBootstrapper:
         self._lock = threading.Lock()
         self._scripts: dict[str, str] = {}
         self._uploads: dict[str, Future] = {}
+        self._checked: dict[str, float] = {}  # Python -> when its objects were last found or staged
+        self._staged_objects: dict[str, tuple[BundleStorage, tuple]] = {}  # Python -> (bucket, its objects)
         # Not daemon threads: a controller process that exits right after a launch finishes the upload.
         self._uploader = ThreadPoolExecutor(1, thread_name_prefix="host-bundle-upload")
         self._staging: tuple[str, str] | None = None
@@ -93,7 +99,9 @@ class HostBootstrapper:
     def startup_script(self, runtime_version: str) -> str:
         """The startup-script for ``runtime_version``: builds its bundle on first use and stages
         it in the background (the VMs wait for what is not uploaded yet, ``gcsfetch``): creating
-        a slice takes longer than the upload, which thus costs a launch no time."""
+        a slice takes longer than the upload, which thus costs a launch no time. Later calls
+        check again, at most every ``STAGED_RECHECK_SECONDS`` and in the background too, that
+        the objects are still there."""
         python = self._config.host_python or runtime_python(runtime_version)
         check_host_python(runtime_version, python)
         with self._lock:
@@ -101,6 +109,7 @@ class HostBootstrapper:
                 bundle = build_host_bundle(HostTarget(python, DEFAULT_PLATFORM))
                 storage = self._storage()
                 missing = [staged for staged in (bundle, bundle.uv) if storage.missing(staged)]
+                self._checked[python] = time.monotonic()
                 if missing:
                     with _BOOTSTRAPPERS_LOCK:
                         _STAGING_FAILURES.pop((id(self), python), None)
@@ -110,7 +119,27 @@ class HostBootstrapper:
                     uv_url=storage.url(bundle.uv), uv_sha256=bundle.uv.sha256,
                     bundle_python=python, bundle_platform=bundle.target.platform, storage_endpoint=storage.endpoint,
                 ))
+                self._staged_objects[python] = (storage, (bundle, bundle.uv))
+            elif time.monotonic() - self._checked[python] > STAGED_RECHECK_SECONDS and self._upload_idle(python):
+                self._checked[python] = time.monotonic()
+                self._uploads[python] = self._uploader.submit(self._restage, python, *self._staged_objects[python])
             return self._scripts[python]
+
+    def _upload_idle(self, python: str) -> bool:
+        upload = self._uploads.get(python)
+        return upload is None or upload.done()
+
+    def _restage(self, python: str, storage: BundleStorage, objects: tuple) -> None:
+        """Upload again what is no longer in the bucket (on the uploader's thread)."""
+        try:
+            missing = [staged for staged in objects if storage.missing(staged)]
+        except FrayTpuError as error:  # the next slice's creation checks again
+            log.warning("could not check the staged host bundle for Python %s: %s", python, error)
+            return
+        if missing:
+            log.warning("the staged host bundle for Python %s is no longer all in gs://%s (%s missing): staging it "
+                        "again", python, storage.bucket, ", ".join(storage.url(staged) for staged in missing))
+            self._upload(python, storage, missing)
 
     def _upload(self, python: str, storage: BundleStorage, missing: list) -> None:
         started = time.monotonic()
@@ -125,6 +154,7 @@ class HostBootstrapper:
             log.error("%s", reason)
             with self._lock:
                 self._scripts.pop(python, None)  # the next launch stages again
+                self._staged_objects.pop(python, None)
             with _BOOTSTRAPPERS_LOCK:
                 _STAGING_FAILURES[(id(self), python)] = reason
             raise

@@ -1,6 +1,6 @@
 """Cloud Storage at the wire, the part host bundles and job environments travel through: the JSON
-API's media and resumable uploads (with custom metadata), object metadata and media download,
-generation preconditions, bearer-token auth and buckets that must exist.
+API's media and resumable uploads (with custom metadata), object metadata, media download and
+deletion, generation preconditions, bearer-token auth and buckets that must exist.
 
 The controller uploads a bundle once; every VM downloads it over Private Google Access (here:
 the storage server's loopback address). Hosts upload the job environments they built with
@@ -144,6 +144,18 @@ class StorageServer(http.server.ThreadingHTTPServer):
             previous["path"].unlink(missing_ok=True)
         return resource
 
+    def delete_object(self, bucket: str, name: str, if_generation_match: str | None = None) -> bool:
+        """Delete the object's live generation (``objects.delete``); False when there is none."""
+        key = hashlib.sha256(f"{bucket}/{name}".encode()).hexdigest()
+        with self.lock:
+            if (bucket, name) not in self.objects:
+                return False
+            self._check(bucket, name, if_generation_match)
+            entry = self.objects.pop((bucket, name))
+            (self._objects_dir / f"{key}.json").unlink(missing_ok=True)
+        entry["path"].unlink(missing_ok=True)
+        return True
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: StorageServer
@@ -236,6 +248,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.counters["downloads"] += 1
             self.server.counters["bytes_downloaded"] += size
+
+    def do_DELETE(self):  # noqa: N802 - http.server's naming
+        path, query = self._parsed()
+        if not self._authorized():
+            return
+        match = _OBJECT.match(path)
+        if not match:
+            return self._reply(404, _error(404, f"Not Found: {path}"))
+        bucket, name = (urllib.parse.unquote(part) for part in match.groups())
+        if bucket not in self.server.buckets:
+            return self._reply(404, _error(404, f"The specified bucket does not exist: {bucket}"))
+        try:
+            deleted = self.server.delete_object(bucket, name, query.get("ifGenerationMatch"))
+        except PreconditionFailed:
+            return self._precondition_failed()
+        if not deleted:
+            return self._reply(404, _error(404, f"No such object: {bucket}/{name}"))
+        self._reply(204, b"")
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         path, query = self._parsed()

@@ -104,3 +104,31 @@ def test_objects_outlive_the_server_on_its_root(tmp_path):
         assert objects.upload(NAME, _file(tmp_path, "b", b"x"), {}, "0") is None
     finally:
         again.close()
+
+
+def _delete(storage: StorageServer, name: str, **query: str) -> int:
+    url = f"{storage.endpoint}/storage/v1/b/{EMULATED_BUCKET}/o/{urllib.parse.quote(name, safe='')}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    request = urllib.request.Request(url, method="DELETE", headers={"Authorization": "Bearer t"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_a_deleted_object_is_gone_and_a_stale_generation_cannot_delete(storage, tmp_path):
+    """objects.delete: 412 for a generation that is not the live one, 204 and then 404 for the
+    object, also after a restart on the same root."""
+    objects = _objects(storage)
+    generation = objects.upload(NAME, _file(tmp_path, "a", b"data"), {}, "0")["generation"]
+    assert _delete(storage, NAME, ifGenerationMatch="1") == 412 and objects.stat(NAME) is not None
+    assert _delete(storage, NAME, ifGenerationMatch=generation) == 204
+    assert objects.stat(NAME) is None and _delete(storage, NAME) == 404
+    again = StorageServer("127.0.0.1", storage.root)
+    again.start()
+    try:
+        assert _objects(again).stat(NAME) is None
+    finally:
+        again.close()

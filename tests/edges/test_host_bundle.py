@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fray_tpu import gcsfetch
+from fray_tpu import gcsfetch, hostboot
 from fray_tpu.config import TpuClusterConfig
 from fray_tpu.contract import STORAGE_ENDPOINT_ENV, UV_ENV, UV_SHA256_ENV, UV_URL_ENV, VERSION
 from fray_tpu.emulator.metadata import HostMetadata, MetadataServer
@@ -225,3 +225,21 @@ def test_the_installer_refuses_a_changed_bundle_and_another_python_naming_the_ph
     phase, reason = other.stdout.strip().split("\t", 1)
     assert phase == "deps" and "are for Python 3.9" in reason and "set host_python=" in reason
     assert not (tmp_path / "run" / "bundle").exists()
+
+
+def test_a_staged_object_deleted_later_is_staged_again_when_a_slice_is_created(bundle, storage, monkeypatch):
+    """A controller runs for weeks; its staged bundle and uv may be deleted meanwhile (a lifecycle
+    rule): a later slice's creation finds that out in the background and uploads them again,
+    while that slice's VMs wait for them."""
+    monkeypatch.setattr(hostboot, "STAGED_RECHECK_SECONDS", 0.0)
+    bootstrapper = HostBootstrapper(TpuClusterConfig(emulate=True, emulator_endpoint="unused:1"), "unused:1")
+    staging = BundleStorage(EMULATED_BUCKET, endpoint=storage.endpoint, token=lambda: "token")
+    monkeypatch.setattr(bootstrapper, "_storage", lambda: staging)
+    script = bootstrapper.startup_script("v2-alpha-tpuv5-lite")
+    bootstrapper.wait_staged(60)
+    uploads = storage.counters["uploads"]
+    assert storage.delete_object(EMULATED_BUCKET, bundle.object_name)
+    assert bootstrapper.startup_script("v2-alpha-tpuv5-lite") == script
+    bootstrapper.wait_staged(60)
+    assert not staging.missing(bundle) and not staging.missing(bundle.uv)
+    assert storage.counters["uploads"] == uploads + 1  # the bundle only: uv was still there
