@@ -47,6 +47,7 @@ from fake_gcp.process import EmulatorProcess  # noqa: E402
 from benchlib import emit, until  # noqa: E402
 from fray_tpu.cluster import TpuCluster  # noqa: E402
 from fray_tpu.config import TpuClusterConfig  # noqa: E402
+from fray_tpu.contract import HOST_DIR_ENV  # noqa: E402
 from fray_tpu.emulator import EmulatorTimings  # noqa: E402
 from fray_tpu.fray_api import Entrypoint, EnvironmentConfig, JobRequest, JobStatus, ResourceConfig  # noqa: E402
 
@@ -85,17 +86,27 @@ def cpu_seconds_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mb_of_tree(roots: list[int]) -> float:
-    """Resident memory of ``roots`` and all their descendants (the emulated hosts), in MB."""
+def memory_mb_of_tree(roots: list[int], host_root: Path | None = None, field: str = "Rss") -> float:
+    """Memory of ``roots``, of the emulated hosts' processes under ``host_root`` (each has its
+    host directory there in its environment: an agent runs as its own service, detached from the
+    startup-script and so from the emulator's process tree) and of all their descendants, in MB:
+    ``Rss`` (each process's resident pages, shared ones counted in every process) or ``Pss``
+    (shared pages divided among the processes sharing them: what the machine really holds)."""
     parents: dict[int, int] = {}
     rss_kb: dict[int, int] = {}
+    on_hosts: list[int] = []
+    marker = f"{HOST_DIR_ENV}={host_root}/".encode() if host_root is not None else None
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            rss_kb[int(proc.name)] = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
-                                          if line.startswith("VmRSS:"))
+            rss_kb[int(proc.name)] = next(int(line.split()[1]) for line in
+                                          (proc / "smaps_rollup").read_text().splitlines()
+                                          if line.startswith(f"{field}:"))
+            if marker is not None and any(v.startswith(marker) for v in (proc / "environ").read_bytes().split(b"\0")):
+                on_hosts.append(int(proc.name))
         except (OSError, StopIteration, ValueError):
             continue
+    roots = [*roots, *on_hosts]
     tree, frontier = set(roots), list(roots)
     while frontier:
         parent = frontier.pop()
@@ -176,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         threading.Event().wait(args.window)
         calls_after, cpu_after = emulator.control.counters(), cpu_seconds_of_self()
         emulator_cpu_after, wall = cpu_seconds_of(emulator.pid), time.monotonic() - wall_before
-        rss = rss_mb_of_tree([os.getpid(), emulator.pid])
+        rss = memory_mb_of_tree([os.getpid(), emulator.pid], directory / "emulator")
         running = sum(1 for j in job_ids if cluster.poll(j).status == JobStatus.RUNNING)
 
         by_method = {m: calls_after.get(m, 0) - calls_before.get(m, 0) for m in sorted(calls_after)}
@@ -326,7 +337,8 @@ def run_gang(args) -> int:
             "steady_controller_rss_mb": round(int(next(line.split()[1] for line in
                                                        Path("/proc/self/status").read_text().splitlines()
                                                        if line.startswith("VmRSS:"))) / 1024, 1),
-            "rss_all_hosts_mb": rss_mb_of_tree([emulator.pid]),
+            "rss_all_hosts_mb": memory_mb_of_tree([emulator.pid], directory / "emulator"),
+            "pss_all_hosts_mb": memory_mb_of_tree([emulator.pid], directory / "emulator", "Pss"),
             "api_calls_by_method": by_method,
             "api_calls_per_zone_per_poll_interval": round(sum(by_method.values()) / max(len(zones), 1)
                                                           / (wall / args.poll_interval), 3),
