@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         LOG.error("cannot start: %s", error)
         server.stop(grace=0)
         return 1
-    agent.uv.start()
+    agent.uv.start()  # if __main__ did not
     agent.lease.start()
     watcher.start()
     LOG.info("serving on %s:%d (node %s, %s, job %s, lease %.0fs, self-delete %s)", settings.ip, settings.port,

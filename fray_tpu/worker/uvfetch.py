@@ -2,9 +2,11 @@
 content-addressed object.
 
 The agent serves without it (only job environments need uv), so it is not on the boot's critical
-path: the agent starts fetching it in the background once it serves (:func:`start`; its
-download and hash would only slow the boot's imports and TLS key on the VM's few cores), and the
-first environment build waits for that fetch. The bootstrap names the object, its pinned SHA-256 and where it goes
+path: ``python -m fray_tpu.worker`` starts fetching it in the background before it even imports
+the agent (:func:`start`): a TPU VM has tens of cores, so the download and hash run beside the
+agent's start instead of after it (on the emulator, where four VMs share two cores, that costs
+the agent's start about what it saves the first environment). The first environment build waits
+for that fetch. The bootstrap names the object, its pinned SHA-256 and where it goes
 (``contract.UV_URL_ENV``, ``UV_SHA256_ENV``, ``STORAGE_ENDPOINT_ENV``, ``UV_ENV``); the file
 appears under that path only once its hash matched, so a restarted agent or a rebooted VM finds
 it and fetches nothing. Without a staged object (an inherit-controller host, a developer's
@@ -66,7 +68,7 @@ class UvFetch:
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_name(f"{self.path.name}.partial")
-            from fray_tpu import gcsfetch  # urllib's import is not on the way to serving
+            from fray_tpu import gcsfetch  # on this thread: urllib is not imported on the way to serving
 
             try:
                 got = gcsfetch.fetch(self._endpoint, self.url, str(partial), FETCH_ATTEMPTS)
