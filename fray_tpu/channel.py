@@ -275,6 +275,7 @@ class AgentClient:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 *_KEEPALIVE_OPTIONS,
+                (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
             ],
         )
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
@@ -389,16 +390,34 @@ class AgentClient:
                 raise self._error("UploadBundle", error) from None
         raise AssertionError("unreachable")
 
-    def prepare(self, spec: AttemptSpec, *, timeout: float = PREPARE_TIMEOUT) -> PrepareResult:
-        """Cleans the host and stages the attempt; returns when it can start (else PrepareFailed)."""
+    def prepare(self, spec: AttemptSpec, *, timeout: float = PREPARE_TIMEOUT,
+                hand_over: tuple[str, str] | None = None) -> PrepareResult:
+        """Cleans the host and stages the attempt; returns when it can start (else PrepareFailed).
+        With ``hand_over`` (new secret, holder), a host taken warm is first handed to that holder
+        (refused as ``HandOver`` refuses, as a ``PrepareFailed`` of kind ``HAND_OVER``); this
+        client presents the new secret from then on."""
         message = spec.to_proto()
+        if hand_over is not None:
+            new_secret, holder = hand_over
+            message.hand_over.CopyFrom(worker_pb2.HandOverRequest(new_secret_sha256=tls.secret_sha256(new_secret),
+                                                                  holder=holder))
         if message.ByteSize() > MAX_MESSAGE_BYTES:
             raise ValueError(
                 f"attempt {spec.attempt_id}: the request is {message.ByteSize() / 1e6:.0f} MB, over the "
                 f"{MAX_MESSAGE_BYTES / 1e6:.0f} MB limit; pass large data through the workspace or storage "
                 f"instead of the callable's closure or arguments"
             )
-        response = self._call("Prepare", self._stub.Prepare, message, timeout=timeout)
+        try:
+            response = self._call("Prepare", self._stub.Prepare, message, timeout=timeout)
+        except AgentAuthError:
+            if hand_over is None:
+                raise
+            # A call whose answer was lost may have handed the host over already: then only
+            # the new secret works, and the repeat finds the attempt prepared (or preparing).
+            self.use_secret(hand_over[0])
+            response = self._call("Prepare", self._stub.Prepare, message, timeout=timeout)
+        if hand_over is not None:
+            self.use_secret(hand_over[0])
         return PrepareResult(
             attempt_id=response.attempt_id, prepare_seconds=response.prepare_seconds,
             env_reused=response.env_reused, python=response.python, cleanup_notes=list(response.cleanup_notes),

@@ -72,6 +72,9 @@ class PrepareFailureKind(str, enum.Enum):
     # no such Python): the same on every host and every try, so not retried.
     ENVIRONMENT = "environment"
     CONTROLLER = "controller"  # the controller sent something this agent cannot run
+    # A host taken warm refused to pass to the new holder (preempted, still busy): the job
+    # takes or creates another slice instead, within the same attempt.
+    HAND_OVER = "hand-over"
 
     def __str__(self) -> str:
         return self.value

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import channel
@@ -66,6 +66,14 @@ def classify_prepare_error(error: channel.ChannelError) -> PrepareProblem:
     if isinstance(error, channel.AgentUnreachable):
         return PrepareProblem.UNREACHABLE
     return PrepareProblem.CHANNEL
+
+
+def not_handed_over(error: channel.ChannelError) -> bool:
+    """Whether a hand-over Prepare failed before the host was the job's: refused (preempted,
+    busy), unreachable, or deaf to the pool's secret."""
+    if isinstance(error, channel.PrepareFailed):
+        return error.kind == PrepareFailureKind.HAND_OVER
+    return isinstance(error, (channel.AgentUnreachable, channel.AgentAuthError))
 
 
 class TpuGangRun(AttemptRun):
@@ -320,30 +328,41 @@ class Gang:
         in_parallel(upload, range(len(clients)))
         return failed
 
-    def prepare(self, specs: Sequence[channel.AttemptSpec]
-                ) -> tuple[dict[int, channel.PrepareResult], dict[int, tuple[TaskOutcome, str]]]:
-        """Prepare every host; returns what the prepared hosts answered, and how each task whose
-        host could not be prepared ended, by task index."""
+    def prepare(self, specs: Sequence[channel.AttemptSpec], hand_over: Collection[int] = (), holder: str = ""
+                ) -> tuple[dict[int, channel.PrepareResult], dict[int, tuple[TaskOutcome, str]], dict[int, str]]:
+        """Prepare every host; the hosts of the ``hand_over`` slices (taken warm) are handed to
+        ``holder`` and this job's secret by the same call. Returns what the prepared hosts
+        answered, how each task whose host could not be prepared ended (by task index), and the
+        ``hand_over`` slices whose hosts were not handed over, with why (slice id -> why)."""
         clients = self.clients()
+        slice_of = [s for s in sorted(self._clients) for _ in self._clients[s]]
         prepared: dict[int, channel.PrepareResult] = {}
         problems: dict[int, tuple[TaskOutcome, str]] = {}
+        refused: dict[int, str] = {}
 
         def prepare(index: int) -> None:
+            handing = slice_of[index] in hand_over
             try:
-                prepared[index] = clients[index].prepare(specs[index])
+                prepared[index] = clients[index].prepare(
+                    specs[index], hand_over=(self.credentials.secret, holder) if handing else None)
             except channel.ChannelError as error:
-                problems[index] = (prepare_outcome(classify_prepare_error(error)), str(error))
+                if handing and not_handed_over(error):
+                    refused.setdefault(slice_of[index], str(error))
+                else:
+                    problems[index] = (prepare_outcome(classify_prepare_error(error)), str(error))
 
         in_parallel(prepare, range(len(clients)))
-        return prepared, problems
+        return prepared, problems, refused
 
     def take_clients(self, slice_id: int) -> list[channel.AgentClient]:
         """The slice's connected clients, now the caller's (the warm pool's) to close."""
         return self._clients.pop(slice_id, [])
 
     def adopt(self, slice_id: int, clients: list[channel.AgentClient]) -> None:
-        """Connected clients of a slice taken warm (already presenting this job's secret, which
-        each agent just accepted: a sign of life)."""
+        """Connected clients of a slice taken warm, presenting the pool's secret until the job's
+        first Prepare hands the hosts over. Counted as answering now: the pool renewed their
+        leases within its interval, and that Prepare, their next call, is the check (a host that
+        does not answer it fails the hand-over, and the slice is replaced)."""
         self._clients[slice_id] = clients
         for client in clients:
             self.liveness.heard(client.address)

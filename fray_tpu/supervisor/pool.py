@@ -3,8 +3,8 @@
 
 Warm slices stay owned. The pool holds each under a secret of its own (in memory only), so
 the finished job's secret stops working the moment its slice goes warm, and the next job's
-secret works only once the pool hands the slice over to it: a slice never accepts two holders'
-secrets, and a dead controller's warm slices are unreachable by anyone — their lease lapses and
+secret works only once that job's first Prepare hands the slice over to it: a slice never accepts
+two holders' secrets, and a dead controller's warm slices are unreachable by anyone — their lease lapses and
 they delete themselves like any slice. While a slice is warm the pool renews its agents' lease,
 watches it with the same signals as a running slice (the node's state, agents answering), and
 deletes it on expiry, on loss, and at shutdown.
@@ -63,7 +63,7 @@ class PooledSlice:
 @dataclass(frozen=True)
 class TakenSlice:
     ready: ReadySlice
-    clients: list[channel.AgentClient]  # connected, presenting the taking job's secret
+    clients: list[channel.AgentClient]  # connected, presenting the pool's secret until handed over
 
     def certificates(self) -> dict[str, bytes]:
         return host_certificates(self.ready, self.clients)
@@ -146,46 +146,23 @@ class WarmPool:
 
     # -- a new job takes warm slices --------------------------------------------------------------
 
-    def take(self, shape: SliceShape, zones: Sequence[str], count: int, job_secret: str, holder: str,
-             journal: Journal) -> list[TakenSlice]:
-        """Up to ``count`` warm slices of ``shape`` in one of ``zones``, handed over to the job's
-        secret. A slice that fails the hand-over (preempted, agent gone) is deleted, not given."""
+    def take(self, shape: SliceShape, zones: Sequence[str], count: int, journal: Journal, holder: str
+             ) -> list[TakenSlice]:
+        """Up to ``count`` warm slices of ``shape`` in one of ``zones``, out of the pool: no other
+        job can take them any more, and the pool no longer renews their leases (the taker does).
+        Their agents still accept only the pool's secret, which their clients present: the
+        taker's first Prepare hands each host over to the job (``AgentClient.prepare(hand_over=)``),
+        which a preempted or busy host refuses; the taker then deletes the slice and takes or
+        creates another (``SliceKeeper.refused``)."""
         with self._lock:
             candidates = [p.warm for p in self._slices.values() if p.journal is journal]
             chosen = [self._slices.pop(w.name) for w in choose(candidates, shape, zones, count)]
-        def usable(pooled: PooledSlice) -> bool:
-            # The cloud's word and the agents' (a preempted host refuses the hand-over), at once.
-            lost, handed = in_parallel(lambda look: look(), [lambda: self._lost(pooled.ready),
-                                                             lambda: self._hand_over(pooled, job_secret, holder)])
-            return handed and not lost
-
-        handed = in_parallel(usable, chosen)
-        taken = []
-        for pooled, ok in zip(chosen, handed):
-            if not ok:
-                self._delete(pooled, "it was lost while warm")
-                continue
-            for client in pooled.clients:
-                client.use_secret(job_secret)
-            pooled.journal.close_warm_period(pooled.ready.spec.name, pooled.ready.zone, time.time())
+        now = time.time()
+        for pooled in chosen:
+            pooled.journal.close_warm_period(pooled.ready.spec.name, pooled.ready.zone, now)
             log.info("slice %s taken warm by %s after %.1fs idle", pooled.ready.spec.name, holder,
                      idle_seconds(pooled.warm, self._clock()))
-            taken.append(TakenSlice(pooled.ready, pooled.clients))
-        return taken
-
-    def _hand_over(self, pooled: PooledSlice, job_secret: str, holder: str) -> bool:
-        failed: list[str] = []
-
-        def hand_over(client: channel.AgentClient) -> None:
-            try:
-                client.hand_over(job_secret, holder)  # refused by a host that reports preempted
-            except channel.ChannelError as error:
-                failed.append(str(error))
-
-        in_parallel(hand_over, pooled.clients)
-        for why in failed:
-            log.info("warm slice %s: %s", pooled.ready.spec.name, why)
-        return not failed
+        return [TakenSlice(p.ready, p.clients) for p in chosen]
 
     # -- what `fray-tpu slices` and tests see ---------------------------------------------------------
 

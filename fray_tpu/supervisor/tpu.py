@@ -8,6 +8,7 @@ earlier controller started (``_resume``), then following it like any other.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from fray_tpu.state.journal import Journal, JobRow, ResourceRow
 from fray_tpu.multislice import gang_environments
 from fray_tpu.planning import JobPlan
 from fray_tpu.supervisor.credentials import BackgroundWrites, JobCredentials
-from fray_tpu.supervisor.gang import Connected, Gang, TpuGangRun
+from fray_tpu.supervisor.gang import Connected, Gang, TpuGangRun, observe_slices
+from fray_tpu.supervisor.watch import lost_slices
 from fray_tpu.supervisor.job import JobStopped, JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
 from fray_tpu.supervisor.slices import ControllerContext, SliceKeeper
@@ -118,30 +120,16 @@ class TpuJobSupervisor(JobSupervisor):
                 self._end_account(started.entry, verdict)
 
     def _start(self, attempt: int) -> StartedAttempt | AttemptVerdict:
-        self.slices.ensure(attempt)
-        self.record.set_phase(JobPhase.BOOTING)
-        if self.slices.warm_taken and not self.account.started_warm:
-            self.account.started_warm = list(self.slices.warm_taken)
-            self._save_account()
-        for slice_id, clients in self.slices.warm_clients.items():
-            self.gang.adopt(slice_id, clients)
-        self.slices.warm_clients.clear()
-        unformed = self._form_gang(TaskOutcome.BAD_HOST, "agent never answered")
-        if unformed is not None:
-            return unformed
         attempt_id = f"{self.record.job_id}-a{attempt}"
-        environments = gang_environments([s.endpoints for s in self.slices.slices], self.plan.env,
-                                         cluster_spec=self.context.cluster_spec,
-                                         emulated=bool(self.context.emulator_endpoint),
-                                         controller_python="%d.%d" % sys.version_info[:2])
-        unreachable = self._upload_workspace()
-        if unreachable:
-            return self._verdict_for_hosts(unreachable, TaskOutcome.LOST, "workspace upload failed")
-        specs = [self._attempt_spec(attempt_id, slot, environments[slot.index]) for slot in self.slots]
-        self.record.set_phase(JobPhase.PREPARING)
-        failed = self._prepare(specs)
-        if failed:
-            return failed
+        retake = 0
+        while (prepared := self._prepare_gang(attempt, attempt_id)) is None:
+            # The hosts already prepared hold the old id with the old gang's environment: the
+            # gang with the replacement slice prepares under an id of its own.
+            retake += 1
+            attempt_id = f"{self.record.job_id}-a{attempt}.{retake}"
+        if isinstance(prepared, AttemptVerdict):
+            return prepared
+        attempt_id, specs = prepared
         if self.stop_requested.is_set():
             raise JobStopped  # terminated while the hosts prepared: start nothing
         run = TpuGangRun(attempt_id, self.gang.clients(), self.slices.slices, self.context.provisioner,
@@ -159,6 +147,54 @@ class TpuJobSupervisor(JobSupervisor):
             self._end_account(entry, None)
             raise
         return StartedAttempt(run, entry)
+
+    def _prepare_gang(self, attempt: int, attempt_id: str
+                      ) -> tuple[str, list[channel.AttemptSpec]] | AttemptVerdict | None:
+        """Acquire the slices, form the gang, upload and prepare every host: the attempt id and
+        its specs once every host is prepared, the verdict of an attempt that cannot start, or
+        None when a slice taken warm could not be handed over (deleted: acquire again)."""
+        self.slices.ensure(attempt)
+        self.record.set_phase(JobPhase.BOOTING)
+        for slice_id, clients in self.slices.warm_clients.items():
+            self.gang.adopt(slice_id, clients)
+        self.slices.warm_clients.clear()
+        unformed = self._form_gang(TaskOutcome.BAD_HOST, "agent never answered")
+        if unformed is not None:
+            return unformed
+        environments = gang_environments([s.endpoints for s in self.slices.slices], self.plan.env,
+                                         cluster_spec=self.context.cluster_spec,
+                                         emulated=bool(self.context.emulator_endpoint),
+                                         controller_python="%d.%d" % sys.version_info[:2])
+        hand_over = dict(self.slices.hand_over_due)
+        unreachable = self._upload_workspace()
+        refused = {s: f"workspace upload failed: {why}" for s, why in unreachable.items() if s in hand_over}
+        if unreachable.keys() - refused.keys():
+            return self._verdict_for_hosts(unreachable, TaskOutcome.LOST, "workspace upload failed")
+        if not refused:
+            specs = [self._attempt_spec(attempt_id, slot, environments[slot.index]) for slot in self.slots]
+            self.record.set_phase(JobPhase.PREPARING)
+            look, seen = None, {}
+            if hand_over:
+                # The cloud's word on the slices taken warm, beside their hand-over: a slice it
+                # reports lost is not taken even where its agents still answered.
+                look = threading.Thread(target=lambda: seen.update(observe_slices(
+                    self.context.provisioner, {s: self.slices.slices[s] for s in hand_over})), daemon=True,
+                    name=f"observe-warm-{self.record.job_id}")
+                look.start()
+            prepared, problems, refused = self.gang.prepare(specs, hand_over, self.record.job_id)
+            if look is not None:
+                look.join()
+            refused.update({s: "the cloud reports it lost" for s in lost_slices(seen) if s not in refused})
+        if refused:
+            for slice_id, why in sorted(refused.items()):
+                self.gang.drop(slice_id)
+                self.slices.refused(slice_id, why)
+            return None
+        self.slices.confirm_taken(hand_over)
+        if hand_over and not self.account.started_warm:
+            self.account.started_warm = list(self.slices.warm_taken)
+        failed = self._prepare_failed(prepared, problems)
+        return failed if failed is not None else (attempt_id, specs)
 
     def _resume(self, attempt: int) -> StartedAttempt | AttemptVerdict | None:
         """Follow the attempt an earlier controller started, from where each host is now; None
@@ -255,8 +291,9 @@ class TpuJobSupervisor(JobSupervisor):
                           f"{self._bundle.size / 1e6:.1f} MB, digest {self._bundle.digest[:12]}")
         return self.gang.upload(self._bundle, lambda index: self.slots[index].slice_id)
 
-    def _prepare(self, specs: Sequence[channel.AttemptSpec]) -> AttemptVerdict | None:
-        prepared, problems = self.gang.prepare(specs)
+    def _prepare_failed(self, prepared: dict[int, channel.PrepareResult],
+                        problems: dict[int, tuple[TaskOutcome, str]]) -> AttemptVerdict | None:
+        """Report the gang's environments; the verdict when a host could not be prepared."""
         for line in channel.describe_environments(
                 [(self.slots[i].slice_id, self.slots[i].worker_id, result) for i, result in sorted(prepared.items())]):
             self.progress(line)

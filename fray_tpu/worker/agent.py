@@ -24,7 +24,7 @@ from fray_tpu.errors import ConfigError, EnvironmentBuildError
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
 from fray_tpu.worker import cleanup, uvfetch
 from fray_tpu.worker.attempt import Attempt, LaunchPlan
-from fray_tpu.worker.auth import SecretInterceptor
+from fray_tpu.worker.auth import SecretInterceptor, valid_sha256_hex
 from fray_tpu.worker.lease import Lease
 from fray_tpu.worker.settings import AgentSettings
 from fray_tpu.worker.spare import SpareRunners
@@ -51,6 +51,12 @@ class PrepareFailed(Exception):
         super().__init__(message)
         self.code = code
         self.kind = kind
+
+
+class HandOverRefused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -162,6 +168,13 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             slot = self._slots.get(spec.attempt_id)
             fresh = slot is None
             if fresh:
+                if spec.HasField("hand_over") and not self.auth.accepts(spec.hand_over.new_secret_sha256):
+                    # A host taken warm: handed to the job first, under the same lock, so the
+                    # slot below exists once the new secret does (a repeat finds it).
+                    try:
+                        self._hand_over(spec.hand_over)
+                    except HandOverRefused as refusal:
+                        raise PrepareFailed(refusal.code, PrepareFailureKind.HAND_OVER, str(refusal)) from None
                 if self.lease.expired:
                     raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.CONTROLLER,
                                         "the controller's lease expired; renew it before preparing an attempt")
@@ -389,31 +402,39 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         """Clean the host of every trace of the previous holder's attempts (processes, ports,
         lockfile, attempt files; bundles and environments stay cached), then accept only the
         new secret. Refused while an attempt is active: a job's processes never outlive its
-        secret."""
-        with self._lock:
-            busy = self._current
-            if busy is not None and busy.state in (worker_pb2.PREPARING, worker_pb2.RUNNING):
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"attempt {busy.attempt_id} is still active on this host; cancel it before a hand-over")
-            if self._preempted.is_set():
-                # A host about to go away is handed to no one (the pool deletes its slice).
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, PREEMPTED_REFUSAL)
-            try:
-                notes = self._cleaner.clean()
-            except cleanup.HostNotClean as error:
-                context.abort(grpc.StatusCode.INTERNAL, f"host not clean: {error}")
-            for attempt_id in list(self._slots):
-                shutil.rmtree(self._attempts_dir / attempt_id, ignore_errors=True)
-            self._slots.clear()
-            self._current = None
-            try:
-                self.auth.replace(request.new_secret_sha256)
-            except ValueError as error:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            self._identity.job = request.holder
+        secret. (A job taking a warm slice hands it over in its first Prepare instead.)"""
+        try:
+            with self._lock:
+                notes = self._hand_over(request)
+        except HandOverRefused as refusal:
+            context.abort(refusal.code, str(refusal))
         self._keep_spare_ready()
-        LOG.info("handed over to %s (%d cleanup notes)", request.holder, len(notes))
         return worker_pb2.HandOverResponse(cleanup_notes=notes)
+
+    def _hand_over(self, request: worker_pb2.HandOverRequest) -> list[str]:
+        """The hand-over, under ``self._lock``: the cleaning notes, or ``HandOverRefused``."""
+        busy = self._current
+        if busy is not None and busy.state in (worker_pb2.PREPARING, worker_pb2.RUNNING):
+            raise HandOverRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"attempt {busy.attempt_id} is still active on this host; cancel it before a hand-over")
+        if self._preempted.is_set():
+            # A host about to go away is handed to no one (its slice is deleted).
+            raise HandOverRefused(grpc.StatusCode.FAILED_PRECONDITION, PREEMPTED_REFUSAL)
+        if not valid_sha256_hex(request.new_secret_sha256):
+            raise HandOverRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                  "the new secret must be given as 64 lower-case hex digits of its SHA-256")
+        try:
+            notes = self._cleaner.clean()
+        except cleanup.HostNotClean as error:
+            raise HandOverRefused(grpc.StatusCode.INTERNAL, f"host not clean: {error}") from error
+        for attempt_id in list(self._slots):
+            shutil.rmtree(self._attempts_dir / attempt_id, ignore_errors=True)
+        self._slots.clear()
+        self._current = None
+        self.auth.replace(request.new_secret_sha256)
+        self._identity.job = request.holder
+        LOG.info("handed over to %s (%d cleanup notes)", request.holder, len(notes))
+        return notes
 
     # -- bundles ----------------------------------------------------------------------------
 
