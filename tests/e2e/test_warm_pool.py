@@ -281,6 +281,31 @@ def test_a_warm_slice_preempted_while_idle_leaves_the_pool(clusters, fake_gcp, w
     assert fake_gcp.control.counters()["CreateNode"] == 1
 
 
+def test_a_warm_slice_preempted_just_before_a_job_takes_it_is_replaced_in_the_same_attempt(clusters, fake_gcp,
+                                                                                           workspace):
+    """Preempted after the pool's last look (its watcher sleeps for most of a long lease): the
+    job that takes it finds out in the Prepare that would hand it over (the hosts are gone, and
+    the cloud reports the node preempted), deletes it and creates a new slice within its first
+    attempt: no preemption is counted (the budget is 0) and the job succeeds."""
+    cluster = clusters(lease_period=600.0, liveness_deadline=600.0)
+    first = cluster.launch(request("first", succeed, [], workspace))
+    assert run_to_end(cluster, first, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+    [warm] = warm_names(cluster)
+    fake_gcp.control.preempt_node(warm)
+    fake_gcp.control.reset_counters()
+    second_request = request("second", succeed, [], workspace)
+    second_request.max_retries_preemption = 0
+    second = cluster.launch(second_request)
+    assert run_to_end(cluster, second, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+    counters = cluster.job_counters(second)
+    assert (counters.attempts, counters.preemptions) == (1, 0)
+    assert fake_gcp.control.counters()["CreateNode"] == 1
+    progress, _ = cluster.journal().output(second)
+    assert any(f"warm slice {warm} not taken" in line for line in progress), progress
+    assert cluster.job_output(second) == ("[slice-0/worker-0] task 0 ran",)  # once, on the new slice
+    wait_for(lambda: not nodes(fake_gcp.control, **{LABEL_JOB: first}), "the preempted slice to be deleted", 30)
+
+
 def test_shutdown_deletes_the_pool(clusters, fake_gcp, workspace):
     """shutdown() (the exit policy) deletes warm slices before it returns."""
     cluster = clusters()
