@@ -100,6 +100,7 @@ class AttemptSpec:
     python_version: str = ""
     index_url: str = ""
     env_cache: EnvCache | None = None
+    start: bool = False  # start as soon as prepared (the proto's `start`)
 
     @staticmethod
     def for_callable(attempt_id: str, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None,
@@ -115,7 +116,7 @@ class AttemptSpec:
         message = worker_pb2.AttemptSpec(
             attempt_id=self.attempt_id, job_id=self.job_id, task_id=self.task_id, task_index=self.task_index,
             env=self.env, workspace_digest=self.workspace_digest, pip_packages=self.pip_packages,
-            extras=self.extras, python_version=self.python_version, index_url=self.index_url,
+            extras=self.extras, python_version=self.python_version, index_url=self.index_url, start=self.start,
         )
         if self.env_cache is not None:
             message.env_cache.CopyFrom(worker_pb2.EnvCache(

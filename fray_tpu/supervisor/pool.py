@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import channel, tls
@@ -54,6 +54,7 @@ class PooledSlice:
     # Dialled with the pool's secret, each pinned to the certificate its host published when the
     # slice booted: whoever holds the slice next pins those same certificates.
     clients: list[channel.AgentClient]
+    env_key: Hashable | None = None  # the environment its last job prepared on every host
 
     def close(self) -> None:
         for client in self.clients:
@@ -64,6 +65,7 @@ class PooledSlice:
 class TakenSlice:
     ready: ReadySlice
     clients: list[channel.AgentClient]  # connected, presenting the pool's secret until handed over
+    env_key: Hashable | None  # the environment its last job prepared on every host (None: unknown)
 
     def certificates(self) -> dict[str, bytes]:
         return host_certificates(self.ready, self.clients)
@@ -86,12 +88,14 @@ class WarmPool:
     # -- a finished job's slices come in ---------------------------------------------------------
 
     def offer(self, ready: ReadySlice, shape: SliceShape, clients: list[channel.AgentClient],
-              journal: Journal, lost_in_last_attempt: bool, chips: int, released_by: str) -> str | None:
+              journal: Journal, lost_in_last_attempt: bool, chips: int, released_by: str,
+              env_key: Hashable | None = None) -> str | None:
         """Keep the slice warm (returns None) or say why not (the caller deletes it). ``clients``:
         the job's connections to the slice's agents (the pool's from now on; their connections
         are reused, so a large slice costs no new TLS handshakes, and each keeps pinning the
         certificate its host published when the slice booted). The agents are handed over to
-        the pool's secret here: cleaned, and deaf to the job's secret."""
+        the pool's secret here: cleaned, and deaf to the job's secret. ``env_key``: the job
+        environment the job's last Prepare found or built on every host (kept on the hosts)."""
         if sorted(c.address.rsplit(":", 1)[0] for c in clients) != sorted(map(ready.dial_address, ready.endpoints)):
             for client in clients:
                 client.close()
@@ -111,7 +115,7 @@ class WarmPool:
         for client in clients:
             client.use_secret(self._secret)
         pooled = PooledSlice(ready, WarmSlice(ready.spec.name, ready.zone, shape, self._clock()), journal,
-                             clients)
+                             clients, env_key)
         with self._lock:
             if not self._open:
                 pooled.close()
@@ -162,7 +166,7 @@ class WarmPool:
             pooled.journal.close_warm_period(pooled.ready.spec.name, pooled.ready.zone, now)
             log.info("slice %s taken warm by %s after %.1fs idle", pooled.ready.spec.name, holder,
                      idle_seconds(pooled.warm, self._clock()))
-        return [TakenSlice(p.ready, p.clients) for p in chosen]
+        return [TakenSlice(p.ready, p.clients, p.env_key) for p in chosen]
 
     # -- what `fray-tpu slices` and tests see ---------------------------------------------------------
 

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import channel, naming, tls
@@ -68,6 +68,9 @@ class SliceKeeper:
         self.warm_taken: list[str] = []
         self.warm_clients: dict[int, list[channel.AgentClient]] = {}  # connections that came with warm slices
         self.hand_over_due: dict[int, int] = {}  # slices taken warm, not yet handed over -> the attempt taking them
+        # The job environment known to be on every host of a slice (``environment_key``): what
+        # its last job prepared there (taken warm), or what this job's last Prepare did.
+        self.environments: dict[int, Hashable] = {}
         self.handed_over: list[ResourceRow] = []  # this job's rows of the slices it left to the warm pool
         self._stop = stop
         self._progress = progress
@@ -140,6 +143,8 @@ class SliceKeeper:
             self.certs[slice_id] = warm.certificates()
             self.warm_clients[slice_id] = warm.clients
             self.hand_over_due[slice_id] = attempt
+            if warm.env_key is not None:
+                self.environments[slice_id] = warm.env_key
             self._writes.submit(self.credentials.store_slice_certs, self.journal, self.job_id, name,
                                 self.certs[slice_id])
             self._progress(f"slice-{slice_id}: took warm slice {name} in {warm.ready.zone}")
@@ -319,6 +324,7 @@ class SliceKeeper:
         ready = self.slices[slice_id]
         self.slices[slice_id] = None
         self.certs.pop(slice_id, None)
+        self.environments.pop(slice_id, None)
         if ready is None:
             return
         thread = threading.Thread(target=self._delete, args=(slice_id, ready), daemon=True,
@@ -366,7 +372,8 @@ class SliceKeeper:
                 holder = POOL_JOB_ID if never_held else self.job_id
                 row = next(r for r in self.journal.resources(job_id=holder) if r.name == ready.spec.name)
                 why_not = pool.offer(ready, self.shape(), clients_of(slice_id), self.journal,
-                                     lost_in_last_attempt=slice_id in lost, chips=row.chips, released_by=self.job_id)
+                                     lost_in_last_attempt=slice_id in lost, chips=row.chips, released_by=self.job_id,
+                                     env_key=None if never_held else self.environments.get(slice_id))
                 if why_not is None:
                     if not never_held:
                         self.handed_over.append(dataclasses.replace(row, deleted_at=time.time()))

@@ -203,6 +203,10 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         slot.ready.wait()
         if slot.failure is not None:
             raise slot.failure
+        if spec.start:
+            refusal = self._start(slot.attempt)
+            if refusal is not None:
+                raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.CONTROLLER, refusal)
         return slot.response
 
     def _prepare(self, spec: worker_pb2.AttemptSpec, slot: Slot) -> worker_pb2.PrepareResponse:
@@ -337,14 +341,20 @@ class Agent(worker_pb2_grpc.WorkerServicer):
 
     def Start(self, request, context):
         attempt = self._attempt(request.attempt_id, context)
+        refusal = self._start(attempt)
+        if refusal is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+        yield from attempt.events.follow(1, context.is_active)
+
+    def _start(self, attempt: Attempt) -> str | None:
+        """Start a prepared attempt (again: nothing); why not, when it may not start."""
         if self.lease.expired:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "the controller's lease expired; renew it before starting an attempt")
+            return "the controller's lease expired; renew it before starting an attempt"
         if attempt.start():
             # For the job's next attempt (a retry): once this one is past its start, or has ended
             # (its retry's Prepare then finds the interpreter starting, or up).
             self._keep_spare_ready(when=lambda: attempt.wait(SPARE_AFTER_START_SECONDS))
-        yield from attempt.events.follow(1, context.is_active)
+        return None
 
     def Watch(self, request, context):
         attempt = self._attempt(request.attempt_id, context)

@@ -35,6 +35,7 @@ HOST_DEADLINE = 90.0
 SHORT_LEASE_SECONDS = 8.0  # long enough for two CLI calls between the kill and the lapse
 CLI_TIMEOUT = 60.0
 SELF_DELETE_DEADLINE = 60.0
+ONE_ROUND = "prepared and started in one call"
 
 
 # -- callables that run on the hosts ---------------------------------------------------------------
@@ -173,6 +174,11 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
     assert run_to_end(cluster, second, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert cluster.job_cost(second).started_warm == 1
     assert cluster.job_cost(first).started_warm == 0
+    # The same environment on every warm host: the second job's Prepare started it (one round);
+    # the first job, on a new slice, started once every host was prepared.
+    starts = {job: [line for line in cluster.journal().output(job)[0] if "attempt 1: starting on" in line]
+              for job in (first, second)}
+    assert [ONE_ROUND in line for line in starts[first] + starts[second]] == [False, True], starts
 
 
 def record_process(out_file: str) -> None:

@@ -164,8 +164,10 @@ def test_processes_an_attempt_leaves_behind_end_with_it(one_host, tmp_path):
     assert events[-1].code == 0
     if daemon_pid_file.exists() and daemon_pid_file.read_text():
         assert not process_alive(int(daemon_pid_file.read_text()))
-    # The agent's pre-started runner for a next attempt (started at this one's exit) is no leftover.
-    assert set(processes_marked(host.marker)) - set(host.waiting_spare_runners()) == {host.process.pid}
+    # The agent's pre-started runner for a next attempt (started at this one's exit) is no leftover
+    # (waited for: between its fork and its exec it is not yet recognisable as the spare).
+    wait_for(lambda: set(processes_marked(host.marker)) - set(host.waiting_spare_runners()) == {host.process.pid},
+             "nothing but the agent and its spare runner left on the host")
 
 
 @pytest.mark.parametrize("cgroups", ["on", "off"])
