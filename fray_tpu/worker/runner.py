@@ -174,6 +174,9 @@ def main(argv: list[str]) -> int:
     payload = argv[0]
     if payload == SPARE_ARG:
         import cloudpickle  # noqa: F401 - loaded ahead, as every attempt needs it
+        # Loaded ahead too: standard modules that nearly every job imports (JAX does, and most
+        # user code) and that read nothing of a job when imported, as a running Ray worker has them.
+        import pathlib  # noqa: F401
 
         payload = receive_attempt()
         if payload is None:
