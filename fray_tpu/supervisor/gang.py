@@ -325,7 +325,8 @@ class Gang:
             except Exception as error:  # noqa: BLE001 - any failure means this host lacks the bundle
                 failed[slice_of(index)] = f"{clients[index].address}: {error}"
 
-        in_parallel(upload, range(len(clients)))
+        # No thread, and no call, for a host known to hold it (a retry, a warm slice's next job).
+        in_parallel(upload, [i for i, client in enumerate(clients) if not client.holds_bundle(bundle.digest)])
         return failed
 
     def prepare(self, specs: Sequence[channel.AttemptSpec], hand_over: Collection[int] = (), holder: str = ""
@@ -340,18 +341,19 @@ class Gang:
         problems: dict[int, tuple[TaskOutcome, str]] = {}
         refused: dict[int, str] = {}
 
-        def prepare(index: int) -> None:
-            handing = slice_of[index] in hand_over
+        # Sent back to back from this thread, then their answers collected (a host whose first
+        # try fails is retried while collecting; the others' calls go on meanwhile).
+        sent = [clients[index].send_prepare(specs[index], hand_over=(self.credentials.secret, holder)
+                                            if slice_of[index] in hand_over else None)
+                for index in range(len(clients))]
+        for index, call in enumerate(sent):
             try:
-                prepared[index] = clients[index].prepare(
-                    specs[index], hand_over=(self.credentials.secret, holder) if handing else None)
+                prepared[index] = call.result()
             except channel.ChannelError as error:
-                if handing and not_handed_over(error):
+                if slice_of[index] in hand_over and not_handed_over(error):
                     refused.setdefault(slice_of[index], str(error))
                 else:
                     problems[index] = (prepare_outcome(classify_prepare_error(error)), str(error))
-
-        in_parallel(prepare, range(len(clients)))
         return prepared, problems, refused
 
     def take_clients(self, slice_id: int) -> list[channel.AgentClient]:
