@@ -481,6 +481,11 @@ class SentPrepare:
         except ValueError:
             self._future = None  # the client is closed: result() reports it
 
+    def cancel(self) -> None:
+        """Give up on the first try (a slice the cloud reports lost): ``result()`` then raises."""
+        if self._future is not None:
+            self._future.cancel()
+
     def result(self) -> PrepareResult:
         """The answer, once every retry the first try calls for is done (else ``ChannelError``)."""
         client = self._client

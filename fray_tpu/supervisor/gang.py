@@ -329,12 +329,15 @@ class Gang:
         in_parallel(upload, [i for i, client in enumerate(clients) if not client.holds_bundle(bundle.digest)])
         return failed
 
-    def prepare(self, specs: Sequence[channel.AttemptSpec], hand_over: Collection[int] = (), holder: str = ""
+    def prepare(self, specs: Sequence[channel.AttemptSpec], hand_over: Collection[int] = (), holder: str = "",
+                lost: Callable[[], set[int]] = set,
                 ) -> tuple[dict[int, channel.PrepareResult], dict[int, tuple[TaskOutcome, str]], dict[int, str]]:
         """Prepare every host; the hosts of the ``hand_over`` slices (taken warm) are handed to
         ``holder`` and this job's secret by the same call. Returns what the prepared hosts
         answered, how each task whose host could not be prepared ended (by task index), and the
-        ``hand_over`` slices whose hosts were not handed over, with why (slice id -> why)."""
+        ``hand_over`` slices whose hosts were not handed over, with why (slice id -> why).
+        ``lost()`` (the cloud's word, asked beside the calls) names ``hand_over`` slices it
+        reports lost: not taken, and their calls not waited for (a VM gone may never answer)."""
         clients = self.clients()
         slice_of = [s for s in sorted(self._clients) for _ in self._clients[s]]
         prepared: dict[int, channel.PrepareResult] = {}
@@ -346,7 +349,13 @@ class Gang:
         sent = [clients[index].send_prepare(specs[index], hand_over=(self.credentials.secret, holder)
                                             if slice_of[index] in hand_over else None)
                 for index in range(len(clients))]
+        gone = lost() & set(hand_over)
+        for slice_id in gone:
+            refused[slice_id] = "the cloud reports it lost"
         for index, call in enumerate(sent):
+            if slice_of[index] in gone:
+                call.cancel()
+                continue
             try:
                 prepared[index] = call.result()
             except channel.ChannelError as error:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import channel
@@ -23,7 +23,7 @@ from fray_tpu.multislice import gang_environments
 from fray_tpu.planning import JobPlan
 from fray_tpu.supervisor.credentials import BackgroundWrites, JobCredentials
 from fray_tpu.supervisor.gang import Connected, Gang, TpuGangRun, observe_slices
-from fray_tpu.supervisor.watch import lost_slices
+from fray_tpu.supervisor.watch import SliceSeen, lost_slices
 from fray_tpu.supervisor.job import JobStopped, JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
 from fray_tpu.supervisor.slices import ControllerContext, SliceKeeper
@@ -174,18 +174,10 @@ class TpuJobSupervisor(JobSupervisor):
             self.slices.confirm_taken(hand_over)
             entry = self._record_start(attempt, attempt_id, "prepared and started in one call: warm hosts "
                                                             "with the job's environment")
-        look, seen = None, {}
-        if hand_over:
-            # The cloud's word on the slices taken warm, beside their hand-over: a slice it
-            # reports lost is not taken even where its agents still answered.
-            look = threading.Thread(target=lambda: seen.update(observe_slices(
-                self.context.provisioner, {s: self.slices.slices[s] for s in hand_over})), daemon=True,
-                name=f"observe-warm-{self.record.job_id}")
-            look.start()
-        prepared, problems, refused = self.gang.prepare(specs, hand_over, self.record.job_id)
-        if look is not None:
-            look.join()
-        refused.update({s: "the cloud reports it lost" for s in lost_slices(seen) if s not in refused})
+        # The cloud's word on the slices taken warm, asked while their Prepares travel: a slice
+        # it reports lost is not taken even where its agents still answer.
+        lost = self._look_at(hand_over)
+        prepared, problems, refused = self.gang.prepare(specs, hand_over, self.record.job_id, lost=lost)
         if at_once and (refused or problems or self.stop_requested.is_set()):
             run.cancel_all("the gang could not be prepared on every host")
             self.account.attempts.remove(entry)
@@ -224,6 +216,23 @@ class TpuJobSupervisor(JobSupervisor):
         self._save_account()
         self.writes.wait()
         return entry
+
+    def _look_at(self, slice_ids: Collection[int]) -> Callable[[], set[int]]:
+        """Ask the cloud about these slices on a thread of its own; the returned call waits for
+        the answer: the ones it reports lost (an API outage is no verdict)."""
+        seen: dict[int, SliceSeen] = {}
+        if not slice_ids:
+            return set
+        look = threading.Thread(target=lambda: seen.update(observe_slices(
+            self.context.provisioner, {s: self.slices.slices[s] for s in slice_ids})), daemon=True,
+            name=f"observe-warm-{self.record.job_id}")
+        look.start()
+
+        def answer() -> set[int]:
+            look.join()
+            return lost_slices(seen)
+
+        return answer
 
     def _retake(self, refused: dict[int, str]) -> Retake:
         for slice_id, why in sorted(refused.items()):
