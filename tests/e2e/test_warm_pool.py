@@ -218,6 +218,28 @@ def test_a_job_on_a_warm_slice_runs_in_the_pre_started_runner_with_its_own_envir
     assert "FRAY_TPU_JOB_ID" in hashed["started_with"]
 
 
+def test_a_warm_job_starts_in_its_prepare_only_where_its_environment_is_known_to_be_there(clusters, fake_gcp,
+                                                                                         workspace):
+    """A job whose environment (packages, Python, index, workspace) equals the one the warm
+    slice's last job prepared is started by its Prepare; after the workspace changed, the next
+    job on the same warm slice prepares first and starts after (no create call either way)."""
+    cluster = clusters()
+
+    def start_line(name: str) -> str:
+        job = cluster.launch(request(name, succeed, [], workspace))
+        assert run_to_end(cluster, job, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+        (line,) = [line for line in cluster.journal().output(job)[0] if "attempt 1: starting on" in line]
+        return line
+
+    assert ONE_ROUND not in start_line("created")
+    fake_gcp.control.reset_counters()
+    assert ONE_ROUND in start_line("same-environment")
+    (Path(workspace) / "README").write_text("changed: another workspace digest\n")
+    assert ONE_ROUND not in start_line("changed-workspace")
+    assert ONE_ROUND in start_line("same-again")
+    assert fake_gcp.control.counters().get("CreateNode", 0) == 0
+
+
 def test_a_job_of_another_shape_creates_its_own_slice(clusters, fake_gcp, workspace):
     """A warm v5litepod-4 is not given to a v5litepod-8 job, nor to an on-demand v5litepod-4 job."""
     cluster = clusters()
