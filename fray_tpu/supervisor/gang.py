@@ -76,6 +76,17 @@ def not_handed_over(error: channel.ChannelError) -> bool:
     return isinstance(error, (channel.AgentUnreachable, channel.AgentAuthError))
 
 
+def cancel_everywhere(attempt_id: str, clients: Sequence[channel.AgentClient]) -> None:
+    """Stop the attempt on every one of these hosts, in parallel."""
+    def cancel(client: channel.AgentClient) -> None:
+        try:
+            client.cancel(attempt_id, CANCEL_GRACE_SECONDS)
+        except Exception as error:  # noqa: BLE001 - a host already gone (or its channel closed) is cancelled
+            log.info("cancel on %s: %s", client.address, error)
+
+    in_parallel(cancel, clients)
+
+
 class TpuGangRun(AttemptRun):
     """One attempt on every host of every slice, over the task channel; one reader per host."""
 
@@ -121,13 +132,7 @@ class TpuGangRun(AttemptRun):
         self.events.put(index, StreamEnded())
 
     def cancel_all(self, reason: str) -> None:
-        def cancel(client: channel.AgentClient) -> None:
-            try:
-                client.cancel(self.attempt_id, CANCEL_GRACE_SECONDS)
-            except Exception as error:  # noqa: BLE001 - a host already gone (or its channel closed) is cancelled
-                log.info("cancel on %s: %s", client.address, error)
-
-        in_parallel(cancel, self._clients)
+        cancel_everywhere(self.attempt_id, self._clients)
 
     def lost_slices(self) -> set[int]:
         return lost_slices(observe_slices(self._provisioner, dict(enumerate(self._slices))))
@@ -364,6 +369,11 @@ class Gang:
                 else:
                     problems[index] = (prepare_outcome(classify_prepare_error(error)), str(error))
         return prepared, problems, refused
+
+    def cancel(self, attempt_id: str, skip: Collection[int] = ()) -> None:
+        """Stop the attempt on every host but those of the ``skip`` slices (gone, or never
+        handed over): an attempt its Prepare started, when the gang cannot go on."""
+        cancel_everywhere(attempt_id, [c for s in sorted(self._clients) if s not in skip for c in self._clients[s]])
 
     def take_clients(self, slice_id: int) -> list[channel.AgentClient]:
         """The slice's connected clients, now the caller's (the warm pool's) to close."""

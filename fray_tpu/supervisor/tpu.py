@@ -179,7 +179,7 @@ class TpuJobSupervisor(JobSupervisor):
         lost = self._look_at(hand_over)
         prepared, problems, refused = self.gang.prepare(specs, hand_over, self.record.job_id, lost=lost)
         if at_once and (refused or problems or self.stop_requested.is_set()):
-            run.cancel_all("the gang could not be prepared on every host")
+            self.gang.cancel(attempt_id, skip=refused)
             self.account.attempts.remove(entry)
             self._save_account()
         if refused:
