@@ -240,7 +240,8 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             host=self._cleaner,
             is_preempted=self._preempted.is_set,
         )
-        slot.attempt.prespawn()
+        if not spec.start:
+            slot.attempt.prespawn()  # a start in this call spawns it and lets it go at once
         return worker_pb2.PrepareResponse(
             attempt_id=spec.attempt_id, prepare_seconds=time.monotonic() - began,
             env_reused=python_env.reused, python=python, cleanup_notes=notes, env_digest=python_env.digest,
