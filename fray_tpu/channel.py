@@ -401,12 +401,6 @@ class AgentClient:
         With ``hand_over`` (new secret, holder), a host taken warm is first handed to that holder
         (refused as ``HandOver`` refuses, as a ``PrepareFailed`` of kind ``HAND_OVER``); this
         client presents the new secret from then on."""
-        return self.send_prepare(spec, timeout=timeout, hand_over=hand_over).result()
-
-    def send_prepare(self, spec: AttemptSpec, *, timeout: float = PREPARE_TIMEOUT,
-                     hand_over: tuple[str, str] | None = None) -> SentPrepare:
-        """``prepare``, its call sent now from this thread; ``result()`` waits for the answer (a
-        gang's Prepares leave back to back instead of each behind a thread's start)."""
         message = spec.to_proto()
         if hand_over is not None:
             new_secret, holder = hand_over
@@ -418,20 +412,24 @@ class AgentClient:
                 f"{MAX_MESSAGE_BYTES / 1e6:.0f} MB limit; pass large data through the workspace or storage "
                 f"instead of the callable's closure or arguments"
             )
-        return SentPrepare(self, message, timeout, hand_over)
-
-    def _prepare_again(self, message: worker_pb2.AttemptSpec, timeout: float,
-                       hand_over: tuple[str, str] | None) -> worker_pb2.PrepareResponse:
-        """The Prepare after its first try failed on UNAVAILABLE or UNAUTHENTICATED, retried."""
         try:
-            return self._call("Prepare", self._stub.Prepare, message, timeout=timeout)
+            response = self._call("Prepare", self._stub.Prepare, message, timeout=timeout)
         except AgentAuthError:
             if hand_over is None:
                 raise
             # A call whose answer was lost may have handed the host over already: then only
             # the new secret works, and the repeat finds the attempt prepared (or preparing).
             self.use_secret(hand_over[0])
-            return self._call("Prepare", self._stub.Prepare, message, timeout=timeout)
+            response = self._call("Prepare", self._stub.Prepare, message, timeout=timeout)
+        if hand_over is not None:
+            self.use_secret(hand_over[0])
+        return PrepareResult(
+            attempt_id=response.attempt_id, prepare_seconds=response.prepare_seconds,
+            env_reused=response.env_reused, python=response.python, cleanup_notes=list(response.cleanup_notes),
+            env_digest=response.env_digest, env_build_seconds=response.env_build_seconds,
+            env_source=response.env_source, env_seconds=response.env_seconds, env_note=response.env_note,
+            spare_runner_used=response.spare_runner_used,
+        )
 
     def cancel(self, attempt_id: str, grace: float) -> bool:
         """Stops the attempt (SIGTERM, SIGKILL after `grace`); True if it was running."""
@@ -465,49 +463,6 @@ class AgentClient:
             return self._stub.Start(worker_pb2.StartRequest(attempt_id=attempt_id), metadata=self._metadata)
         request = worker_pb2.WatchRequest(attempt_id=attempt_id, from_seq=from_seq)
         return self._stub.Watch(request, metadata=self._metadata)
-
-
-class SentPrepare:
-    """A Prepare on its way (``AgentClient.send_prepare``)."""
-
-    def __init__(self, client: AgentClient, message: worker_pb2.AttemptSpec, timeout: float,
-                 hand_over: tuple[str, str] | None):
-        self._client = client
-        self._message = message
-        self._timeout = timeout
-        self._hand_over = hand_over
-        try:
-            self._future = client._stub.Prepare.future(message, timeout=timeout, metadata=client._metadata)
-        except ValueError:
-            self._future = None  # the client is closed: result() reports it
-
-    def cancel(self) -> None:
-        """Give up on the first try (a slice the cloud reports lost): ``result()`` then raises."""
-        if self._future is not None:
-            self._future.cancel()
-
-    def result(self) -> PrepareResult:
-        """The answer, once every retry the first try calls for is done (else ``ChannelError``)."""
-        client = self._client
-        try:
-            if self._future is None:
-                raise ChannelError(f"Prepare on agent {client.address}: the client is closed", address=client.address)
-            response = self._future.result()
-        except grpc.RpcError as error:
-            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
-                raise client._error("Prepare", error) from None
-            if error.code() == grpc.StatusCode.UNAUTHENTICATED and self._hand_over is None:
-                raise client._error("Prepare", error) from None
-            response = client._prepare_again(self._message, self._timeout, self._hand_over)
-        if self._hand_over is not None:
-            client.use_secret(self._hand_over[0])
-        return PrepareResult(
-            attempt_id=response.attempt_id, prepare_seconds=response.prepare_seconds,
-            env_reused=response.env_reused, python=response.python, cleanup_notes=list(response.cleanup_notes),
-            env_digest=response.env_digest, env_build_seconds=response.env_build_seconds,
-            env_source=response.env_source, env_seconds=response.env_seconds, env_note=response.env_note,
-            spare_runner_used=response.spare_runner_used,
-        )
 
 
 def _agent_info(response: worker_pb2.DescribeResponse) -> AgentInfo:
