@@ -138,10 +138,10 @@ class TpuJobSupervisor(JobSupervisor):
         the verdict of an attempt that cannot start, or ``Retake`` when a slice taken warm could
         not be handed over (deleted: acquire again).
 
-        A gang of warm slices whose hosts all have the job's environment already (their last
-        job prepared the same one) is started by the Prepare itself, in one round; any other
-        gang is started once every host is prepared, so that no host runs while another still
-        builds. Either way, what a restarted controller needs to reattach is durable before
+        A gang whose hosts all have the job's environment already (warm slices whose last job
+        prepared the same one, a retry on the slices of the last attempt) is started by the
+        Prepare itself, in one round; any other gang is started once every host is prepared, so
+        that no host runs while another still builds. Either way, what a restarted controller needs to reattach is durable before
         anything runs."""
         self.slices.ensure(attempt)
         self.record.set_phase(JobPhase.BOOTING)
@@ -163,8 +163,7 @@ class TpuJobSupervisor(JobSupervisor):
         if refused:
             return self._retake(refused)
         environment = self._environment_key()
-        at_once = bool(hand_over) and all(self.slices.environments.get(s) == environment
-                                          for s in range(len(self.slices.slices)))
+        at_once = all(self.slices.environments.get(s) == environment for s in range(len(self.slices.slices)))
         specs = [self._attempt_spec(attempt_id, slot, environments[slot.index], start=at_once) for slot in self.slots]
         run = TpuGangRun(attempt_id, self.gang.clients(), self.slices.slices, self.context.provisioner,
                          self.gang.liveness)
@@ -172,8 +171,8 @@ class TpuJobSupervisor(JobSupervisor):
         self.record.set_phase(JobPhase.PREPARING)
         if at_once:
             self.slices.confirm_taken(hand_over)
-            entry = self._record_start(attempt, attempt_id, "prepared and started in one call: warm hosts "
-                                                            "with the job's environment")
+            entry = self._record_start(attempt, attempt_id, "prepared and started in one call: every host "
+                                                            "has the job's environment")
         # The cloud's word on the slices taken warm, asked while their Prepares travel: a slice
         # it reports lost is not taken even where its agents still answer.
         lost = self._look_at(hand_over)

@@ -53,6 +53,13 @@ def block_until(go_file: str) -> None:
         raise SystemExit(f"{go_file} never appeared")
 
 
+def fail_first_attempt(marker: str) -> None:
+    """Fail the first attempt (the marker does not exist yet), succeed the next."""
+    if not os.path.exists(marker):
+        Path(marker).write_text("")
+        raise RuntimeError("failing the first attempt on purpose")
+
+
 def succeed() -> None:
     print(f"task {os.environ['FRAY_TASK_INDEX']} ran", flush=True)
 
@@ -222,7 +229,8 @@ def test_a_warm_job_starts_in_its_prepare_only_where_its_environment_is_known_to
                                                                                          workspace):
     """A job whose environment (packages, Python, index, workspace) equals the one the warm
     slice's last job prepared is started by its Prepare; after the workspace changed, the next
-    job on the same warm slice prepares first and starts after (no create call either way)."""
+    job on the same warm slice prepares first and starts after (no create call either way); a
+    retry on the slice of the last attempt starts in its Prepare again."""
     cluster = clusters()
 
     def start_line(name: str) -> str:
@@ -238,6 +246,14 @@ def test_a_warm_job_starts_in_its_prepare_only_where_its_environment_is_known_to
     assert ONE_ROUND not in start_line("changed-workspace")
     assert ONE_ROUND in start_line("same-again")
     assert fake_gcp.control.counters().get("CreateNode", 0) == 0
+
+    retried = JobRequest(name="retried", entrypoint=Entrypoint.from_callable(fail_first_attempt, args=[str(
+        Path(workspace).parent / "retried-marker")]), resources=ResourceConfig.with_tpu("v5litepod-4"),
+                         environment=EnvironmentConfig.create(workspace=workspace), max_retries_failure=1)
+    job = cluster.launch(retried)
+    assert run_to_end(cluster, job, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+    lines = cluster.journal().output(job)[0]
+    assert [ONE_ROUND in line for line in lines if "starting on" in line] == [True, True], lines
 
 
 def test_a_job_of_another_shape_creates_its_own_slice(clusters, fake_gcp, workspace):
