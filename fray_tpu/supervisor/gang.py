@@ -343,8 +343,9 @@ class Gang:
         ``holder`` and this job's secret by the same call. Returns what the prepared hosts
         answered, how each task whose host could not be prepared ended (by task index), and the
         ``hand_over`` slices whose hosts were not handed over, with why (slice id -> why).
-        ``lost()`` (the cloud's word, asked beside the calls) names ``hand_over`` slices it
-        reports lost: not taken, and their calls not waited for (a VM gone may never answer)."""
+        ``lost()`` (the cloud's word, asked once the calls are sent, while they travel) names
+        ``hand_over`` slices it reports lost: not taken, and their calls not waited for (a VM
+        gone may never answer)."""
         clients = self.clients()
         slice_of = [s for s in sorted(self._clients) for _ in self._clients[s]]
         prepared: dict[int, channel.PrepareResult] = {}

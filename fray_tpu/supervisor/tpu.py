@@ -8,9 +8,8 @@ earlier controller started (``_resume``), then following it like any other.
 from __future__ import annotations
 
 import sys
-import threading
 import time
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from fray_tpu import channel
@@ -23,7 +22,7 @@ from fray_tpu.multislice import gang_environments
 from fray_tpu.planning import JobPlan
 from fray_tpu.supervisor.credentials import BackgroundWrites, JobCredentials
 from fray_tpu.supervisor.gang import Connected, Gang, TpuGangRun, observe_slices
-from fray_tpu.supervisor.watch import SliceSeen, lost_slices
+from fray_tpu.supervisor.watch import lost_slices
 from fray_tpu.supervisor.job import JobStopped, JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
 from fray_tpu.supervisor.slices import ControllerContext, SliceKeeper
@@ -141,8 +140,8 @@ class TpuJobSupervisor(JobSupervisor):
         A gang whose hosts all have the job's environment already (warm slices whose last job
         prepared the same one, a retry on the slices of the last attempt) is started by the
         Prepare itself, in one round; any other gang is started once every host is prepared, so
-        that no host runs while another still builds. Either way, what a restarted controller needs to reattach is durable before
-        anything runs."""
+        that no host runs while another still builds. Either way, what a restarted controller
+        needs to reattach is durable before anything runs."""
         self.slices.ensure(attempt)
         self.record.set_phase(JobPhase.BOOTING)
         for slice_id, clients in self.slices.warm_clients.items():
@@ -175,8 +174,8 @@ class TpuJobSupervisor(JobSupervisor):
                                                             "has the job's environment")
         # The cloud's word on the slices taken warm, asked while their Prepares travel: a slice
         # it reports lost is not taken even where its agents still answer.
-        lost = self._look_at(hand_over)
-        prepared, problems, refused = self.gang.prepare(specs, hand_over, self.record.job_id, lost=lost)
+        prepared, problems, refused = self.gang.prepare(specs, hand_over, self.record.job_id, lost=lambda: lost_slices(
+            observe_slices(self.context.provisioner, {s: self.slices.slices[s] for s in hand_over})))
         if at_once and (refused or problems or self.stop_requested.is_set()):
             self.gang.cancel(attempt_id, skip=refused)
             self.account.attempts.remove(entry)
@@ -215,23 +214,6 @@ class TpuJobSupervisor(JobSupervisor):
         self._save_account()
         self.writes.wait()
         return entry
-
-    def _look_at(self, slice_ids: Collection[int]) -> Callable[[], set[int]]:
-        """Ask the cloud about these slices on a thread of its own; the returned call waits for
-        the answer: the ones it reports lost (an API outage is no verdict)."""
-        seen: dict[int, SliceSeen] = {}
-        if not slice_ids:
-            return set
-        look = threading.Thread(target=lambda: seen.update(observe_slices(
-            self.context.provisioner, {s: self.slices.slices[s] for s in slice_ids})), daemon=True,
-            name=f"observe-warm-{self.record.job_id}")
-        look.start()
-
-        def answer() -> set[int]:
-            look.join()
-            return lost_slices(seen)
-
-        return answer
 
     def _retake(self, refused: dict[int, str]) -> Retake:
         for slice_id, why in sorted(refused.items()):
