@@ -84,8 +84,8 @@ class Pending:
 
 
 class CallThreads:
-    """Threads kept for a controller's gang calls (a gang's Prepares): a call is handed to an
-    idle thread, so sending a gang's calls costs no thread start each (a start waits until the
+    """Threads kept for a controller's calls (a gang's Prepares): a call is handed to an idle
+    thread, so sending a gang's calls costs no thread start each (a start waits until the
     new thread is scheduled, milliseconds apiece on a loaded machine); a thread idle for
     ``idle_seconds`` ends. Plain threads, for the reason ``in_parallel`` gives."""
 
@@ -120,6 +120,11 @@ class CallThreads:
             with self._lock:
                 self._idle += 1  # before the result is seen: the caller's next call finds this thread
             pending.finished()
+
+
+# The controller's kept threads for the short calls on a job's way to its start: a gang's
+# Prepares, the journal writes made beside them.
+CALL_THREADS = CallThreads()
 
 
 def _size(event: object) -> int:

@@ -21,7 +21,7 @@ from fray_tpu.errors import FrayTpuError, ProvisioningError
 from fray_tpu.hostboot import watch_boot
 from fray_tpu.placement import WorkerOrderMismatch, worker_order
 from fray_tpu.provisioner import ReadySlice, SliceProvisioner
-from fray_tpu.supervisor.attempt import AttemptRun, CallThreads, in_parallel
+from fray_tpu.supervisor.attempt import CALL_THREADS, AttemptRun, in_parallel
 from fray_tpu.supervisor.credentials import JobCredentials
 from fray_tpu.supervisor.job import JobStopped
 from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, SliceSeen, StreamEnded, lost_slices
@@ -34,7 +34,6 @@ LEASE_RENEWAL_THREADS = 64
 # A slice whose every agent answered this recently (the last attempt's events, a hand-over) is
 # up: forming the gang again does not ask each agent once more.
 RECENT_ANSWER_SECONDS = 2.0
-GANG_CALLS = CallThreads()  # the controller's threads for gang calls, kept between jobs
 
 
 class Liveness:
@@ -356,7 +355,7 @@ class Gang:
             return clients[index].prepare(specs[index], hand_over=(self.credentials.secret, holder)
                                           if slice_of[index] in hand_over else None)
 
-        sent = [GANG_CALLS.submit(functools.partial(prepare, index)) for index in range(len(clients))]
+        sent = [CALL_THREADS.submit(functools.partial(prepare, index)) for index in range(len(clients))]
         gone = lost() & set(hand_over)
         for slice_id in gone:
             refused[slice_id] = "the cloud reports it lost"
