@@ -125,6 +125,10 @@ RUNNER_GO_BYTE = b"g"
 # keeps one per host for the next attempt). It reads one line of JSON from stdin, {"env", "cwd",
 # "payload"}, takes that environment and directory as its own, then runs as a held runner.
 RUNNER_SPARE_ARG = "--spare"
+# "0": the spare leaves importing cloudpickle to a payload that needs it (one pickled by value
+# names it). The agent starts a spare so for the retry of an attempt whose payload does not:
+# that spare starts at the attempt's exit, and its start is what the retry waits for.
+RUNNER_SPARE_CLOUDPICKLE_ENV = "FRAY_TPU_RUNNER_SPARE_CLOUDPICKLE"
 # Variables the interpreter reads while it starts (locale, allocator, loader, Python's own
 # flags): a spare runner serves only an attempt whose values of these equal its own.
 # PYTHONPATH is not among them: the spare puts the attempt's entries on sys.path itself.

@@ -108,6 +108,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         # The interpreter and starting environment of the last attempt that ran a callable: what
         # the spare runner is kept ready for.
         self._runner_env: tuple[str, dict[str, str]] | None = None
+        self._payload_by_value = True  # whether the last attempt's payload needs cloudpickle
         self.auth = SecretInterceptor(settings.secret_sha256, persist_path=settings.state_dir / SECRET_FILE)
         self._identity = worker_pb2.WorkerIdentity(
             worker_number=settings.worker_number, node_name=settings.node_name,
@@ -232,6 +233,8 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             argv = [python, "-m", contract.RUNNER_MODULE, str(payload)]
             spare = self.spares.take(python, env)
             self._runner_env = (python, self._runner_base_env(env_vars))
+            # A payload pickled by value names cloudpickle (its loader); one by reference does not.
+            self._payload_by_value = b"cloudpickle" in spec.callable.pickled
         else:
             argv = [spec.binary.command, *spec.binary.args]
         slot.attempt = Attempt(
@@ -254,10 +257,12 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         """No runner waits for a job after the controller's lease lapsed, nor on a host about to go."""
         return not self.lease.expired and not self._preempted.is_set()
 
-    def _keep_spare_ready(self, *, when=lambda: None) -> None:
-        """A spare runner for the next attempt, in the environment the last one used."""
+    def _keep_spare_ready(self, *, when=lambda: None, for_retry: bool = False) -> None:
+        """A spare runner for the next attempt, in the environment the last one used; for a
+        retry (the same payload), with cloudpickle loaded ahead only if that payload needs it."""
         if self._runner_env is not None:
-            self.spares.keep_ready(*self._runner_env, when=when)
+            self.spares.keep_ready(*self._runner_env, when=when,
+                                   cloudpickle=self._payload_by_value or not for_retry)
 
     def _workspace(self, spec: worker_pb2.AttemptSpec) -> Path | None:
         if not spec.workspace_digest:
@@ -354,7 +359,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         if attempt.start():
             # For the job's next attempt (a retry): once this one is past its start, or has ended
             # (its retry's Prepare then finds the interpreter starting, or up).
-            self._keep_spare_ready(when=lambda: attempt.wait(SPARE_AFTER_START_SECONDS))
+            self._keep_spare_ready(when=lambda: attempt.wait(SPARE_AFTER_START_SECONDS), for_retry=True)
         return None
 
     def Watch(self, request, context):
