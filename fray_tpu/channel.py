@@ -100,6 +100,7 @@ class AttemptSpec:
     python_version: str = ""
     index_url: str = ""
     env_cache: EnvCache | None = None
+    start: bool = False  # start as soon as prepared (the proto's `start`)
 
     @staticmethod
     def for_callable(attempt_id: str, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None,
@@ -115,7 +116,7 @@ class AttemptSpec:
         message = worker_pb2.AttemptSpec(
             attempt_id=self.attempt_id, job_id=self.job_id, task_id=self.task_id, task_index=self.task_index,
             env=self.env, workspace_digest=self.workspace_digest, pip_packages=self.pip_packages,
-            extras=self.extras, python_version=self.python_version, index_url=self.index_url,
+            extras=self.extras, python_version=self.python_version, index_url=self.index_url, start=self.start,
         )
         if self.env_cache is not None:
             message.env_cache.CopyFrom(worker_pb2.EnvCache(
@@ -275,6 +276,7 @@ class AgentClient:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 *_KEEPALIVE_OPTIONS,
+                (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
             ],
         )
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
@@ -355,12 +357,16 @@ class AgentClient:
                                        address=self.address)
             pause = min(pause * 2, 0.25)
 
+    def holds_bundle(self, digest: str) -> bool:
+        """Whether the agent is known to hold this bundle (an upload or a check through this client)."""
+        return digest in self._bundles_held
+
     def has_bundle(self, digest: str) -> bool:
         return self._call("HasBundle", self._stub.HasBundle, worker_pb2.HasBundleRequest(digest=digest)).present
 
     def upload_bundle(self, bundle) -> bool:
         """Uploads a packed workspace (`digest`, `path`, `size`) unless the host has it; True if sent."""
-        if bundle.digest in self._bundles_held or self.has_bundle(bundle.digest):
+        if self.holds_bundle(bundle.digest) or self.has_bundle(bundle.digest):
             self._bundles_held.add(bundle.digest)
             return False
         path = Path(bundle.path)
@@ -389,16 +395,34 @@ class AgentClient:
                 raise self._error("UploadBundle", error) from None
         raise AssertionError("unreachable")
 
-    def prepare(self, spec: AttemptSpec, *, timeout: float = PREPARE_TIMEOUT) -> PrepareResult:
-        """Cleans the host and stages the attempt; returns when it can start (else PrepareFailed)."""
+    def prepare(self, spec: AttemptSpec, *, timeout: float = PREPARE_TIMEOUT,
+                hand_over: tuple[str, str] | None = None) -> PrepareResult:
+        """Cleans the host and stages the attempt; returns when it can start (else PrepareFailed).
+        With ``hand_over`` (new secret, holder), a host taken warm is first handed to that holder
+        (refused as ``HandOver`` refuses, as a ``PrepareFailed`` of kind ``HAND_OVER``); this
+        client presents the new secret from then on."""
         message = spec.to_proto()
+        if hand_over is not None:
+            new_secret, holder = hand_over
+            message.hand_over.CopyFrom(worker_pb2.HandOverRequest(new_secret_sha256=tls.secret_sha256(new_secret),
+                                                                  holder=holder))
         if message.ByteSize() > MAX_MESSAGE_BYTES:
             raise ValueError(
                 f"attempt {spec.attempt_id}: the request is {message.ByteSize() / 1e6:.0f} MB, over the "
                 f"{MAX_MESSAGE_BYTES / 1e6:.0f} MB limit; pass large data through the workspace or storage "
                 f"instead of the callable's closure or arguments"
             )
-        response = self._call("Prepare", self._stub.Prepare, message, timeout=timeout)
+        try:
+            response = self._call("Prepare", self._stub.Prepare, message, timeout=timeout)
+        except AgentAuthError:
+            if hand_over is None:
+                raise
+            # A call whose answer was lost may have handed the host over already: then only
+            # the new secret works, and the repeat finds the attempt prepared (or preparing).
+            self.use_secret(hand_over[0])
+            response = self._call("Prepare", self._stub.Prepare, message, timeout=timeout)
+        if hand_over is not None:
+            self.use_secret(hand_over[0])
         return PrepareResult(
             attempt_id=response.attempt_id, prepare_seconds=response.prepare_seconds,
             env_reused=response.env_reused, python=response.python, cleanup_notes=list(response.cleanup_notes),

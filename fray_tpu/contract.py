@@ -76,6 +76,9 @@ class PrepareFailureKind(str, enum.Enum):
     # no such Python): the same on every host and every try, so not retried.
     ENVIRONMENT = "environment"
     CONTROLLER = "controller"  # the controller sent something this agent cannot run
+    # A host taken warm refused to pass to the new holder (preempted, still busy): the job
+    # takes or creates another slice instead, within the same attempt.
+    HAND_OVER = "hand-over"
 
     def __str__(self) -> str:
         return self.value
@@ -126,6 +129,10 @@ RUNNER_GO_BYTE = b"g"
 # keeps one per host for the next attempt). It reads one line of JSON from stdin, {"env", "cwd",
 # "payload"}, takes that environment and directory as its own, then runs as a held runner.
 RUNNER_SPARE_ARG = "--spare"
+# "0": the spare leaves importing cloudpickle to a payload that needs it (one pickled by value
+# names it). The agent starts a spare so for the retry of an attempt whose payload does not:
+# that spare starts at the attempt's exit, and its start is what the retry waits for.
+RUNNER_SPARE_CLOUDPICKLE_ENV = "FRAY_TPU_RUNNER_SPARE_CLOUDPICKLE"
 # Variables the interpreter reads while it starts (locale, allocator, loader, Python's own
 # flags): a spare runner serves only an attempt whose values of these equal its own.
 # PYTHONPATH is not among them: the spare puts the attempt's entries on sys.path itself.

@@ -150,7 +150,7 @@ class BinaryPayload(_message.Message):
     def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AttemptSpec(_message.Message):
-    __slots__ = ("attempt_id", "job_id", "task_id", "task_index", "callable", "binary", "env", "workspace_digest", "pip_packages", "extras", "python_version", "index_url", "env_cache")
+    __slots__ = ("attempt_id", "job_id", "task_id", "task_index", "callable", "binary", "env", "workspace_digest", "pip_packages", "extras", "python_version", "index_url", "env_cache", "hand_over", "start")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,8 @@ class AttemptSpec(_message.Message):
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     INDEX_URL_FIELD_NUMBER: _ClassVar[int]
     ENV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    HAND_OVER_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
     attempt_id: str
     job_id: str
     task_id: str
@@ -184,7 +186,9 @@ class AttemptSpec(_message.Message):
     python_version: str
     index_url: str
     env_cache: EnvCache
-    def __init__(self, attempt_id: _Optional[str] = ..., job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_index: _Optional[int] = ..., callable: _Optional[_Union[CallablePayload, _Mapping]] = ..., binary: _Optional[_Union[BinaryPayload, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., workspace_digest: _Optional[str] = ..., pip_packages: _Optional[_Iterable[str]] = ..., extras: _Optional[_Iterable[str]] = ..., python_version: _Optional[str] = ..., index_url: _Optional[str] = ..., env_cache: _Optional[_Union[EnvCache, _Mapping]] = ...) -> None: ...
+    hand_over: HandOverRequest
+    start: bool
+    def __init__(self, attempt_id: _Optional[str] = ..., job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_index: _Optional[int] = ..., callable: _Optional[_Union[CallablePayload, _Mapping]] = ..., binary: _Optional[_Union[BinaryPayload, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., workspace_digest: _Optional[str] = ..., pip_packages: _Optional[_Iterable[str]] = ..., extras: _Optional[_Iterable[str]] = ..., python_version: _Optional[str] = ..., index_url: _Optional[str] = ..., env_cache: _Optional[_Union[EnvCache, _Mapping]] = ..., hand_over: _Optional[_Union[HandOverRequest, _Mapping]] = ..., start: _Optional[bool] = ...) -> None: ...
 
 class EnvCache(_message.Message):
     __slots__ = ("storage_endpoint", "bucket", "builder", "wait_seconds")

@@ -9,6 +9,7 @@ how many); starts, exits and errors are always kept, so the attempt's end is nev
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -55,6 +56,75 @@ def in_parallel(fn: Callable, items: Sequence, max_threads: int | None = None) -
     if errors:
         raise errors[0]
     return results
+
+
+class Pending:
+    """The result of a call handed to ``CallThreads``."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._value: object = None
+        self._error: BaseException | None = None
+
+    def run(self, fn: Callable[[], object]) -> None:
+        """Compute the result (``result()`` waits for ``finished()``)."""
+        try:
+            self._value = fn()
+        except BaseException as error:  # noqa: BLE001 - re-raised by result() in the waiting thread
+            self._error = error
+
+    def finished(self) -> None:
+        self._done.set()
+
+    def result(self) -> object:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class CallThreads:
+    """Threads kept for a controller's calls (a gang's Prepares): a call is handed to an idle
+    thread, so sending a gang's calls costs no thread start each (a start waits until the
+    new thread is scheduled, milliseconds apiece on a loaded machine); a thread idle for
+    ``idle_seconds`` ends. Plain threads, for the reason ``in_parallel`` gives."""
+
+    def __init__(self, idle_seconds: float = 60.0):
+        self._tasks: queue.SimpleQueue[tuple[Callable[[], object], Pending]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting for a call that no submitted call has claimed
+        self._idle_seconds = idle_seconds
+
+    def submit(self, fn: Callable[[], object]) -> Pending:
+        pending = Pending()
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+        self._tasks.put((fn, pending))
+        if start:
+            threading.Thread(target=self._work, daemon=True, name="gang-call").start()
+        return pending
+
+    def _work(self) -> None:
+        while True:
+            try:
+                fn, pending = self._tasks.get(timeout=self._idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # no call is on its way to this thread: end it
+                        self._idle -= 1
+                        return
+                continue
+            pending.run(fn)
+            with self._lock:
+                self._idle += 1  # before the result is seen: the caller's next call finds this thread
+            pending.finished()
+
+
+# The controller's kept threads for the short calls on a job's way to its start: a gang's
+# Prepares, the journal writes made beside them.
+CALL_THREADS = CallThreads()
 
 
 def _size(event: object) -> int:

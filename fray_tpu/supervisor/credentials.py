@@ -15,42 +15,37 @@ controller died has nothing to reattach to, and its slices delete themselves whe
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fray_tpu import tls
 from fray_tpu.state.journal import Journal
+from fray_tpu.supervisor.attempt import CALL_THREADS, Pending
 
 SECRET_NAME = "channel-secret"
 SLICE_CERTS_PREFIX = "tls-certs-of-"
 
 
 class BackgroundWrites:
-    """Journal writes made on threads of their own; ``wait`` for them (and their errors)."""
+    """Journal writes made on the controller's kept call threads (no thread start each);
+    ``wait`` for them (and their errors)."""
 
     def __init__(self) -> None:
-        self._threads: list[threading.Thread] = []
-        self._errors: list[BaseException] = []
+        self._pending: list[Pending] = []
 
     def submit(self, write: Callable[..., None], *args: object) -> None:
-        def run() -> None:
-            try:
-                write(*args)
-            except BaseException as error:  # noqa: BLE001 - re-raised by wait()
-                self._errors.append(error)
-
-        thread = threading.Thread(target=run, daemon=True, name="journal-write")
-        thread.start()
-        self._threads.append(thread)
+        self._pending.append(CALL_THREADS.submit(lambda: write(*args)))
 
     def wait(self) -> None:
-        for thread in self._threads:
-            thread.join()
-        self._threads.clear()
-        if self._errors:
-            error, self._errors = self._errors[0], []
-            raise error
+        pending, self._pending = self._pending, []
+        errors = []
+        for write in pending:
+            try:
+                write.result()
+            except BaseException as error:  # noqa: BLE001 - the first is raised once all are done
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ Every answer from a host is a sign of life for the liveness deadline."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import channel
@@ -20,7 +21,7 @@ from fray_tpu.errors import FrayTpuError, ProvisioningError
 from fray_tpu.hostboot import watch_boot
 from fray_tpu.placement import WorkerOrderMismatch, worker_order
 from fray_tpu.provisioner import ReadySlice, SliceProvisioner
-from fray_tpu.supervisor.attempt import AttemptRun, in_parallel
+from fray_tpu.supervisor.attempt import CALL_THREADS, AttemptRun, in_parallel
 from fray_tpu.supervisor.credentials import JobCredentials
 from fray_tpu.supervisor.job import JobStopped
 from fray_tpu.supervisor.watch import CANCEL_GRACE_SECONDS, SliceSeen, StreamEnded, lost_slices
@@ -68,6 +69,25 @@ def classify_prepare_error(error: channel.ChannelError) -> PrepareProblem:
     return PrepareProblem.CHANNEL
 
 
+def not_handed_over(error: channel.ChannelError) -> bool:
+    """Whether a hand-over Prepare failed before the host was the job's: refused (preempted,
+    busy), unreachable, or deaf to the pool's secret."""
+    if isinstance(error, channel.PrepareFailed):
+        return error.kind == PrepareFailureKind.HAND_OVER
+    return isinstance(error, (channel.AgentUnreachable, channel.AgentAuthError))
+
+
+def cancel_everywhere(attempt_id: str, clients: Sequence[channel.AgentClient]) -> None:
+    """Stop the attempt on every one of these hosts, in parallel."""
+    def cancel(client: channel.AgentClient) -> None:
+        try:
+            client.cancel(attempt_id, CANCEL_GRACE_SECONDS)
+        except Exception as error:  # noqa: BLE001 - a host already gone (or its channel closed) is cancelled
+            log.info("cancel on %s: %s", client.address, error)
+
+    in_parallel(cancel, clients)
+
+
 class TpuGangRun(AttemptRun):
     """One attempt on every host of every slice, over the task channel; one reader per host."""
 
@@ -113,13 +133,7 @@ class TpuGangRun(AttemptRun):
         self.events.put(index, StreamEnded())
 
     def cancel_all(self, reason: str) -> None:
-        def cancel(client: channel.AgentClient) -> None:
-            try:
-                client.cancel(self.attempt_id, CANCEL_GRACE_SECONDS)
-            except Exception as error:  # noqa: BLE001 - a host already gone (or its channel closed) is cancelled
-                log.info("cancel on %s: %s", client.address, error)
-
-        in_parallel(cancel, self._clients)
+        cancel_everywhere(self.attempt_id, self._clients)
 
     def lost_slices(self) -> set[int]:
         return lost_slices(observe_slices(self._provisioner, dict(enumerate(self._slices))))
@@ -317,33 +331,60 @@ class Gang:
             except Exception as error:  # noqa: BLE001 - any failure means this host lacks the bundle
                 failed[slice_of(index)] = f"{clients[index].address}: {error}"
 
-        in_parallel(upload, range(len(clients)))
+        # No thread, and no call, for a host known to hold it (a retry, a warm slice's next job).
+        in_parallel(upload, [i for i, client in enumerate(clients) if not client.holds_bundle(bundle.digest)])
         return failed
 
-    def prepare(self, specs: Sequence[channel.AttemptSpec]
-                ) -> tuple[dict[int, channel.PrepareResult], dict[int, tuple[TaskOutcome, str]]]:
-        """Prepare every host; returns what the prepared hosts answered, and how each task whose
-        host could not be prepared ended, by task index."""
+    def prepare(self, specs: Sequence[channel.AttemptSpec], hand_over: Collection[int] = (), holder: str = "",
+                lost: Callable[[], set[int]] = set,
+                ) -> tuple[dict[int, channel.PrepareResult], dict[int, tuple[TaskOutcome, str]], dict[int, str]]:
+        """Prepare every host; the hosts of the ``hand_over`` slices (taken warm) are handed to
+        ``holder`` and this job's secret by the same call. Returns what the prepared hosts
+        answered, how each task whose host could not be prepared ended (by task index), and the
+        ``hand_over`` slices whose hosts were not handed over, with why (slice id -> why).
+        ``lost()`` (the cloud's word, asked once the calls are sent, while they travel) names
+        ``hand_over`` slices it reports lost: not taken, and their calls not waited for (a VM
+        gone may never answer)."""
         clients = self.clients()
+        slice_of = [s for s in sorted(self._clients) for _ in self._clients[s]]
         prepared: dict[int, channel.PrepareResult] = {}
         problems: dict[int, tuple[TaskOutcome, str]] = {}
+        refused: dict[int, str] = {}
 
-        def prepare(index: int) -> None:
+        def prepare(index: int) -> channel.PrepareResult:
+            return clients[index].prepare(specs[index], hand_over=(self.credentials.secret, holder)
+                                          if slice_of[index] in hand_over else None)
+
+        sent = [CALL_THREADS.submit(functools.partial(prepare, index)) for index in range(len(clients))]
+        gone = lost() & set(hand_over)
+        for slice_id in gone:
+            refused[slice_id] = "the cloud reports it lost"
+        for index, call in enumerate(sent):
+            if slice_of[index] in gone:
+                continue  # not waited for: its thread ends when the call does
             try:
-                prepared[index] = clients[index].prepare(specs[index])
+                prepared[index] = call.result()
             except channel.ChannelError as error:
-                problems[index] = (prepare_outcome(classify_prepare_error(error)), str(error))
+                if slice_of[index] in hand_over and not_handed_over(error):
+                    refused.setdefault(slice_of[index], str(error))
+                else:
+                    problems[index] = (prepare_outcome(classify_prepare_error(error)), str(error))
+        return prepared, problems, refused
 
-        in_parallel(prepare, range(len(clients)))
-        return prepared, problems
+    def cancel(self, attempt_id: str, skip: Collection[int] = ()) -> None:
+        """Stop the attempt on every host but those of the ``skip`` slices (gone, or never
+        handed over): an attempt its Prepare started, when the gang cannot go on."""
+        cancel_everywhere(attempt_id, [c for s in sorted(self._clients) if s not in skip for c in self._clients[s]])
 
     def take_clients(self, slice_id: int) -> list[channel.AgentClient]:
         """The slice's connected clients, now the caller's (the warm pool's) to close."""
         return self._clients.pop(slice_id, [])
 
     def adopt(self, slice_id: int, clients: list[channel.AgentClient]) -> None:
-        """Connected clients of a slice taken warm (already presenting this job's secret, which
-        each agent just accepted: a sign of life)."""
+        """Connected clients of a slice taken warm, presenting the pool's secret until the job's
+        first Prepare hands the hosts over. Counted as answering now: the pool renewed their
+        leases within its interval, and that Prepare, their next call, is the check (a host that
+        does not answer it fails the hand-over, and the slice is replaced)."""
         self._clients[slice_id] = clients
         for client in clients:
             self.liveness.heard(client.address)

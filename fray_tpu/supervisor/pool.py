@@ -3,8 +3,8 @@
 
 Warm slices stay owned. The pool holds each under a secret of its own (in memory only), so
 the finished job's secret stops working the moment its slice goes warm, and the next job's
-secret works only once the pool hands the slice over to it: a slice never accepts two holders'
-secrets, and a dead controller's warm slices are unreachable by anyone — their lease lapses and
+secret works only once that job's first Prepare hands the slice over to it: a slice never accepts
+two holders' secrets, and a dead controller's warm slices are unreachable by anyone — their lease lapses and
 they delete themselves like any slice. While a slice is warm the pool renews its agents' lease,
 watches it with the same signals as a running slice (the node's state, agents answering), and
 deletes it on expiry, on loss, and at shutdown.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import channel, tls
@@ -54,6 +54,7 @@ class PooledSlice:
     # Dialled with the pool's secret, each pinned to the certificate its host published when the
     # slice booted: whoever holds the slice next pins those same certificates.
     clients: list[channel.AgentClient]
+    env_key: Hashable | None = None  # the environment its last job prepared on every host
 
     def close(self) -> None:
         for client in self.clients:
@@ -63,7 +64,8 @@ class PooledSlice:
 @dataclass(frozen=True)
 class TakenSlice:
     ready: ReadySlice
-    clients: list[channel.AgentClient]  # connected, presenting the taking job's secret
+    clients: list[channel.AgentClient]  # connected, presenting the pool's secret until handed over
+    env_key: Hashable | None  # the environment its last job prepared on every host (None: unknown)
 
     def certificates(self) -> dict[str, bytes]:
         return host_certificates(self.ready, self.clients)
@@ -86,12 +88,14 @@ class WarmPool:
     # -- a finished job's slices come in ---------------------------------------------------------
 
     def offer(self, ready: ReadySlice, shape: SliceShape, clients: list[channel.AgentClient],
-              journal: Journal, lost_in_last_attempt: bool, chips: int, released_by: str) -> str | None:
+              journal: Journal, lost_in_last_attempt: bool, chips: int, released_by: str,
+              env_key: Hashable | None = None) -> str | None:
         """Keep the slice warm (returns None) or say why not (the caller deletes it). ``clients``:
         the job's connections to the slice's agents (the pool's from now on; their connections
         are reused, so a large slice costs no new TLS handshakes, and each keeps pinning the
         certificate its host published when the slice booted). The agents are handed over to
-        the pool's secret here: cleaned, and deaf to the job's secret."""
+        the pool's secret here: cleaned, and deaf to the job's secret. ``env_key``: the job
+        environment the job's last Prepare found or built on every host (kept on the hosts)."""
         if sorted(c.address.rsplit(":", 1)[0] for c in clients) != sorted(map(ready.dial_address, ready.endpoints)):
             for client in clients:
                 client.close()
@@ -111,7 +115,7 @@ class WarmPool:
         for client in clients:
             client.use_secret(self._secret)
         pooled = PooledSlice(ready, WarmSlice(ready.spec.name, ready.zone, shape, self._clock()), journal,
-                             clients)
+                             clients, env_key)
         with self._lock:
             if not self._open:
                 pooled.close()
@@ -146,46 +150,23 @@ class WarmPool:
 
     # -- a new job takes warm slices --------------------------------------------------------------
 
-    def take(self, shape: SliceShape, zones: Sequence[str], count: int, job_secret: str, holder: str,
-             journal: Journal) -> list[TakenSlice]:
-        """Up to ``count`` warm slices of ``shape`` in one of ``zones``, handed over to the job's
-        secret. A slice that fails the hand-over (preempted, agent gone) is deleted, not given."""
+    def take(self, shape: SliceShape, zones: Sequence[str], count: int, journal: Journal, holder: str
+             ) -> list[TakenSlice]:
+        """Up to ``count`` warm slices of ``shape`` in one of ``zones``, out of the pool: no other
+        job can take them any more, and the pool no longer renews their leases (the taker does).
+        Their agents still accept only the pool's secret, which their clients present: the
+        taker's first Prepare hands each host over to the job (``AgentClient.prepare(hand_over=)``),
+        which a preempted or busy host refuses; the taker then deletes the slice and takes or
+        creates another (``SliceKeeper.refused``)."""
         with self._lock:
             candidates = [p.warm for p in self._slices.values() if p.journal is journal]
             chosen = [self._slices.pop(w.name) for w in choose(candidates, shape, zones, count)]
-        def usable(pooled: PooledSlice) -> bool:
-            # The cloud's word and the agents' (a preempted host refuses the hand-over), at once.
-            lost, handed = in_parallel(lambda look: look(), [lambda: self._lost(pooled.ready),
-                                                             lambda: self._hand_over(pooled, job_secret, holder)])
-            return handed and not lost
-
-        handed = in_parallel(usable, chosen)
-        taken = []
-        for pooled, ok in zip(chosen, handed):
-            if not ok:
-                self._delete(pooled, "it was lost while warm")
-                continue
-            for client in pooled.clients:
-                client.use_secret(job_secret)
-            pooled.journal.close_warm_period(pooled.ready.spec.name, pooled.ready.zone, time.time())
+        now = time.time()
+        for pooled in chosen:
+            pooled.journal.close_warm_period(pooled.ready.spec.name, pooled.ready.zone, now)
             log.info("slice %s taken warm by %s after %.1fs idle", pooled.ready.spec.name, holder,
                      idle_seconds(pooled.warm, self._clock()))
-            taken.append(TakenSlice(pooled.ready, pooled.clients))
-        return taken
-
-    def _hand_over(self, pooled: PooledSlice, job_secret: str, holder: str) -> bool:
-        failed: list[str] = []
-
-        def hand_over(client: channel.AgentClient) -> None:
-            try:
-                client.hand_over(job_secret, holder)  # refused by a host that reports preempted
-            except channel.ChannelError as error:
-                failed.append(str(error))
-
-        in_parallel(hand_over, pooled.clients)
-        for why in failed:
-            log.info("warm slice %s: %s", pooled.ready.spec.name, why)
-        return not failed
+        return [TakenSlice(p.ready, p.clients, p.env_key) for p in chosen]
 
     # -- what `fray-tpu slices` and tests see ---------------------------------------------------------
 

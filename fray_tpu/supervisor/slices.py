@@ -13,7 +13,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 
 from fray_tpu import channel, naming, tls
@@ -30,7 +30,7 @@ from fray_tpu.supervisor.capacity import CapacityWait, GiveUp
 from fray_tpu.supervisor.credentials import BackgroundWrites, JobCredentials
 from fray_tpu.supervisor.job import JobStopped
 from fray_tpu.supervisor.phases import JobPhase
-from fray_tpu.supervisor.pool import WarmPool
+from fray_tpu.supervisor.pool import POOL_JOB_ID, WarmPool
 from fray_tpu.supervisor.warm_policy import SliceShape
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ class SliceKeeper:
         self.certs: dict[int, dict[str, bytes]] = {}
         self.warm_taken: list[str] = []
         self.warm_clients: dict[int, list[channel.AgentClient]] = {}  # connections that came with warm slices
+        self.hand_over_due: dict[int, int] = {}  # slices taken warm, not yet handed over -> the attempt taking them
+        # The job environment known to be on every host of a slice (``environment_key``): what
+        # its last job prepared there (taken warm), or what this job's last Prepare did.
+        self.environments: dict[int, Hashable] = {}
         self.handed_over: list[ResourceRow] = []  # this job's rows of the slices it left to the warm pool
         self._stop = stop
         self._progress = progress
@@ -124,26 +128,45 @@ class SliceKeeper:
         return self.certs.get(slice_id)
 
     def _take_warm(self, attempt: int) -> None:
-        """Fill missing slices from the controller's warm pool (one zone; the rest is created there first)."""
+        """Fill missing slices from the controller's warm pool (one zone; the rest is created
+        there first). Their hosts are handed over to the job by its first Prepare
+        (``hand_over_due``); until then the journal keeps them as the pool's."""
         missing = [i for i, s in enumerate(self.slices) if s is None]
         pool = self.context.pool
         if pool is None or not missing:
             return
-        taken = pool.take(self.shape(), self.plan.zones, len(missing), self.credentials.secret, self.job_id,
-                          self.journal)
+        taken = pool.take(self.shape(), self.plan.zones, len(missing), self.journal, self.job_id)
         for slice_id, warm in zip(missing, taken):
             name = warm.ready.spec.name
             self.slices[slice_id] = dataclasses.replace(
                 warm.ready, spec=dataclasses.replace(self.spec(slice_id, attempt), name=name))
             self.certs[slice_id] = warm.certificates()
             self.warm_clients[slice_id] = warm.clients
+            self.hand_over_due[slice_id] = attempt
+            if warm.env_key is not None:
+                self.environments[slice_id] = warm.env_key
             self._writes.submit(self.credentials.store_slice_certs, self.journal, self.job_id, name,
                                 self.certs[slice_id])
-            now = time.time()
-            self.journal.update_resource(name, warm.ready.zone, job_id=self.job_id, attempt=attempt, slice_id=slice_id,
-                                         state=ResourceState.READY, created=now, ready_at=now)
-            self.warm_taken.append(name)
             self._progress(f"slice-{slice_id}: took warm slice {name} in {warm.ready.zone}")
+
+    def confirm_taken(self, slice_ids: Collection[int]) -> None:
+        """The job's Prepare handed these warm slices' hosts over to it: journaled as the job's
+        (before its attempt starts, so a restarted controller reattaches to them)."""
+        now = time.time()
+        for slice_id in sorted(slice_ids):
+            ready = self.slices[slice_id]
+            self.journal.update_resource(ready.spec.name, ready.zone, job_id=self.job_id,
+                                         attempt=self.hand_over_due.pop(slice_id), slice_id=slice_id,
+                                         state=ResourceState.READY, created=now, ready_at=now)
+            self.warm_taken.append(ready.spec.name)
+
+    def refused(self, slice_id: int, why: str) -> None:
+        """A warm slice whose hosts could not be handed over (preempted, gone, busy): deleted;
+        the next ``ensure`` takes or creates another, in the same attempt."""
+        self.hand_over_due.pop(slice_id, None)
+        self._progress(f"slice-{slice_id}: warm slice {self.slices[slice_id].spec.name} not taken: {why}; "
+                       "taking or creating another")
+        self.release(slice_id)
 
     def restore(self, slices: dict[int, tuple[str, int, str, list[str]]]) -> None:
         """Take back the ready slices an earlier controller held (slice id -> name, attempt, zone, endpoints)."""
@@ -301,6 +324,7 @@ class SliceKeeper:
         ready = self.slices[slice_id]
         self.slices[slice_id] = None
         self.certs.pop(slice_id, None)
+        self.environments.pop(slice_id, None)
         if ready is None:
             return
         thread = threading.Thread(target=self._delete, args=(slice_id, ready), daemon=True,
@@ -343,11 +367,16 @@ class SliceKeeper:
                 continue
             # A slice is offered only under the image (startup script) this controller rendered.
             if clients_of is not None and pool is not None and self._startup_script is not None:
-                row = next(r for r in self.journal.resources(job_id=self.job_id) if r.name == ready.spec.name)
+                # Taken warm but never handed over (stopped before its Prepare): still the pool's row.
+                never_held = self.hand_over_due.pop(slice_id, None) is not None
+                holder = POOL_JOB_ID if never_held else self.job_id
+                row = next(r for r in self.journal.resources(job_id=holder) if r.name == ready.spec.name)
                 why_not = pool.offer(ready, self.shape(), clients_of(slice_id), self.journal,
-                                     lost_in_last_attempt=slice_id in lost, chips=row.chips, released_by=self.job_id)
+                                     lost_in_last_attempt=slice_id in lost, chips=row.chips, released_by=self.job_id,
+                                     env_key=None if never_held else self.environments.get(slice_id))
                 if why_not is None:
-                    self.handed_over.append(dataclasses.replace(row, deleted_at=time.time()))
+                    if not never_held:
+                        self.handed_over.append(dataclasses.replace(row, deleted_at=time.time()))
                     self.slices[slice_id] = None
                     self._progress(f"slice-{slice_id}: {ready.spec.name} kept warm for the next job of its shape")
                     continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from fray_tpu import channel
@@ -21,7 +21,8 @@ from fray_tpu.state.journal import Journal, JobRow, ResourceRow
 from fray_tpu.multislice import gang_environments
 from fray_tpu.planning import JobPlan
 from fray_tpu.supervisor.credentials import BackgroundWrites, JobCredentials
-from fray_tpu.supervisor.gang import Connected, Gang, TpuGangRun
+from fray_tpu.supervisor.gang import Connected, Gang, TpuGangRun, observe_slices
+from fray_tpu.supervisor.watch import lost_slices
 from fray_tpu.supervisor.job import JobStopped, JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase
 from fray_tpu.supervisor.slices import ControllerContext, SliceKeeper
@@ -53,6 +54,10 @@ class ResumeState:
         slices = {slice_id: (r.name, r.attempt, r.zone, list(r.endpoints)) for slice_id, r in takeover.adopt.items()}
         return cls(attempt=row.attempt, attempt_id=row.attempt_id, slices=slices, leftovers=takeover.delete,
                    counters=dict(row.counters), extra=dict(row.extra), credentials=credentials)
+
+
+class Retake:
+    """A slice taken warm could not be handed over and was deleted: acquire the gang again."""
 
 
 @dataclass
@@ -118,47 +123,109 @@ class TpuJobSupervisor(JobSupervisor):
                 self._end_account(started.entry, verdict)
 
     def _start(self, attempt: int) -> StartedAttempt | AttemptVerdict:
+        attempt_id = f"{self.record.job_id}-a{attempt}"
+        retake = 0
+        while isinstance(started := self._prepare_and_start(attempt, attempt_id), Retake):
+            # The hosts already prepared hold the old id with the old gang's environment: the
+            # gang with the replacement slice prepares under an id of its own.
+            retake += 1
+            attempt_id = f"{self.record.job_id}-a{attempt}.{retake}"
+        return started
+
+    def _prepare_and_start(self, attempt: int, attempt_id: str) -> StartedAttempt | AttemptVerdict | Retake:
+        """Acquire the slices, form the gang, upload, prepare every host and start the attempt;
+        the verdict of an attempt that cannot start, or ``Retake`` when a slice taken warm could
+        not be handed over (deleted: acquire again).
+
+        A gang whose hosts all have the job's environment already (warm slices whose last job
+        prepared the same one, a retry on the slices of the last attempt) is started by the
+        Prepare itself, in one round; any other gang is started once every host is prepared, so
+        that no host runs while another still builds. Either way, what a restarted controller
+        needs to reattach is durable before anything runs."""
         self.slices.ensure(attempt)
         self.record.set_phase(JobPhase.BOOTING)
-        if self.slices.warm_taken and not self.account.started_warm:
-            self.account.started_warm = list(self.slices.warm_taken)
-            self._save_account()
         for slice_id, clients in self.slices.warm_clients.items():
             self.gang.adopt(slice_id, clients)
         self.slices.warm_clients.clear()
         unformed = self._form_gang(TaskOutcome.BAD_HOST, "agent never answered")
         if unformed is not None:
             return unformed
-        attempt_id = f"{self.record.job_id}-a{attempt}"
         environments = gang_environments([s.endpoints for s in self.slices.slices], self.plan.env,
                                          cluster_spec=self.context.cluster_spec,
                                          emulated=bool(self.context.emulator_endpoint),
                                          controller_python="%d.%d" % sys.version_info[:2])
+        hand_over = dict(self.slices.hand_over_due)
         unreachable = self._upload_workspace()
-        if unreachable:
+        refused = {s: f"workspace upload failed: {why}" for s, why in unreachable.items() if s in hand_over}
+        if unreachable.keys() - refused.keys():
             return self._verdict_for_hosts(unreachable, TaskOutcome.LOST, "workspace upload failed")
-        specs = [self._attempt_spec(attempt_id, slot, environments[slot.index]) for slot in self.slots]
-        self.record.set_phase(JobPhase.PREPARING)
-        failed = self._prepare(specs)
-        if failed:
-            return failed
-        if self.stop_requested.is_set():
-            raise JobStopped  # terminated while the hosts prepared: start nothing
+        if refused:
+            return self._retake(refused)
+        environment = self._environment_key()
+        at_once = all(self.slices.environments.get(s) == environment for s in range(len(self.slices.slices)))
+        specs = [self._attempt_spec(attempt_id, slot, environments[slot.index], start=at_once) for slot in self.slots]
         run = TpuGangRun(attempt_id, self.gang.clients(), self.slices.slices, self.context.provisioner,
                          self.gang.liveness)
-        self.record.set_attempt(attempt, attempt_id)
-        self.progress(f"attempt {attempt}: starting on {len(specs)} hosts of {len(self.slices.slices)} slice(s)")
-        entry = AttemptAccount(attempt, time.time(), [s.spec.name for s in self.slices.slices])
-        self.account.attempts.append(entry)
-        self._save_account()
+        entry = None
+        self.record.set_phase(JobPhase.PREPARING)
+        if at_once:
+            self.slices.confirm_taken(hand_over)
+            entry = self._record_start(attempt, attempt_id, "prepared and started in one call: every host "
+                                                            "has the job's environment")
+        # The cloud's word on the slices taken warm, asked while their Prepares travel: a slice
+        # it reports lost is not taken even where its agents still answer.
+        prepared, problems, refused = self.gang.prepare(specs, hand_over, self.record.job_id, lost=lambda: lost_slices(
+            observe_slices(self.context.provisioner, {s: self.slices.slices[s] for s in hand_over})))
+        if at_once and (refused or problems or self.stop_requested.is_set()):
+            self.gang.cancel(attempt_id, skip=refused)
+            self.account.attempts.remove(entry)
+            self._save_account()
+        if refused:
+            return self._retake(refused)
+        if not at_once:
+            self.slices.confirm_taken(hand_over)
+        if hand_over and not self.account.started_warm:
+            self.account.started_warm = list(self.slices.warm_taken)
+        failed = self._prepare_failed(prepared, problems)
+        if failed is not None:
+            return failed
+        self.slices.environments.update(dict.fromkeys(range(len(self.slices.slices)), environment))
+        if self.stop_requested.is_set():
+            raise JobStopped  # terminated while the hosts prepared: start nothing (or nothing more)
+        if entry is None:
+            entry = self._record_start(attempt, attempt_id, "")
         try:
-            self.writes.wait()  # what a restarted controller needs to reattach, before anything runs
-            run.start()
+            # Prepared and started at once: its events from the first on.
+            run.start(from_seqs=[1] * len(specs) if at_once else None)
         except BaseException:
             run.close()
             self._end_account(entry, None)
             raise
         return StartedAttempt(run, entry)
+
+    def _record_start(self, attempt: int, attempt_id: str, how: str) -> AttemptAccount:
+        """Journal the attempt as started, with what a restarted controller needs to reattach
+        (the job's secret, the warm slices' certificates), before anything runs."""
+        self.record.set_attempt(attempt, attempt_id)
+        self.progress(f"attempt {attempt}: starting on {len(self.slots)} hosts of {len(self.slices.slices)} slice(s)"
+                      + (f" ({how})" if how else ""))
+        entry = AttemptAccount(attempt, time.time(), [s.spec.name for s in self.slices.slices])
+        self.account.attempts.append(entry)
+        self._save_account()
+        self.writes.wait()
+        return entry
+
+    def _retake(self, refused: dict[int, str]) -> Retake:
+        for slice_id, why in sorted(refused.items()):
+            self.gang.drop(slice_id)
+            self.slices.refused(slice_id, why)
+        return Retake()
+
+    def _environment_key(self) -> Hashable:
+        """What decides the job environment a host prepares: equal keys, equal environments."""
+        plan = self.plan
+        return (tuple(plan.pip_packages), tuple(plan.extras), plan.python_version, plan.index_url,
+                self._bundle.digest if self._bundle else "")
 
     def _resume(self, attempt: int) -> StartedAttempt | AttemptVerdict | None:
         """Follow the attempt an earlier controller started, from where each host is now; None
@@ -223,9 +290,11 @@ class TpuJobSupervisor(JobSupervisor):
             entry.lost = [held[s].spec.name for s in verdict.lost_slices if held[s] is not None]
         self._save_account()
 
-    def _attempt_spec(self, attempt_id: str, slot: TaskSlot, env: dict[str, str]) -> channel.AttemptSpec:
+    def _attempt_spec(self, attempt_id: str, slot: TaskSlot, env: dict[str, str], *, start: bool = False
+                      ) -> channel.AttemptSpec:
         payload = self.plan.payload
         common = dict(
+            start=start,
             job_id=self.record.job_id, task_id=slot.label, task_index=slot.index, env=env,
             workspace_digest=self._bundle.digest if self._bundle else "",
             pip_packages=list(self.plan.pip_packages), extras=list(self.plan.extras),
@@ -255,8 +324,9 @@ class TpuJobSupervisor(JobSupervisor):
                           f"{self._bundle.size / 1e6:.1f} MB, digest {self._bundle.digest[:12]}")
         return self.gang.upload(self._bundle, lambda index: self.slots[index].slice_id)
 
-    def _prepare(self, specs: Sequence[channel.AttemptSpec]) -> AttemptVerdict | None:
-        prepared, problems = self.gang.prepare(specs)
+    def _prepare_failed(self, prepared: dict[int, channel.PrepareResult],
+                        problems: dict[int, tuple[TaskOutcome, str]]) -> AttemptVerdict | None:
+        """Report the gang's environments; the verdict when a host could not be prepared."""
         for line in channel.describe_environments(
                 [(self.slots[i].slice_id, self.slots[i].worker_id, result) for i, result in sorted(prepared.items())]):
             self.progress(line)

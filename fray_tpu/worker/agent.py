@@ -24,7 +24,7 @@ from fray_tpu.errors import ConfigError, EnvironmentBuildError
 from fray_tpu.proto import worker_pb2, worker_pb2_grpc
 from fray_tpu.worker import cleanup, uvfetch
 from fray_tpu.worker.attempt import Attempt, LaunchPlan
-from fray_tpu.worker.auth import SecretInterceptor
+from fray_tpu.worker.auth import SecretInterceptor, valid_sha256_hex
 from fray_tpu.worker.lease import Lease
 from fray_tpu.worker.settings import AgentSettings
 from fray_tpu.worker.spare import SpareRunners
@@ -51,6 +51,12 @@ class PrepareFailed(Exception):
         super().__init__(message)
         self.code = code
         self.kind = kind
+
+
+class HandOverRefused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -102,6 +108,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         # The interpreter and starting environment of the last attempt that ran a callable: what
         # the spare runner is kept ready for.
         self._runner_env: tuple[str, dict[str, str]] | None = None
+        self._payload_by_value = True  # whether the last attempt's payload needs cloudpickle
         self.auth = SecretInterceptor(settings.secret_sha256, persist_path=settings.state_dir / SECRET_FILE)
         self._identity = worker_pb2.WorkerIdentity(
             worker_number=settings.worker_number, node_name=settings.node_name,
@@ -162,6 +169,13 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             slot = self._slots.get(spec.attempt_id)
             fresh = slot is None
             if fresh:
+                if spec.HasField("hand_over") and not self.auth.accepts(spec.hand_over.new_secret_sha256):
+                    # A host taken warm: handed to the job first, under the same lock, so the
+                    # slot below exists once the new secret does (a repeat finds it).
+                    try:
+                        self._hand_over(spec.hand_over)
+                    except HandOverRefused as refusal:
+                        raise PrepareFailed(refusal.code, PrepareFailureKind.HAND_OVER, str(refusal)) from None
                 if self.lease.expired:
                     raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.CONTROLLER,
                                         "the controller's lease expired; renew it before preparing an attempt")
@@ -190,6 +204,10 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         slot.ready.wait()
         if slot.failure is not None:
             raise slot.failure
+        if spec.start:
+            refusal = self._start(slot.attempt)
+            if refusal is not None:
+                raise PrepareFailed(grpc.StatusCode.FAILED_PRECONDITION, PrepareFailureKind.CONTROLLER, refusal)
         return slot.response
 
     def _prepare(self, spec: worker_pb2.AttemptSpec, slot: Slot) -> worker_pb2.PrepareResponse:
@@ -215,6 +233,8 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             argv = [python, "-m", contract.RUNNER_MODULE, str(payload)]
             spare = self.spares.take(python, env)
             self._runner_env = (python, self._runner_base_env(env_vars))
+            # A payload pickled by value names cloudpickle (its loader); one by reference does not.
+            self._payload_by_value = b"cloudpickle" in spec.callable.pickled
         else:
             argv = [spec.binary.command, *spec.binary.args]
         slot.attempt = Attempt(
@@ -223,7 +243,8 @@ class Agent(worker_pb2_grpc.WorkerServicer):
             host=self._cleaner,
             is_preempted=self._preempted.is_set,
         )
-        slot.attempt.prespawn()
+        if not spec.start:
+            slot.attempt.prespawn()  # a start in this call spawns it and lets it go at once
         return worker_pb2.PrepareResponse(
             attempt_id=spec.attempt_id, prepare_seconds=time.monotonic() - began,
             env_reused=python_env.reused, python=python, cleanup_notes=notes, env_digest=python_env.digest,
@@ -236,10 +257,12 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         """No runner waits for a job after the controller's lease lapsed, nor on a host about to go."""
         return not self.lease.expired and not self._preempted.is_set()
 
-    def _keep_spare_ready(self, *, when=lambda: None) -> None:
-        """A spare runner for the next attempt, in the environment the last one used."""
+    def _keep_spare_ready(self, *, when=lambda: None, for_retry: bool = False) -> None:
+        """A spare runner for the next attempt, in the environment the last one used; for a
+        retry (the same payload), with cloudpickle loaded ahead only if that payload needs it."""
         if self._runner_env is not None:
-            self.spares.keep_ready(*self._runner_env, when=when)
+            self.spares.keep_ready(*self._runner_env, when=when,
+                                   cloudpickle=self._payload_by_value or not for_retry)
 
     def _workspace(self, spec: worker_pb2.AttemptSpec) -> Path | None:
         if not spec.workspace_digest:
@@ -324,14 +347,20 @@ class Agent(worker_pb2_grpc.WorkerServicer):
 
     def Start(self, request, context):
         attempt = self._attempt(request.attempt_id, context)
+        refusal = self._start(attempt)
+        if refusal is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+        yield from attempt.events.follow(1, context.is_active)
+
+    def _start(self, attempt: Attempt) -> str | None:
+        """Start a prepared attempt (again: nothing); why not, when it may not start."""
         if self.lease.expired:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "the controller's lease expired; renew it before starting an attempt")
+            return "the controller's lease expired; renew it before starting an attempt"
         if attempt.start():
             # For the job's next attempt (a retry): once this one is past its start, or has ended
             # (its retry's Prepare then finds the interpreter starting, or up).
-            self._keep_spare_ready(when=lambda: attempt.wait(SPARE_AFTER_START_SECONDS))
-        yield from attempt.events.follow(1, context.is_active)
+            self._keep_spare_ready(when=lambda: attempt.wait(SPARE_AFTER_START_SECONDS), for_retry=True)
+        return None
 
     def Watch(self, request, context):
         attempt = self._attempt(request.attempt_id, context)
@@ -389,31 +418,39 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         """Clean the host of every trace of the previous holder's attempts (processes, ports,
         lockfile, attempt files; bundles and environments stay cached), then accept only the
         new secret. Refused while an attempt is active: a job's processes never outlive its
-        secret."""
-        with self._lock:
-            busy = self._current
-            if busy is not None and busy.state in (worker_pb2.PREPARING, worker_pb2.RUNNING):
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"attempt {busy.attempt_id} is still active on this host; cancel it before a hand-over")
-            if self._preempted.is_set():
-                # A host about to go away is handed to no one (the pool deletes its slice).
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, PREEMPTED_REFUSAL)
-            try:
-                notes = self._cleaner.clean()
-            except cleanup.HostNotClean as error:
-                context.abort(grpc.StatusCode.INTERNAL, f"host not clean: {error}")
-            for attempt_id in list(self._slots):
-                shutil.rmtree(self._attempts_dir / attempt_id, ignore_errors=True)
-            self._slots.clear()
-            self._current = None
-            try:
-                self.auth.replace(request.new_secret_sha256)
-            except ValueError as error:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            self._identity.job = request.holder
+        secret. (A job taking a warm slice hands it over in its first Prepare instead.)"""
+        try:
+            with self._lock:
+                notes = self._hand_over(request)
+        except HandOverRefused as refusal:
+            context.abort(refusal.code, str(refusal))
         self._keep_spare_ready()
-        LOG.info("handed over to %s (%d cleanup notes)", request.holder, len(notes))
         return worker_pb2.HandOverResponse(cleanup_notes=notes)
+
+    def _hand_over(self, request: worker_pb2.HandOverRequest) -> list[str]:
+        """The hand-over, under ``self._lock``: the cleaning notes, or ``HandOverRefused``."""
+        busy = self._current
+        if busy is not None and busy.state in (worker_pb2.PREPARING, worker_pb2.RUNNING):
+            raise HandOverRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"attempt {busy.attempt_id} is still active on this host; cancel it before a hand-over")
+        if self._preempted.is_set():
+            # A host about to go away is handed to no one (its slice is deleted).
+            raise HandOverRefused(grpc.StatusCode.FAILED_PRECONDITION, PREEMPTED_REFUSAL)
+        if not valid_sha256_hex(request.new_secret_sha256):
+            raise HandOverRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                  "the new secret must be given as 64 lower-case hex digits of its SHA-256")
+        try:
+            notes = self._cleaner.clean()
+        except cleanup.HostNotClean as error:
+            raise HandOverRefused(grpc.StatusCode.INTERNAL, f"host not clean: {error}") from error
+        for attempt_id in list(self._slots):
+            shutil.rmtree(self._attempts_dir / attempt_id, ignore_errors=True)
+        self._slots.clear()
+        self._current = None
+        self.auth.replace(request.new_secret_sha256)
+        self._identity.job = request.holder
+        LOG.info("handed over to %s (%d cleanup notes)", request.holder, len(notes))
+        return notes
 
     # -- bundles ----------------------------------------------------------------------------
 

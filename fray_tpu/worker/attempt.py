@@ -144,22 +144,30 @@ class Attempt:
             if self._state != worker_pb2.PREPARED:
                 return False
             if self._process is None:
-                self._spawn()
+                self._spawn(go=True)
                 if self._state == worker_pb2.EXITED:
                     return False
-            if self._plan.hold:
-                try:
-                    self._process.stdin.write(GO_BYTE)
-                    self._process.stdin.close()
-                except OSError:
-                    pass  # it died while held: its exit is on the way
+            elif self._plan.hold:
+                self._release()
             self._state = worker_pb2.RUNNING
             self.events.append(worker_pb2.AttemptEvent(
                 started=worker_pb2.Started(pid=self._process.pid, timestamp=time.time())))
             return True
 
-    def _spawn(self) -> None:
+    def _release(self) -> None:
+        """The go byte to a held process (user code runs), and the end of its stdin."""
+        try:
+            self._process.stdin.write(GO_BYTE)
+            self._process.stdin.close()
+        except OSError:
+            pass  # it died while held: its exit is on the way
+
+    def _spawn(self, go: bool = False) -> None:
+        """Start the process (a held one waits for the go byte; with ``go`` it gets it at once,
+        before its output readers start: output waits in the pipes meanwhile)."""
         if self._plan.spare is not None and self._hand_to_spare(self._plan.spare):
+            if go:
+                self._release()
             self._follow_process()
             return
         self._host.record(self._token)
@@ -185,6 +193,8 @@ class Attempt:
                                  f"{type(error).__name__}: {error}").encode()
             self._finish(returncode=127, started=False)
             return
+        if go and self._plan.hold:
+            self._release()
         self._follow_process()
 
     def _hand_to_spare(self, spare: SpareRunner) -> bool:

@@ -53,6 +53,13 @@ class SecretInterceptor(grpc.ServerInterceptor):
                 os.replace(staged, self._persist_path)
             self._expected = bytes.fromhex(new_secret_sha256_hex)
 
+    def accepts(self, secret_sha256_hex: str) -> bool:
+        """Whether the secret of this hash is the one accepted now."""
+        try:
+            return hmac.compare_digest(bytes.fromhex(secret_sha256_hex), self._expected)
+        except ValueError:
+            return False
+
     def _authorized(self, metadata) -> bool:
         expected = self._expected
         for key, value in metadata or ():

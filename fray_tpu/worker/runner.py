@@ -26,6 +26,7 @@ import traceback
 
 from fray_tpu.contract import BACKEND_ENV, CLUSTER_SPEC_ENV, CONTROLLER_PYTHON_ENV, is_tpu_spec
 from fray_tpu.contract import RUNNER_SPARE_ARG as SPARE_ARG
+from fray_tpu.contract import RUNNER_SPARE_CLOUDPICKLE_ENV as SPARE_CLOUDPICKLE_ENV
 from fray_tpu.contract import RUNNER_GO_BYTE as GO_BYTE
 from fray_tpu.contract import RUNNER_HOLD_ENV as HOLD_ENV
 from fray_tpu.contract import RUNNER_PRELOAD_ENV as PRELOAD_ENV
@@ -146,11 +147,14 @@ def unpickle_error(error: Exception, controller_python: str | None) -> RuntimeEr
 
 
 def run_callable(payload_file: str) -> int:
-    import cloudpickle
+    # cloudpickle's load is pickle's: a payload that needs cloudpickle (a function pickled by
+    # value) imports it while loading, one pickled by reference never does (an interpreter
+    # started for the attempt saves its import).
+    import pickle
 
     with open(payload_file, "rb") as f:
         try:
-            fn, args, kwargs = cloudpickle.load(f)
+            fn, args, kwargs = pickle.load(f)
         except Exception as error:
             explained = unpickle_error(error, os.environ.get(CONTROLLER_PYTHON_ENV))
             if explained is not None:
@@ -173,7 +177,11 @@ def main(argv: list[str]) -> int:
         return 2
     payload = argv[0]
     if payload == SPARE_ARG:
-        import cloudpickle  # noqa: F401 - loaded ahead, as every attempt needs it
+        if os.environ.get(SPARE_CLOUDPICKLE_ENV) != "0":
+            import cloudpickle  # noqa: F401 - loaded ahead, for payloads pickled by value
+        # Loaded ahead too: standard modules that nearly every job imports (JAX does, and most
+        # user code) and that read nothing of a job when imported, as a running Ray worker has them.
+        import pathlib  # noqa: F401
 
         payload = receive_attempt()
         if payload is None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fray_tpu.contract import ATTEMPT_TOKEN_ENV as TOKEN_ENV
 from fray_tpu.contract import RUNNER_MODULE, RUNNER_SPARE_ARG, RUNNER_STARTUP_ENV_NAMES, RUNNER_STARTUP_ENV_PREFIXES
+from fray_tpu.contract import RUNNER_SPARE_CLOUDPICKLE_ENV as SPARE_CLOUDPICKLE_ENV
 from fray_tpu.worker.cleanup import HostCleaner
 
 LOG = logging.getLogger("fray_tpu.worker")
@@ -73,13 +74,15 @@ class SpareRunners:
     _closed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def keep_ready(self, python: str, env: Mapping[str, str], *, when: Callable[[], object] = lambda: None) -> None:
+    def keep_ready(self, python: str, env: Mapping[str, str], *, when: Callable[[], object] = lambda: None,
+                   cloudpickle: bool = True) -> None:
         """Have a spare for ``python`` with ``env`` (the environment an attempt would start
         from, before its job's variables) ready, starting it in the background once ``when()``
-        returns."""
-        threading.Thread(target=self._fill, args=(python, dict(env), when), daemon=True, name="spare-runner").start()
+        returns; without ``cloudpickle`` it does not import cloudpickle ahead (it starts sooner)."""
+        threading.Thread(target=self._fill, args=(python, dict(env), when, cloudpickle), daemon=True,
+                         name="spare-runner").start()
 
-    def _fill(self, python: str, env: dict[str, str], when: Callable[[], object]) -> None:
+    def _fill(self, python: str, env: dict[str, str], when: Callable[[], object], cloudpickle: bool) -> None:
         when()
         with self._lock:
             if self._closed or not self.allowed():
@@ -95,7 +98,8 @@ class SpareRunners:
             try:
                 process = self.cleaner.start_spare(
                     token, [python, "-m", RUNNER_MODULE, RUNNER_SPARE_ARG], stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, TOKEN_ENV: token},
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    env={**env, TOKEN_ENV: token, SPARE_CLOUDPICKLE_ENV: "1" if cloudpickle else "0"},
                     cwd=self.directory, start_new_session=True, close_fds=True)
             except OSError as error:
                 LOG.warning("cannot start a spare runner with %s: %s", python, error)

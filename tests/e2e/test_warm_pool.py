@@ -35,6 +35,7 @@ HOST_DEADLINE = 90.0
 SHORT_LEASE_SECONDS = 8.0  # long enough for two CLI calls between the kill and the lapse
 CLI_TIMEOUT = 60.0
 SELF_DELETE_DEADLINE = 60.0
+ONE_ROUND = "prepared and started in one call"
 
 
 # -- callables that run on the hosts ---------------------------------------------------------------
@@ -50,6 +51,13 @@ def leave_a_daemon_and_block(out_dir: str, go_file: str) -> None:
 def block_until(go_file: str) -> None:
     if not wait_for_file(go_file, HOST_DEADLINE):
         raise SystemExit(f"{go_file} never appeared")
+
+
+def fail_first_attempt(marker: str) -> None:
+    """Fail the first attempt (the marker does not exist yet), succeed the next."""
+    if not os.path.exists(marker):
+        Path(marker).write_text("")
+        raise RuntimeError("failing the first attempt on purpose")
 
 
 def succeed() -> None:
@@ -173,6 +181,11 @@ def test_second_job_takes_the_warm_slices_and_only_its_own_secret_works(clusters
     assert run_to_end(cluster, second, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert cluster.job_cost(second).started_warm == 1
     assert cluster.job_cost(first).started_warm == 0
+    # The same environment on every warm host: the second job's Prepare started it (one round);
+    # the first job, on a new slice, started once every host was prepared.
+    starts = {job: [line for line in cluster.journal().output(job)[0] if "attempt 1: starting on" in line]
+              for job in (first, second)}
+    assert [ONE_ROUND in line for line in starts[first] + starts[second]] == [False, True], starts
 
 
 def record_process(out_file: str) -> None:
@@ -210,6 +223,37 @@ def test_a_job_on_a_warm_slice_runs_in_the_pre_started_runner_with_its_own_envir
     hashed = run("hashed", {"PYTHONHASHSEED": "5"})
     assert hashed["started_with"]["PYTHONHASHSEED"] == "5"
     assert "FRAY_TPU_JOB_ID" in hashed["started_with"]
+
+
+def test_a_warm_job_starts_in_its_prepare_only_where_its_environment_is_known_to_be_there(clusters, fake_gcp,
+                                                                                         workspace):
+    """A job whose environment (packages, Python, index, workspace) equals the one the warm
+    slice's last job prepared is started by its Prepare; after the workspace changed, the next
+    job on the same warm slice prepares first and starts after (no create call either way); a
+    retry on the slice of the last attempt starts in its Prepare again."""
+    cluster = clusters()
+
+    def start_line(name: str) -> str:
+        job = cluster.launch(request(name, succeed, [], workspace))
+        assert run_to_end(cluster, job, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+        (line,) = [line for line in cluster.journal().output(job)[0] if "attempt 1: starting on" in line]
+        return line
+
+    assert ONE_ROUND not in start_line("created")
+    fake_gcp.control.reset_counters()
+    assert ONE_ROUND in start_line("same-environment")
+    (Path(workspace) / "README").write_text("changed: another workspace digest\n")
+    assert ONE_ROUND not in start_line("changed-workspace")
+    assert ONE_ROUND in start_line("same-again")
+    assert fake_gcp.control.counters().get("CreateNode", 0) == 0
+
+    retried = JobRequest(name="retried", entrypoint=Entrypoint.from_callable(fail_first_attempt, args=[str(
+        Path(workspace).parent / "retried-marker")]), resources=ResourceConfig.with_tpu("v5litepod-4"),
+                         environment=EnvironmentConfig.create(workspace=workspace), max_retries_failure=1)
+    job = cluster.launch(retried)
+    assert run_to_end(cluster, job, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+    lines = cluster.journal().output(job)[0]
+    assert [ONE_ROUND in line for line in lines if "starting on" in line] == [True, True], lines
 
 
 def test_a_job_of_another_shape_creates_its_own_slice(clusters, fake_gcp, workspace):
@@ -279,6 +323,31 @@ def test_a_warm_slice_preempted_while_idle_leaves_the_pool(clusters, fake_gcp, w
     second = cluster.launch(request("second", succeed, [], workspace))
     assert run_to_end(cluster, second, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
     assert fake_gcp.control.counters()["CreateNode"] == 1
+
+
+def test_a_warm_slice_preempted_just_before_a_job_takes_it_is_replaced_in_the_same_attempt(clusters, fake_gcp,
+                                                                                           workspace):
+    """Preempted after the pool's last look (its watcher sleeps for most of a long lease): the
+    job that takes it finds out in the Prepare that would hand it over (the hosts are gone, and
+    the cloud reports the node preempted), deletes it and creates a new slice within its first
+    attempt: no preemption is counted (the budget is 0) and the job succeeds."""
+    cluster = clusters(lease_period=600.0, liveness_deadline=600.0)
+    first = cluster.launch(request("first", succeed, [], workspace))
+    assert run_to_end(cluster, first, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+    [warm] = warm_names(cluster)
+    fake_gcp.control.preempt_node(warm)
+    fake_gcp.control.reset_counters()
+    second_request = request("second", succeed, [], workspace)
+    second_request.max_retries_preemption = 0
+    second = cluster.launch(second_request)
+    assert run_to_end(cluster, second, JOB_TIMEOUT).status == JobStatus.SUCCEEDED
+    counters = cluster.job_counters(second)
+    assert (counters.attempts, counters.preemptions) == (1, 0)
+    assert fake_gcp.control.counters()["CreateNode"] == 1
+    progress, _ = cluster.journal().output(second)
+    assert any(f"warm slice {warm} not taken" in line for line in progress), progress
+    assert cluster.job_output(second) == ("[slice-0/worker-0] task 0 ran",)  # once, on the new slice
+    wait_for(lambda: not nodes(fake_gcp.control, **{LABEL_JOB: first}), "the preempted slice to be deleted", 30)
 
 
 def test_shutdown_deletes_the_pool(clusters, fake_gcp, workspace):

@@ -164,8 +164,10 @@ def test_processes_an_attempt_leaves_behind_end_with_it(one_host, tmp_path):
     assert events[-1].code == 0
     if daemon_pid_file.exists() and daemon_pid_file.read_text():
         assert not process_alive(int(daemon_pid_file.read_text()))
-    # The agent's pre-started runner for a next attempt (started at this one's exit) is no leftover.
-    assert set(processes_marked(host.marker)) - set(host.waiting_spare_runners()) == {host.process.pid}
+    # The agent's pre-started runner for a next attempt (started at this one's exit) is no leftover
+    # (waited for: between its fork and its exec it is not yet recognisable as the spare).
+    wait_for(lambda: set(processes_marked(host.marker)) - set(host.waiting_spare_runners()) == {host.process.pid},
+             "nothing but the agent and its spare runner left on the host")
 
 
 @pytest.mark.parametrize("cgroups", ["on", "off"])
@@ -374,3 +376,38 @@ def test_a_hand_over_cleans_the_host_and_only_the_new_secret_works_even_after_an
     restarted.wait_until_up(time.monotonic() + EVENT_TIMEOUT)
     with pytest.raises(AgentAuthError):
         one_host.client(host).describe(retries=0)
+
+
+def test_a_prepare_that_hands_the_host_over_prepares_for_the_new_holder_and_a_repeat_finds_it(one_host):
+    """A warm slice's first Prepare, sent with the previous holder's secret, hands the host over
+    and prepares: the old secret is then refused, the new one starts the attempt, Describe names
+    the holder. The same Prepare sent again through a client still on the old secret (its first
+    answer lost) finds the attempt prepared instead of failing."""
+    from fray_tpu.contract import PrepareFailureKind
+
+    host = one_host.hosts[0]
+    client = one_host.client(host)
+    new_secret = tls.make_secret()
+    attempt = f"attempt-{uuid.uuid4().hex[:8]}"
+    spec = AttemptSpec(attempt, command="true")
+    client.prepare(spec, hand_over=(new_secret, "next-job"))
+    with pytest.raises(AgentAuthError):
+        one_host.client(host).describe(retries=0)
+    assert client.describe().job == "next-job"  # the client presents the new secret now
+
+    repeat = one_host.client(host)
+    assert repeat.prepare(spec, hand_over=(new_secret, "next-job")).attempt_id == attempt
+    finished = collect(repeat.start(attempt), EVENT_TIMEOUT)[-1]
+    assert (finished.code, finished.classification) == (0, Classification.OK)
+
+    host.metadata.set_preempted("TRUE")
+    wait_for(lambda: repeat.describe().preempted, "the agent to see the preemption")
+    refused_secret = tls.make_secret()
+    with pytest.raises(ChannelError) as refused:
+        repeat.prepare(AttemptSpec(f"{attempt}-next", command="true"), hand_over=(refused_secret, "third-job"))
+    assert refused.value.kind == PrepareFailureKind.HAND_OVER
+    assert "preempted" in str(refused.value)
+    # Refused: the host stays with its holder.
+    assert one_host.client(host, secret=new_secret).describe().job == "next-job"
+    with pytest.raises(AgentAuthError):
+        one_host.client(host, secret=refused_secret).describe(retries=0)
