@@ -363,6 +363,7 @@ def run_gang(args) -> int:
         result["not_kept_warm"] = agents_up.matching("not kept warm")[:4]
     except TimeoutError as error:
         result["error"] = str(error)
+        result["last_progress_lines"] = [line for _, line in agents_up.lines[-12:]]
     finally:
         stop_file.write_text("")
         for job_id in job_ids:

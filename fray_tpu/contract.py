@@ -26,6 +26,10 @@ ATTR_NODE = "fray-tpu-node"
 ATTR_API_ENDPOINT = "fray-tpu-api-endpoint"
 ATTR_AGENT_PORT = "fray-tpu-agent-port"
 ATTR_LEASE_SECONDS = "fray-tpu-lease-seconds"
+# The lease's first term, from the agent's start to the controller's first renewal: as long as
+# the controller waits for a gang to boot (its boot deadline), because it renews a slice's agents
+# only once every slice of the gang serves.
+ATTR_FIRST_LEASE_SECONDS = "fray-tpu-first-lease-seconds"
 ATTR_TLS_LEAF_SECONDS = "fray-tpu-tls-leaf-seconds"
 ATTR_SELF_DELETE = "fray-tpu-self-delete"
 ATTR_JOB = "fray-tpu-job"

@@ -89,6 +89,7 @@ class SliceKeeper:
             md.ATTR_NODE: name,
             md.ATTR_AGENT_PORT: str(self.config.agent_port),
             md.ATTR_LEASE_SECONDS: str(self.config.lease_period),
+            md.ATTR_FIRST_LEASE_SECONDS: str(self.config.boot_deadline + self.config.lease_period),
             md.ATTR_TLS_LEAF_SECONDS: str(self.config.tls_leaf_validity),
             md.ATTR_SELF_DELETE: "true",
             md.ATTR_JOB: self.job_id,

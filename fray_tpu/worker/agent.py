@@ -103,7 +103,7 @@ class Agent(worker_pb2_grpc.WorkerServicer):
         self._bundles = BundleStore(settings.state_dir / "bundles")
         self._pyenvs = None
         self.uv = uvfetch.for_process()
-        self.lease = Lease(settings.lease_seconds, self._lease_expired)
+        self.lease = Lease(settings.lease_seconds, self._lease_expired, first_period_seconds=settings.first_lease_seconds)
         self.spares = SpareRunners(self._cleaner, settings.state_dir / "spare", allowed=self._spare_allowed)
         # The interpreter and starting environment of the last attempt that ran a callable: what
         # the spare runner is kept ready for.

@@ -1,7 +1,9 @@
 """The controller's lease on this host: when it is not renewed in time, the attempt stops.
 
-The clock starts when the agent starts (an initial grace of one lease period), so a controller
-that dies before its first renewal still does not leave the slice running.
+The clock starts when the agent starts, with a first term as long as the controller may take to
+renew it the first time (its boot deadline: it renews a gang's agents once every slice of the
+gang serves, and slices become READY minutes apart), so a controller that dies before its first
+renewal still does not leave the slice running.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from collections.abc import Callable
 
 
 class Lease:
-    def __init__(self, period_seconds: float, on_expired: Callable[[], None]):
+    def __init__(self, period_seconds: float, on_expired: Callable[[], None], *,
+                 first_period_seconds: float | None = None):
         if period_seconds <= 0:
             raise ValueError(f"lease period must be positive, got {period_seconds}")
         self._period = period_seconds
         self._on_expired = on_expired
         self._lock = threading.Lock()
-        self._expires_at = time.monotonic() + period_seconds
+        self._expires_at = time.monotonic() + max(period_seconds, first_period_seconds or 0.0)
         self._expired = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="lease", daemon=True)

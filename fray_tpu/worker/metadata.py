@@ -23,6 +23,7 @@ from fray_tpu.contract import (  # noqa: F401 - md.ATTR_* is how the agent names
     ATTR_AGENT_PORT,
     ATTR_API_ENDPOINT,
     ATTR_CONTROLLER,
+    ATTR_FIRST_LEASE_SECONDS,
     ATTR_JOB,
     ATTR_LEASE_SECONDS,
     ATTR_TLS_LEAF_SECONDS,

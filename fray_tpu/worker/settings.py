@@ -29,6 +29,7 @@ class AgentSettings:
     tls_cert_pem: bytes
     tls_key_pem: bytes
     lease_seconds: float
+    first_lease_seconds: float  # from the agent's start to the controller's first renewal
     tls_leaf_seconds: float  # validity of each certificate the agent serves (renewed at a third left)
     self_delete: bool
     api_endpoint: str | None
@@ -146,6 +147,7 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
     host_dir = Path(os.environ.get(HOST_DIR_ENV) or os.getcwd()) if emulated else Path("/")
     state_dir = state_dir or default_state_dir(emulated)
     material = host_tls(state_dir)
+    lease_seconds = _parse_number(md.ATTR_LEASE_SECONDS, attributes.get(md.ATTR_LEASE_SECONDS), DEFAULT_LEASE_SECONDS)
     return AgentSettings(
         worker_number=worker_number,
         ip=ip,
@@ -155,8 +157,9 @@ def _read_settings(client: md.MetadataClient, state_dir: Path | None) -> AgentSe
         secret_sha256=secret_sha256,
         tls_cert_pem=material.cert_pem,
         tls_key_pem=material.key_pem,
-        lease_seconds=_parse_number(md.ATTR_LEASE_SECONDS, attributes.get(md.ATTR_LEASE_SECONDS),
-                                    DEFAULT_LEASE_SECONDS),
+        lease_seconds=lease_seconds,
+        first_lease_seconds=max(lease_seconds, _parse_number(
+            md.ATTR_FIRST_LEASE_SECONDS, attributes.get(md.ATTR_FIRST_LEASE_SECONDS), lease_seconds)),
         tls_leaf_seconds=_parse_number(md.ATTR_TLS_LEAF_SECONDS, attributes.get(md.ATTR_TLS_LEAF_SECONDS),
                                        DEFAULT_TLS_LEAF_SECONDS),
         self_delete=_parse_bool(md.ATTR_SELF_DELETE, attributes.get(md.ATTR_SELF_DELETE), True),

@@ -242,6 +242,39 @@ def test_single_slice_succeeds_with_tagged_output(cluster, fake_gcp, workspace, 
 
 # -- multislice: env on every host and one JAX group of all 8 processes ------------------------------
 
+def test_a_slice_ready_long_before_the_others_keeps_its_agents_until_the_gang_connects(
+        emulator_process, fake_gcp, workspace):
+    """Slices of a gang become READY minutes apart on Cloud TPU; the controller renews leases
+    once the whole gang serves. Slice 1 is held in CREATING for three lease periods after slice
+    0's agents serve: slice 0 does not delete itself (the agents' first lease term is the boot
+    deadline), and the job runs on both slices with no preemption counted."""
+    lease = 2.0
+    before = fake_gcp.control.timings()
+    fake_gcp.control.set_timings(create_delay=3.0)  # time to hold slice 1 while CREATING
+    try:
+        with fresh_cluster(emulator_process, lease_period=lease, keep_warm=0) as skewed:
+            job_id = skewed.launch(tpu_request("skew", greet, [], workspace, slices=2))
+            ids = wait_for(lambda: len(nodes := job_nodes(fake_gcp.control, job_id)) == 2 and
+                           sorted(n["name"].rsplit("/", 1)[-1] for n in nodes), "both slices' nodes", JOB_TIMEOUT)
+            early, held = ids
+            fake_gcp.control.hold_creating(held)
+            def serving() -> bool:
+                try:
+                    return all("serving on" in fake_gcp.control.agent_log(early, w) for w in range(4))
+                except ValueError:  # not booted yet
+                    return False
+
+            wait_for(serving, "slice 0's agents serving", JOB_TIMEOUT)
+            time.sleep(3 * lease)  # the skew under test: slice 1 still CREATING meanwhile
+            assert [n["state"] for n in job_nodes(fake_gcp.control, job_id) if n["name"].endswith(early)] == ["READY"]
+            fake_gcp.control.release(held)
+            info = finish(skewed, job_id)
+        assert info.status == JobStatus.SUCCEEDED, info.error_message
+        assert skewed.job_counters(job_id).preemptions == 0
+    finally:
+        fake_gcp.control.set_timings(**before)
+
+
 def test_multislice_env_and_global_jax_collective(cluster, fake_gcp, workspace, out_dir):
     """On faithful hosts, with JAX from the job's own environment (built by uv from the loopback
     index once per session, then downloaded from the staging bucket)."""

@@ -228,3 +228,11 @@ def test_a_spare_runner_takes_the_import_path_a_runner_started_for_the_attempt_w
         "/ws", "/job/lib", "/env/site-packages", "/usr/lib/python311.zip", "/usr/lib/python3.11"]
     assert import_path(spare_path[:1] + spare_path[3:], "", "/attempts/a1", "") == [
         "/attempts/a1", "/usr/lib/python311.zip", "/usr/lib/python3.11", "/env/site-packages"]
+
+
+def test_a_leases_first_term_lasts_until_the_controller_can_first_renew_it():
+    """The first term (the controller's boot deadline) outlasts the period; renewals then run
+    for the period only."""
+    lease = Lease(0.2, lambda: None, first_period_seconds=30)
+    assert lease.remaining() > 29
+    assert lease.renew() == 0.2 and lease.remaining() <= 0.2
