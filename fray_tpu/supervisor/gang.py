@@ -186,6 +186,8 @@ class Gang:
         self._progress = progress
         self._clients: dict[int, list[channel.AgentClient]] = {}
         self._lease_stop = threading.Event()
+        # Set when new agents answer: their lease's first term (the boot deadline) ends at once.
+        self._lease_due = threading.Event()
 
     def clients(self) -> list[channel.AgentClient]:
         """Every host's client in global task order (slice-major)."""
@@ -293,6 +295,7 @@ class Gang:
                     return Connected({}, dict(lost), {})
         finally:
             done.set()
+        self._lease_due.set()
         reordered: dict[int, list[int]] = {}
         for slice_id, clients in unconfirmed.items():
             if slice_id in dead:
@@ -398,10 +401,12 @@ class Gang:
 
     def stop_leases(self) -> None:
         self._lease_stop.set()
+        self._lease_due.set()
 
     def _renew_leases(self) -> None:
-        """Renew every agent's lease, in parallel so one frozen host delays no other; each
-        answer is also a sign of life for the liveness deadline."""
+        """Renew every agent's lease, each interval and at once when new agents answered (their
+        first term, the boot deadline, ends then), in parallel so one frozen host delays no
+        other; each answer is also a sign of life for the liveness deadline."""
         period = self.config.lease_period
         interval = min(period, self.config.liveness_deadline) / 3
 
@@ -412,6 +417,10 @@ class Gang:
             except Exception as error:  # noqa: BLE001 - this loop must outlive any one host
                 log.debug("lease renewal on %s: %s", client.address, error)
 
-        while not self._lease_stop.wait(interval):
+        while True:
+            self._lease_due.wait(interval)
+            self._lease_due.clear()
+            if self._lease_stop.is_set():
+                return
             in_parallel(renew, [c for clients in list(self._clients.values()) for c in clients],
                         max_threads=LEASE_RENEWAL_THREADS)
