@@ -12,7 +12,9 @@ Metrics (one JSON line each, then a summary line):
 - ``cold_start``: ``TpuCluster.launch()`` → the function running on all 4 hosts, slice creation
   and agent boot included (median of a few jobs), with a breakdown from the supervisor's progress
   lines: launch → create sent, create sent → READY, READY → every agent up, agents up → attempt
-  start sent (workspace upload, prepare), start sent → running on all 4.
+  start sent (workspace upload, prepare), start sent → running on all 4; ``machine_cpu_s``: the CPU
+  seconds the whole machine spent during each sample (hosts, controller, emulator: on a quiet
+  machine, what the cold start costs; divided by ``cores``, the least time it can take here).
 - ``warm_attempt``: agents already up → user code running again on all 4 hosts, i.e. what
   every retry pays. One job with ``max_retries_failure=WARM_SAMPLES``: in each failing attempt
   task 0 waits until all 4 hosts run, then records a timestamp right before raising (tasks 1-3
@@ -177,15 +179,25 @@ def finish(cluster: TpuCluster, job_id: str) -> None:
         raise RuntimeError(f"bench job {job_id} ended {info.status}: {info.error_message}")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds this whole machine spent outside idle and iowait since boot (``/proc/stat``):
+    a cold start's share of the cores is what its emulated hosts, controller and emulator used."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_cold(cluster: TpuCluster, control, clock: ProgressClock, directory: Path, workspace: Path,
                  runs: int) -> dict:
     totals: list[float] = []
+    cpu: list[float] = []
     phases: dict[str, list[float]] = {}
     for run in range(runs):
         tag = f"cold-{run}"
+        busy_before = machine_busy_seconds()
         launched = time.time()
         job_id = cluster.launch(request(tag, jobs.record_start, [str(directory), tag], workspace))
         running = all_hosts_started(directory, tag, f"the 4 hosts of {tag}")
+        cpu.append(machine_busy_seconds() - busy_before)
         serving = agents_serving_at(cluster, control)
         finish(cluster, job_id)
         totals.append(running - launched)
@@ -202,7 +214,8 @@ def measure_cold(cluster: TpuCluster, control, clock: ProgressClock, directory: 
                 continue
             phases.setdefault(f"{previous_name}->{name}", []).append(at - previous)
             previous_name, previous = name, at
-    return {"samples": totals, "phases": {k: rounded(statistics.median(v)) for k, v in phases.items()}}
+    return {"samples": totals, "phases": {k: rounded(statistics.median(v)) for k, v in phases.items()},
+            "machine_cpu": cpu}
 
 
 def measure_warm(cluster: TpuCluster, clock: ProgressClock, directory: Path, workspace: Path, samples: int) -> dict:
@@ -342,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         cold_median = statistics.median(cold["samples"])
         emit({"metric": "cold_start", "seconds": rounded(cold_median),
               "samples": [rounded(s) for s in cold["samples"]], "phases_median": cold["phases"],
+              "machine_cpu_s": [rounded(s, 2) for s in cold["machine_cpu"]], "cores": os.cpu_count(),
               "ratio_to_floor": rounded(cold_median / floor), "note": slowest_phase_note(cold["phases"]),
               "what": "launch() -> user code running on all 4 hosts (slice creation and agent boot included)"})
         warm_median = statistics.median(warm["samples"])
