@@ -21,7 +21,8 @@ from fray_tpu.state.journal import Journal, JobRow, ResourceRow
 from fray_tpu.multislice import gang_environments
 from fray_tpu.planning import JobPlan
 from fray_tpu.supervisor.credentials import BackgroundWrites, JobCredentials
-from fray_tpu.supervisor.gang import Connected, Gang, TpuGangRun, observe_slices
+from fray_tpu.supervisor.gang import Connected, Gang
+from fray_tpu.supervisor.gang_run import TpuGangRun, observe_slices
 from fray_tpu.supervisor.watch import lost_slices
 from fray_tpu.supervisor.job import JobStopped, JobSupervisor
 from fray_tpu.supervisor.phases import JobPhase

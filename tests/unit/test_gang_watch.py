@@ -299,7 +299,7 @@ def test_random_attempts_keep_the_watch_invariants(seed):
 
 def test_liveness_counts_a_host_silent_only_after_the_deadline():
     """A host is silent once nothing was heard from it for longer than the deadline; hearing revives it."""
-    from fray_tpu.supervisor.gang import Liveness
+    from fray_tpu.supervisor.gang_run import Liveness
 
     clock = Clock()
     liveness = Liveness(30.0, clock)
